@@ -1,0 +1,68 @@
+"""The interface every backend implements and the engine relies on; nothing more.
+
+A backend owns a fixed pool of KV-cache slots (one per concurrent user), each with its own context
+of up to `max_context` tokens. The engine prefills prompts into slots, decodes one token for many
+slots at once, and frees slots when requests finish.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+
+import torch
+
+from ..config import ModelConfig
+from ..errors import CapacityError
+
+
+class Backend(ABC):
+    config: ModelConfig
+    max_slots: int
+    max_context: int
+
+    def __init__(self, config: ModelConfig, max_slots: int, max_context: int):
+        self.config = config
+        self.max_slots = max_slots
+        self.max_context = max_context
+        self._lengths = [0] * max_slots
+
+    @abstractmethod
+    def prefill(self, slot: int, token_ids: Sequence[int]) -> torch.Tensor:
+        """Append `token_ids` to the slot's context; return fp32 logits of the last token, [vocab]."""
+
+    @abstractmethod
+    def decode(self, slots: Sequence[int], token_ids: Sequence[int]) -> torch.Tensor:
+        """Append one token to each slot, each at its own position; return fp32 logits [len(slots), vocab]."""
+
+    def free(self, slot: int) -> None:
+        """Forget the slot's context so that it can serve another request."""
+        self._check_slot(slot)
+        self._lengths[slot] = 0
+
+    def slot_length(self, slot: int) -> int:
+        """Tokens currently held in the slot's context."""
+        self._check_slot(slot)
+        return self._lengths[slot]
+
+    def close(self) -> None:
+        """Release devices and memory held by the backend."""
+
+    # Helpers for implementations: validate a request against capacity before touching the cache.
+
+    def _check_slot(self, slot: int) -> None:
+        if not 0 <= slot < self.max_slots:
+            raise CapacityError(f"slot {slot} does not exist (the backend has {self.max_slots} slots)")
+
+    def _reserve(self, slot: int, count: int) -> int:
+        """Check that `count` more tokens fit in the slot; return the position of the first."""
+        self._check_slot(slot)
+        start = self._lengths[slot]
+        if start + count > self.max_context:
+            raise CapacityError(
+                f"slot {slot} would hold {start + count} tokens, more than the context of {self.max_context}"
+            )
+        return start
+
+    def _advance(self, slot: int, count: int) -> None:
+        self._lengths[slot] += count

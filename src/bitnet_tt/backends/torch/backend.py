@@ -1,0 +1,71 @@
+"""The PyTorch backend: the golden model behind the engine's Backend interface."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from ...checkpoint import BitNetWeights, load_weights
+from ...errors import CapacityError
+from ..base import Backend
+from .kv_cache import KVCache
+from .model import BitNetModel
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class TorchBackend(Backend):
+    def __init__(
+        self,
+        weights: BitNetWeights,
+        max_slots: int = 1,
+        max_context: int | None = None,
+        dtype: str = "bfloat16",
+        device: str = "cpu",
+        prefill_chunk: int = 256,
+    ):
+        config = weights.config
+        max_context = max_context or config.max_position_embeddings
+        if max_slots < 1 or not 1 <= max_context <= config.max_position_embeddings:
+            raise CapacityError(
+                f"need at least 1 slot and a context between 1 and the model's "
+                f"{config.max_position_embeddings} positions (got {max_slots} slots, context {max_context})"
+            )
+        super().__init__(config, max_slots, max_context)
+        self.dtype = DTYPES[dtype]
+        self.device = torch.device(device)
+        self.prefill_chunk = prefill_chunk
+        cache = KVCache(config, max_slots, max_context, self.dtype, self.device)
+        self.model = BitNetModel(weights, cache, self.dtype, self.device)
+
+    def prefill(self, slot: int, token_ids: Sequence[int]) -> torch.Tensor:
+        if len(token_ids) == 0:
+            raise ValueError("prefill needs at least one token")
+        start = self._reserve(slot, len(token_ids))
+        tokens = torch.as_tensor(list(token_ids), dtype=torch.long, device=self.device)
+        slots = torch.tensor([slot], device=self.device)
+        for offset in range(0, len(tokens), self.prefill_chunk):
+            chunk = tokens[offset : offset + self.prefill_chunk]
+            starts = torch.tensor([start + offset], device=self.device)
+            logits = self.model(chunk[None], slots, starts)
+        self._advance(slot, len(tokens))
+        return logits[0].cpu()
+
+    def decode(self, slots: Sequence[int], token_ids: Sequence[int]) -> torch.Tensor:
+        if len(slots) != len(token_ids) or len(set(slots)) != len(slots) or not slots:
+            raise ValueError("decode needs one token for each of distinct slots")
+        starts = torch.tensor([self._reserve(s, 1) for s in slots], device=self.device)
+        tokens = torch.as_tensor(list(token_ids), dtype=torch.long, device=self.device)[:, None]
+        logits = self.model(tokens, torch.tensor(list(slots), device=self.device), starts)
+        for s in slots:
+            self._advance(s, 1)
+        return logits.cpu()
+
+
+def load_torch_backend(
+    folder: Path, max_slots: int = 1, max_context: int | None = None, dtype: str = "bfloat16",
+    device: str = "cpu", progress: bool = True,
+) -> TorchBackend:
+    return TorchBackend(load_weights(folder, progress=progress), max_slots, max_context, dtype, device)

@@ -1,0 +1,29 @@
+"""Static KV cache: one row per slot, allocated once at full size, written in place."""
+
+from __future__ import annotations
+
+import torch
+
+from ...config import ModelConfig
+
+
+class KVCache:
+    def __init__(self, config: ModelConfig, max_slots: int, max_context: int, dtype: torch.dtype, device):
+        shape = (config.num_layers, max_slots, config.num_kv_heads, max_context, config.head_dim)
+        # torch.zeros maps fresh pages lazily, so memory is only touched as contexts grow.
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_context = max_context
+
+    def write(self, layer: int, slots: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        # slots [B], positions [B, T], k/v [B, kv_heads, T, head_dim]
+        rows = slots[:, None]
+        self.keys[layer][rows, :, positions] = k.transpose(1, 2)
+        self.values[layer][rows, :, positions] = v.transpose(1, 2)
+
+    def read(self, layer: int, slots: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        # -> keys, values [B, kv_heads, length, head_dim]; a view when one slot is read
+        if slots.numel() == 1:
+            s = int(slots[0])
+            return self.keys[layer, s : s + 1, :, :length], self.values[layer, s : s + 1, :, :length]
+        return self.keys[layer][slots, :, :length], self.values[layer][slots, :, :length]

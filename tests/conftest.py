@@ -1,0 +1,54 @@
+"""Shared fixtures: small random BitNet checkpoints in the real formats, and HF's model as the golden reference."""
+
+from __future__ import annotations
+
+import os
+
+# HF wraps ActQuant/WeightQuant in torch.compile; eager runs the same math without compile time.
+os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+
+import pytest
+import torch
+
+from bitnet_tt.synthetic import hf_config, write_random_model
+
+# Tiny shapes with the real architecture: 4:1 GQA, an odd number of layers, vocab not a multiple of 32.
+TINY = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+            num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=512)
+
+
+@pytest.fixture(scope="session")
+def model_factory(tmp_path_factory):
+    """model_factory(fmt, **config overrides) -> folder; cached per arguments for the session."""
+    made = {}
+
+    def make(fmt: str = "packed", seed: int = 0, **overrides):
+        key = (fmt, seed, tuple(sorted(overrides.items())))
+        if key not in made:
+            folder = tmp_path_factory.mktemp(f"model-{fmt}")
+            made[key] = write_random_model(folder, hf_config(**{**TINY, **overrides}), fmt=fmt, seed=seed)
+        return made[key]
+
+    return make
+
+
+def load_hf_golden(folder, dtype=torch.float32):
+    """HF BitNetForCausalLM through its BitNet quantizer, in `dtype`.
+
+    A packed model cannot be loaded in fp32 directly (its weights unpack to bf16), so it is loaded in
+    bf16 and every floating tensor is cast; RoPE's inv_freq is recomputed so that it is not bf16-rounded.
+    """
+    from transformers import BitNetForCausalLM
+
+    model = BitNetForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        if tensor.dtype.is_floating_point:
+            tensor.data = tensor.data.to(dtype)
+    rope = model.model.rotary_emb
+    inv_freq, _ = rope.compute_default_rope_parameters(model.config)
+    rope.inv_freq.data = inv_freq
+    return model.eval()
+
+
+def pcc(a: torch.Tensor, b: torch.Tensor) -> float:
+    return torch.corrcoef(torch.stack([a.flatten().double(), b.flatten().double()]))[0, 1].item()
