@@ -1,0 +1,23 @@
+"""Backends behind one interface (base.Backend): "torch" (golden, any machine) and "ttnn" (Tenstorrent)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import BitNetError
+from .base import Backend
+
+BACKENDS = ("torch", "ttnn")
+
+
+def create_backend(
+    name: str, folder: Path, max_slots: int = 1, max_context: int | None = None, dtype: str = "bfloat16",
+    device: str = "cpu", progress: bool = True,
+) -> Backend:
+    if name == "torch":
+        from .torch.backend import load_torch_backend
+
+        return load_torch_backend(folder, max_slots, max_context, dtype, device, progress)
+    if name == "ttnn":
+        raise BitNetError("the ttnn (Tenstorrent) backend is not implemented yet; use --backend torch")
+    raise BitNetError(f"unknown backend {name!r} (choose from {', '.join(BACKENDS)})")

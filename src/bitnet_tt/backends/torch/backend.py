@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from ...checkpoint import BitNetWeights, load_weights
-from ...errors import CapacityError
+from ...errors import BitNetError, CapacityError
 from ..base import Backend
 from .kv_cache import KVCache
 from .model import BitNetModel
@@ -34,8 +34,14 @@ class TorchBackend(Backend):
                 f"{config.max_position_embeddings} positions (got {max_slots} slots, context {max_context})"
             )
         super().__init__(config, max_slots, max_context)
+        if dtype not in DTYPES:
+            raise BitNetError(f"unsupported dtype {dtype!r} (choose from {', '.join(DTYPES)})")
+        try:
+            self.device = torch.device(device)
+            torch.empty(0, device=self.device)
+        except (RuntimeError, AssertionError) as exc:
+            raise BitNetError(f"device {device!r} is not usable here ({str(exc).splitlines()[0]})") from None
         self.dtype = DTYPES[dtype]
-        self.device = torch.device(device)
         self.prefill_chunk = prefill_chunk
         cache = KVCache(config, max_slots, max_context, self.dtype, self.device)
         self.model = BitNetModel(weights, cache, self.dtype, self.device)

@@ -1,0 +1,241 @@
+"""Continuous batching over a backend's slots: admit, prefill, decode all active slots in one call, stream."""
+
+from __future__ import annotations
+
+import itertools
+import random
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from ..backends.base import Backend
+from ..errors import CapacityError, RequestError
+from ..sampling import SamplingParams, sample_token
+from ..tokenizer import ChatMessage, StreamDecoder, Tokenizer
+from .request import Request, RequestOutput, RequestStatus
+
+PROMPT_OVERFLOW = ("error", "truncate")  # what to do with a prompt that does not fit the context
+
+
+@dataclass
+class EngineStats:
+    steps: int = 0
+    step_seconds: float = 0.0
+    backend_seconds: float = 0.0
+    generated_tokens: int = 0
+    decode_step_seconds: list[float] = field(default_factory=list)
+
+    @property
+    def overhead_fraction(self) -> float:
+        """Share of step time spent outside the backend (scheduling, sampling, detokenising)."""
+        return 1.0 - self.backend_seconds / self.step_seconds if self.step_seconds else 0.0
+
+
+@dataclass
+class _TextState:
+    """Per-request streaming state: the detokeniser and text held back as a possible stop-string start."""
+
+    decoder: StreamDecoder
+    pending: str = ""
+
+
+class Engine:
+    def __init__(self, backend: Backend, tokenizer: Tokenizer, prompt_overflow: str = "error"):
+        if prompt_overflow not in PROMPT_OVERFLOW:
+            raise RequestError(f"prompt_overflow must be one of {PROMPT_OVERFLOW}")
+        self.backend = backend
+        self.tokenizer = tokenizer
+        self.prompt_overflow = prompt_overflow
+        self.stats = EngineStats()
+        self._lock = threading.Lock()
+        self._waiting: deque[Request] = deque()
+        self._running: dict[int, Request] = {}  # slot -> request
+        self._text: dict[str, _TextState] = {}
+        self._cancelled: set[str] = set()
+        self._ids = itertools.count()
+        self._free_slots = list(range(backend.max_slots))
+
+    # -- submitting ------------------------------------------------------------------------------
+
+    def submit(
+        self, prompt: str | Sequence[int], params: SamplingParams | None = None,
+        on_output: Callable[[RequestOutput], None] | None = None, request_id: str | None = None,
+    ) -> Request:
+        """Queue a request (text or token ids); thread-safe. Raises CapacityError/RequestError on bad input."""
+        params = params or SamplingParams()
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        ids = self._fit_prompt(ids)
+        seed = params.seed if params.seed is not None else random.getrandbits(63)
+        request = Request(
+            id=request_id or f"req-{next(self._ids)}", prompt_ids=ids, params=params, on_output=on_output,
+            generator=torch.Generator().manual_seed(seed),
+        )
+        with self._lock:
+            self._text[request.id] = _TextState(StreamDecoder(self.tokenizer))
+            self._waiting.append(request)
+        return request
+
+    def submit_chat(self, messages: Sequence[ChatMessage], params: SamplingParams | None = None, **kwargs) -> Request:
+        return self.submit(self.tokenizer.encode_chat(list(messages)), params, **kwargs)
+
+    def cancel(self, request_id: str) -> None:
+        """Stop a request; its slot is freed at the start of the next step. Thread-safe."""
+        with self._lock:
+            self._cancelled.add(request_id)
+
+    def _fit_prompt(self, ids: list[int]) -> list[int]:
+        if not ids:
+            raise RequestError("the prompt is empty")
+        vocab = self.backend.config.vocab_size
+        if any(not 0 <= t < vocab for t in ids):
+            raise RequestError(f"prompt token ids must be in [0, {vocab})")
+        room = self.backend.max_context - 1  # at least one position left for generated tokens
+        if len(ids) > room:
+            if self.prompt_overflow == "error":
+                raise CapacityError(
+                    f"the prompt has {len(ids)} tokens but the context holds {self.backend.max_context} "
+                    f"(at most {room} prompt tokens)"
+                )
+            ids = ids[-room:]
+        return ids
+
+    # -- running ----------------------------------------------------------------------------------
+
+    def has_work(self) -> bool:
+        with self._lock:
+            return bool(self._waiting or self._running)
+
+    def step(self) -> list[RequestOutput]:
+        """Admit waiting requests into free slots and prefill them, then decode every other active slot once."""
+        started = time.perf_counter()
+        outputs: list[RequestOutput] = []
+        self._apply_cancellations(outputs)
+        admitted = self._admit()
+        for request in admitted:
+            request.stats.prefill_started = time.perf_counter()
+            logits = self._timed(self.backend.prefill, request.slot, request.prompt_ids)
+            self._accept(request, logits, outputs)
+        decoding = [r for r in self._running.values() if r not in admitted]
+        if decoding:
+            decode_started = time.perf_counter()
+            slots = [r.slot for r in decoding]
+            logits = self._timed(self.backend.decode, slots, [r.output_ids[-1] for r in decoding])
+            for request, row in zip(decoding, logits):
+                self._accept(request, row, outputs)
+            self.stats.decode_step_seconds.append(time.perf_counter() - decode_started)
+        self.stats.steps += 1
+        self.stats.step_seconds += time.perf_counter() - started
+        for output in outputs:
+            if output.request.on_output:
+                output.request.on_output(output)
+        return outputs
+
+    def run(self) -> None:
+        """Step until every submitted request has finished."""
+        while self.has_work():
+            self.step()
+
+    def generate(self, prompts: Sequence[str | Sequence[int]], params: SamplingParams | None = None) -> list[Request]:
+        requests = [self.submit(p, params) for p in prompts]
+        self.run()
+        return requests
+
+    def stream(self, prompt: str | Sequence[int], params: SamplingParams | None = None) -> Iterator[str]:
+        """Text pieces of one request as they are produced (drives the engine itself)."""
+        request = self.submit(prompt, params)
+        while not request.finished:
+            for output in self.step():
+                if output.request is request and output.text:
+                    yield output.text
+        return request
+
+    def _timed(self, fn, *args):
+        started = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            self.stats.backend_seconds += time.perf_counter() - started
+
+    def _apply_cancellations(self, outputs: list[RequestOutput]) -> None:
+        with self._lock:
+            cancelled, self._cancelled = self._cancelled, set()
+            waiting = [r for r in self._waiting if r.id in cancelled]
+            for request in waiting:
+                self._waiting.remove(request)
+        for request in waiting + [r for r in self._running.values() if r.id in cancelled]:
+            self._finish(request, "cancelled", outputs)
+
+    def _admit(self) -> list[Request]:
+        admitted = []
+        with self._lock:
+            while self._waiting and self._free_slots:
+                request = self._waiting.popleft()
+                request.slot = self._free_slots.pop(0)
+                request.status = RequestStatus.RUNNING
+                self._running[request.slot] = request
+                admitted.append(request)
+        return admitted
+
+    # -- one sampled token --------------------------------------------------------------------------
+
+    def _accept(self, request: Request, logits: torch.Tensor, outputs: list[RequestOutput]) -> None:
+        params = request.params
+        choice = sample_token(logits, params, request.prompt_ids, request.output_ids, request.generator)
+        now = time.perf_counter()
+        request.stats.first_token = request.stats.first_token or now
+        request.stats.token_times.append(now)
+        request.output_ids.append(choice.token_id)
+        request.choices.append(choice)
+        self.stats.generated_tokens += 1
+        state = self._text[request.id]
+        if choice.token_id in self.tokenizer.stop_ids and not params.ignore_eos:  # an end id: its text is not shown
+            text, _ = self._release_text(state, state.decoder.flush(), params.stop, final=True)
+            self._finish(request, "stop", outputs, [choice.token_id], text)
+            return
+        text, hit_stop = self._release_text(state, state.decoder.add(choice.token_id), params.stop)
+        if not hit_stop and (len(request.output_ids) >= params.max_new_tokens or self._context_full(request)):
+            tail, hit_stop = self._release_text(state, state.decoder.flush(), params.stop, final=True)
+            text += tail
+            if not hit_stop:
+                self._finish(request, "length", outputs, [choice.token_id], text)
+                return
+        if hit_stop:
+            self._finish(request, "stop", outputs, [choice.token_id], text)
+        else:
+            request.text += text
+            outputs.append(RequestOutput(request, text, [choice.token_id], False))
+
+    def _context_full(self, request: Request) -> bool:
+        # The sampled token still has to be written by the next decode step.
+        return self.backend.slot_length(request.slot) + 1 > self.backend.max_context
+
+    @staticmethod
+    def _release_text(state: _TextState, new_text: str, stops: tuple[str, ...], final: bool = False):
+        """Return (text safe to show, whether a stop string ended it); hold back a possible stop prefix."""
+        pending = state.pending + new_text
+        hits = [i for i in (pending.find(s) for s in stops) if i >= 0]
+        if hits:
+            state.pending = ""
+            return pending[: min(hits)], True
+        hold = 0 if final else max((k for s in stops for k in range(1, len(s)) if pending.endswith(s[:k])), default=0)
+        state.pending = pending[len(pending) - hold :]
+        return pending[: len(pending) - hold], False
+
+    def _finish(self, request: Request, reason: str, outputs, token_ids=(), text: str = "") -> None:
+        """End a request with its last text piece, free its slot, and report it."""
+        self._text.pop(request.id, None)
+        request.text += text
+        request.finish_reason = reason
+        request.status = RequestStatus.FINISHED
+        request.stats.finished = time.perf_counter()
+        if request.slot is not None and self._running.get(request.slot) is request:
+            del self._running[request.slot]
+            self.backend.free(request.slot)
+            with self._lock:
+                self._free_slots.append(request.slot)
+                self._free_slots.sort()
+        outputs.append(RequestOutput(request, text, list(token_ids), True))

@@ -1,0 +1,112 @@
+"""Sampling parameters and the pure functions that turn one row of logits into a token."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import RequestError
+
+MAX_TOP_LOGPROBS = 20
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 128
+    temperature: float = 1.0  # 0 means greedy
+    top_k: int = 0  # 0 means off
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0  # HF style, over prompt and output; 1 means off
+    presence_penalty: float = 0.0  # OpenAI style, over output tokens
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    logprobs: bool = False
+    top_logprobs: int = 0
+    ignore_eos: bool = False  # keep generating past end ids (benchmarks)
+
+    def __post_init__(self):
+        checks = [
+            (self.max_new_tokens >= 1, "max_new_tokens must be at least 1"),
+            (0.0 <= self.temperature <= 100.0, "temperature must be between 0 and 100"),
+            (self.top_k >= 0, "top_k must be 0 (off) or positive"),
+            (0.0 < self.top_p <= 1.0, "top_p must be in (0, 1]"),
+            (0.0 <= self.min_p <= 1.0, "min_p must be in [0, 1]"),
+            (0.0 < self.repetition_penalty <= 10.0, "repetition_penalty must be in (0, 10]"),
+            (-2.0 <= self.presence_penalty <= 2.0, "presence_penalty must be in [-2, 2]"),
+            (-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty must be in [-2, 2]"),
+            (0 <= self.top_logprobs <= MAX_TOP_LOGPROBS, f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}]"),
+            (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),
+            (self.seed is None or 0 <= self.seed < 2**63, "seed must be a non-negative integer"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise RequestError(message)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass
+class TokenChoice:
+    token_id: int
+    logprob: float | None = None  # under the model's distribution (raw logits)
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt_ids, output_ids) -> torch.Tensor:
+    if params.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted(set(prompt_ids) | set(output_ids)), dtype=torch.long)
+        if len(seen):
+            values = logits[seen]
+            p = params.repetition_penalty
+            logits[seen] = torch.where(values > 0, values / p, values * p)
+    if (params.presence_penalty or params.frequency_penalty) and output_ids:
+        counts = Counter(output_ids)
+        ids = torch.tensor(list(counts), dtype=torch.long)
+        freq = torch.tensor(list(counts.values()), dtype=logits.dtype)
+        logits[ids] -= params.presence_penalty + params.frequency_penalty * freq
+    return logits
+
+
+def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Temperature, then top-k, top-p and min-p: removed tokens get -inf."""
+    logits = logits / params.temperature
+    if 0 < params.top_k < logits.numel():
+        kth = torch.topk(logits, params.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # keep the smallest prefix whose mass reaches top_p (the first token always stays)
+        drop = (probs.cumsum(-1) - probs) >= params.top_p
+        logits = logits.index_fill(0, order[drop], float("-inf"))
+    if params.min_p > 0.0:
+        probs = logits.softmax(-1)
+        logits = logits.masked_fill(probs < params.min_p * probs.max(), float("-inf"))
+    return logits
+
+
+def sample_token(
+    logits: torch.Tensor, params: SamplingParams, prompt_ids, output_ids, generator: torch.Generator | None
+) -> TokenChoice:
+    """Pick the next token from fp32 logits [vocab] for one request."""
+    raw = logits
+    logits = apply_penalties(logits.clone(), params, prompt_ids, output_ids)
+    if params.greedy:
+        token = int(logits.argmax())
+    else:
+        probs = filter_logits(logits, params).softmax(-1)
+        token = int(torch.multinomial(probs, 1, generator=generator))
+    choice = TokenChoice(token)
+    if params.logprobs or params.top_logprobs:
+        logprobs = raw.float().log_softmax(-1)
+        choice.logprob = float(logprobs[token])
+        if params.top_logprobs:
+            top = torch.topk(logprobs, params.top_logprobs)
+            choice.top = list(zip(top.indices.tolist(), top.values.tolist()))
+    return choice

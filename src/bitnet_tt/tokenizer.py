@@ -1,0 +1,117 @@
+"""Tokenizer from a model folder, the BitNet 2B-4T chat format, stop ids, and UTF-8-safe streaming decode."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import ModelConfig
+from .errors import ConfigError, RequestError
+
+EOT_TOKEN = "<|eot_id|>"
+ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: str
+    content: str
+
+
+class Tokenizer:
+    def __init__(self, folder: Path, config: ModelConfig):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        folder = Path(folder)
+        path = folder / "tokenizer.json"
+        if not path.is_file():
+            raise ConfigError(f"{path}: not found; the model folder has no tokenizer")
+        try:
+            self._tok = HFTokenizer.from_file(str(path))
+        except Exception as exc:  # tokenizers raises a bare Exception on malformed files
+            raise ConfigError(f"{path}: not a valid tokenizer ({exc})") from None
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        settings = _read_json(folder / "tokenizer_config.json")
+        bos_text = _token_text(settings.get("bos_token"))
+        self.bos_id = self._tok.token_to_id(bos_text) if bos_text else config.bos_token_id
+        self.bos_text = bos_text or (self._tok.id_to_token(self.bos_id) if self.bos_id is not None else None)
+        self.eot_id = self._tok.token_to_id(EOT_TOKEN)
+        self.stop_ids = self._stop_ids(folder, config)
+
+    def _stop_ids(self, folder: Path, config: ModelConfig) -> frozenset[int]:
+        """End ids from config.json and generation_config.json, plus <|eot_id|>, which ends a chat turn."""
+        ids = set(config.eos_token_ids)
+        eos = _read_json(folder / "generation_config.json").get("eos_token_id")
+        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if self.eot_id is not None:
+            ids.add(self.eot_id)
+        return frozenset(ids)
+
+    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        ids = self._tok.encode(text, add_special_tokens=False).ids
+        if add_bos and self.bos_id is not None and (not ids or ids[0] != self.bos_id):
+            ids = [self.bos_id] + ids
+        return ids
+
+    def decode(self, ids: list[int]) -> str:
+        known = [i for i in ids if 0 <= i < self.vocab_size]  # random-weight models can emit unmapped ids
+        return self._tok.decode(known, skip_special_tokens=True)
+
+    def render_chat(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> str:
+        """BitNet 2B-4T chat format: one BOS, then `Role: content<|eot_id|>` per message, then `Assistant: `."""
+        parts = [self.bos_text or ""]
+        for message in messages:
+            if message.role not in ROLES:
+                raise RequestError(f"unknown chat role {message.role!r} (use system, user or assistant)")
+            parts.append(f"{ROLES[message.role]}: {message.content}{EOT_TOKEN}")
+        if add_generation_prompt:
+            parts.append("Assistant: ")
+        return "".join(parts)
+
+    def encode_chat(self, messages: list[ChatMessage]) -> list[int]:
+        # The rendered text already holds the BOS token, so no special tokens are added (one BOS).
+        return self.encode(self.render_chat(messages), add_bos=False)
+
+
+class StreamDecoder:
+    """Turns token ids into text pieces; a piece never ends inside a multi-byte UTF-8 character."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.prefix = 0  # start of the window re-decoded for context (BPE merges depend on neighbours)
+        self.read = 0  # ids before this have been emitted as text
+
+    def add(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        return self._emit(final=False)
+
+    def flush(self) -> str:
+        """Whatever is left, even an incomplete character (as U+FFFD), when generation ends."""
+        return self._emit(final=True)
+
+    def _emit(self, final: bool) -> str:
+        before = self.tokenizer.decode(self.ids[self.prefix : self.read])
+        now = self.tokenizer.decode(self.ids[self.prefix :])
+        if len(now) <= len(before) or (now.endswith("\ufffd") and not final):
+            return ""
+        self.prefix, self.read = self.read, len(self.ids)
+        return now[len(before) :]
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid JSON ({exc})") from None
+    return raw if isinstance(raw, dict) else {}
+
+
+def _token_text(value) -> str | None:
+    """tokenizer_config.json stores special tokens as strings or as {"content": ...} objects."""
+    if isinstance(value, dict):
+        return value.get("content")
+    return value

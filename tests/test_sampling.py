@@ -1,0 +1,97 @@
+"""Sampling options change the distribution as they should (fixed seeds, statistical checks)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from bitnet_tt.errors import RequestError
+from bitnet_tt.sampling import SamplingParams, filter_logits, sample_token
+
+LOGITS = torch.tensor([3.0, 2.5, 2.0, 1.0, 0.5, 0.0, -1.0, -2.0])
+
+
+def draw(params: SamplingParams, n: int = 2000, logits=LOGITS, output_ids=(), prompt_ids=()) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(1234)
+    return torch.tensor([sample_token(logits, params, list(prompt_ids), list(output_ids), gen).token_id for _ in range(n)])
+
+
+def test_temperature_zero_is_greedy():
+    assert set(draw(SamplingParams(temperature=0.0), n=50).tolist()) == {0}
+
+
+def test_top_k_never_leaves_the_top_k():
+    tokens = draw(SamplingParams(temperature=1.5, top_k=3))
+    assert set(tokens.tolist()) == {0, 1, 2}
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    probs = LOGITS.softmax(-1)
+    # the first two tokens hold less than 0.8 of the mass, the first three more
+    assert probs[:2].sum() < 0.8 < probs[:3].sum()
+    assert set(draw(SamplingParams(top_p=0.8)).tolist()) == {0, 1, 2}
+
+
+def test_min_p_drops_unlikely_tokens():
+    probs = LOGITS.softmax(-1)
+    allowed = {i for i, p in enumerate(probs) if p >= 0.2 * probs.max()}
+    assert set(draw(SamplingParams(min_p=0.2)).tolist()) == allowed
+
+
+def test_temperature_sharpens_and_flattens():
+    cold = (draw(SamplingParams(temperature=0.3)) == 0).float().mean()
+    warm = (draw(SamplingParams(temperature=3.0)) == 0).float().mean()
+    expected_warm = (LOGITS / 3.0).softmax(-1)[0]
+    assert cold > 0.75 and abs(warm - expected_warm) < 0.04
+
+
+def test_sampling_frequencies_follow_softmax():
+    tokens = draw(SamplingParams(temperature=1.0), n=4000)
+    freq = torch.bincount(tokens, minlength=8).float() / 4000
+    assert (freq - LOGITS.softmax(-1)).abs().max() < 0.03
+
+
+def test_seed_reproduces_and_differs():
+    a = draw(SamplingParams(temperature=1.0), n=100)
+    b = draw(SamplingParams(temperature=1.0), n=100)
+    assert torch.equal(a, b)
+    gen = torch.Generator().manual_seed(99)
+    c = torch.tensor([sample_token(LOGITS, SamplingParams(), [], [], gen).token_id for _ in range(100)])
+    assert not torch.equal(a, c)
+
+
+def test_penalties_push_away_repeated_tokens():
+    greedy_repeat = SamplingParams(temperature=0.0, presence_penalty=1.0)
+    assert draw(greedy_repeat, n=1, output_ids=[0])[0] == 1  # 3.0 - 1.0 < 2.5
+    freq = SamplingParams(temperature=0.0, frequency_penalty=0.3)
+    assert draw(freq, n=1, output_ids=[0, 0])[0] == 1  # 3.0 - 0.6 < 2.5
+    assert draw(freq, n=1, output_ids=[0])[0] == 0  # 3.0 - 0.3 > 2.5
+    rep = SamplingParams(temperature=0.0, repetition_penalty=1.5)
+    assert draw(rep, n=1, prompt_ids=[0])[0] == 1  # 3.0 / 1.5 < 2.5
+    negative = torch.tensor([-1.0, -1.2])
+    assert draw(rep, n=1, logits=negative, prompt_ids=[0])[0] == 1  # -1.5 < -1.2
+
+
+def test_logprobs_are_the_model_distribution():
+    gen = torch.Generator().manual_seed(0)
+    choice = sample_token(LOGITS, SamplingParams(temperature=0.0, logprobs=True, top_logprobs=3), [], [], gen)
+    expected = LOGITS.log_softmax(-1)
+    assert math.isclose(choice.logprob, float(expected[0]), rel_tol=1e-6)
+    assert [t for t, _ in choice.top] == [0, 1, 2]
+
+
+def test_filter_marks_removed_tokens_minus_inf():
+    out = filter_logits(LOGITS, SamplingParams(top_k=2))
+    assert torch.isinf(out[2:]).all() and torch.isfinite(out[:2]).all()
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"temperature": -1}, {"top_p": 0.0}, {"top_p": 1.5}, {"top_k": -2}, {"min_p": 2.0},
+    {"max_new_tokens": 0}, {"repetition_penalty": 0}, {"presence_penalty": 5}, {"top_logprobs": 100},
+    {"stop": ("",)}, {"seed": -1},
+])
+def test_invalid_parameters_are_rejected(kwargs):
+    with pytest.raises(RequestError):
+        SamplingParams(**kwargs)
