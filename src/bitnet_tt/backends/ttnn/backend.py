@@ -1,0 +1,120 @@
+"""The Tenstorrent backend behind the engine's Backend interface: host-side preparation, persistent
+device inputs, the KV cache, and decode trace capture/replay. The math lives in model.py.
+
+NOT YET RUN ON A CARD. Verified here: every op's arguments, shapes, shards and memory on mock
+Blackhole P150 and Wormhole N150 devices (tests marked tt_mock).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from ...checkpoint import BitNetWeights
+from ...config import ModelConfig
+from ...errors import CapacityError
+from ..base import Backend
+from .config import TILE, TTOptions, make_plan
+from .device import device_facts
+from .model import TTModel
+from .weights import Placer, place_model
+
+
+class TTNNBackend(Backend):
+    def __init__(
+        self, config: ModelConfig, weights: BitNetWeights | None, tt, device, max_slots: int = 1,
+        max_context: int | None = None, options: TTOptions | None = None, cache_dir: Path | None = None,
+    ):
+        """`weights=None` allocates the weights without values: for contract runs on a mock device."""
+        max_context = max_context or config.max_position_embeddings
+        super().__init__(config, max_slots, max_context)
+        self.tt, self.device = tt, device
+        self.plan = make_plan(config, device_facts(tt, device), options or TTOptions(), max_slots, max_context)
+        on_device = place_model(self.plan, weights, Placer(tt, device, cache_dir, allocate_only=weights is None))
+        self.model = TTModel(tt, device, self.plan, on_device, self._allocate_kv_cache())
+        self.inputs = self._allocate_decode_inputs()
+        self.logits = None
+        self.trace_id = None
+
+    def _allocate_kv_cache(self):
+        tt, m = self.tt, self.config
+        # One spare position past the context: rows that do not decode in a step still write somewhere harmless.
+        shape = [self.max_slots, m.num_kv_heads, self.plan.cache_context, m.head_dim]
+        return [tuple(tt.zeros(shape, dtype=tt.bfloat16, layout=tt.TILE_LAYOUT, device=self.device,
+                               memory_config=tt.DRAM_MEMORY_CONFIG) for _ in range(2)) for _ in range(m.num_layers)]
+
+    def _allocate_decode_inputs(self) -> dict:
+        """Device tensors that every decode step overwrites in place (a trace replays on them)."""
+        tt, users = self.tt, self.max_slots
+        return {
+            "tokens": tt.allocate_tensor_on_device(tt.Shape([1, users]), tt.uint32, tt.ROW_MAJOR_LAYOUT, self.device),
+            "positions": tt.allocate_tensor_on_device(tt.Shape([users]), tt.int32, tt.ROW_MAJOR_LAYOUT, self.device),
+            "position_rows": tt.allocate_tensor_on_device(tt.Shape([1, users]), tt.uint32, tt.ROW_MAJOR_LAYOUT, self.device),
+        }
+
+    # -- prefill --------------------------------------------------------------------------------------
+
+    def prefill(self, slot: int, token_ids: Sequence[int]) -> torch.Tensor:
+        if len(token_ids) == 0:
+            raise ValueError("prefill needs at least one token")
+        if self._reserve(slot, len(token_ids)) != 0:
+            raise CapacityError("the ttnn backend prefills a whole prompt into an empty slot")
+        tt = self.tt
+        padded = torch.zeros(1, self.plan.prefill_length(len(token_ids)), dtype=torch.int32)
+        padded[0, : len(token_ids)] = torch.as_tensor(list(token_ids), dtype=torch.int32)
+        tokens = tt.from_torch(padded, dtype=tt.uint32, layout=tt.ROW_MAJOR_LAYOUT, device=self.device)
+        last = len(token_ids) - 1
+        logits = self.model.forward_prefill(tokens, slot, last)
+        self._advance(slot, len(token_ids))
+        return self._to_host(logits)[0, 0, last % TILE].float()
+
+    # -- decode ---------------------------------------------------------------------------------------
+
+    def decode(self, slots: Sequence[int], token_ids: Sequence[int]) -> torch.Tensor:
+        if len(slots) != len(token_ids) or len(set(slots)) != len(slots) or not slots:
+            raise ValueError("decode needs one token for each of distinct slots")
+        for s in slots:
+            self._reserve(s, 1)
+        tokens = torch.zeros(1, self.max_slots, dtype=torch.int32)
+        tokens[0, list(slots)] = torch.as_tensor(list(token_ids), dtype=torch.int32)
+        # Every row writes its cache at its own length: rows that are not decoding write past their
+        # context, where their next real token will overwrite it before anything reads it.
+        positions = torch.tensor(self._lengths, dtype=torch.int32)
+        self._copy_inputs(tokens, positions)
+        logits = self._run_decode()
+        for s in slots:
+            self._advance(s, 1)
+        return self._to_host(logits)[0, 0, list(slots)].float()
+
+    def _copy_inputs(self, tokens: torch.Tensor, positions: torch.Tensor) -> None:
+        tt = self.tt
+        host = {
+            "tokens": tt.from_torch(tokens, dtype=tt.uint32, layout=tt.ROW_MAJOR_LAYOUT),
+            "positions": tt.from_torch(positions, dtype=tt.int32, layout=tt.ROW_MAJOR_LAYOUT),
+            "position_rows": tt.from_torch(positions[None], dtype=tt.uint32, layout=tt.ROW_MAJOR_LAYOUT),
+        }
+        for name, tensor in host.items():
+            tt.copy_host_to_device_tensor(tensor, self.inputs[name])
+
+    def _run_decode(self):
+        """Capture the decode step once (after a compile run) and replay it; or run it op by op."""
+        tt, i = self.tt, self.inputs
+        if not self.plan.options.use_trace:
+            return self.model.forward_decode(i["tokens"], i["positions"], i["position_rows"])
+        if self.trace_id is None:
+            self.model.forward_decode(i["tokens"], i["positions"], i["position_rows"])  # compiles every program
+            self.trace_id = tt.begin_trace_capture(self.device, cq_id=0)
+            self.logits = self.model.forward_decode(i["tokens"], i["positions"], i["position_rows"])
+            tt.end_trace_capture(self.device, self.trace_id, cq_id=0)
+        tt.execute_trace(self.device, self.trace_id, cq_id=0, blocking=False)
+        return self.logits
+
+    def _to_host(self, tensor) -> torch.Tensor:
+        return self.tt.to_torch(tensor)[..., : self.config.vocab_size]
+
+    def close(self) -> None:
+        if self.trace_id is not None:
+            self.tt.release_trace(self.device, self.trace_id)
+            self.trace_id = None

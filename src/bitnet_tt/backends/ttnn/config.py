@@ -1,0 +1,154 @@
+"""Every device-side choice in one place, derived from the model's dimensions and the device itself.
+
+Nothing here hard-codes a board: grids, DRAM banks and sizes are read from the open device, so the
+same code serves Blackhole p150a, Wormhole n150 and any smaller BitNet config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ...config import ModelConfig
+from ...errors import CapacityError, ConfigError
+
+TILE = 32
+# Bytes per element on the device, including block-float exponents (1088 B / 576 B per 32x32 tile).
+BYTES_PER_ELEMENT = {"bfloat16": 2.0, "bfloat8_b": 1088 / 1024, "bfloat4_b": 576 / 1024}
+WEIGHT_DTYPES = ("bfloat4_b", "bfloat8_b", "bfloat16")  # ternary codes are exact in all three
+HEAD_DTYPES = ("bfloat16", "bfloat8_b", "bfloat4_b")
+MAX_USERS = 32  # decode rows are one tile high
+
+
+@dataclass(frozen=True)
+class TTOptions:
+    """What a user can choose; everything else is derived."""
+
+    weight_dtype: str = "bfloat4_b"  # the smallest format that holds {-1, 0, +1} exactly
+    lm_head_dtype: str = "bfloat8_b"
+    embedding_dtype: str = "bfloat16"
+    activation_quant: bool = True  # HF's per-token int8 absmax before every BitLinear
+    use_trace: bool = True  # capture the decode step once per batch size and replay it
+
+    def __post_init__(self):
+        if self.weight_dtype not in WEIGHT_DTYPES:
+            raise ConfigError(f"weight dtype {self.weight_dtype!r} not supported (choose from {', '.join(WEIGHT_DTYPES)})")
+        for name in ("lm_head_dtype", "embedding_dtype"):
+            if getattr(self, name) not in HEAD_DTYPES:
+                raise ConfigError(f"{name} {getattr(self, name)!r} not supported (choose from {', '.join(HEAD_DTYPES)})")
+
+
+@dataclass(frozen=True)
+class DeviceFacts:
+    """What the open device reports; read once by device.py."""
+
+    arch: str
+    grid_x: int
+    grid_y: int
+    dram_banks: int
+    dram_bank_bytes: int
+
+    @property
+    def dram_bytes(self) -> int:
+        return self.dram_banks * self.dram_bank_bytes
+
+
+def tiles(n: int) -> int:
+    return -(-n // TILE)
+
+
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def largest_divisor(n: int, limit: int) -> int:
+    return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
+
+
+@dataclass(frozen=True)
+class TTPlan:
+    """Derived shapes and budgets for one model on one device."""
+
+    model: ModelConfig
+    device: DeviceFacts
+    options: TTOptions
+    max_users: int
+    max_context: int
+
+    @property
+    def qkv_width(self) -> int:
+        return self.model.q_size + 2 * self.model.kv_size
+
+    @property
+    def cache_context(self) -> int:
+        """The KV cache's sequence length: the context plus one spare position, in whole tiles."""
+        return round_up(self.max_context + 1, TILE)
+
+    def qkv_shard_cores(self) -> int:
+        """Cores for the width-sharded QKV input of nlp_create_qkv_heads_decode: a divisor of its tiles."""
+        return largest_divisor(tiles(self.qkv_width), min(8, self.device.grid_x))
+
+    def head_grid(self) -> tuple[int, int]:
+        """(x, y) of a rectangular grid with one core per user for height-sharded heads (a non-rectangular
+        set cut from a 13-wide Blackhole row fails in nlp_concat_heads_decode)."""
+        users = self.max_users
+        x = largest_divisor(users, self.device.grid_x)
+        return x, users // x
+
+    def sdpa_decode_grid(self) -> tuple[int, int]:
+        """At most 8x8 cores: SDPA decode splits each (user, KV head) over the grid, and its tree
+        reduction allows 64 cores per head (a whole 13x10 Blackhole grid fails at batch 1)."""
+        return min(8, self.device.grid_x), min(8, self.device.grid_y)
+
+    def prefill_length(self, tokens: int) -> int:
+        """Prompts are padded to whole tiles; causal attention keeps the padding from touching real tokens."""
+        return round_up(tokens, TILE)
+
+    # -- memory ----------------------------------------------------------------------------------
+
+    def weight_bytes(self) -> int:
+        m, o = self.model, self.options
+        linear = sum(out * inp for out, inp in m.projection_shapes().values()) * m.num_layers
+        norms = (2 * m.hidden_size + m.q_size + m.intermediate_size) * m.num_layers * 2
+        embed = m.vocab_size * m.hidden_size
+        head = 0 if m.tie_word_embeddings and o.lm_head_dtype == o.embedding_dtype else embed
+        return int(linear * BYTES_PER_ELEMENT[o.weight_dtype] + norms
+                   + embed * BYTES_PER_ELEMENT[o.embedding_dtype] + head * BYTES_PER_ELEMENT[o.lm_head_dtype])
+
+    def kv_cache_bytes(self) -> int:
+        m = self.model
+        return 2 * m.num_layers * self.max_users * m.num_kv_heads * self.cache_context * m.head_dim * 2
+
+    def activation_bytes(self) -> int:
+        """The largest prefill intermediates (gate/up and the LM-head tile) with a factor for temporaries."""
+        m = self.model
+        seq = self.prefill_length(self.max_context)
+        gate_up = seq * 2 * m.intermediate_size * 2
+        scores = m.num_heads * seq * TILE * 2
+        return 4 * (gate_up + scores + TILE * m.vocab_size * 2)
+
+    def check_memory(self) -> None:
+        need = self.weight_bytes() + self.kv_cache_bytes() + self.activation_bytes()
+        have = self.device.dram_bytes
+        if need > have:
+            raise CapacityError(
+                f"{self.max_users} users x {self.max_context} tokens do not fit on this {self.device.arch} device: "
+                f"weights {self.weight_bytes() / 2**30:.2f} GiB + KV cache {self.kv_cache_bytes() / 2**30:.2f} GiB + "
+                f"activations {self.activation_bytes() / 2**30:.2f} GiB > {have / 2**30:.2f} GiB of DRAM; "
+                f"lower --max-batch or --max-context"
+            )
+
+
+def make_plan(model: ModelConfig, device: DeviceFacts, options: TTOptions, max_users: int, max_context: int) -> TTPlan:
+    if not 1 <= max_users <= MAX_USERS:
+        raise CapacityError(f"the ttnn backend serves 1 to {MAX_USERS} users at once, not {max_users}")
+    if not 1 <= max_context <= model.max_position_embeddings:
+        raise CapacityError(f"context {max_context} must be between 1 and the model's {model.max_position_embeddings}")
+    for name, value in (("hidden_size", model.hidden_size), ("intermediate_size", model.intermediate_size),
+                        ("head_dim", model.head_dim)):
+        if value % TILE:
+            raise ConfigError(f"the ttnn backend needs {name} ({value}) to be a multiple of {TILE}")
+    if model.head_dim != 32 and model.head_dim % 64:
+        raise ConfigError(f"rotary_embedding_hf needs head_dim 32 or a multiple of 64, not {model.head_dim}")
+    plan = TTPlan(model, device, options, max_users, max_context)
+    plan.check_memory()
+    return plan

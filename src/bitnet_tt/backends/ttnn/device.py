@@ -1,0 +1,46 @@
+"""Opening and closing a Tenstorrent device, and reading the facts the plan is derived from."""
+
+from __future__ import annotations
+
+import atexit
+
+from ...errors import BitNetError
+from .config import DeviceFacts
+
+# Decode trace plus persistent inputs; tt_transformers' Llama-8B uses 25-38 MB, the prior art 200 MB.
+TRACE_REGION_BYTES = 64 * 2**20
+L1_SMALL_BYTES = 32 * 1024  # used by ops that keep small buffers (conv-style, sampling)
+
+
+def import_ttnn():
+    try:
+        import ttnn
+    except ImportError:
+        raise BitNetError("the ttnn backend needs the 'tt' extra: pip install 'bitnet-tt[tt]' (Python 3.10 or 3.12)") from None
+    return ttnn
+
+
+def open_tt_device(tt, device_id: int = 0):
+    """Open one card with room for a trace; close it again at exit (also after Ctrl-C or an error)."""
+    if tt.GetNumAvailableDevices() < 1:
+        raise BitNetError("no Tenstorrent device found (is the card installed and the driver loaded?)")
+    try:
+        device = tt.open_device(device_id=device_id, l1_small_size=L1_SMALL_BYTES, trace_region_size=TRACE_REGION_BYTES)
+    except RuntimeError as exc:
+        raise BitNetError(f"cannot open Tenstorrent device {device_id}: {str(exc).splitlines()[0]}") from None
+    atexit.register(close_tt_device, tt, device)
+    return device
+
+
+def close_tt_device(tt, device) -> None:
+    if getattr(device, "_bitnet_closed", False):
+        return
+    tt.close_device(device)
+    device._bitnet_closed = True
+
+
+def device_facts(tt, device) -> DeviceFacts:
+    grid = device.compute_with_storage_grid_size()
+    dram = tt.get_memory_view(device, tt.BufferType.DRAM)
+    return DeviceFacts(arch=str(device.arch()).split(".")[-1].lower(), grid_x=grid.x, grid_y=grid.y,
+                       dram_banks=dram.num_banks, dram_bank_bytes=dram.total_bytes_per_bank)

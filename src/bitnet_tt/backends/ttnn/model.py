@@ -1,0 +1,150 @@
+"""BitNet b1.58 as a sequence of ttnn calls: decode (many users, one token each) and prefill (one user).
+
+`tt` is the ttnn module, passed in rather than imported, so that the very same call sequence can run
+on a card, on a mock device, or on a host stand-in for ttnn that computes the numbers (verification).
+
+Shape names carry their layout: x_11BH is [1, 1, users, hidden]; q_1BHD is [1, users, heads, head_dim].
+"""
+
+from __future__ import annotations
+
+from .config import TILE, TTPlan
+from .weights import LayerOnDevice, ModelOnDevice
+
+
+class TTModel:
+    def __init__(self, tt, device, plan: TTPlan, weights: ModelOnDevice, kv_cache: list[tuple[object, object]]):
+        self.tt, self.device, self.plan, self.w, self.kv_cache = tt, device, plan, weights, kv_cache
+        m = plan.model
+        self.num_heads, self.num_kv_heads, self.head_dim = m.num_heads, m.num_kv_heads, m.head_dim
+        self.eps = m.rms_norm_eps
+        self.hifi = tt.WormholeComputeKernelConfig(
+            math_fidelity=tt.MathFidelity.HiFi4, math_approx_mode=False, fp32_dest_acc_en=True, packer_l1_acc=True)
+        self.matmul_kernel = tt.WormholeComputeKernelConfig(
+            math_fidelity=tt.MathFidelity.HiFi2, math_approx_mode=False, fp32_dest_acc_en=True, packer_l1_acc=True)
+        gx, gy = plan.head_grid()
+        self.heads_memcfg = tt.create_sharded_memory_config(
+            shape=(TILE, self.head_dim), core_grid=tt.CoreGrid(y=gy, x=gx), strategy=tt.ShardStrategy.HEIGHT,
+            use_height_and_width_as_shard_shape=True)
+        sdpa_x, sdpa_y = plan.sdpa_decode_grid()
+        self.sdpa_decode_config = tt.SDPAProgramConfig(
+            compute_with_storage_grid_size=tt.CoreCoord(sdpa_x, sdpa_y), q_chunk_size=0, k_chunk_size=0)
+        cores = plan.qkv_shard_cores()
+        self.qkv_memcfg = tt.create_sharded_memory_config(
+            shape=(TILE, plan.qkv_width // cores), core_grid=tt.CoreGrid(y=1, x=cores), strategy=tt.ShardStrategy.WIDTH,
+            use_height_and_width_as_shard_shape=True)
+
+    # -- shared pieces ------------------------------------------------------------------------------
+
+    def norm(self, x, weight, eps: float):
+        return self.tt.rms_norm(x, epsilon=eps, weight=weight, compute_kernel_config=self.hifi)
+
+    def bitlinear(self, x, weight, memory_config):
+        """x @ codes, with HF's per-token int8 absmax quantisation of x when enabled.
+
+        Integer activations times ternary codes accumulate exactly in the fp32 destination; the
+        per-token 1/s is applied after the matmul, the per-tensor scale by the caller's folds.
+        """
+        tt = self.tt
+        if not self.plan.options.activation_quant:
+            return tt.linear(x, weight, memory_config=memory_config, compute_kernel_config=self.matmul_kernel)
+        absmax = tt.max(tt.abs(x), dim=-1, keepdim=True)
+        scale = tt.multiply(tt.reciprocal(tt.maximum(absmax, 1e-5)), 127.0)
+        x_q = tt.round(tt.multiply(x, scale))
+        y = tt.linear(x_q, weight, memory_config=memory_config, compute_kernel_config=self.matmul_kernel)
+        return tt.divide(y, scale)
+
+    def mlp(self, x, layer: LayerOnDevice, memory_config):
+        # x [.., S, hidden] -> [.., S, hidden], scaled by the down projection's scale
+        tt, i = self.tt, self.plan.model.intermediate_size
+        gate_up = self.bitlinear(x, layer.wgate_up, memory_config)
+        rows = list(gate_up.shape)[:-1]
+        gate = tt.slice(gate_up, [0] * len(rows) + [0], rows + [i])
+        up = tt.slice(gate_up, [0] * len(rows) + [i], rows + [2 * i])
+        hidden = tt.mul(gate, up, input_tensor_a_activations=[tt.UnaryOpType.RELU, tt.UnaryOpType.SQUARE])
+        hidden = self.norm(hidden, layer.ffn_sub_norm, layer.folds.ffn_sub_norm_eps)
+        return tt.multiply(self.bitlinear(hidden, layer.wdown, memory_config), layer.folds.down_scale)
+
+    def lm_head(self, x):
+        tt = self.tt
+        x = self.norm(x, self.w.final_norm, self.eps)
+        return tt.linear(x, self.w.lm_head, memory_config=tt.DRAM_MEMORY_CONFIG, compute_kernel_config=self.matmul_kernel)
+
+    # -- decode -------------------------------------------------------------------------------------
+
+    def forward_decode(self, tokens_1B, positions_B, position_rows_1B):
+        """One token for every user row. tokens_1B uint32 [1, B] ROW_MAJOR; positions_B int32 [B] (cache
+        writes and attention lengths); position_rows_1B uint32 [1, B] (RoPE rows). Returns logits [1, 1, B, vocab]."""
+        tt = self.tt
+        x_11BH = tt.unsqueeze(tt.embedding(tokens_1B, self.w.embedding, layout=tt.TILE_LAYOUT), 0)
+        cos_1B1D = self._rope_rows(self.w.rope_cos_rows, position_rows_1B)
+        sin_1B1D = self._rope_rows(self.w.rope_sin_rows, position_rows_1B)
+        for index, layer in enumerate(self.w.layers):
+            attn = self.attention_decode(self.norm(x_11BH, layer.attn_norm, self.eps), layer, index,
+                                         cos_1B1D, sin_1B1D, positions_B)
+            x_11BH = tt.add(x_11BH, attn)
+            x_11BH = tt.add(x_11BH, self.mlp(self.norm(x_11BH, layer.mlp_norm, self.eps), layer, tt.L1_MEMORY_CONFIG))
+        return self.lm_head(x_11BH)
+
+    def _rope_rows(self, table, position_rows_1B):
+        # [1, B] positions -> [1, B, 1, head_dim], one user per core as rotary_embedding_hf wants
+        tt = self.tt
+        rows_1BD = tt.embedding(position_rows_1B, table, layout=tt.TILE_LAYOUT)
+        return tt.to_memory_config(tt.unsqueeze(rows_1BD, 2), self.heads_memcfg)
+
+    def attention_decode(self, x_11BH, layer: LayerOnDevice, index: int, cos_1B1D, sin_1B1D, positions_B):
+        tt = self.tt
+        keys, values = self.kv_cache[index]
+        qkv_11BQ = tt.to_memory_config(self.bitlinear(x_11BH, layer.wqkv, tt.L1_MEMORY_CONFIG), self.qkv_memcfg)
+        q_1BHD, k_1BKD, v_1BKD = tt.experimental.nlp_create_qkv_heads_decode(
+            qkv_11BQ, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, memory_config=tt.L1_HEIGHT_SHARDED_MEMORY_CONFIG)
+        q_1BHD = tt.experimental.rotary_embedding_hf(q_1BHD, cos_1B1D, sin_1B1D, is_decode_mode=True)
+        k_1BKD = tt.experimental.rotary_embedding_hf(k_1BKD, cos_1B1D, sin_1B1D, is_decode_mode=True)
+        tt.experimental.paged_update_cache(keys, k_1BKD, update_idxs_tensor=positions_B)
+        tt.experimental.paged_update_cache(values, v_1BKD, update_idxs_tensor=positions_B)
+        attn_1BHD = tt.transformer.scaled_dot_product_attention_decode(
+            q_1BHD, keys, values, cur_pos_tensor=positions_B, scale=layer.folds.attention_scale,
+            program_config=self.sdpa_decode_config, memory_config=tt.DRAM_MEMORY_CONFIG, compute_kernel_config=self.hifi)
+        attn_11BQ = tt.experimental.nlp_concat_heads_decode(
+            tt.to_memory_config(attn_1BHD, self.heads_memcfg), num_heads=self.num_heads)
+        attn_11BQ = tt.to_memory_config(attn_11BQ, tt.L1_MEMORY_CONFIG)
+        users = self.plan.max_users
+        if list(attn_11BQ.shape)[2] != users:  # nlp_concat_heads_decode always yields 32 user rows
+            attn_11BQ = tt.slice(attn_11BQ, [0, 0, 0, 0], [1, 1, users, self.plan.model.q_size])
+        attn_11BQ = self.norm(attn_11BQ, layer.attn_sub_norm, layer.folds.attn_sub_norm_eps)
+        return tt.multiply(self.bitlinear(attn_11BQ, layer.wo, tt.L1_MEMORY_CONFIG), layer.folds.o_scale)
+
+    # -- prefill ------------------------------------------------------------------------------------
+
+    def forward_prefill(self, tokens_1S, slot: int, last_row: int):
+        """One user's whole prompt, padded to tiles: tokens_1S uint32 [1, S] ROW_MAJOR. Writes the user's
+        K/V into cache row `slot` from position 0; returns logits [1, 1, 32, vocab] of the tile holding `last_row`."""
+        tt = self.tt
+        seq = tokens_1S.shape[-1]
+        x_11SH = tt.unsqueeze(tt.embedding(tokens_1S, self.w.embedding, layout=tt.TILE_LAYOUT), 0)
+        cos_11SD = tt.slice(self.w.rope_cos, [0, 0, 0, 0], [1, 1, seq, self.head_dim])
+        sin_11SD = tt.slice(self.w.rope_sin, [0, 0, 0, 0], [1, 1, seq, self.head_dim])
+        for index, layer in enumerate(self.w.layers):
+            attn = self.attention_prefill(self.norm(x_11SH, layer.attn_norm, self.eps), layer, index, cos_11SD, sin_11SD, slot)
+            x_11SH = tt.add(x_11SH, attn)
+            x_11SH = tt.add(x_11SH, self.mlp(self.norm(x_11SH, layer.mlp_norm, self.eps), layer, tt.DRAM_MEMORY_CONFIG))
+        tile_start = last_row // TILE * TILE
+        last_11TH = tt.slice(x_11SH, [0, 0, tile_start, 0], [1, 1, tile_start + TILE, self.plan.model.hidden_size])
+        return self.lm_head(last_11TH)
+
+    def attention_prefill(self, x_11SH, layer: LayerOnDevice, index: int, cos_11SD, sin_11SD, slot: int):
+        tt = self.tt
+        keys, values = self.kv_cache[index]
+        qkv_11SQ = self.bitlinear(x_11SH, layer.wqkv, tt.DRAM_MEMORY_CONFIG)
+        q_1HSD, k_1KSD, v_1KSD = tt.experimental.nlp_create_qkv_heads(
+            qkv_11SQ, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, transpose_k_heads=False,
+            memory_config=tt.DRAM_MEMORY_CONFIG)
+        q_1HSD = tt.experimental.rotary_embedding_hf(q_1HSD, cos_11SD, sin_11SD, is_decode_mode=False)
+        k_1KSD = tt.experimental.rotary_embedding_hf(k_1KSD, cos_11SD, sin_11SD, is_decode_mode=False)
+        tt.fill_cache(keys, k_1KSD, slot)
+        tt.fill_cache(values, v_1KSD, slot)
+        attn_1HSD = tt.transformer.scaled_dot_product_attention(
+            q_1HSD, k_1KSD, v_1KSD, is_causal=True, scale=layer.folds.attention_scale, compute_kernel_config=self.hifi)
+        attn_11SQ = tt.experimental.nlp_concat_heads(attn_1HSD, memory_config=tt.DRAM_MEMORY_CONFIG)
+        attn_11SQ = self.norm(attn_11SQ, layer.attn_sub_norm, layer.folds.attn_sub_norm_eps)
+        return tt.multiply(self.bitlinear(attn_11SQ, layer.wo, tt.DRAM_MEMORY_CONFIG), layer.folds.o_scale)
