@@ -17,6 +17,7 @@ BYTES_PER_ELEMENT = {"bfloat16": 2.0, "bfloat8_b": 1088 / 1024, "bfloat4_b": 576
 WEIGHT_DTYPES = ("bfloat4_b", "bfloat8_b", "bfloat16")  # ternary codes are exact in all three
 HEAD_DTYPES = ("bfloat16", "bfloat8_b", "bfloat4_b")
 MAX_USERS = 32  # decode rows are one tile high
+NORM_CB_BYTES_PER_ELEMENT = {"fp32": 287, "bf16": 221}
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ class DeviceFacts:
     grid_y: int
     dram_banks: int
     dram_bank_bytes: int
+    l1_bank_bytes: int
 
     @property
     def dram_bytes(self) -> int:
@@ -93,6 +95,29 @@ class TTPlan:
         users = self.max_users
         x = largest_divisor(users, self.device.grid_x)
         return x, users // x
+
+    def interleaved_norm(self, width: int) -> str:
+        """How a prefill RMSNorm of this row width runs: rms_norm keeps whole rows in circular buffers,
+        about 287 B per element with fp32 accumulation and 221 B with bf16 (measured on the mock
+        allocator at width 6912: 1,979,520 B and 1,527,136 B). Rows too wide for one core's L1 use
+        the composite form (square, mean, rsqrt, multiply), which streams tiles."""
+        if width * NORM_CB_BYTES_PER_ELEMENT["fp32"] <= self.device.l1_bank_bytes:
+            return "fp32"
+        if width * NORM_CB_BYTES_PER_ELEMENT["bf16"] <= self.device.l1_bank_bytes:
+            return "bf16"
+        return "composite"
+
+    def sharded_norm_layout(self, width: int) -> tuple[int, int, int]:
+        """(x, y, tiles per core) for a width-sharded decode RMSNorm: at most 32 cores, at most 8 wide,
+        so the same layout fits every board; an interleaved norm of a 6912-wide row needs most of a core's L1."""
+        row_tiles = tiles(width)
+        for cores in range(min(32, row_tiles), 0, -1):
+            if row_tiles % cores:
+                continue
+            x = largest_divisor(cores, min(8, self.device.grid_x))
+            if cores // x <= self.device.grid_y:
+                return x, cores // x, row_tiles // cores
+        raise ConfigError(f"no core grid for a sharded norm of width {width}")
 
     def sdpa_decode_grid(self) -> tuple[int, int]:
         """At most 8x8 cores: SDPA decode splits each (user, KV head) over the grid, and its tree

@@ -42,5 +42,7 @@ def close_tt_device(tt, device) -> None:
 def device_facts(tt, device) -> DeviceFacts:
     grid = device.compute_with_storage_grid_size()
     dram = tt.get_memory_view(device, tt.BufferType.DRAM)
+    l1 = tt.get_memory_view(device, tt.BufferType.L1)
     return DeviceFacts(arch=str(device.arch()).split(".")[-1].lower(), grid_x=grid.x, grid_y=grid.y,
-                       dram_banks=dram.num_banks, dram_bank_bytes=dram.total_bytes_per_bank)
+                       dram_banks=dram.num_banks, dram_bank_bytes=dram.total_bytes_per_bank,
+                       l1_bank_bytes=l1.total_bytes_per_bank)

@@ -8,7 +8,7 @@ Shape names carry their layout: x_11BH is [1, 1, users, hidden]; q_1BHD is [1, u
 
 from __future__ import annotations
 
-from .config import TILE, TTPlan
+from .config import TILE, TTPlan, largest_divisor
 from .weights import LayerOnDevice, ModelOnDevice
 
 
@@ -20,12 +20,15 @@ class TTModel:
         self.eps = m.rms_norm_eps
         self.hifi = tt.WormholeComputeKernelConfig(
             math_fidelity=tt.MathFidelity.HiFi4, math_approx_mode=False, fp32_dest_acc_en=True, packer_l1_acc=True)
+        self.hifi_bf16_acc = tt.WormholeComputeKernelConfig(
+            math_fidelity=tt.MathFidelity.HiFi4, math_approx_mode=False, fp32_dest_acc_en=False, packer_l1_acc=False)
         self.matmul_kernel = tt.WormholeComputeKernelConfig(
             math_fidelity=tt.MathFidelity.HiFi2, math_approx_mode=False, fp32_dest_acc_en=True, packer_l1_acc=True)
         gx, gy = plan.head_grid()
         self.heads_memcfg = tt.create_sharded_memory_config(
             shape=(TILE, self.head_dim), core_grid=tt.CoreGrid(y=gy, x=gx), strategy=tt.ShardStrategy.HEIGHT,
             use_height_and_width_as_shard_shape=True)
+        self._norm_configs = {}
         sdpa_x, sdpa_y = plan.sdpa_decode_grid()
         self.sdpa_decode_config = tt.SDPAProgramConfig(
             compute_with_storage_grid_size=tt.CoreCoord(sdpa_x, sdpa_y), q_chunk_size=0, k_chunk_size=0)
@@ -36,8 +39,38 @@ class TTModel:
 
     # -- shared pieces ------------------------------------------------------------------------------
 
-    def norm(self, x, weight, eps: float):
-        return self.tt.rms_norm(x, epsilon=eps, weight=weight, compute_kernel_config=self.hifi)
+    def norm(self, x, weight, eps: float, weight_row=None):
+        """Prefill: interleaved rows; rows too wide for one core's L1 take the composite form, which
+        needs the weight as a TILE row [1, 1, 1, width] (`weight_row`)."""
+        tt = self.tt
+        mode = self.plan.interleaved_norm(list(x.shape)[-1])
+        if mode == "composite":
+            inv_rms = tt.rsqrt(tt.add(tt.mean(tt.square(x), dim=-1, keepdim=True), eps))
+            return tt.multiply(tt.multiply(x, inv_rms), weight_row)
+        kernel = self.hifi if mode == "fp32" else self.hifi_bf16_acc
+        return tt.rms_norm(x, epsilon=eps, weight=weight, compute_kernel_config=kernel)
+
+    def norm_decode(self, x_11BW, weight, eps: float, weight_row=None):
+        """Decode: the 32-row tile width-sharded over a small grid, normalised there, back to L1."""
+        tt = self.tt
+        memory_config, program_config = self._sharded_norm(list(x_11BW.shape)[-1])
+        x_11BW = tt.to_memory_config(x_11BW, memory_config)
+        y_11BW = tt.rms_norm(x_11BW, epsilon=eps, weight=weight, program_config=program_config,
+                             memory_config=memory_config, compute_kernel_config=self.hifi)
+        return tt.to_memory_config(y_11BW, tt.L1_MEMORY_CONFIG)
+
+    def _sharded_norm(self, width: int):
+        if width not in self._norm_configs:
+            tt = self.tt
+            x, y, block_w = self.plan.sharded_norm_layout(width)
+            memory_config = tt.create_sharded_memory_config(
+                shape=(TILE, width // (x * y)), core_grid=tt.CoreGrid(y=y, x=x), strategy=tt.ShardStrategy.WIDTH,
+                use_height_and_width_as_shard_shape=True)
+            program_config = tt.LayerNormShardedMultiCoreProgramConfig(
+                compute_with_storage_grid_size=tt.CoreCoord(x, y), subblock_w=largest_divisor(block_w, 4),
+                block_h=1, block_w=block_w, inplace=False)
+            self._norm_configs[width] = memory_config, program_config
+        return self._norm_configs[width]
 
     def bitlinear(self, x, weight, memory_config):
         """x @ codes, with HF's per-token int8 absmax quantisation of x when enabled.
@@ -54,7 +87,8 @@ class TTModel:
         y = tt.linear(x_q, weight, memory_config=memory_config, compute_kernel_config=self.matmul_kernel)
         return tt.divide(y, scale)
 
-    def mlp(self, x, layer: LayerOnDevice, memory_config):
+    def mlp(self, x, layer: LayerOnDevice, memory_config, norm):
+        """`norm` is norm (prefill) or norm_decode; both take (x, weight, eps, weight_row)."""
         # x [.., S, hidden] -> [.., S, hidden], scaled by the down projection's scale
         tt, i = self.tt, self.plan.model.intermediate_size
         gate_up = self.bitlinear(x, layer.wgate_up, memory_config)
@@ -62,12 +96,11 @@ class TTModel:
         gate = tt.slice(gate_up, [0] * len(rows) + [0], rows + [i])
         up = tt.slice(gate_up, [0] * len(rows) + [i], rows + [2 * i])
         hidden = tt.mul(gate, up, input_tensor_a_activations=[tt.UnaryOpType.RELU, tt.UnaryOpType.SQUARE])
-        hidden = self.norm(hidden, layer.ffn_sub_norm, layer.folds.ffn_sub_norm_eps)
+        hidden = norm(hidden, layer.ffn_sub_norm, layer.folds.ffn_sub_norm_eps, layer.ffn_sub_norm_row)
         return tt.multiply(self.bitlinear(hidden, layer.wdown, memory_config), layer.folds.down_scale)
 
     def lm_head(self, x):
         tt = self.tt
-        x = self.norm(x, self.w.final_norm, self.eps)
         return tt.linear(x, self.w.lm_head, memory_config=tt.DRAM_MEMORY_CONFIG, compute_kernel_config=self.matmul_kernel)
 
     # -- decode -------------------------------------------------------------------------------------
@@ -80,11 +113,12 @@ class TTModel:
         cos_1B1D = self._rope_rows(self.w.rope_cos_rows, position_rows_1B)
         sin_1B1D = self._rope_rows(self.w.rope_sin_rows, position_rows_1B)
         for index, layer in enumerate(self.w.layers):
-            attn = self.attention_decode(self.norm(x_11BH, layer.attn_norm, self.eps), layer, index,
+            attn = self.attention_decode(self.norm_decode(x_11BH, layer.attn_norm, self.eps), layer, index,
                                          cos_1B1D, sin_1B1D, positions_B)
             x_11BH = tt.add(x_11BH, attn)
-            x_11BH = tt.add(x_11BH, self.mlp(self.norm(x_11BH, layer.mlp_norm, self.eps), layer, tt.L1_MEMORY_CONFIG))
-        return self.lm_head(x_11BH)
+            mlp_in = self.norm_decode(x_11BH, layer.mlp_norm, self.eps)
+            x_11BH = tt.add(x_11BH, self.mlp(mlp_in, layer, tt.L1_MEMORY_CONFIG, self.norm_decode))
+        return self.lm_head(self.norm_decode(x_11BH, self.w.final_norm, self.eps))
 
     def _rope_rows(self, table, position_rows_1B):
         # [1, B] positions -> [1, B, 1, head_dim], one user per core as rotary_embedding_hf wants
@@ -111,7 +145,7 @@ class TTModel:
         users = self.plan.max_users
         if list(attn_11BQ.shape)[2] != users:  # nlp_concat_heads_decode always yields 32 user rows
             attn_11BQ = tt.slice(attn_11BQ, [0, 0, 0, 0], [1, 1, users, self.plan.model.q_size])
-        attn_11BQ = self.norm(attn_11BQ, layer.attn_sub_norm, layer.folds.attn_sub_norm_eps)
+        attn_11BQ = self.norm_decode(attn_11BQ, layer.attn_sub_norm, layer.folds.attn_sub_norm_eps)
         return tt.multiply(self.bitlinear(attn_11BQ, layer.wo, tt.L1_MEMORY_CONFIG), layer.folds.o_scale)
 
     # -- prefill ------------------------------------------------------------------------------------
@@ -127,10 +161,10 @@ class TTModel:
         for index, layer in enumerate(self.w.layers):
             attn = self.attention_prefill(self.norm(x_11SH, layer.attn_norm, self.eps), layer, index, cos_11SD, sin_11SD, slot)
             x_11SH = tt.add(x_11SH, attn)
-            x_11SH = tt.add(x_11SH, self.mlp(self.norm(x_11SH, layer.mlp_norm, self.eps), layer, tt.DRAM_MEMORY_CONFIG))
+            x_11SH = tt.add(x_11SH, self.mlp(self.norm(x_11SH, layer.mlp_norm, self.eps), layer, tt.DRAM_MEMORY_CONFIG, self.norm))
         tile_start = last_row // TILE * TILE
         last_11TH = tt.slice(x_11SH, [0, 0, tile_start, 0], [1, 1, tile_start + TILE, self.plan.model.hidden_size])
-        return self.lm_head(last_11TH)
+        return self.lm_head(self.norm(last_11TH, self.w.final_norm, self.eps))
 
     def attention_prefill(self, x_11SH, layer: LayerOnDevice, index: int, cos_11SD, sin_11SD, slot: int):
         tt = self.tt

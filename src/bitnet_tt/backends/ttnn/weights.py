@@ -57,6 +57,7 @@ class LayerOnDevice:
     mlp_norm: object
     wgate_up: object  # [hidden, 2 * intermediate]
     ffn_sub_norm: object
+    ffn_sub_norm_row: object  # [1, 1, 1, intermediate] TILE, for the composite norm of wide rows
     wdown: object  # [intermediate, hidden]
     folds: ScaleFolds
 
@@ -143,6 +144,8 @@ def place_layer(plan: TTPlan, k: int, layer: LayerWeights | None, place: Placer)
         mlp_norm=norm("post_attention_layernorm", h),
         wgate_up=place(f"layers.{k}.wgate_up", lambda: codes_in_out(p["mlp.gate_proj"], p["mlp.up_proj"]), (h, 2 * i), dtype),
         ffn_sub_norm=norm("mlp.ffn_sub_norm", i),
+        ffn_sub_norm_row=place(f"layers.{k}.mlp.ffn_sub_norm.row", lambda: norms["mlp.ffn_sub_norm"].to(torch.bfloat16).reshape(1, 1, 1, i),
+                               (1, 1, 1, i), "bfloat16"),
         wdown=place(f"layers.{k}.wdown", lambda: codes_in_out(p["mlp.down_proj"]), (i, h), dtype),
         folds=folds,
     )

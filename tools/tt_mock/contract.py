@@ -1,0 +1,145 @@
+"""Run the ttnn backend's whole prefill and decode on a MOCK device and report what tt-metal saw.
+
+Every op passes tt-metal's own argument, shape and shard validation, and the real allocator places
+weights, KV cache and activations (so an out-of-memory shows up here); nothing is computed.
+
+    python -m tools.tt_mock.contract --board p150 --shapes 2b4t --users 32 --context 4096 --prompts 1,33,1000,4096
+
+Prints one JSON object: ops per decode step, device ops by name, peak L1 per core, DRAM in use.
+The mock environment is set up by this script before ttnn is imported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import sys
+import time
+
+from .harness import mock_env
+
+SHAPES = ("tiny", "2b4t")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--board", default="p150", choices=["p150", "n150"])
+    parser.add_argument("--shapes", default="tiny", choices=SHAPES)
+    parser.add_argument("--users", type=int, default=1)
+    parser.add_argument("--context", type=int, default=256)
+    parser.add_argument("--prompts", default="1,33", help="prompt lengths, each prefilled into its own slot")
+    parser.add_argument("--no-act-quant", action="store_true")
+    args = parser.parse_args(argv)
+    os.environ.update(mock_env(args.board))
+    print(json.dumps(run(args)))
+    return 0
+
+
+def model_config(shapes: str):
+    from bitnet_tt.config import ModelConfig
+    from bitnet_tt.synthetic import config_2b4t, hf_config
+
+    raw = config_2b4t() if shapes == "2b4t" else hf_config(
+        vocab_size=300, hidden_size=256, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=1, max_position_embeddings=4096)
+    return ModelConfig.from_hf_dict(raw)
+
+
+def run(args) -> dict:
+    import ttnn
+
+    from bitnet_tt.backends.ttnn.backend import TTNNBackend
+    from bitnet_tt.backends.ttnn.config import TTOptions
+    from bitnet_tt.backends.ttnn.device import close_tt_device, open_tt_device
+
+    config = model_config(args.shapes)
+    device = open_tt_device(ttnn)
+    started = time.perf_counter()
+    options = TTOptions(use_trace=False, activation_quant=not args.no_act_quant)  # trace capture crashes on mock devices
+    backend = TTNNBackend(config, None, ttnn, device, args.users, args.context, options)
+    report = {"board": args.board, "shapes": args.shapes, "users": args.users, "context": args.context}
+    prompts = [int(n) for n in args.prompts.split(",")]
+    for index, length in enumerate(prompts):
+        slot = index % args.users
+        backend.free(slot)
+        logits = backend.prefill(slot, list(range(1, length + 1)))
+        assert tuple(logits.shape) == (config.vocab_size,)
+    slots = list(range(args.users))
+    for slot in slots:  # every slot needs room for two more tokens
+        if not 0 < backend.slot_length(slot) < args.context - 1:
+            backend.free(slot)
+            backend.prefill(slot, [1])
+    ttnn.graph.begin_graph_capture(ttnn.graph.RunMode.NORMAL)
+    logits = backend.decode(slots, [2] * len(slots))
+    graph = ttnn.graph.end_graph_capture()
+    assert tuple(logits.shape) == (len(slots), config.vocab_size)
+    report.update(decode_report(graph))
+    report["decode_l1_per_op"] = per_op_l1(ttnn, backend, slots)
+    dram = ttnn.get_memory_view(device, ttnn.BufferType.DRAM)
+    report["dram_allocated_bytes"] = dram.total_bytes_allocated_per_bank * dram.num_banks
+    report["dram_total_bytes"] = dram.total_bytes_per_bank * dram.num_banks
+    report["plan_weight_bytes"] = backend.plan.weight_bytes()
+    report["plan_kv_cache_bytes"] = backend.plan.kv_cache_bytes()
+    report["seconds"] = round(time.perf_counter() - started, 2)
+    close_tt_device(ttnn, device)
+    return report
+
+
+def decode_report(graph) -> dict:
+    """Device operations launched by one decode step, by name."""
+    device_ops = [node["params"]["name"] for node in graph
+                  if node.get("node_type") == "function_start" and "DeviceOperation" in node.get("params", {}).get("name", "")]
+    return {
+        "decode_device_ops": len(device_ops),
+        "decode_ops_by_name": dict(collections.Counter(name.split("::")[-1] for name in device_ops).most_common()),
+    }
+
+
+def per_op_l1(ttnn, backend, slots) -> dict:
+    """Run one more decode step with every ttnn call captured on its own: the largest per-core L1 +
+    circular-buffer use each kind of call reached, against the L1 bank size."""
+    records: dict[str, int] = {}
+    backend.tt = backend.model.tt = OpRecorder(ttnn, records)
+    try:
+        backend.decode(slots, [3] * len(slots))
+    finally:
+        backend.tt = backend.model.tt = ttnn
+    l1_bank = ttnn.get_memory_view(backend.device, ttnn.BufferType.L1).total_bytes_per_bank
+    return {"l1_bank_bytes": l1_bank, "peak_bytes_per_core": dict(sorted(records.items(), key=lambda kv: -kv[1]))}
+
+
+class OpRecorder:
+    """Stands in for the ttnn module: forwards every call, capturing each one's graph separately."""
+
+    SUBMODULES = ("experimental", "transformer")
+
+    def __init__(self, module, records: dict, prefix: str = ""):
+        self._module, self._records, self._prefix = module, records, prefix
+
+    def __getattr__(self, name):
+        attr = getattr(self._module, name)
+        if name in self.SUBMODULES:
+            return OpRecorder(attr, self._records, f"{self._prefix}{name}.")
+        if not callable(attr) or isinstance(attr, type) or name.startswith("graph"):
+            return attr
+        return lambda *args, **kwargs: self._capture(f"{self._prefix}{name}", attr, args, kwargs)
+
+    def _capture(self, name, fn, args, kwargs):
+        graph_api = self._root().graph
+        graph_api.begin_graph_capture(graph_api.RunMode.NORMAL)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            usage = graph_api.extract_resource_usage_per_core(graph_api.end_graph_capture())
+            self._records[name] = max(self._records.get(name, 0), usage.peak_total)
+
+    def _root(self):
+        import ttnn
+
+        return ttnn
+
+
+if __name__ == "__main__":
+    sys.exit(main())
