@@ -54,12 +54,24 @@ def find_binutils() -> Path:
     tools = dest / "usr" / "bin"
     if not (tools / "riscv64-unknown-elf-ld").exists():
         dest.mkdir(parents=True, exist_ok=True)
-        fetch = subprocess.run(["apt-get", "download", "binutils-riscv64-unknown-elf"], cwd=dest, capture_output=True, text=True)
+        fetch = _apt_download("binutils-riscv64-unknown-elf", dest)
         debs = glob.glob(str(dest / "binutils-riscv64-unknown-elf_*.deb"))
         if not debs:
             raise MockUnavailable(f"cannot fetch binutils-riscv64-unknown-elf with apt-get download: {fetch.stderr.strip()[-300:]}")
         subprocess.run(["dpkg", "-x", debs[0], str(dest)], check=True)
     return tools
+
+
+def _apt_download(package: str, dest: Path) -> subprocess.CompletedProcess:
+    """`apt-get download` into dest; on a fresh machine the package lists are empty, so update once."""
+    try:
+        fetch = subprocess.run(["apt-get", "download", package], cwd=dest, capture_output=True, text=True)
+        if fetch.returncode != 0 and os.geteuid() == 0:
+            subprocess.run(["apt-get", "update", "-qq"], capture_output=True, text=True)
+            fetch = subprocess.run(["apt-get", "download", package], cwd=dest, capture_output=True, text=True)
+    except FileNotFoundError as exc:
+        raise MockUnavailable(f"apt-get is not available to fetch {package}: {exc}") from None
+    return fetch
 
 
 def runtime_root() -> Path:
@@ -107,4 +119,5 @@ def mock_env(board: str = "p150") -> dict[str, str]:
         "TT_METAL_MOCK_CLUSTER_DESC_PATH": str(HERE / BOARDS[board]),
         "TT_METAL_CACHE": str(cache_dir() / "jit-cache"),
         "LOGURU_LEVEL": os.environ.get("LOGURU_LEVEL", "WARNING"),
+        "TT_LOGGER_LEVEL": os.environ.get("TT_LOGGER_LEVEL", "error"),  # tt-metal logs to stdout otherwise
     }

@@ -1,0 +1,103 @@
+"""The ttnn backend's whole prefill and decode on mock Blackhole P150 and Wormhole N150 devices.
+
+Every op passes tt-metal's own argument, shape and shard checks and the real allocator places all
+tensors; a mock computes nothing, so numbers are checked elsewhere (host stand-in, then a card).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tools.tt_mock.harness import MockUnavailable, mock_env, ttnn_package
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.tt_mock
+
+
+@pytest.fixture(scope="module")
+def mock_ready():
+    """The mock needs ttnn (the tt extra) and RISC-V binutils; CI must have both, so it fails there."""
+    try:
+        mock_env("p150")
+    except MockUnavailable as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"tt_mock tests must run in CI: {exc}")
+        pytest.skip(str(exc))
+
+
+def contract(*args: str, expect_ok: bool = True) -> dict | str:
+    result = subprocess.run([sys.executable, "-m", "tools.tt_mock.contract", *args], cwd=ROOT, capture_output=True,
+                            text=True, timeout=900, env={**os.environ, "LOGURU_LEVEL": "ERROR"})
+    if not expect_ok:
+        assert result.returncode != 0
+        return result.stderr
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(next(line for line in reversed(result.stdout.splitlines()) if line.startswith("{")))
+
+
+DECODE_OPS = {"SdpaDecodeDeviceOperation", "PagedUpdateCacheDeviceOperation", "RotaryEmbeddingHfDeviceOperation",
+              "NLPCreateQKVHeadsDecodeDeviceOperation", "NLPConcatHeadsDecodeDeviceOperation", "MatmulDeviceOperation",
+              "LayerNormDeviceOperation", "EmbeddingsDeviceOperation"}
+
+
+def check_report(report: dict, layers: int) -> None:
+    assert DECODE_OPS <= set(report["decode_ops_by_name"])
+    by_name = report["decode_ops_by_name"]
+    # Four projections per layer plus the LM head; five norms per layer (two sharded sub-norms) plus the final one.
+    assert by_name["MatmulDeviceOperation"] == 4 * layers + 1
+    assert by_name["LayerNormDeviceOperation"] == 4 * layers + 1
+    assert by_name["SdpaDecodeDeviceOperation"] == layers and by_name["PagedUpdateCacheDeviceOperation"] == 2 * layers
+    l1 = report["decode_l1_per_op"]
+    assert 0 < max(l1["peak_bytes_per_core"].values()) <= l1["l1_bank_bytes"]
+    # The allocator really holds the weights and the KV cache.
+    assert report["dram_allocated_bytes"] >= report["plan_weight_bytes"] + report["plan_kv_cache_bytes"]
+    print(json.dumps({k: report[k] for k in ("board", "shapes", "users", "context", "decode_device_ops")}),
+          "peak L1 per op:", l1["peak_bytes_per_core"])
+
+
+@pytest.mark.parametrize("board", ["p150", "n150"])
+@pytest.mark.parametrize("users", [1, 32])
+def test_tiny_model_on_mock(mock_ready, board, users):
+    report = contract("--board", board, "--shapes", "tiny", "--users", str(users), "--context", "1024", "--prompts", "1,33,1000")
+    check_report(report, layers=3)
+
+
+def test_activation_quant_costs_ops(mock_ready):
+    with_quant = contract("--board", "p150", "--shapes", "tiny", "--users", "4", "--prompts", "1,33")
+    without = contract("--board", "p150", "--shapes", "tiny", "--users", "4", "--prompts", "1,33", "--no-act-quant")
+    # abs, max, maximum, reciprocal, 2 multiplies, round and divide around each of the 4 projections per layer
+    assert with_quant["decode_device_ops"] - without["decode_device_ops"] >= 4 * 3 * 6
+
+
+@pytest.mark.slow
+def test_2b4t_32_users_full_context_on_p150(mock_ready):
+    report = contract("--board", "p150", "--shapes", "2b4t", "--users", "32", "--context", "4096", "--prompts", "1,33,1000,4096")
+    check_report(report, layers=30)
+
+
+@pytest.mark.slow
+def test_2b4t_one_user_full_context_on_n150(mock_ready):
+    report = contract("--board", "n150", "--shapes", "2b4t", "--users", "1", "--context", "4096", "--prompts", "1,33,1000,4096")
+    check_report(report, layers=30)
+
+
+@pytest.mark.slow
+def test_2b4t_32_users_on_n150(mock_ready):
+    report = contract("--board", "n150", "--shapes", "2b4t", "--users", "32", "--context", "1024", "--prompts", "1,33,1000")
+    check_report(report, layers=30)
+
+
+def test_2b4t_memory_budget_refuses_what_cannot_fit_on_n150(mock_ready):
+    error = contract("--board", "n150", "--shapes", "2b4t", "--users", "32", "--context", "4096", "--prompts", "1",
+                     expect_ok=False)
+    assert "32 users x 4096 tokens do not fit on this wormhole_b0 device" in error
+
+
+def test_installed_ttnn_is_never_modified(mock_ready):
+    assert not (ttnn_package() / "runtime" / "sfpi").exists()
