@@ -19,5 +19,7 @@ def create_backend(
 
         return load_torch_backend(folder, max_slots, max_context, dtype, device, progress)
     if name == "ttnn":
-        raise BitNetError("the ttnn (Tenstorrent) backend is not implemented yet; use --backend torch")
+        from .ttnn.backend import load_ttnn_backend
+
+        return load_ttnn_backend(folder, max_slots, max_context, progress)
     raise BitNetError(f"unknown backend {name!r} (choose from {', '.join(BACKENDS)})")

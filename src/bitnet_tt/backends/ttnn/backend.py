@@ -7,17 +7,19 @@ Blackhole P150 and Wormhole N150 devices (tests marked tt_mock).
 
 from __future__ import annotations
 
+import hashlib
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from ...checkpoint import BitNetWeights
+from ...checkpoint import BitNetWeights, load_weights
 from ...config import ModelConfig
 from ...errors import CapacityError
 from ..base import Backend
 from .config import TILE, TTOptions, make_plan
-from .device import device_facts
+from .device import device_facts, import_ttnn, open_tt_device
 from .model import TTModel
 from .weights import Placer, place_model
 
@@ -118,3 +120,22 @@ class TTNNBackend(Backend):
         if self.trace_id is not None:
             self.tt.release_trace(self.device, self.trace_id)
             self.trace_id = None
+
+
+def weight_cache_dir(folder: Path, options: TTOptions) -> Path:
+    """Converted device weights, kept per model folder and options so a restart does not re-convert."""
+    base = Path(os.environ.get("BITNET_TT_CACHE", Path.home() / ".cache" / "bitnet-tt"))
+    key = hashlib.sha256(f"{Path(folder).resolve()}|{options}".encode()).hexdigest()[:16]
+    return base / "ttnn-weights" / key
+
+
+def load_ttnn_backend(folder: Path, max_slots: int = 1, max_context: int | None = None, progress: bool = True,
+                      options: TTOptions | None = None) -> TTNNBackend:
+    """Open the first Tenstorrent card and load a model folder onto it. Needs a card: not run here."""
+    tt = import_ttnn()
+    options = options or TTOptions()
+    device = open_tt_device(tt)
+    weights = load_weights(folder, progress=progress)
+    cache = weight_cache_dir(folder, options)
+    cache.mkdir(parents=True, exist_ok=True)
+    return TTNNBackend(weights.config, weights, tt, device, max_slots, max_context, options, cache)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import os
 
 from ...errors import BitNetError
 from .config import DeviceFacts
@@ -13,6 +14,9 @@ L1_SMALL_BYTES = 32 * 1024  # used by ops that keep small buffers (conv-style, s
 
 
 def import_ttnn():
+    # ttnn and tt-metal log every step otherwise (to stderr and stdout); errors reach the user as BitNetError.
+    os.environ.setdefault("TT_LOGGER_LEVEL", "off")
+    os.environ.setdefault("LOGURU_LEVEL", "WARNING")
     try:
         import ttnn
     except ImportError:
@@ -20,10 +24,20 @@ def import_ttnn():
     return ttnn
 
 
-def open_tt_device(tt, device_id: int = 0):
-    """Open one card with room for a trace; close it again at exit (also after Ctrl-C or an error)."""
-    if tt.GetNumAvailableDevices() < 1:
-        raise BitNetError("no Tenstorrent device found (is the card installed and the driver loaded?)")
+def open_tt_device(tt, device_id: int = 0, allow_mock: bool = False):
+    """Open one card with room for a trace; close it again at exit (also after Ctrl-C or an error).
+
+    A mock device (TT_METAL_MOCK_CLUSTER_DESC_PATH) computes nothing, so only verification tools may open one.
+    """
+    if os.environ.get("TT_METAL_MOCK_CLUSTER_DESC_PATH") and not allow_mock:
+        raise BitNetError("TT_METAL_MOCK_CLUSTER_DESC_PATH is set: that selects a mock device, which computes "
+                          "nothing; unset it to run on a Tenstorrent card")
+    try:
+        found = tt.GetNumAvailableDevices()
+    except RuntimeError:
+        found = 0
+    if found < 1:
+        raise BitNetError("no Tenstorrent device found for the ttnn backend (is the card installed and its driver loaded?)")
     try:
         device = tt.open_device(device_id=device_id, l1_small_size=L1_SMALL_BYTES, trace_region_size=TRACE_REGION_BYTES)
     except RuntimeError as exc:
