@@ -117,10 +117,11 @@ def place_model(plan: TTPlan, weights: BitNetWeights | None, place: Placer) -> M
         embedding=place("embedding", lambda: weights.embed.to(torch.bfloat16), (v, h), o.embedding_dtype, row_major=True),
         lm_head=place("lm_head", lambda: head.t().contiguous().to(torch.bfloat16), (h, v), o.lm_head_dtype),
         final_norm=place("final_norm", lambda: norm_rows(weights.final_norm), (1, 1, h // TILE, TILE), "bfloat16", row_major=True),
-        rope_cos_rows=place(f"rope_cos_rows_{ctx}", lambda: cos.to(torch.bfloat16), (ctx, m.head_dim), "bfloat16", row_major=True),
-        rope_sin_rows=place(f"rope_sin_rows_{ctx}", lambda: sin.to(torch.bfloat16), (ctx, m.head_dim), "bfloat16", row_major=True),
-        rope_cos=place(f"rope_cos_{ctx}", lambda: cos.to(torch.bfloat16)[None, None], (1, 1, ctx, m.head_dim), "bfloat16"),
-        rope_sin=place(f"rope_sin_{ctx}", lambda: sin.to(torch.bfloat16)[None, None], (1, 1, ctx, m.head_dim), "bfloat16"),
+        # fp32 tables: the conversion to the device dtype does the one rounding
+        rope_cos_rows=place(f"rope_cos_rows_{ctx}", lambda: cos, (ctx, m.head_dim), "bfloat16", row_major=True),
+        rope_sin_rows=place(f"rope_sin_rows_{ctx}", lambda: sin, (ctx, m.head_dim), "bfloat16", row_major=True),
+        rope_cos=place(f"rope_cos_{ctx}", lambda: cos[None, None], (1, 1, ctx, m.head_dim), "bfloat16"),
+        rope_sin=place(f"rope_sin_{ctx}", lambda: sin[None, None], (1, 1, ctx, m.head_dim), "bfloat16"),
         layers=layers,
     )
 

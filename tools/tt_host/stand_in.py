@@ -1,0 +1,458 @@
+"""A host stand-in for the `ttnn` module: runs the ttnn backend's own call sequence and computes numbers.
+
+FOR VERIFICATION ONLY (tests and benchmarks); never used by the library. No Tenstorrent card is at
+hand and a mock device computes nothing, so this module implements, in PyTorch, every ttnn call the
+backend makes, with ttnn's observable semantics:
+
+- tensors keep a logical shape, a dtype with its rounding (bf16 here; bfloat8_b/bfloat4_b through
+  ttnn's real host conversion when `block_float` is given), a layout and a memory config; sharded
+  configs are checked against the tensor they hold; deallocated tensors cannot be used;
+- ops compute in fp32 and round their output to the output dtype, as the device does;
+- trace capture records the op sequence without effect on device state and rejects allocations;
+  replay re-runs it on the current contents of the input tensors.
+
+`exact=True` turns all rounding off (every float tensor stays fp32): the "fp32-equivalent" setting.
+"""
+
+from __future__ import annotations
+
+import itertools
+import types
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+TILE = 32
+FLOAT_DTYPES = ("bfloat16", "float32", "bfloat8_b", "bfloat4_b")
+INT_DTYPES = ("uint32", "int32")
+
+
+# --- small value types ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MemoryConfig:
+    buffer: str  # "DRAM" or "L1"
+    layout: str = "INTERLEAVED"  # INTERLEAVED, HEIGHT_SHARDED, WIDTH_SHARDED
+    shard_shape: tuple[int, int] | None = None
+    cores: int | None = None
+
+    @property
+    def sharded(self) -> bool:
+        return self.layout != "INTERLEAVED"
+
+
+@dataclass(frozen=True)
+class CoreCoord:
+    x: int
+    y: int
+
+
+@dataclass(frozen=True)
+class CoreGrid:
+    y: int
+    x: int
+
+    @property
+    def num_cores(self) -> int:
+        return self.x * self.y
+
+
+@dataclass
+class Config:
+    """Program and kernel configs are carried, not interpreted: the stand-in computes in fp32."""
+
+    kwargs: dict = field(default_factory=dict)
+
+
+def _config_class(name: str):
+    return type(name, (Config,), {"__init__": lambda self, **kwargs: Config.__init__(self, kwargs)})
+
+
+class Shape(tuple):
+    def __new__(cls, dims):
+        return super().__new__(cls, (int(d) for d in dims))
+
+
+def _padded(shape: tuple[int, ...]) -> tuple[int, ...]:
+    if len(shape) < 2:
+        return tuple(shape)
+    return (*shape[:-2], -(-shape[-2] // TILE) * TILE, -(-shape[-1] // TILE) * TILE)
+
+
+# --- tensors ---------------------------------------------------------------------------------------
+
+
+class HostTensor:
+    def __init__(self, host: HostTT, data: torch.Tensor, dtype: str, layout: str, memory_config: MemoryConfig | None, on_device: bool):
+        self._host, self._data = host, data
+        self.dtype, self.layout, self._memory_config, self.on_device = dtype, layout, memory_config, on_device
+        self.deallocated = False
+
+    @property
+    def data(self) -> torch.Tensor:
+        if self.deallocated:
+            raise RuntimeError("tensor was deallocated")
+        return self._data
+
+    @property
+    def shape(self) -> Shape:
+        return Shape(self._data.shape)
+
+    @property
+    def padded_shape(self) -> Shape:
+        return Shape(_padded(tuple(self._data.shape)) if self.layout == "TILE" else self._data.shape)
+
+    def memory_config(self) -> MemoryConfig | None:
+        return self._memory_config
+
+
+# --- the module ----------------------------------------------------------------------------------------
+
+
+class HostTT:
+    """Drop-in for the parts of `ttnn` the backend uses. One instance per test: it holds the trace state."""
+
+    def __init__(self, exact: bool = False, block_float=None, grid=(13, 10), dram_banks=(8, 4_277_141_376), l1_bank=1_461_120):
+        self.exact, self.block_float = exact, block_float
+        self.grid, self.dram_banks, self.l1_bank = grid, dram_banks, l1_bank
+        self._traces: dict[int, list] = {}
+        self._capturing: list | None = None
+        self._ids = itertools.count()
+        self.ops_run = 0
+
+        for name in FLOAT_DTYPES + INT_DTYPES:
+            setattr(self, name, name)
+        self.TILE_LAYOUT, self.ROW_MAJOR_LAYOUT = "TILE", "ROW_MAJOR"
+        self.DRAM_MEMORY_CONFIG = MemoryConfig("DRAM")
+        self.L1_MEMORY_CONFIG = MemoryConfig("L1")
+        self.L1_HEIGHT_SHARDED_MEMORY_CONFIG = MemoryConfig("L1", "HEIGHT_SHARDED")
+        self.BufferType = types.SimpleNamespace(DRAM="DRAM", L1="L1")
+        self.ShardStrategy = types.SimpleNamespace(HEIGHT="HEIGHT_SHARDED", WIDTH="WIDTH_SHARDED")
+        self.MathFidelity = types.SimpleNamespace(LoFi="LoFi", HiFi2="HiFi2", HiFi3="HiFi3", HiFi4="HiFi4")
+        self.UnaryOpType = types.SimpleNamespace(RELU="RELU", SQUARE="SQUARE")
+        self.CoreCoord, self.CoreGrid, self.Shape = CoreCoord, CoreGrid, Shape
+        for name in ("WormholeComputeKernelConfig", "SDPAProgramConfig", "LayerNormShardedMultiCoreProgramConfig"):
+            setattr(self, name, _config_class(name))
+        self.experimental = types.SimpleNamespace(
+            nlp_create_qkv_heads_decode=self._op(self._nlp_create_qkv_heads_decode),
+            nlp_concat_heads_decode=self._op(self._nlp_concat_heads_decode),
+            nlp_create_qkv_heads=self._op(self._nlp_create_qkv_heads),
+            nlp_concat_heads=self._op(self._nlp_concat_heads),
+            rotary_embedding_hf=self._op(self._rotary_embedding_hf),
+            paged_update_cache=self._op(self._paged_update_cache, in_place=True),
+        )
+        self.transformer = types.SimpleNamespace(
+            scaled_dot_product_attention=self._op(self._sdpa),
+            scaled_dot_product_attention_decode=self._op(self._sdpa_decode),
+        )
+        for name in ("embedding", "unsqueeze", "rms_norm", "linear", "abs", "max", "maximum", "reciprocal", "multiply",
+                     "round", "divide", "add", "mul", "slice", "to_memory_config", "square", "mean", "rsqrt"):
+            setattr(self, name, self._op(getattr(self, "_" + name)))
+        self.fill_cache = self._op(self._fill_cache, in_place=True)
+
+    # -- rounding and construction -----------------------------------------------------------------------
+
+    def round_to(self, data: torch.Tensor, dtype: str) -> torch.Tensor:
+        if dtype in INT_DTYPES:
+            return data.to(torch.int64)
+        data = data.float()
+        if self.exact or dtype == "float32":
+            return data
+        if dtype == "bfloat16":
+            return data.to(torch.bfloat16).float()
+        if self.block_float is None:
+            raise RuntimeError(f"{dtype} needs the real ttnn host conversion (block_float)")
+        return self.block_float(data, dtype)
+
+    def _new(self, data, dtype="bfloat16", layout="TILE", memory_config=None, on_device=True) -> HostTensor:
+        return HostTensor(self, self.round_to(data, dtype), dtype, layout, memory_config or self.DRAM_MEMORY_CONFIG, on_device)
+
+    def _like(self, source: HostTensor, data, memory_config=None, dtype=None) -> HostTensor:
+        return self._new(data, dtype or (source.dtype if source.dtype in ("bfloat16", "float32") else "bfloat16"),
+                         source.layout, memory_config or source.memory_config())
+
+    def _allocating(self, what: str) -> None:
+        if self._capturing is not None:
+            raise RuntimeError(f"{what} allocates device memory inside a trace capture")
+
+    def from_torch(self, tensor, dtype="bfloat16", layout="ROW_MAJOR", device=None, memory_config=None, **_):
+        if device is not None:
+            self._allocating("from_torch")
+        return self._new(tensor.detach().clone(), dtype, layout, memory_config, on_device=device is not None)
+
+    def as_tensor(self, tensor, dtype="bfloat16", layout="ROW_MAJOR", device=None, memory_config=None, cache_file_name=None):
+        return self.from_torch(tensor, dtype=dtype, layout=layout, device=device, memory_config=memory_config)
+
+    def allocate_tensor_on_device(self, shape, dtype, layout, device, memory_config=None):
+        self._allocating("allocate_tensor_on_device")
+        return self._new(torch.zeros(tuple(shape)), dtype, layout, memory_config)
+
+    def zeros(self, shape, dtype="bfloat16", layout="TILE", device=None, memory_config=None):
+        self._allocating("zeros")
+        return self._new(torch.zeros(tuple(shape)), dtype, layout, memory_config, on_device=device is not None)
+
+    def to_torch(self, tensor: HostTensor) -> torch.Tensor:
+        data = tensor.data
+        if tensor.dtype in INT_DTYPES:
+            return data.to(torch.int32)
+        return data.to(torch.bfloat16) if tensor.dtype == "bfloat16" and not self.exact else data.clone()
+
+    def copy_host_to_device_tensor(self, host: HostTensor, device_tensor: HostTensor, cq_id=None):
+        if tuple(host.shape) != tuple(device_tensor.shape) or host.dtype != device_tensor.dtype:
+            raise RuntimeError(f"copy_host_to_device_tensor: {host.dtype}{tuple(host.shape)} into "
+                               f"{device_tensor.dtype}{tuple(device_tensor.shape)}")
+        device_tensor.data.copy_(host.data)
+
+    def deallocate(self, tensor: HostTensor) -> None:
+        tensor.deallocated = True
+
+    def create_sharded_memory_config(self, shape, core_grid, strategy, use_height_and_width_as_shard_shape=True, **_):
+        return MemoryConfig("L1", strategy, tuple(shape), core_grid.num_cores)
+
+    # -- device facts ---------------------------------------------------------------------------------
+
+    def GetNumAvailableDevices(self):  # noqa: N802 - ttnn's name
+        return 1
+
+    def get_memory_view(self, device, buffer_type):
+        if buffer_type == "DRAM":
+            return types.SimpleNamespace(num_banks=self.dram_banks[0], total_bytes_per_bank=self.dram_banks[1])
+        return types.SimpleNamespace(num_banks=self.grid[0] * self.grid[1], total_bytes_per_bank=self.l1_bank)
+
+    def device(self):
+        grid = types.SimpleNamespace(x=self.grid[0], y=self.grid[1])
+        return types.SimpleNamespace(compute_with_storage_grid_size=lambda: grid, arch=lambda: "Arch.HOST_STAND_IN")
+
+    # -- trace ------------------------------------------------------------------------------------------
+
+    def begin_trace_capture(self, device, cq_id=None):
+        if self._capturing is not None:
+            raise RuntimeError("a trace capture is already active")
+        self._capturing = []
+        return next(self._ids)
+
+    def end_trace_capture(self, device, trace_id, cq_id=None):
+        recorded, self._capturing = self._capturing, None
+        for _, _, _, outputs, restore in recorded:
+            for tensor, before in restore:  # capture records; it does not change device state
+                tensor.data.copy_(before)
+            for out in outputs:  # outputs hold nothing meaningful until the trace runs
+                if out.dtype not in INT_DTYPES:
+                    out.data.fill_(float("nan"))
+        self._traces[trace_id] = recorded
+
+    def execute_trace(self, device, trace_id, cq_id=None, blocking=True):
+        for fn, args, kwargs, outputs, _ in self._traces[trace_id]:
+            result = fn(*args, **kwargs)
+            for out, new in zip(outputs, _as_tuple(result)):
+                out._data = new.data
+
+    def release_trace(self, device, trace_id):
+        del self._traces[trace_id]
+
+    def _op(self, fn, in_place: bool = False):
+        """Wrap an op: check its tensor arguments, and record it while a trace is being captured."""
+
+        def run(*args, **kwargs):
+            tensors = [a for a in itertools.chain(args, kwargs.values()) if isinstance(a, HostTensor)]
+            for t in tensors:
+                if not t.on_device:
+                    raise RuntimeError(f"{fn.__name__[1:]}: operand is not on the device")
+                t.data  # raises if deallocated  # noqa: B018
+            restore = [(args[0], args[0].data.clone())] if in_place and self._capturing is not None else []
+            result = fn(*args, **kwargs)
+            self.ops_run += 1
+            if self._capturing is not None:
+                self._capturing.append((fn, args, kwargs, _as_tuple(result), restore))
+            return result
+
+        run.__name__ = fn.__name__.lstrip("_")
+        return run
+
+    # -- elementwise and reductions ---------------------------------------------------------------------------
+
+    def _binary(self, a, b, op):
+        other = b.data if isinstance(b, HostTensor) else b
+        return self._like(a, op(a.data, other))
+
+    def _add(self, a, b, **_):
+        return self._binary(a, b, torch.add)
+
+    def _multiply(self, a, b, **_):
+        return self._binary(a, b, torch.mul)
+
+    def _divide(self, a, b, **_):
+        return self._binary(a, b, torch.div)
+
+    def _maximum(self, a, b, **_):
+        return self._binary(a, b, lambda x, y: torch.maximum(x, torch.as_tensor(y, dtype=x.dtype)))
+
+    def _mul(self, a, b, input_tensor_a_activations=(), **_):
+        x = a.data
+        for activation in input_tensor_a_activations:
+            x = {"RELU": F.relu, "SQUARE": torch.square}[activation](x)
+        return self._like(a, x * b.data)
+
+    def _abs(self, x, **_):
+        return self._like(x, x.data.abs())
+
+    def _reciprocal(self, x, **_):
+        return self._like(x, x.data.reciprocal())
+
+    def _round(self, x, decimals=0, **_):
+        return self._like(x, torch.round(x.data, decimals=decimals))
+
+    def _square(self, x, **_):
+        return self._like(x, x.data.square())
+
+    def _rsqrt(self, x, **_):
+        return self._like(x, x.data.rsqrt())
+
+    def _max(self, x, dim, keepdim=False, **_):
+        return self._like(x, x.data.amax(dim=dim, keepdim=keepdim))
+
+    def _mean(self, x, dim, keepdim=False, **_):
+        return self._like(x, x.data.mean(dim=dim, keepdim=keepdim))
+
+    # -- shapes and memory ---------------------------------------------------------------------------------
+
+    def _unsqueeze(self, x, dim):
+        return self._like(x, x.data.unsqueeze(dim))
+
+    def _slice(self, x, starts, ends, **_):
+        index = tuple(slice(s, e) for s, e in zip(starts, ends))
+        return self._like(x, x.data[index].clone())
+
+    def _to_memory_config(self, x, memory_config, **_):
+        _check_shard(x, memory_config)
+        return self._like(x, x.data.clone(), memory_config)
+
+    def _embedding(self, ids, table, layout="ROW_MAJOR", **_):
+        if ids.dtype != "uint32" or table.layout != "ROW_MAJOR":
+            raise RuntimeError("embedding needs uint32 ids and a ROW_MAJOR table")
+        return self._new(table.data[ids.data.long()], "bfloat16", layout)
+
+    # -- matmul and norm ----------------------------------------------------------------------------------
+
+    def _linear(self, a, b, memory_config=None, **_):
+        if a.shape[-1] != b.shape[-2]:
+            raise RuntimeError(f"linear: a_shape[-1] ({a.shape[-1]}) != b_shape[-2] ({b.shape[-2]})")
+        return self._new(a.data @ b.data, "bfloat16", "TILE", memory_config)
+
+    def _rms_norm(self, x, epsilon=1e-12, weight=None, memory_config=None, program_config=None, **_):
+        if memory_config is not None and memory_config.sharded:
+            _check_shard(x, memory_config)
+        data = x.data
+        y = data * torch.rsqrt(data.pow(2).mean(-1, keepdim=True) + epsilon)
+        if weight is not None:
+            y = y * weight.data.reshape(-1)
+        return self._like(x, y, memory_config or x.memory_config())
+
+    # -- attention pieces -----------------------------------------------------------------------------------
+
+    def _nlp_create_qkv_heads_decode(self, qkv, num_heads, num_kv_heads, memory_config=None, **_):
+        # [1, 1, B, (H + 2K) D] (sharded) -> q [1, B, H, D], k and v [1, B, K, D] (heads padded to 32 rows)
+        if not qkv.memory_config().sharded:
+            raise RuntimeError("nlp_create_qkv_heads_decode needs a sharded input")
+        users = qkv.shape[2]
+        head_dim = qkv.shape[3] // (num_heads + 2 * num_kv_heads)
+        parts = qkv.data[0, 0].view(users, num_heads + 2 * num_kv_heads, head_dim)
+        config = MemoryConfig("L1", "HEIGHT_SHARDED", (TILE, head_dim), users)
+        q, k, v = parts.split([num_heads, num_kv_heads, num_kv_heads], dim=1)
+        return tuple(self._like(qkv, t[None].clone(), config) for t in (q, k, v))
+
+    def _nlp_concat_heads_decode(self, x, num_heads, **_):
+        # [1, B, H, D] height-sharded -> [1, 1, 32, H*D]: the device always writes 32 user rows
+        if x.memory_config().layout != "HEIGHT_SHARDED":
+            raise RuntimeError("nlp_concat_heads_decode needs a height-sharded input")
+        users, heads, dim = x.shape[1:]
+        out = torch.zeros(1, 1, TILE, num_heads * dim)
+        out[0, 0, :users] = x.data[0, :, :num_heads].reshape(users, num_heads * dim)
+        return self._like(x, out, MemoryConfig("L1", "WIDTH_SHARDED", (TILE, dim), num_heads))
+
+    def _nlp_create_qkv_heads(self, qkv, num_heads, num_kv_heads, transpose_k_heads=True, memory_config=None, **_):
+        # [1, 1, S, (H + 2K) D] -> q [1, H, S, D], k [1, K, S, D] (or [1, K, D, S]), v [1, K, S, D]
+        seq = qkv.shape[2]
+        head_dim = qkv.shape[3] // (num_heads + 2 * num_kv_heads)
+        parts = qkv.data[0, 0].view(seq, num_heads + 2 * num_kv_heads, head_dim).transpose(0, 1)
+        q, k, v = parts.split([num_heads, num_kv_heads, num_kv_heads], dim=0)
+        if transpose_k_heads:
+            k = k.transpose(-1, -2)
+        return tuple(self._like(qkv, t[None].contiguous(), memory_config) for t in (q, k, v))
+
+    def _nlp_concat_heads(self, x, memory_config=None, **_):
+        _, heads, seq, dim = x.shape
+        return self._like(x, x.data[0].transpose(0, 1).reshape(1, 1, seq, heads * dim), memory_config)
+
+    def _rotary_embedding_hf(self, x, cos, sin, is_decode_mode=False, **_):
+        """HF half-split RoPE: x * cos + rotate_half(x) * sin. Decode: x [1, B, H, D] with cos [1, B, 1, D],
+        all height-sharded; prefill: x [1, H, S, D] with cos [1, 1, S, D]."""
+        if is_decode_mode and not (x.memory_config().layout == cos.memory_config().layout == "HEIGHT_SHARDED"):
+            raise RuntimeError("rotary_embedding_hf (decode) needs height-sharded x, cos and sin")
+        if is_decode_mode and cos.shape[1] != x.shape[1]:
+            raise RuntimeError("Cos batch dim must match input")
+        half = x.shape[-1] // 2
+        data = x.data
+        rotated = torch.cat((-data[..., half:], data[..., :half]), dim=-1)
+        return self._like(x, data * cos.data + rotated * sin.data)
+
+    def _paged_update_cache(self, cache, x, update_idxs_tensor=None, **_):
+        # cache [B, K, S, D]; x [1, B, K, D]; each user b writes its K heads at position update_idxs[b]
+        positions = update_idxs_tensor.data.long()
+        if x.shape[1] != cache.shape[0] or positions.numel() != cache.shape[0]:
+            raise RuntimeError("paged_update_cache: users in x, positions and cache differ")
+        if int(positions.max()) >= cache.shape[2]:
+            raise RuntimeError("paged_update_cache: position past the end of the cache")
+        users = torch.arange(cache.shape[0])
+        cache.data[users, :, positions] = self.round_to(x.data[0], cache.dtype)
+
+    def _fill_cache(self, cache, x, batch_idx, update_idx=0, **_):
+        # cache [B, K, S, D]; x [1, K, S', D] written at [batch_idx, :, update_idx:update_idx + S']
+        seq = x.shape[2]
+        if update_idx + seq > cache.shape[2]:
+            raise RuntimeError("fill_cache: input longer than the cache")
+        cache.data[batch_idx, :, update_idx : update_idx + seq] = self.round_to(x.data[0], cache.dtype)
+
+    def _sdpa(self, q, k, v, is_causal=True, scale=None, **_):
+        heads, kv_heads = q.shape[1], k.shape[1]
+        out = F.scaled_dot_product_attention(q.data, k.data, v.data, is_causal=is_causal, scale=scale,
+                                             enable_gqa=heads != kv_heads)
+        return self._like(q, out)
+
+    def _sdpa_decode(self, q, k, v, cur_pos_tensor=None, scale=None, memory_config=None, **_):
+        # q [1, B, H, D]; cache k/v [B, K, S, D]; user b attends to positions 0..cur_pos[b]
+        positions = cur_pos_tensor.data.long()
+        users, heads = q.shape[1], q.shape[2]
+        if heads % k.shape[1]:
+            raise RuntimeError(f"GQA expects Q to have a multiple of K heads, but got {heads} and {k.shape[1]}")
+        mask = torch.arange(k.shape[2])[None, :] <= positions[:, None]  # [B, S]
+        query = q.data[0][:, :, None]  # [B, H, 1, D]
+        out = F.scaled_dot_product_attention(query, k.data, v.data, attn_mask=mask[:, None, None, :], scale=scale,
+                                             enable_gqa=True)
+        return self._like(q, out[:, :, 0][None], memory_config)
+
+
+def _as_tuple(result):
+    if result is None:
+        return ()
+    return result if isinstance(result, tuple) else (result,)
+
+
+def _check_shard(x: HostTensor, config: MemoryConfig) -> None:
+    """A sharded config must cover the tensor exactly: rows (padded to tiles) by width."""
+    if not config.sharded or config.shard_shape is None or config.cores is None:
+        return
+    height, width = config.shard_shape
+    padded = _padded(tuple(x.shape))
+    rows = 1
+    for d in padded[:-1]:
+        rows *= d
+    if config.layout == "WIDTH_SHARDED":
+        ok = padded[-1] == width * config.cores and rows <= height
+    else:
+        ok = padded[-1] == width and rows <= height * config.cores
+    if not ok:
+        raise RuntimeError(f"shard spec {config.shard_shape} x {config.cores} cores ({config.layout}) does not fit a "
+                           f"tensor of padded shape {list(padded)}")
