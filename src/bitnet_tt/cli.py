@@ -101,6 +101,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="model folder or hub id")
     p.set_defaults(run=cmd_info)
 
+    p = sub.add_parser("serve", parents=[model], help="OpenAI-compatible HTTP server (chat, completions, metrics)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $BITNET_TT_API_KEY, else none)")
+    p.add_argument("--model-name", help="the name clients pass as `model` (default: the --model value)")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before new ones get 429")
+    p.set_defaults(run=cmd_serve)
+
     p = sub.add_parser("demo", parents=[model], help="generate with a small random model made on the spot (offline)")
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.set_defaults(run=cmd_demo)
@@ -278,6 +286,22 @@ def cmd_demo(args) -> int:
         stream_to_terminal(engine, request)
         print()
         print_stats(request)
+    return 0
+
+
+def cmd_serve(args) -> int:
+    try:
+        from .server import serve
+    except ImportError as exc:
+        raise BitNetError(f"serve needs FastAPI and uvicorn ({exc}); install them from requirements.lock") from None
+    api_key = args.api_key or os.environ.get("BITNET_TT_API_KEY") or None
+    if not 0 <= args.port <= 65535:
+        raise BitNetError(f"--port must be in 0-65535, got {args.port}")
+    if args.max_queue < 1:
+        raise BitNetError(f"--max-queue must be at least 1, got {args.max_queue}")
+    engine = open_engine(args)
+    serve(engine, args.model_name or args.model or "bitnet-tt-demo", host=args.host, port=args.port,
+          api_key=api_key, max_queue=args.max_queue, quiet=args.quiet)
     return 0
 
 

@@ -58,6 +58,10 @@ class Tokenizer:
         known = [i for i in ids if 0 <= i < self.vocab_size]  # random-weight models can emit unmapped ids
         return self._tok.decode(known, skip_special_tokens=True)
 
+    def token_text(self, token_id: int) -> str:
+        """The vocabulary entry of one token (byte-level symbols as stored), for log-probability listings."""
+        return self._tok.id_to_token(token_id) or f"<unknown token {token_id}>"
+
     def render_chat(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> str:
         """BitNet 2B-4T chat format: one BOS, then `Role: content<|eot_id|>` per message, then `Assistant: `."""
         parts = [self.bos_text or ""]

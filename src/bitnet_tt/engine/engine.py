@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import random
 import threading
 import time
@@ -18,6 +19,7 @@ from ..sampling import SamplingParams, sample_token
 from ..tokenizer import ChatMessage, StreamDecoder, Tokenizer
 from .request import Request, RequestOutput, RequestStatus
 
+logger = logging.getLogger("bitnet_tt.engine")
 PROMPT_OVERFLOW = ("error", "truncate")  # what to do with a prompt that does not fit the context
 
 
@@ -131,7 +133,10 @@ class Engine:
         self.stats.step_seconds += time.perf_counter() - started
         for output in outputs:
             if output.request.on_output:
-                output.request.on_output(output)
+                try:
+                    output.request.on_output(output)
+                except Exception:  # one consumer's failure must not cost the other requests their outputs
+                    logger.exception("on_output callback of %s failed", output.request.id)
         return outputs
 
     def run(self) -> None:

@@ -1,0 +1,462 @@
+"""The HTTP server: FastAPI routes over one engine, whose steps run in a single background thread.
+
+Threads: uvicorn's event loop parses requests, submits them to the engine (thread-safe) and streams what
+comes back; the engine thread is the only one that calls `engine.step()`. Each request's outputs cross
+from the engine thread to its handler through an asyncio queue (`call_soon_threadsafe`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import hmac
+import itertools
+import json
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from fastapi import APIRouter, Depends, FastAPI, Request as HTTPRequest
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..engine import Engine, Request, RequestOutput, RequestStatus
+from ..errors import BitNetError, CapacityError
+from ..sampling import SamplingParams
+from .protocol import (
+    APIError, ApiFormat, ChatFormat, CompletionFormat, Reply, completion_budget, new_request_id, parse_body,
+)
+
+logger = logging.getLogger("bitnet_tt.server")
+
+DEFAULT_MAX_QUEUE = 64  # waiting requests (beyond the engine's slots) before new ones get a 429
+DEFAULT_MAX_BODY_BYTES = 1 << 20
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics, in the Prometheus text exposition format
+
+
+class Histogram:
+    def __init__(self, name: str, help: str, buckets: tuple[float, ...]):
+        self.name, self.help, self.buckets = name, help, buckets
+        self.counts = [0] * (len(buckets) + 1)  # per bucket, not cumulative; the last is +Inf
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.buckets, value)] += 1
+        self.sum += value
+
+    def render(self) -> list[str]:
+        bounds = [repr(b) for b in self.buckets] + ["+Inf"]
+        lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} histogram"]
+        lines += [f'{self.name}_bucket{{le="{le}"}} {n}' for le, n in zip(bounds, itertools.accumulate(self.counts))]
+        return lines + [f"{self.name}_sum {self.sum!r}", f"{self.name}_count {sum(self.counts)}"]
+
+
+class Metrics:
+    """Counters and histograms, updated from the event loop and the engine thread."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.responses: Counter[tuple[str, int]] = Counter()  # (endpoint, status) -> count
+        self.prompt_tokens = 0
+        self.generated_tokens = 0
+        self.ttft = Histogram("bitnet_tt_time_to_first_token_seconds", "From submission to the first token.",
+                              TTFT_BUCKETS)
+        self.itl = Histogram("bitnet_tt_inter_token_latency_seconds", "Between consecutive tokens of a request.",
+                             ITL_BUCKETS)
+
+    def count_response(self, endpoint: str, status: int) -> None:
+        with self._lock:
+            self.responses[endpoint, status] += 1
+
+    def record_token(self, latency: float, first: bool, prompt_tokens: int) -> None:
+        """A token delivered `latency` seconds after submission (first) or after the request's previous token."""
+        with self._lock:
+            self.generated_tokens += 1
+            if first:
+                self.prompt_tokens += prompt_tokens
+                self.ttft.observe(latency)
+            else:
+                self.itl.observe(latency)
+
+    def render(self, gauges: dict[str, tuple[str, int]]) -> str:
+        with self._lock:
+            lines = ["# HELP bitnet_tt_requests_total HTTP responses by endpoint and status.",
+                     "# TYPE bitnet_tt_requests_total counter"]
+            lines += [f'bitnet_tt_requests_total{{endpoint="{endpoint}",status="{status}"}} {n}'
+                      for (endpoint, status), n in sorted(self.responses.items())]
+            for name, help, value in [
+                ("bitnet_tt_prompt_tokens_total", "Prompt tokens prefilled.", self.prompt_tokens),
+                ("bitnet_tt_generation_tokens_total", "Tokens generated.", self.generated_tokens),
+            ]:
+                lines += [f"# HELP {name} {help}", f"# TYPE {name} counter", f"{name} {value}"]
+            for name, (help, value) in gauges.items():
+                lines += [f"# HELP {name} {help}", f"# TYPE {name} gauge", f"{name} {value}"]
+            lines += self.ttft.render() + self.itl.render()
+        return "\n".join(lines) + "\n"
+
+
+class CountResponses:
+    """ASGI middleware: counts every response by route and status, errors included."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        started = False
+
+        def count(status: int) -> None:
+            route = scope.get("route")  # set by the router, in this same scope; absent for unknown paths
+            self.metrics.count_response(getattr(route, "path", "other"), status)
+
+        async def counting_send(message):
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                count(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, counting_send)
+        except Exception:  # answered as a 500 by Starlette's outermost middleware, outside this one
+            if not started:
+                count(500)
+            raise
+
+
+# ---------------------------------------------------------------------------------------------
+# The engine thread
+
+
+@dataclass
+class _Live:
+    """A submitted request that has not finished, as the engine thread sees it."""
+
+    request: Request
+    deliver: Callable[[RequestOutput | APIError], None]
+    submitted: float
+    last_token: float | None = None
+
+
+class EngineLoop:
+    """Owns the one thread that steps the engine; submits with a bound on waiting requests; keeps the gauges."""
+
+    def __init__(self, engine: Engine, metrics: Metrics, max_waiting: int):
+        self.engine, self.metrics, self.max_waiting = engine, metrics, max_waiting
+        self._lock = threading.Lock()  # guards _live and _failure; never held while stepping
+        self._live: dict[str, _Live] = {}
+        self._failure: APIError | None = None  # set once the loop has stopped; later requests get it
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="bitnet-tt-engine", daemon=True)
+        self.slots_in_use = 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        self._thread.join()
+
+    @property
+    def healthy(self) -> bool:
+        return self._failure is None and self._thread.is_alive()
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
+               deliver: Callable[[RequestOutput | APIError], None]) -> Request:
+        """Queue a request whose outputs go to `deliver` (called in the engine thread); 429 when too many wait."""
+        # Holding the lock makes the check and the submission one step, and keeps _on_output (which takes
+        # the lock) from seeing the request's outputs before it is registered in _live.
+        with self._lock:
+            if self._failure is not None:
+                raise self._failure
+            waiting = self._count(RequestStatus.WAITING)
+            if waiting >= self.max_waiting:
+                raise APIError(429, f"the server is busy: {waiting} requests are waiting for a slot; retry later",
+                               type="rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
+            submitted = time.perf_counter()
+            request = self.engine.submit(prompt_ids, params, on_output=self._on_output, request_id=request_id)
+            self._live[request_id] = _Live(request, deliver, submitted)
+        self._wake.set()
+        return request
+
+    def cancel(self, request_id: str) -> None:
+        self.engine.cancel(request_id)
+        self._wake.set()
+
+    def gauges(self) -> dict[str, tuple[str, int]]:
+        with self._lock:
+            waiting, running = self._count(RequestStatus.WAITING), self._count(RequestStatus.RUNNING)
+        return {
+            "bitnet_tt_requests_waiting": ("Requests queued for a slot.", waiting),
+            "bitnet_tt_requests_running": ("Requests holding a slot.", running),
+            "bitnet_tt_slots_in_use": ("KV-cache slots holding a context, as the backend reports.", self.slots_in_use),
+        }
+
+    def _count(self, status: RequestStatus) -> int:
+        return sum(1 for live in self._live.values() if live.request.status is status)
+
+    def _run(self) -> None:
+        try:
+            while not self._stopping:
+                if not self.engine.has_work():
+                    self._wake.wait()
+                    self._wake.clear()  # cleared before has_work() is asked again, so no submission is missed
+                    continue
+                self.engine.step()
+                backend = self.engine.backend
+                self.slots_in_use = sum(1 for s in range(backend.max_slots) if backend.slot_length(s) > 0)
+            self._fail_all(APIError(503, "the server is shutting down", type="server_error"))
+        except Exception as exc:
+            logger.exception("the engine failed; failing every request")
+            self._fail_all(APIError(500, f"the engine failed: {exc.__class__.__name__}: {exc}", type="server_error"))
+
+    def _on_output(self, output: RequestOutput) -> None:
+        """Called by engine.step() in this thread for every output."""
+        now = time.perf_counter()
+        request_id = output.request.id
+        with self._lock:
+            live = self._live.pop(request_id, None) if output.finished else self._live.get(request_id)
+        if live is None:
+            return
+        if output.token_ids:
+            first = live.last_token is None
+            self.metrics.record_token(now - (live.submitted if first else live.last_token), first,
+                                      len(output.request.prompt_ids))
+            live.last_token = now
+        live.deliver(output)
+
+    def _fail_all(self, error: APIError) -> None:
+        with self._lock:
+            self._failure = error
+            lives, self._live = list(self._live.values()), {}
+        for live in lives:
+            live.deliver(error)
+
+
+# ---------------------------------------------------------------------------------------------
+# One request, seen from the event loop
+
+
+class Generation:
+    """A submitted request: its outputs arrive on an asyncio queue, fed from the engine thread."""
+
+    def __init__(self, engine_loop: EngineLoop, prompt_ids: list[int], params: SamplingParams, request_id: str):
+        self._engine_loop = engine_loop
+        self._queue: asyncio.Queue[RequestOutput | APIError] = asyncio.Queue()
+        event_loop = asyncio.get_running_loop()
+
+        def deliver(item: RequestOutput | APIError) -> None:
+            if not event_loop.is_closed():  # the server may already have stopped
+                event_loop.call_soon_threadsafe(self._queue.put_nowait, item)
+
+        self.request = engine_loop.submit(prompt_ids, params, request_id, deliver)
+
+    async def outputs(self) -> AsyncIterator[RequestOutput]:
+        while True:
+            item = await self._queue.get()
+            if isinstance(item, APIError):
+                raise item
+            yield item
+            if item.finished:
+                return
+
+    def cancel(self) -> None:
+        """Free the request's slot at the engine's next step, unless it has finished already."""
+        if not self.request.finished:
+            self._engine_loop.cancel(self.request.id)
+
+
+class EventStream(StreamingResponse):
+    """A server-sent-events response that cancels its request however it ends: done, client gone, error."""
+
+    def __init__(self, generation: Generation, events: AsyncIterator[str]):
+        super().__init__(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self.generation = generation
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.generation.cancel()
+
+
+def sse(data: dict | str) -> str:
+    payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    return f"data: {payload}\n\n"
+
+
+async def stream_events(generation: Generation, reply: Reply, include_usage: bool) -> AsyncIterator[str]:
+    try:
+        async for output in generation.outputs():
+            if (chunk := reply.chunk(output)) is not None:
+                yield sse(chunk)
+    except APIError as exc:  # the status line is already sent: the error goes in the stream, as OpenAI does
+        yield sse(exc.body())
+        return
+    if include_usage:
+        yield sse(reply.usage_chunk())
+    yield sse("[DONE]")
+
+
+async def collect(generation: Generation, reply: Reply) -> dict:
+    async for _ in generation.outputs():
+        pass
+    return reply.completion()
+
+
+async def read_body(http_request: HTTPRequest, limit: int) -> bytes:
+    """The request body, or a 413 as soon as it is known to be over `limit` bytes."""
+    too_large = APIError(413, f"the request body is over the server's limit of {limit} bytes",
+                         code="request_too_large")
+    if int(http_request.headers.get("content-length") or 0) > limit:
+        raise too_large
+    body = bytearray()
+    async for chunk in http_request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise too_large
+    return bytes(body)
+
+
+async def unless_disconnected(http_request: HTTPRequest, work: Awaitable[dict]) -> dict | None:
+    """Await `work`; if the client goes away first, cancel it and return None."""
+
+    async def until_disconnected():
+        while (await http_request.receive())["type"] != "http.disconnect":
+            pass
+
+    work, watcher = asyncio.ensure_future(work), asyncio.ensure_future(until_disconnected())
+    try:
+        done, _ = await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        work.cancel()  # nothing happens if it is done
+    return work.result() if work in done else None
+
+
+# ---------------------------------------------------------------------------------------------
+# The application
+
+
+def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_queue: int = DEFAULT_MAX_QUEUE,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+    """An OpenAI-compatible app over `engine`; the engine thread runs while the app does (its lifespan)."""
+    metrics = Metrics()
+    engine_loop = EngineLoop(engine, metrics, max_queue)
+    started = int(time.time())
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        engine_loop.start()
+        try:
+            yield
+        finally:
+            engine_loop.stop()
+
+    def check_api_key(http_request: HTTPRequest) -> None:
+        if api_key is None:
+            return
+        scheme, _, token = http_request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+            raise APIError(401, "Incorrect or missing API key: send the header 'Authorization: Bearer <key>'",
+                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+    async def complete(http_request: HTTPRequest, api: ApiFormat) -> Response:
+        """Chat and text completions, streamed or not: one path."""
+        body = parse_body(api.request_model, await read_body(http_request, max_body_bytes))
+        if body.model != model_name:
+            raise APIError(404, f"The model '{body.model}' does not exist; this server serves '{model_name}'",
+                           param="model", code="model_not_found")
+        prompt_ids = api.prompt_ids(body, engine.tokenizer)
+        max_new = completion_budget(len(prompt_ids), body.requested_max_tokens(), engine.backend.max_context)
+        generation = Generation(engine_loop, prompt_ids, body.sampling_params(max_new), new_request_id(api))
+        reply = Reply(api, generation.request, model_name, engine.tokenizer.token_text)
+        if body.stream:
+            return EventStream(generation, stream_events(generation, reply, body.include_usage))
+        try:
+            completion = await unless_disconnected(http_request, collect(generation, reply))
+        finally:
+            generation.cancel()
+        # 499 (nginx's "client closed request") is never read by anyone; it shows in the metrics.
+        return JSONResponse(completion) if completion is not None else Response(status_code=499)
+
+    app = FastAPI(title="bitnet-tt", lifespan=lifespan)
+    app.add_middleware(CountResponses, metrics=metrics)
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_api_key)])
+
+    @v1.post("/chat/completions")
+    async def chat_completions(http_request: HTTPRequest) -> Response:
+        return await complete(http_request, ChatFormat)
+
+    @v1.post("/completions")
+    async def completions(http_request: HTTPRequest) -> Response:
+        return await complete(http_request, CompletionFormat)
+
+    @v1.get("/models")
+    async def models() -> dict:
+        card = {"id": model_name, "object": "model", "created": started, "owned_by": "bitnet-tt",
+                "max_model_len": engine.backend.max_context}
+        return {"object": "list", "data": [card]}
+
+    app.include_router(v1)
+
+    @app.get("/health")
+    async def health() -> Response:
+        healthy = engine_loop.healthy
+        return JSONResponse({"status": "ok" if healthy else "unavailable"}, status_code=200 if healthy else 503)
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        return PlainTextResponse(metrics.render(engine_loop.gauges()), media_type="text/plain; version=0.0.4")
+
+    add_error_handlers(app)
+    return app
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    """Every error leaves as OpenAI's JSON error body."""
+
+    def answer(error: APIError) -> JSONResponse:
+        return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+    @app.exception_handler(APIError)
+    async def api_error(_, exc: APIError):
+        return answer(exc)
+
+    @app.exception_handler(BitNetError)  # the engine's and the sampler's own checks of a request
+    async def request_error(_, exc: BitNetError):
+        code = "context_length_exceeded" if isinstance(exc, CapacityError) else None
+        return answer(APIError(400, str(exc), code=code))
+
+    @app.exception_handler(StarletteHTTPException)  # unknown route, wrong method
+    async def http_error(_, exc: StarletteHTTPException):
+        return answer(APIError(exc.status_code, str(exc.detail), headers=exc.headers))
+
+    @app.exception_handler(Exception)  # Starlette logs the traceback itself
+    async def internal_error(_, exc: Exception):
+        return answer(APIError(500, "internal server error", type="server_error"))
+
+
+def serve(engine: Engine, model_name: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+          max_queue: int = DEFAULT_MAX_QUEUE, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+          quiet: bool = False) -> None:
+    """Run the server until interrupted. The API key is never logged."""
+    import uvicorn
+
+    if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
+        logger.warning("bitnet-tt: listening on %s without an API key: anyone who can reach it can use it", host)
+    app = create_app(engine, model_name, api_key=api_key, max_queue=max_queue, max_body_bytes=max_body_bytes)
+    uvicorn.run(app, host=host, port=port, log_level="warning" if quiet else "info", access_log=not quiet,
+                timeout_graceful_shutdown=5)
