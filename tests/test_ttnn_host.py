@@ -4,6 +4,7 @@ checked against the PyTorch backend (issue: no card here, and a mock device comp
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import pytest
 import torch
@@ -22,7 +23,8 @@ CONFIGS = {
     "gqa2-head64": dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
                         num_hidden_layers=2),
 }
-EXACT = TTOptions(weight_dtype="bfloat16", lm_head_dtype="bfloat16", use_trace=True)
+# fp32-equivalent: exact stand-in, bf16-valued weights and head, and HF's activation quantisation
+EXACT = TTOptions(weight_dtype="bfloat16", lm_head_dtype="bfloat16", activation_quant=True, use_trace=True)
 
 
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
@@ -66,9 +68,11 @@ def prompt(length: int, seed: int) -> list[int]:
     return torch.randint(0, 290, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
+@pytest.mark.parametrize("activation_quant", [False, True])
 @pytest.mark.parametrize("length", [1, 33, 300])
-def test_prefill_logits_with_device_dtypes(folder, block_float, length):
-    tt, reference = backends(folder, TTOptions(use_trace=False), block_float=block_float)  # bfp4 weights, bfp8 head
+def test_prefill_logits_with_device_dtypes(folder, block_float, length, activation_quant):
+    # the defaults: bfloat4_b weights, bfloat8_b LM head, bf16 activations
+    tt, reference = backends(folder, TTOptions(use_trace=False, activation_quant=activation_quant), block_float=block_float)
     ids = prompt(length, length)
     assert pcc(tt.prefill(0, ids), reference.prefill(0, ids)) >= 0.999
 
@@ -149,8 +153,7 @@ def cache_one_position_off(tt):
 
 @pytest.mark.parametrize("bug", [rope_backwards_in_decode, cache_one_position_off])
 def test_broken_backend_fails_the_check(folder, bug):
-    tt, reference = backends(folder, TTOptions(weight_dtype="bfloat16", lm_head_dtype="bfloat16", use_trace=False),
-                             users=2, exact=True, patch=bug)
+    tt, reference = backends(folder, replace(EXACT, use_trace=False), users=2, exact=True, patch=bug)
     ids = prompt(40, 3)
     assert pcc(tt.prefill(0, ids), reference.prefill(0, ids)) >= 0.9999  # prefill is untouched
     # Random-weight models often repeat one token, so greedy tokens alone would miss it; the logits do not.

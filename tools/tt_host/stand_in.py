@@ -148,7 +148,7 @@ class HostTT:
             scaled_dot_product_attention_decode=self._op(self._sdpa_decode),
         )
         for name in ("embedding", "unsqueeze", "rms_norm", "linear", "abs", "max", "maximum", "reciprocal", "multiply",
-                     "round", "divide", "add", "mul", "slice", "to_memory_config", "square", "mean", "rsqrt"):
+                     "round", "divide", "add", "mul", "slice", "to_memory_config", "square", "mean", "rsqrt", "typecast"):
             setattr(self, name, self._op(getattr(self, "_" + name)))
         self.fill_cache = self._op(self._fill_cache, in_place=True)
 
@@ -294,6 +294,9 @@ class HostTT:
         for activation in input_tensor_a_activations:
             x = {"RELU": F.relu, "SQUARE": torch.square}[activation](x)
         return self._like(a, x * b.data)
+
+    def _typecast(self, x, dtype, **_):
+        return self._like(x, x.data, dtype=dtype)
 
     def _abs(self, x, **_):
         return self._like(x, x.data.abs())

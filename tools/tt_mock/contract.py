@@ -30,7 +30,7 @@ def main(argv=None) -> int:
     parser.add_argument("--users", type=int, default=1)
     parser.add_argument("--context", type=int, default=256)
     parser.add_argument("--prompts", default="1,33", help="prompt lengths, each prefilled into its own slot")
-    parser.add_argument("--no-act-quant", action="store_true")
+    parser.add_argument("--act-quant", action="store_true", help="quantise activations on the device (off by default)")
     args = parser.parse_args(argv)
     os.environ.update(mock_env(args.board))
     print(json.dumps(run(args)))
@@ -57,7 +57,7 @@ def run(args) -> dict:
     config = model_config(args.shapes)
     device = open_tt_device(ttnn, allow_mock=True)
     started = time.perf_counter()
-    options = TTOptions(use_trace=False, activation_quant=not args.no_act_quant)  # trace capture crashes on mock devices
+    options = TTOptions(use_trace=False, activation_quant=args.act_quant)  # trace capture crashes on mock devices
     backend = TTNNBackend(config, None, ttnn, device, args.users, args.context, options)
     report = {"board": args.board, "shapes": args.shapes, "users": args.users, "context": args.context}
     prompts = [int(n) for n in args.prompts.split(",")]

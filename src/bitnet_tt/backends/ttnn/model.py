@@ -81,9 +81,11 @@ class TTModel:
         tt = self.tt
         if not self.plan.options.activation_quant:
             return tt.linear(x, weight, memory_config=memory_config, compute_kernel_config=self.matmul_kernel)
+        # In fp32: bf16 cannot hold x*s finely enough to round it (steps of 0.5 above 64).
+        x = tt.typecast(x, tt.float32)
         absmax = tt.max(tt.abs(x), dim=-1, keepdim=True)
         scale = tt.multiply(tt.reciprocal(tt.maximum(absmax, 1e-5)), 127.0)
-        x_q = tt.round(tt.multiply(x, scale))
+        x_q = tt.typecast(tt.round(tt.multiply(x, scale)), tt.bfloat16)  # integers |q| <= 127: exact in bf16
         y = tt.linear(x_q, weight, memory_config=memory_config, compute_kernel_config=self.matmul_kernel)
         return tt.divide(y, scale)
 

@@ -114,7 +114,7 @@ def place_model(plan: TTPlan, weights: BitNetWeights | None, place: Placer) -> M
             weights.embed if weights is not None else None)
     layers = [place_layer(plan, k, weights.layers[k] if weights else None, place) for k in range(m.num_layers)]
     return ModelOnDevice(
-        embedding=place("embedding", lambda: weights.embed.to(torch.bfloat16), (v, h), o.embedding_dtype, row_major=True),
+        embedding=place("embedding", lambda: weights.embed, (v, h), "bfloat16", row_major=True),
         lm_head=place("lm_head", lambda: head.t().contiguous().to(torch.bfloat16), (h, v), o.lm_head_dtype),
         final_norm=place("final_norm", lambda: norm_rows(weights.final_norm), (1, 1, h // TILE, TILE), "bfloat16", row_major=True),
         # fp32 tables: the conversion to the device dtype does the one rounding
