@@ -62,10 +62,18 @@ def test_chat_session(model):
 
 
 def test_bench_prints_a_row_per_batch_size(model):
-    result = run_cli("bench", "--model", model, "--batch-sizes", "1,3", "--prompt-tokens", "8", "--new-tokens", "4", "--quiet")
+    result = run_cli("bench", "--model", model, "--batch-sizes", "1,3", "--prompt-tokens", "8", "--new-tokens", "4",
+                     "--ttft-prompts", "16,64", "--quiet")
     assert result.returncode == 0, result.stderr
+    assert "time to first token, 64-token prompt" in result.stdout
     rows = [line.split() for line in result.stdout.splitlines() if line.strip()[:1].isdigit()]
     assert [r[0] for r in rows] == ["1", "3"]
+
+
+def test_verify_bf16_torch_against_fp32(model):
+    result = run_cli("verify", "--model", model, "--greedy-tokens", "8", "--max-context", "256", "--quiet")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "PASSED" in result.stdout and "min PCC" in result.stdout
 
 
 def test_convert_then_info(model, tmp_path):

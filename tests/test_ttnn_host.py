@@ -159,3 +159,16 @@ def test_broken_backend_fails_the_check(folder, bug):
     # Random-weight models often repeat one token, so greedy tokens alone would miss it; the logits do not.
     _, lowest_pcc = agreement(tt, reference, [1], [prompt(33, 4)], 16)
     assert lowest_pcc < 0.999
+
+
+def test_verify_report_and_benchmark_facts(folder):
+    from bitnet_tt.verify import verify
+
+    tt, reference = backends(folder, EXACT, exact=True)
+    tt.max_context = reference.max_context = 400  # keep the fixed prompts short for the test
+    report = verify(tt, reference, greedy_tokens=24)
+    assert report["passed"] and report["min_pcc"] >= 0.999 and report["top1_agreement"] == 1.0
+    assert report["greedy_match"] == report["greedy_steps"] == 24
+    facts = tt.describe()
+    assert int(facts["ttnn calls per decode step"]) > 10 * tt.config.num_layers
+    assert facts["decode"] == "trace replay"

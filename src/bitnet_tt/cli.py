@@ -88,7 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--synthetic", choices=["tiny", "2b4t"], default=None,
                    help="without --model: random weights at the demo's tiny shapes or the real 2B-4T shapes")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--ttft-prompts", default="128,2048", help="prompt lengths for time to first token (default 128,2048)")
     p.set_defaults(run=cmd_bench, max_batch=None)
+
+    p = sub.add_parser("verify", parents=[model], help="compare a backend's logits and greedy tokens with the PyTorch backend")
+    p.add_argument("--greedy-tokens", type=int, default=128, help="greedy tokens to compare (default 128)")
+    p.set_defaults(run=cmd_verify, max_batch=1)
 
     p = sub.add_parser("convert", help="write a model in the compact bitnet-tt format")
     p.add_argument("src", help="model folder or hub id")
@@ -126,18 +131,25 @@ def sampling_params(args):
     )
 
 
-def open_engine(args, synthetic: str = "tiny"):
-    """Resolve the model, load the backend and tokenizer, and return an Engine."""
+def open_backend(args, synthetic: str = "tiny", backend: str | None = None, dtype: str | None = None):
+    """Resolve the model (or make the synthetic one) and load it on a backend; returns (folder, backend)."""
     from .backends import create_backend
     from .checkpoint import resolve_model
-    from .engine import Engine
-    from .tokenizer import Tokenizer
 
     folder = resolve_model(args.model) if args.model else synthetic_model(synthetic, progress=not args.quiet)
     if args.max_batch is not None and args.max_batch < 1:
         raise BitNetError(f"--max-batch must be at least 1, got {args.max_batch}")
-    backend = create_backend(args.backend, folder, args.max_batch or 1, args.max_context, args.dtype,
-                             args.device, progress=not args.quiet)
+    loaded = create_backend(backend or args.backend, folder, args.max_batch or 1, args.max_context, dtype or args.dtype,
+                            args.device, progress=not args.quiet)
+    return folder, loaded
+
+
+def open_engine(args, synthetic: str = "tiny"):
+    """Load the backend and tokenizer and return an Engine."""
+    from .engine import Engine
+    from .tokenizer import Tokenizer
+
+    folder, backend = open_backend(args, synthetic)
     return Engine(backend, Tokenizer(folder, backend.config))
 
 
@@ -312,20 +324,33 @@ def cmd_bench(args) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    sizes = parse_sizes(args.batch_sizes)
+    sizes = parse_sizes(args.batch_sizes, "--batch-sizes")
+    ttft_lengths = parse_sizes(args.ttft_prompts, "--ttft-prompts")
     args.max_batch = max(sizes)
     engine = open_engine(args, synthetic=args.synthetic or "tiny")
-    run_engine_bench(engine, sizes, args.prompt_tokens, args.new_tokens)
+    run_engine_bench(engine, sizes, args.prompt_tokens, args.new_tokens, ttft_lengths)
     return 0
 
 
-def parse_sizes(text: str) -> list[int]:
+def cmd_verify(args) -> int:
+    from .verify import print_report, verify
+
+    if args.greedy_tokens < 1:
+        raise BitNetError(f"--greedy-tokens must be at least 1, got {args.greedy_tokens}")
+    _, candidate = open_backend(args)
+    _, reference = open_backend(args, backend="torch", dtype="float32")
+    report = verify(candidate, reference, args.greedy_tokens)
+    print_report(report)
+    return 0 if report["passed"] else 1
+
+
+def parse_sizes(text: str, option: str) -> list[int]:
     try:
         sizes = [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
-        raise BitNetError(f"--batch-sizes must be comma-separated integers, got {text!r}") from None
+        raise BitNetError(f"{option} must be comma-separated integers, got {text!r}") from None
     if not sizes or min(sizes) < 1:
-        raise BitNetError(f"--batch-sizes must be positive, got {text!r}")
+        raise BitNetError(f"{option} must be positive, got {text!r}")
     return sizes
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import types
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 
 TILE = 32
 FLOAT_DTYPES = ("bfloat16", "float32", "bfloat8_b", "bfloat4_b")
+BYTES = {"bfloat16": 2.0, "float32": 4.0, "bfloat8_b": 1088 / 1024, "bfloat4_b": 576 / 1024, "uint32": 4.0, "int32": 4.0}
 INT_DTYPES = ("uint32", "int32")
 
 
@@ -120,6 +122,7 @@ class HostTT:
         self._traces: dict[int, list] = {}
         self._capturing: list | None = None
         self._ids = itertools.count()
+        self._live: weakref.WeakSet[HostTensor] = weakref.WeakSet()  # device tensors, for the memory view
         self.ops_run = 0
 
         for name in FLOAT_DTYPES + INT_DTYPES:
@@ -167,7 +170,10 @@ class HostTT:
         return self.block_float(data, dtype)
 
     def _new(self, data, dtype="bfloat16", layout="TILE", memory_config=None, on_device=True) -> HostTensor:
-        return HostTensor(self, self.round_to(data, dtype), dtype, layout, memory_config or self.DRAM_MEMORY_CONFIG, on_device)
+        tensor = HostTensor(self, self.round_to(data, dtype), dtype, layout, memory_config or self.DRAM_MEMORY_CONFIG, on_device)
+        if on_device:
+            self._live.add(tensor)
+        return tensor
 
     def _like(self, source: HostTensor, data, memory_config=None, dtype=None) -> HostTensor:
         return self._new(data, dtype or (source.dtype if source.dtype in ("bfloat16", "float32") else "bfloat16"),
@@ -217,9 +223,11 @@ class HostTT:
         return 1
 
     def get_memory_view(self, device, buffer_type):
-        if buffer_type == "DRAM":
-            return types.SimpleNamespace(num_banks=self.dram_banks[0], total_bytes_per_bank=self.dram_banks[1])
-        return types.SimpleNamespace(num_banks=self.grid[0] * self.grid[1], total_bytes_per_bank=self.l1_bank)
+        banks, bank_bytes = self.dram_banks if buffer_type == "DRAM" else (self.grid[0] * self.grid[1], self.l1_bank)
+        used = sum(t.data.numel() * BYTES[t.dtype] for t in list(self._live)
+                   if not t.deallocated and t.memory_config().buffer == buffer_type)
+        return types.SimpleNamespace(num_banks=banks, total_bytes_per_bank=bank_bytes,
+                                     total_bytes_allocated_per_bank=int(used / banks))
 
     def device(self):
         grid = types.SimpleNamespace(x=self.grid[0], y=self.grid[1])

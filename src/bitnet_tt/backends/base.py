@@ -48,6 +48,10 @@ class Backend(ABC):
     def close(self) -> None:
         """Release devices and memory held by the backend."""
 
+    def describe(self) -> dict[str, str]:
+        """Facts for benchmark output (device, memory, work per step); empty when there is nothing to add."""
+        return {}
+
     # Helpers for implementations: validate a request against capacity before touching the cache.
 
     def _check_slot(self, slot: int) -> None:

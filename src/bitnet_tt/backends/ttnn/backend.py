@@ -39,6 +39,7 @@ class TTNNBackend(Backend):
         self.inputs = self._allocate_decode_inputs()
         self.logits = None
         self.trace_id = None
+        self.ops_per_decode_step: int | None = None
 
     def _allocate_kv_cache(self):
         tt, m = self.tt, self.config
@@ -103,10 +104,19 @@ class TTNNBackend(Backend):
     def _run_decode(self):
         """Capture the decode step once (after a compile run) and replay it; or run it op by op."""
         tt, i = self.tt, self.inputs
+        if self.ops_per_decode_step is None:  # the first step: count the ttnn calls it makes (it also compiles)
+            counter = CallCounter(tt)
+            self.model.tt = counter
+            try:
+                logits = self.model.forward_decode(i["tokens"], i["positions"], i["position_rows"])
+            finally:
+                self.model.tt = tt
+            self.ops_per_decode_step = counter.calls
+            if not self.plan.options.use_trace:
+                return logits
         if not self.plan.options.use_trace:
             return self.model.forward_decode(i["tokens"], i["positions"], i["position_rows"])
         if self.trace_id is None:
-            self.model.forward_decode(i["tokens"], i["positions"], i["position_rows"])  # compiles every program
             self.trace_id = tt.begin_trace_capture(self.device, cq_id=0)
             self.logits = self.model.forward_decode(i["tokens"], i["positions"], i["position_rows"])
             tt.end_trace_capture(self.device, self.trace_id, cq_id=0)
@@ -115,6 +125,21 @@ class TTNNBackend(Backend):
 
     def _to_host(self, tensor) -> torch.Tensor:
         return self.tt.to_torch(tensor)[..., : self.config.vocab_size]
+
+    def describe(self) -> dict[str, str]:
+        plan, m, tt = self.plan, self.config, self.tt
+        dram = tt.get_memory_view(self.device, tt.BufferType.DRAM)
+        kv_per_token = 2 * m.num_layers * m.num_kv_heads * m.head_dim * 2  # K and V, bf16
+        return {
+            "device": f"{plan.device.arch}, {plan.device.grid_x}x{plan.device.grid_y} worker grid, "
+                      f"{plan.device.dram_banks} DRAM banks",
+            "device DRAM in use": f"{dram.total_bytes_allocated_per_bank * dram.num_banks / 2**30:.2f} GiB "
+                                  f"(weights {plan.weight_bytes() / 2**30:.2f} GiB, KV cache {plan.kv_cache_bytes() / 2**30:.2f} GiB)",
+            "bytes read per decode step": f"weights {plan.weight_bytes() / 2**30:.2f} GiB + KV cache "
+                                          f"{kv_per_token / 1024:.0f} KiB per token of context per user",
+            "ttnn calls per decode step": str(self.ops_per_decode_step) if self.ops_per_decode_step else "not measured yet",
+            "decode": "trace replay" if plan.options.use_trace else "op by op",
+        }
 
     def close(self) -> None:
         if self.trace_id is not None:
@@ -139,3 +164,28 @@ def load_ttnn_backend(folder: Path, max_slots: int = 1, max_context: int | None 
     cache = weight_cache_dir(folder, options)
     cache.mkdir(parents=True, exist_ok=True)
     return TTNNBackend(weights.config, weights, tt, device, max_slots, max_context, options, cache)
+
+
+class CallCounter:
+    """Stands in for the ttnn module for one decode step and counts the calls the model makes."""
+
+    def __init__(self, module, counts=None):
+        self._module = module
+        self._counts = counts if counts is not None else [0]
+
+    @property
+    def calls(self) -> int:
+        return self._counts[0]
+
+    def __getattr__(self, name):
+        attr = getattr(self._module, name)
+        if name in ("experimental", "transformer"):
+            return CallCounter(attr, self._counts)
+        if not callable(attr) or isinstance(attr, type):
+            return attr
+
+        def counted(*args, **kwargs):
+            self._counts[0] += 1
+            return attr(*args, **kwargs)
+
+        return counted
