@@ -100,45 +100,25 @@ def decode_report(graph) -> dict:
 def per_op_l1(ttnn, backend, slots) -> dict:
     """Run one more decode step with every ttnn call captured on its own: the largest per-core L1 +
     circular-buffer use each kind of call reached, against the L1 bank size."""
+    from bitnet_tt.backends.ttnn.backend import TTCallHook
+
     records: dict[str, int] = {}
-    backend.tt = backend.model.tt = OpRecorder(ttnn, records)
+
+    def capture(name, call):
+        ttnn.graph.begin_graph_capture(ttnn.graph.RunMode.NORMAL)
+        try:
+            return call()
+        finally:
+            usage = ttnn.graph.extract_resource_usage_per_core(ttnn.graph.end_graph_capture())
+            records[name] = max(records.get(name, 0), usage.peak_total)
+
+    backend.tt = backend.model.tt = TTCallHook(ttnn, capture)
     try:
         backend.decode(slots, [3] * len(slots))
     finally:
         backend.tt = backend.model.tt = ttnn
     l1_bank = ttnn.get_memory_view(backend.device, ttnn.BufferType.L1).total_bytes_per_bank
     return {"l1_bank_bytes": l1_bank, "peak_bytes_per_core": dict(sorted(records.items(), key=lambda kv: -kv[1]))}
-
-
-class OpRecorder:
-    """Stands in for the ttnn module: forwards every call, capturing each one's graph separately."""
-
-    SUBMODULES = ("experimental", "transformer")
-
-    def __init__(self, module, records: dict, prefix: str = ""):
-        self._module, self._records, self._prefix = module, records, prefix
-
-    def __getattr__(self, name):
-        attr = getattr(self._module, name)
-        if name in self.SUBMODULES:
-            return OpRecorder(attr, self._records, f"{self._prefix}{name}.")
-        if not callable(attr) or isinstance(attr, type) or name.startswith("graph"):
-            return attr
-        return lambda *args, **kwargs: self._capture(f"{self._prefix}{name}", attr, args, kwargs)
-
-    def _capture(self, name, fn, args, kwargs):
-        graph_api = self._root().graph
-        graph_api.begin_graph_capture(graph_api.RunMode.NORMAL)
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            usage = graph_api.extract_resource_usage_per_core(graph_api.end_graph_capture())
-            self._records[name] = max(self._records.get(name, 0), usage.peak_total)
-
-    def _root(self):
-        import ttnn
-
-        return ttnn
 
 
 if __name__ == "__main__":

@@ -105,13 +105,13 @@ class TTNNBackend(Backend):
         """Capture the decode step once (after a compile run) and replay it; or run it op by op."""
         tt, i = self.tt, self.inputs
         if self.ops_per_decode_step is None:  # the first step: count the ttnn calls it makes (it also compiles)
-            counter = CallCounter(tt)
-            self.model.tt = counter
+            calls = []
+            self.model.tt = TTCallHook(tt, lambda name, call: calls.append(name) or call())
             try:
                 logits = self.model.forward_decode(i["tokens"], i["positions"], i["position_rows"])
             finally:
                 self.model.tt = tt
-            self.ops_per_decode_step = counter.calls
+            self.ops_per_decode_step = len(calls)
             if not self.plan.options.use_trace:
                 return logits
         if not self.plan.options.use_trace:
@@ -166,26 +166,19 @@ def load_ttnn_backend(folder: Path, max_slots: int = 1, max_context: int | None 
     return TTNNBackend(weights.config, weights, tt, device, max_slots, max_context, options, cache)
 
 
-class CallCounter:
-    """Stands in for the ttnn module for one decode step and counts the calls the model makes."""
+class TTCallHook:
+    """Stands in for the ttnn module and passes every call through `around(name, call)`: for counting
+    or inspecting the calls of one step without touching the model's code."""
 
-    def __init__(self, module, counts=None):
-        self._module = module
-        self._counts = counts if counts is not None else [0]
+    SUBMODULES = ("experimental", "transformer")
 
-    @property
-    def calls(self) -> int:
-        return self._counts[0]
+    def __init__(self, module, around, prefix: str = ""):
+        self._module, self._around, self._prefix = module, around, prefix
 
     def __getattr__(self, name):
         attr = getattr(self._module, name)
-        if name in ("experimental", "transformer"):
-            return CallCounter(attr, self._counts)
-        if not callable(attr) or isinstance(attr, type):
+        if name in self.SUBMODULES:
+            return TTCallHook(attr, self._around, f"{self._prefix}{name}.")
+        if not callable(attr) or isinstance(attr, type) or name.startswith("graph"):
             return attr
-
-        def counted(*args, **kwargs):
-            self._counts[0] += 1
-            return attr(*args, **kwargs)
-
-        return counted
+        return lambda *args, **kwargs: self._around(f"{self._prefix}{name}", lambda: attr(*args, **kwargs))
