@@ -43,7 +43,7 @@ def contract(*args: str, expect_ok: bool = True) -> dict | str:
 
 DECODE_OPS = {"SdpaDecodeDeviceOperation", "PagedUpdateCacheDeviceOperation", "RotaryEmbeddingHfDeviceOperation",
               "NLPCreateQKVHeadsDecodeDeviceOperation", "NLPConcatHeadsDecodeDeviceOperation", "MatmulDeviceOperation",
-              "LayerNormDeviceOperation", "EmbeddingsDeviceOperation"}
+              "LayerNormDeviceOperation", "EmbeddingsDeviceOperation", "ArgMaxDeviceOperation"}
 
 
 def check_report(report: dict, layers: int) -> None:

@@ -172,3 +172,22 @@ def test_verify_report_and_benchmark_facts(folder):
     facts = tt.describe()
     assert int(facts["ttnn calls per decode step"]) > 10 * tt.config.num_layers
     assert facts["decode"] == "trace replay"
+
+
+def test_engine_on_the_ttnn_backend_picks_greedy_tokens_on_device(folder):
+    from bitnet_tt.engine import Engine
+    from bitnet_tt.sampling import SamplingParams
+    from bitnet_tt.tokenizer import Tokenizer
+
+    tt, reference = backends(folder, EXACT, users=4, exact=True)
+    picked = []
+    original = tt.decode_greedy
+    tt.decode_greedy = lambda slots, tokens: picked.append(len(slots)) or original(slots, tokens)
+    params = SamplingParams(temperature=0.0, max_new_tokens=10, ignore_eos=True)
+    prompts = [prompt(n, n) for n in (3, 40, 17, 90, 5)]  # more requests than slots
+    outputs = []
+    for backend in (tt, reference):
+        engine = Engine(backend, Tokenizer(folder, backend.config))
+        outputs.append([r.output_ids for r in engine.generate(prompts, params)])
+    assert outputs[0] == outputs[1]
+    assert picked and max(picked) == 4  # batched decode steps took the on-device argmax path

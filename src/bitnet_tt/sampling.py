@@ -50,6 +50,12 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+    @property
+    def plain_greedy(self) -> bool:
+        """The next token is the argmax of the raw logits: a backend may pick it on its device."""
+        return (self.greedy and not (self.logprobs or self.top_logprobs) and self.repetition_penalty == 1.0
+                and self.presence_penalty == 0.0 and self.frequency_penalty == 0.0)
+
 
 @dataclass
 class TokenChoice:

@@ -151,7 +151,8 @@ class HostTT:
             scaled_dot_product_attention_decode=self._op(self._sdpa_decode),
         )
         for name in ("embedding", "unsqueeze", "rms_norm", "linear", "abs", "max", "maximum", "reciprocal", "multiply",
-                     "round", "divide", "add", "mul", "slice", "to_memory_config", "square", "mean", "rsqrt", "typecast"):
+                     "round", "divide", "add", "mul", "slice", "to_memory_config", "square", "mean", "rsqrt", "typecast",
+                     "to_layout", "argmax"):
             setattr(self, name, self._op(getattr(self, "_" + name)))
         self.fill_cache = self._op(self._fill_cache, in_place=True)
 
@@ -339,6 +340,14 @@ class HostTT:
     def _to_memory_config(self, x, memory_config, **_):
         _check_shard(x, memory_config)
         return self._like(x, x.data.clone(), memory_config)
+
+    def _to_layout(self, x, layout, **_):
+        return self._new(x.data.clone(), x.dtype, layout, x.memory_config())
+
+    def _argmax(self, x, dim=None, keepdim=False, **_):
+        if x.layout != "ROW_MAJOR":
+            raise RuntimeError("argmax needs a ROW_MAJOR input")
+        return self._new(x.data.argmax(dim=dim, keepdim=keepdim), "uint32", "ROW_MAJOR", x.memory_config())
 
     def _embedding(self, ids, table, layout="ROW_MAJOR", **_):
         if ids.dtype != "uint32" or table.layout != "ROW_MAJOR":

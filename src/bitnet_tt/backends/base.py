@@ -35,6 +35,11 @@ class Backend(ABC):
     def decode(self, slots: Sequence[int], token_ids: Sequence[int]) -> torch.Tensor:
         """Append one token to each slot, each at its own position; return fp32 logits [len(slots), vocab]."""
 
+    def decode_greedy(self, slots: Sequence[int], token_ids: Sequence[int]) -> list[int]:
+        """Like decode, but return each slot's most likely next token; a device backend picks it on the
+        device and sends back token ids instead of logits."""
+        return self.decode(slots, token_ids).argmax(-1).tolist()
+
     def free(self, slot: int) -> None:
         """Forget the slot's context so that it can serve another request."""
         self._check_slot(slot)

@@ -15,7 +15,7 @@ import torch
 
 from ..backends.base import Backend
 from ..errors import CapacityError, RequestError
-from ..sampling import SamplingParams, sample_token
+from ..sampling import SamplingParams, TokenChoice, sample_token
 from ..tokenizer import ChatMessage, StreamDecoder, Tokenizer
 from .request import Request, RequestOutput, RequestStatus
 
@@ -124,10 +124,15 @@ class Engine:
         decoding = [r for r in self._running.values() if r not in admitted]
         if decoding:
             decode_started = time.perf_counter()
-            slots = [r.slot for r in decoding]
-            logits = self._timed(self.backend.decode, slots, [r.output_ids[-1] for r in decoding])
-            for request, row in zip(decoding, logits):
-                self._accept(request, row, outputs)
+            slots, last = [r.slot for r in decoding], [r.output_ids[-1] for r in decoding]
+            if all(r.params.plain_greedy for r in decoding):  # no logits needed: the backend picks the tokens
+                tokens = self._timed(self.backend.decode_greedy, slots, last)
+                for request, token in zip(decoding, tokens):
+                    self._accept_choice(request, TokenChoice(int(token)), outputs)
+            else:
+                logits = self._timed(self.backend.decode, slots, last)
+                for request, row in zip(decoding, logits):
+                    self._accept(request, row, outputs)
             self.stats.decode_step_seconds.append(time.perf_counter() - decode_started)
         self.stats.steps += 1
         self.stats.step_seconds += time.perf_counter() - started
@@ -188,8 +193,11 @@ class Engine:
     # -- one sampled token --------------------------------------------------------------------------
 
     def _accept(self, request: Request, logits: torch.Tensor, outputs: list[RequestOutput]) -> None:
+        choice = sample_token(logits, request.params, request.prompt_ids, request.output_ids, request.generator)
+        self._accept_choice(request, choice, outputs)
+
+    def _accept_choice(self, request: Request, choice: TokenChoice, outputs: list[RequestOutput]) -> None:
         params = request.params
-        choice = sample_token(logits, params, request.prompt_ids, request.output_ids, request.generator)
         now = time.perf_counter()
         request.stats.first_token = request.stats.first_token or now
         request.stats.token_times.append(now)

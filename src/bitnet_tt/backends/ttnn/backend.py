@@ -37,7 +37,7 @@ class TTNNBackend(Backend):
         on_device = place_model(self.plan, weights, Placer(tt, device, cache_dir, allocate_only=weights is None))
         self.model = TTModel(tt, device, self.plan, on_device, self._allocate_kv_cache())
         self.inputs = self._allocate_decode_inputs()
-        self.logits = None
+        self.outputs = None  # (logits, greedy tokens) written by the captured trace
         self.trace_id = None
         self.ops_per_decode_step: int | None = None
 
@@ -76,6 +76,15 @@ class TTNNBackend(Backend):
     # -- decode ---------------------------------------------------------------------------------------
 
     def decode(self, slots: Sequence[int], token_ids: Sequence[int]) -> torch.Tensor:
+        logits, _ = self._decode_step(slots, token_ids)
+        return self._to_host(logits)[0, 0, list(slots)].float()
+
+    def decode_greedy(self, slots: Sequence[int], token_ids: Sequence[int]) -> list[int]:
+        """The next token of each slot, picked on the device: B token ids cross to the host, not B x vocab logits."""
+        _, greedy = self._decode_step(slots, token_ids)
+        return self.tt.to_torch(greedy).reshape(-1)[list(slots)].tolist()
+
+    def _decode_step(self, slots: Sequence[int], token_ids: Sequence[int]):
         if len(slots) != len(token_ids) or len(set(slots)) != len(slots) or not slots:
             raise ValueError("decode needs one token for each of distinct slots")
         for s in slots:
@@ -86,10 +95,10 @@ class TTNNBackend(Backend):
         # context, where their next real token will overwrite it before anything reads it.
         positions = torch.tensor(self._lengths, dtype=torch.int32)
         self._copy_inputs(tokens, positions)
-        logits = self._run_decode()
+        outputs = self._run_decode()
         for s in slots:
             self._advance(s, 1)
-        return self._to_host(logits)[0, 0, list(slots)].float()
+        return outputs
 
     def _copy_inputs(self, tokens: torch.Tensor, positions: torch.Tensor) -> None:
         tt = self.tt
@@ -102,26 +111,29 @@ class TTNNBackend(Backend):
             tt.copy_host_to_device_tensor(tensor, self.inputs[name])
 
     def _run_decode(self):
-        """Capture the decode step once (after a compile run) and replay it; or run it op by op."""
+        """Capture the decode step once (after a first, counted run) and replay it; or run it op by op.
+        Returns (logits, greedy tokens) on the device."""
         tt, i = self.tt, self.inputs
         if self.ops_per_decode_step is None:  # the first step: count the ttnn calls it makes (it also compiles)
             calls = []
             self.model.tt = TTCallHook(tt, lambda name, call: calls.append(name) or call())
             try:
-                logits = self.model.forward_decode(i["tokens"], i["positions"], i["position_rows"])
+                outputs = self.model.forward_decode(i["tokens"], i["positions"], i["position_rows"])
             finally:
                 self.model.tt = tt
             self.ops_per_decode_step = len(calls)
             if not self.plan.options.use_trace:
-                return logits
+                return outputs
         if not self.plan.options.use_trace:
             return self.model.forward_decode(i["tokens"], i["positions"], i["position_rows"])
         if self.trace_id is None:
+            # The counted step above compiled every program and made argmax's first-call host writes,
+            # which a trace capture would reject.
             self.trace_id = tt.begin_trace_capture(self.device, cq_id=0)
-            self.logits = self.model.forward_decode(i["tokens"], i["positions"], i["position_rows"])
+            self.outputs = self.model.forward_decode(i["tokens"], i["positions"], i["position_rows"])
             tt.end_trace_capture(self.device, self.trace_id, cq_id=0)
         tt.execute_trace(self.device, self.trace_id, cq_id=0, blocking=False)
-        return self.logits
+        return self.outputs
 
     def _to_host(self, tensor) -> torch.Tensor:
         return self.tt.to_torch(tensor)[..., : self.config.vocab_size]

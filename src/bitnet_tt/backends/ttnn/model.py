@@ -109,7 +109,8 @@ class TTModel:
 
     def forward_decode(self, tokens_1B, positions_B, position_rows_1B):
         """One token for every user row. tokens_1B uint32 [1, B] ROW_MAJOR; positions_B int32 [B] (cache
-        writes and attention lengths); position_rows_1B uint32 [1, B] (RoPE rows). Returns logits [1, 1, B, vocab]."""
+        writes and attention lengths); position_rows_1B uint32 [1, B] (RoPE rows).
+        Returns (logits [1, 1, B, vocab], greedy next tokens [1, 1, B] uint32), both left on the device."""
         tt = self.tt
         x_11BH = tt.unsqueeze(tt.embedding(tokens_1B, self.w.embedding, layout=tt.TILE_LAYOUT), 0)
         cos_1B1D = self._rope_rows(self.w.rope_cos_rows, position_rows_1B)
@@ -120,7 +121,10 @@ class TTModel:
             x_11BH = tt.add(x_11BH, attn)
             mlp_in = self.norm_decode(x_11BH, layer.mlp_norm, self.eps)
             x_11BH = tt.add(x_11BH, self.mlp(mlp_in, layer, tt.L1_MEMORY_CONFIG, self.norm_decode))
-        return self.lm_head(self.norm_decode(x_11BH, self.w.final_norm, self.eps))
+        logits_11BV = self.lm_head(self.norm_decode(x_11BH, self.w.final_norm, self.eps))
+        # argmax over the logical vocabulary: ROW_MAJOR drops the tile padding past the last token id
+        greedy_11B = tt.argmax(tt.to_layout(logits_11BV, tt.ROW_MAJOR_LAYOUT), dim=-1)
+        return logits_11BV, greedy_11B
 
     def _rope_rows(self, table, position_rows_1B):
         # [1, B] positions -> [1, B, 1, head_dim], one user per core as rotary_embedding_hf wants
