@@ -141,3 +141,16 @@ def test_device_weights_hold_exact_codes(ttnn_host, folder, dtype):
             assert torch.equal(to_torch(getattr(placed, name)).float(), codes.float()), name
         assert torch.equal(to_torch(placed.attn_norm).flatten(), layer.norms["input_layernorm"].to(torch.bfloat16))
     assert torch.equal(to_torch(on_host.embedding), reference.embed.to(torch.bfloat16))
+
+
+@pytest.mark.tt_mock
+def test_converted_weights_are_cached_on_disk(ttnn_host, folder, tmp_path):
+    """A restart reads the converted tensors back instead of converting again."""
+    plan = make_plan(load_weights(folder, progress=False).config, P150, TTOptions(), max_users=1, max_context=64)
+    first = place_model(plan, load_weights(folder, progress=False), Placer(ttnn_host, None, tmp_path))
+    cached = sorted(p.name for p in tmp_path.iterdir())
+    assert any(name.startswith("layers.0.wqkv.bfloat4_b") for name in cached)
+    again = place_model(plan, load_weights(folder, progress=False), Placer(ttnn_host, None, tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == cached  # nothing new was written
+    for a, b in zip(first.layers, again.layers):
+        assert torch.equal(ttnn_host.to_torch(a.wgate_up), ttnn_host.to_torch(b.wgate_up))
