@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from .config import ModelConfig, read_config_json
 from .errors import CheckpointError, ModelNotFoundError
-from .ternary import TernaryWeight, pack_2bit, ternarize_absmean, unpack_2bit, unpack_hf
+from .ternary import TernaryWeight, holds_unused_code, pack_2bit, ternarize_absmean, unpack_2bit, unpack_hf
 
 CONVERTED_FILE = "bitnet-tt.safetensors"
 CONVERTED_FORMAT = "bitnet-tt-ternary-v1"
@@ -98,6 +98,7 @@ class TensorFiles:
     def __init__(self, folder: Path):
         self.folder = Path(folder)
         self._handles: dict[Path, object] = {}
+        self._headers: dict[Path, tuple[int, dict]] = {}
         self.file_of = self._map_names()
 
     def _map_names(self) -> dict[str, Path]:
@@ -123,6 +124,7 @@ class TensorFiles:
             except (SafetensorError, OSError) as exc:
                 raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
             self._handles[path] = handle
+            self._headers[path] = read_header(path)
         return self._handles[path]
 
     def __contains__(self, name: str) -> bool:
@@ -139,16 +141,46 @@ class TensorFiles:
         handle = self._open(path)
         if name not in handle.keys():
             raise CheckpointError(f"{path}: tensor '{name}' is missing (the index lists it here)")
-        try:
-            tensor = handle.get_tensor(name)
-        except (SafetensorError, OSError, RuntimeError) as exc:
-            raise CheckpointError(f"{path}: cannot read tensor '{name}' ({exc})") from None
+        data_start, header = self._headers[path]
+        tensor = read_tensor(path, name, data_start, header[name])
         if shape is not None and tuple(tensor.shape) != tuple(shape):
             raise CheckpointError(f"{path}: tensor '{name}' has shape {list(tensor.shape)}, expected {list(shape)}")
         if dtypes is not None and tensor.dtype not in dtypes:
             names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
             raise CheckpointError(f"{path}: tensor '{name}' has unsupported dtype {str(tensor.dtype).removeprefix('torch.')} (expected {names})")
         return tensor
+
+
+STORED_DTYPES = {
+    "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+    "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
+}
+
+
+def read_header(path: Path) -> tuple[int, dict]:
+    """(offset of the data, the JSON header) of a safetensors file that safe_open has validated."""
+    with open(path, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        return 8 + header_len, json.loads(f.read(header_len))
+
+
+def read_tensor(path: Path, name: str, data_start: int, entry: dict) -> torch.Tensor:
+    """One tensor read with plain file reads into its own memory.
+
+    Not through safetensors' memory map: every page read from a mapped file stays counted in the
+    process's memory while the map lives, which raises the peak while a checkpoint loads.
+    """
+    dtype = STORED_DTYPES.get(entry["dtype"])
+    if dtype is None:
+        raise CheckpointError(f"{path}: tensor '{name}' has unsupported dtype {entry['dtype']}")
+    start, end = entry["data_offsets"]
+    tensor = torch.empty(entry["shape"], dtype=dtype)
+    raw = tensor.reshape(-1).view(torch.uint8).numpy()
+    with open(path, "rb") as f:
+        f.seek(data_start + start)
+        if raw.nbytes != end - start or f.readinto(raw) != end - start:
+            raise CheckpointError(f"{path}: tensor '{name}' is truncated")
+    return tensor
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,9 +246,10 @@ def _read_packed(files: TensorFiles, name: str, shape, config: ModelConfig) -> T
         raise CheckpointError(f"{files.folder}: '{name}' has {out} output rows, not a multiple of 4, so it cannot be packed")
     packed = files.get(name + ".weight", (out // 4, inp), (torch.uint8, torch.int8))
     stored = files.get(name + ".weight_scale", (1,), FLOAT_DTYPES).float().reshape(())
-    codes = unpack_hf(packed.view(torch.uint8))
-    if bool((codes > 1).any()):
+    packed = packed.view(torch.uint8)
+    if holds_unused_code(packed):
         raise CheckpointError(f"{files.file_of[name + '.weight']}: '{name}.weight' holds the unused 2-bit code 3")
+    codes = unpack_hf(packed)
     # autobitlinear multiplies by weight_scale; bitlinear divides by it (see notes on checkpoints).
     scale = stored if config.linear_class == "autobitlinear" else 1.0 / stored
     return TernaryWeight(codes, scale)
@@ -226,10 +259,9 @@ def _read_converted(files: TensorFiles, name: str, shape, config: ModelConfig) -
     out, inp = shape
     packed = files.get(name + ".packed", (out, inp // 4), (torch.uint8,))
     scale = files.get(name + ".scale", (), (torch.float32,))
-    codes = unpack_2bit(packed)
-    if bool((codes > 1).any()):
+    if holds_unused_code(packed):
         raise CheckpointError(f"{files.file_of[name + '.packed']}: '{name}.packed' holds the unused 2-bit code 3")
-    return TernaryWeight(codes, scale)
+    return TernaryWeight(unpack_2bit(packed), scale)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -35,9 +35,16 @@ def ternarize_absmean(weight: torch.Tensor) -> TernaryWeight:
 
 
 def unpack_hf(packed: torch.Tensor) -> torch.Tensor:
-    """HF packed layout: uint8 [out/4, in]; bits 2i..2i+1 of row r hold row i*out/4 + r, as code+1."""
-    quarters = [((packed >> (2 * i)) & 3) for i in range(4)]
-    return (torch.cat(quarters, dim=0).to(torch.int8) - 1).contiguous()
+    """HF packed layout: uint8 [out/4, in]; bits 2i..2i+1 of row r hold row i*out/4 + r, as code+1.
+
+    Written into one preallocated output: temporaries stay a quarter of its size (large freed
+    temporaries fragment the heap and keep the process's RSS high after loading).
+    """
+    rows = packed.shape[0]
+    codes = torch.empty((4 * rows, *packed.shape[1:]), dtype=torch.int8)
+    for i in range(4):
+        codes[i * rows : (i + 1) * rows] = ((packed >> (2 * i)) & 3).view(torch.int8)
+    return codes.sub_(1)
 
 
 def pack_hf(codes: torch.Tensor) -> torch.Tensor:
@@ -58,11 +65,14 @@ def pack_2bit(codes: torch.Tensor) -> torch.Tensor:
     return q[..., 0] | (q[..., 1] << 2) | (q[..., 2] << 4) | (q[..., 3] << 6)
 
 
-_SHIFTS = torch.tensor([0, 2, 4, 6], dtype=torch.uint8)
-
-
 def unpack_2bit(packed: torch.Tensor) -> torch.Tensor:
-    """Inverse of pack_2bit: uint8 [out, in/4] -> int8 codes [out, in]."""
-    out = packed.shape[0]
-    fields = (packed.unsqueeze(-1) >> _SHIFTS) & 3
-    return (fields.view(torch.int8) - 1).reshape(out, -1)
+    """Inverse of pack_2bit: uint8 [out, in/4] -> int8 codes [out, in], into one preallocated output."""
+    codes = torch.empty((*packed.shape, 4), dtype=torch.int8)
+    for i in range(4):
+        codes[..., i] = ((packed >> (2 * i)) & 3).view(torch.int8)
+    return codes.sub_(1).reshape(packed.shape[0], -1)
+
+
+def holds_unused_code(packed: torch.Tensor) -> bool:
+    """Whether any 2-bit field is 3 (no ternary value), checked on the packed bytes."""
+    return bool((packed & (packed >> 1) & 0x55).any())

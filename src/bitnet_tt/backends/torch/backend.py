@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -45,6 +46,7 @@ class TorchBackend(Backend):
         self.prefill_chunk = prefill_chunk
         cache = KVCache(config, max_slots, max_context, self.dtype, self.device)
         self.model = BitNetModel(weights, cache, self.dtype, self.device)
+        release_freed_memory()
 
     def prefill(self, slot: int, token_ids: Sequence[int]) -> torch.Tensor:
         if len(token_ids) == 0:
@@ -68,6 +70,14 @@ class TorchBackend(Backend):
         for s in slots:
             self._advance(s, 1)
         return logits.cpu()
+
+
+def release_freed_memory() -> None:
+    """Give the heap's freed loading temporaries back to the system (glibc keeps them otherwise)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 def load_torch_backend(
