@@ -34,17 +34,21 @@ def ternarize_absmean(weight: torch.Tensor) -> TernaryWeight:
     return TernaryWeight(codes, one / inv_scale)
 
 
-def unpack_hf(packed: torch.Tensor) -> torch.Tensor:
-    """HF packed layout: uint8 [out/4, in]; bits 2i..2i+1 of row r hold row i*out/4 + r, as code+1.
+# Every byte's four 2-bit fields (lowest bits first) as four int8 codes, stored as one int32 word:
+# unpacking is one table lookup per byte.
+_FIELDS = (torch.arange(256, dtype=torch.int32)[:, None] >> torch.tensor([0, 2, 4, 6], dtype=torch.int32)) & 3
+_BYTE_TO_CODES = (_FIELDS - 1).to(torch.int8).contiguous().view(torch.int32).reshape(256)
 
-    Written into one preallocated output: temporaries stay a quarter of its size (large freed
-    temporaries fragment the heap and keep the process's RSS high after loading).
-    """
-    rows = packed.shape[0]
-    codes = torch.empty((4 * rows, *packed.shape[1:]), dtype=torch.int8)
-    for i in range(4):
-        codes[i * rows : (i + 1) * rows] = ((packed >> (2 * i)) & 3).view(torch.int8)
-    return codes.sub_(1)
+
+def _byte_fields(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 [...] -> int8 codes [..., 4], field i of each byte at index i."""
+    words = _BYTE_TO_CODES.index_select(0, packed.reshape(-1).to(torch.int32))
+    return words.view(torch.int8).reshape(*packed.shape, 4)
+
+
+def unpack_hf(packed: torch.Tensor) -> torch.Tensor:
+    """HF packed layout: uint8 [out/4, in]; bits 2i..2i+1 of row r hold row i*out/4 + r, as code+1."""
+    return _byte_fields(packed).permute(2, 0, 1).reshape(-1, *packed.shape[1:])
 
 
 def pack_hf(codes: torch.Tensor) -> torch.Tensor:
@@ -66,11 +70,8 @@ def pack_2bit(codes: torch.Tensor) -> torch.Tensor:
 
 
 def unpack_2bit(packed: torch.Tensor) -> torch.Tensor:
-    """Inverse of pack_2bit: uint8 [out, in/4] -> int8 codes [out, in], into one preallocated output."""
-    codes = torch.empty((*packed.shape, 4), dtype=torch.int8)
-    for i in range(4):
-        codes[..., i] = ((packed >> (2 * i)) & 3).view(torch.int8)
-    return codes.sub_(1).reshape(packed.shape[0], -1)
+    """Inverse of pack_2bit: uint8 [out, in/4] -> int8 codes [out, in]."""
+    return _byte_fields(packed).reshape(packed.shape[0], -1)
 
 
 def holds_unused_code(packed: torch.Tensor) -> bool:
