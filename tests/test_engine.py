@@ -198,3 +198,18 @@ def test_bad_prompts_are_rejected(tiny, tokenizer):
         engine.submit([], GREEDY)
     with pytest.raises(RequestError, match="token ids must be in"):
         engine.submit([1, 100000], GREEDY)
+
+
+def test_a_failing_callback_does_not_stop_other_requests(tokenizer, tiny):
+    engine = Engine(ScriptedBackend(ModelConfig.from_folder(tiny), {7: [70] * 5, 8: [71] * 5}), tokenizer)
+    seen = []
+
+    def broken(output):
+        raise RuntimeError("consumer failed")
+
+    params = SamplingParams(temperature=0.0, max_new_tokens=3)
+    first = engine.submit([7], params, on_output=broken)
+    second = engine.submit([8], params, on_output=seen.append)
+    engine.run()
+    assert first.finished and second.finished and second.output_ids == [71, 71, 71]
+    assert [o.finished for o in seen] == [False, False, True]

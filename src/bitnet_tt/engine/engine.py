@@ -123,26 +123,34 @@ class Engine:
             self._accept(request, logits, outputs)
         decoding = [r for r in self._running.values() if r not in admitted]
         if decoding:
-            decode_started = time.perf_counter()
-            slots, last = [r.slot for r in decoding], [r.output_ids[-1] for r in decoding]
-            if all(r.params.plain_greedy for r in decoding):  # no logits needed: the backend picks the tokens
-                tokens = self._timed(self.backend.decode_greedy, slots, last)
-                for request, token in zip(decoding, tokens):
-                    self._accept_choice(request, TokenChoice(int(token)), outputs)
-            else:
-                logits = self._timed(self.backend.decode, slots, last)
-                for request, row in zip(decoding, logits):
-                    self._accept(request, row, outputs)
-            self.stats.decode_step_seconds.append(time.perf_counter() - decode_started)
+            self._decode(decoding, outputs)
         self.stats.steps += 1
         self.stats.step_seconds += time.perf_counter() - started
+        self._deliver(outputs)
+        return outputs
+
+    def _decode(self, decoding: list[Request], outputs: list[RequestOutput]) -> None:
+        """One batched decode call for every active slot that was not prefilled in this step."""
+        started = time.perf_counter()
+        slots, last = [r.slot for r in decoding], [r.output_ids[-1] for r in decoding]
+        if all(r.params.plain_greedy for r in decoding):  # no logits needed: the backend picks the tokens
+            tokens = self._timed(self.backend.decode_greedy, slots, last)
+            for request, token in zip(decoding, tokens):
+                self._accept_choice(request, TokenChoice(int(token)), outputs)
+        else:
+            logits = self._timed(self.backend.decode, slots, last)
+            for request, row in zip(decoding, logits):
+                self._accept(request, row, outputs)
+        self.stats.decode_step_seconds.append(time.perf_counter() - started)
+
+    @staticmethod
+    def _deliver(outputs: list[RequestOutput]) -> None:
         for output in outputs:
             if output.request.on_output:
                 try:
                     output.request.on_output(output)
                 except Exception:  # one consumer's failure must not cost the other requests their outputs
                     logger.exception("on_output callback of %s failed", output.request.id)
-        return outputs
 
     def run(self) -> None:
         """Step until every submitted request has finished."""
