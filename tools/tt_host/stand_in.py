@@ -68,6 +68,27 @@ class Config:
     kwargs: dict = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class CoreRange:
+    start: CoreCoord
+    end: CoreCoord
+
+    @property
+    def num_cores(self) -> int:
+        return (self.end.x - self.start.x + 1) * (self.end.y - self.start.y + 1)
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    grid: frozenset
+    shape: tuple
+    orientation: str = "ROW_MAJOR"
+
+    @property
+    def num_cores(self) -> int:
+        return sum(r.num_cores for r in self.grid)
+
+
 def _config_class(name: str):
     return type(name, (Config,), {"__init__": lambda self, **kwargs: Config.__init__(self, kwargs)})
 
@@ -136,7 +157,15 @@ class HostTT:
         self.MathFidelity = types.SimpleNamespace(LoFi="LoFi", HiFi2="HiFi2", HiFi3="HiFi3", HiFi4="HiFi4")
         self.UnaryOpType = types.SimpleNamespace(RELU="RELU", SQUARE="SQUARE")
         self.CoreCoord, self.CoreGrid, self.Shape = CoreCoord, CoreGrid, Shape
-        for name in ("WormholeComputeKernelConfig", "SDPAProgramConfig", "LayerNormShardedMultiCoreProgramConfig"):
+        self.TensorMemoryLayout = types.SimpleNamespace(
+            INTERLEAVED="INTERLEAVED", HEIGHT_SHARDED="HEIGHT_SHARDED", WIDTH_SHARDED="WIDTH_SHARDED")
+        self.ShardOrientation = types.SimpleNamespace(ROW_MAJOR="ROW_MAJOR")
+        self.CoreRange, self.CoreRangeSet = CoreRange, frozenset
+        self.ShardSpec = lambda grid, shape, orientation="ROW_MAJOR": ShardSpec(frozenset(grid), tuple(shape), orientation)
+        self.MemoryConfig = lambda layout, buffer, shard_spec=None: MemoryConfig(
+            buffer, layout, shard_spec.shape if shard_spec else None, shard_spec.num_cores if shard_spec else None)
+        for name in ("WormholeComputeKernelConfig", "SDPAProgramConfig", "LayerNormShardedMultiCoreProgramConfig",
+                     "MatmulMultiCoreReuseMultiCastDRAMShardedProgramConfig"):
             setattr(self, name, _config_class(name))
         self.experimental = types.SimpleNamespace(
             nlp_create_qkv_heads_decode=self._op(self._nlp_create_qkv_heads_decode),
@@ -461,7 +490,8 @@ def _as_tuple(result):
 
 
 def _check_shard(x: HostTensor, config: MemoryConfig) -> None:
-    """A sharded config must cover the tensor exactly: rows (padded to tiles) by width."""
+    """A sharded config must cover the tensor, rows (padded to tiles) by width, with no empty shard
+    (the last shard may be partly filled, as ttnn allows)."""
     if not config.sharded or config.shard_shape is None or config.cores is None:
         return
     height, width = config.shard_shape
@@ -469,10 +499,14 @@ def _check_shard(x: HostTensor, config: MemoryConfig) -> None:
     rows = 1
     for d in padded[:-1]:
         rows *= d
+
+    def covers(size: int, shard: int) -> bool:
+        return shard * (config.cores - 1) < size <= shard * config.cores
+
     if config.layout == "WIDTH_SHARDED":
-        ok = padded[-1] == width * config.cores and rows <= height
+        ok = covers(padded[-1], width) and rows <= height
     else:
-        ok = padded[-1] == width and rows <= height * config.cores
+        ok = padded[-1] == width and covers(rows, height)
     if not ok:
         raise RuntimeError(f"shard spec {config.shard_shape} x {config.cores} cores ({config.layout}) does not fit a "
                            f"tensor of padded shape {list(padded)}")

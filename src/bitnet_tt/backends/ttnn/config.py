@@ -31,6 +31,9 @@ class TTOptions:
     # (benchmarks/ttnn_dtypes.py prints the figures).
     activation_quant: bool = False
     use_trace: bool = True  # capture the decode step once per batch size and replay it
+    # Decode matmuls read weights WIDTH_SHARDED over the DRAM banks (tt_transformers' decode layout).
+    # Prefill cannot read that layout in ttnn 0.81.1, so the ternary weights are held twice.
+    dram_sharded_decode: bool = True
 
     def __post_init__(self):
         if self.weight_dtype not in WEIGHT_DTYPES:
@@ -65,6 +68,24 @@ def round_up(n: int, multiple: int) -> int:
 
 def largest_divisor(n: int, limit: int) -> int:
     return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
+
+
+@dataclass(frozen=True)
+class DramShardedMatmul:
+    """A decode matmul x[32, k] @ w[k, n] with w width-sharded over the DRAM banks (n padded to fit them)
+    and x split over a grid of cores."""
+
+    k: int
+    n: int
+    n_padded: int
+    grid_x: int
+    grid_y: int
+    in0_block_w: int
+    per_core_n: int  # output tiles per core
+
+    @property
+    def cores(self) -> int:
+        return self.grid_x * self.grid_y
 
 
 @dataclass(frozen=True)
@@ -108,17 +129,29 @@ class TTPlan:
             return "bf16"
         return "composite"
 
+    def core_rectangle(self, row_tiles: int, max_cores: int, max_x: int) -> tuple[int, int]:
+        """(x, y): the most cores, at most max_cores and max_x wide, whose count divides row_tiles."""
+        for cores in range(min(max_cores, row_tiles), 0, -1):
+            if row_tiles % cores:
+                continue
+            x = largest_divisor(cores, min(max_x, self.device.grid_x))
+            if cores // x <= self.device.grid_y:
+                return x, cores // x
+        raise ConfigError(f"no core grid divides {row_tiles} tiles")
+
     def sharded_norm_layout(self, width: int) -> tuple[int, int, int]:
         """(x, y, tiles per core) for a width-sharded decode RMSNorm: at most 32 cores, at most 8 wide,
         so the same layout fits every board; an interleaved norm of a 6912-wide row needs most of a core's L1."""
-        row_tiles = tiles(width)
-        for cores in range(min(32, row_tiles), 0, -1):
-            if row_tiles % cores:
-                continue
-            x = largest_divisor(cores, min(8, self.device.grid_x))
-            if cores // x <= self.device.grid_y:
-                return x, cores // x, row_tiles // cores
-        raise ConfigError(f"no core grid for a sharded norm of width {width}")
+        x, y = self.core_rectangle(tiles(width), 32, 8)
+        return x, y, tiles(width) // (x * y)
+
+    def dram_sharded_matmul(self, k: int, n: int) -> DramShardedMatmul:
+        """tt_transformers' decode layout: n padded to 32 x DRAM banks, x split over up to 64 cores."""
+        n_padded = round_up(n, TILE * self.device.dram_banks)
+        x, y = self.core_rectangle(tiles(k), 64, self.device.grid_x)
+        cores = x * y
+        return DramShardedMatmul(k, n, n_padded, x, y, largest_divisor(tiles(k) // cores, 8),
+                                 -(-tiles(n_padded) // cores))
 
     def sdpa_decode_grid(self) -> tuple[int, int]:
         """At most 8x8 cores: SDPA decode splits each (user, KV head) over the grid, and its tree
@@ -131,9 +164,19 @@ class TTPlan:
 
     # -- memory ----------------------------------------------------------------------------------
 
+    def decode_matmuls(self) -> dict[str, DramShardedMatmul]:
+        """The four fused projections of a layer, by their LayerOnDevice names."""
+        m = self.model
+        return {"wqkv": self.dram_sharded_matmul(m.hidden_size, self.qkv_width),
+                "wo": self.dram_sharded_matmul(m.q_size, m.hidden_size),
+                "wgate_up": self.dram_sharded_matmul(m.hidden_size, 2 * m.intermediate_size),
+                "wdown": self.dram_sharded_matmul(m.intermediate_size, m.hidden_size)}
+
     def weight_bytes(self) -> int:
         m, o = self.model, self.options
         linear = sum(out * inp for out, inp in m.projection_shapes().values()) * m.num_layers
+        if o.dram_sharded_decode:  # a second, padded copy in the decode layout
+            linear += sum(s.k * s.n_padded for s in self.decode_matmuls().values()) * m.num_layers
         norms = (2 * m.hidden_size + m.q_size + m.intermediate_size) * m.num_layers * 2
         # The embedding is a bf16 ROW_MAJOR table (ttnn.embedding reads rows; block floats need tiles),
         # and the LM head its own TILE copy [hidden, vocab] in the head dtype, tied or not.

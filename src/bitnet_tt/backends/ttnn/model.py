@@ -29,6 +29,7 @@ class TTModel:
             shape=(TILE, self.head_dim), core_grid=tt.CoreGrid(y=gy, x=gx), strategy=tt.ShardStrategy.HEIGHT,
             use_height_and_width_as_shard_shape=True)
         self._norm_configs = {}
+        self._matmul_configs = {}
         sdpa_x, sdpa_y = plan.sdpa_decode_grid()
         self.sdpa_decode_config = tt.SDPAProgramConfig(
             compute_with_storage_grid_size=tt.CoreCoord(sdpa_x, sdpa_y), q_chunk_size=0, k_chunk_size=0)
@@ -72,34 +73,63 @@ class TTModel:
             self._norm_configs[width] = memory_config, program_config
         return self._norm_configs[width]
 
-    def bitlinear(self, x, weight, memory_config):
-        """x @ codes, with HF's per-token int8 absmax quantisation of x when enabled.
+    def matmul_decode(self, x_11BK, name: str, layer: LayerOnDevice):
+        """Decode matmul against the DRAM width-sharded copy: x split over a core grid, the output back
+        to L1 rows (and the bank padding of the output width sliced off)."""
+        tt, spec = self.tt, self.plan.decode_matmuls()[name]
+        in0_config, out_config, program_config = self._decode_matmul_configs(spec)
+        y = tt.linear(tt.to_memory_config(x_11BK, in0_config), layer.decode[name], program_config=program_config, memory_config=out_config,
+                      compute_kernel_config=self.matmul_kernel)
+        y = tt.to_memory_config(y, tt.L1_MEMORY_CONFIG)
+        if spec.n_padded != spec.n:
+            y = tt.slice(y, [0, 0, 0, 0], [*list(y.shape)[:-1], spec.n])
+        return y
+
+    def _decode_matmul_configs(self, spec):
+        if spec not in self._matmul_configs:
+            tt = self.tt
+            grid = tt.CoreGrid(y=spec.grid_y, x=spec.grid_x)
+            in0 = tt.create_sharded_memory_config(shape=(TILE, spec.k // spec.cores), core_grid=grid,
+                                                  strategy=tt.ShardStrategy.WIDTH, use_height_and_width_as_shard_shape=True)
+            out = tt.create_sharded_memory_config(shape=(TILE, spec.per_core_n * TILE), core_grid=grid,
+                                                  strategy=tt.ShardStrategy.WIDTH, use_height_and_width_as_shard_shape=True)
+            program = tt.MatmulMultiCoreReuseMultiCastDRAMShardedProgramConfig(
+                in0_block_w=spec.in0_block_w, per_core_M=1, per_core_N=spec.per_core_n, fused_activation=None)
+            self._matmul_configs[spec] = in0, out, program
+        return self._matmul_configs[spec]
+
+    def bitlinear(self, x, layer: LayerOnDevice, name: str, decoding: bool):
+        """x @ the layer's `name` codes, with HF's per-token int8 absmax quantisation of x when enabled.
 
         Integer activations times ternary codes accumulate exactly in the fp32 destination; the
         per-token 1/s is applied after the matmul, the per-tensor scale by the caller's folds.
         """
         tt = self.tt
-        if not self.plan.options.activation_quant:
-            return tt.linear(x, weight, memory_config=memory_config, compute_kernel_config=self.matmul_kernel)
-        # In fp32: bf16 cannot hold x*s finely enough to round it (steps of 0.5 above 64).
-        x = tt.typecast(x, tt.float32)
-        absmax = tt.max(tt.abs(x), dim=-1, keepdim=True)
-        scale = tt.multiply(tt.reciprocal(tt.maximum(absmax, 1e-5)), 127.0)
-        x_q = tt.typecast(tt.round(tt.multiply(x, scale)), tt.bfloat16)  # integers |q| <= 127: exact in bf16
-        y = tt.linear(x_q, weight, memory_config=memory_config, compute_kernel_config=self.matmul_kernel)
-        return tt.divide(y, scale)
+        quantise = self.plan.options.activation_quant
+        if quantise:
+            # In fp32: bf16 cannot hold x*s finely enough to round it (steps of 0.5 above 64).
+            x = tt.typecast(x, tt.float32)
+            absmax = tt.max(tt.abs(x), dim=-1, keepdim=True)
+            scale = tt.multiply(tt.reciprocal(tt.maximum(absmax, 1e-5)), 127.0)
+            x = tt.typecast(tt.round(tt.multiply(x, scale)), tt.bfloat16)  # integers |q| <= 127: exact in bf16
+        if decoding and layer.decode:
+            y = self.matmul_decode(x, name, layer)
+        else:
+            y = tt.linear(x, getattr(layer, name), memory_config=tt.L1_MEMORY_CONFIG if decoding else tt.DRAM_MEMORY_CONFIG,
+                          compute_kernel_config=self.matmul_kernel)
+        return tt.divide(y, scale) if quantise else y
 
-    def mlp(self, x, layer: LayerOnDevice, memory_config, norm):
+    def mlp(self, x, layer: LayerOnDevice, decoding: bool, norm):
         """`norm` is norm (prefill) or norm_decode; both take (x, weight, eps, weight_row)."""
         # x [.., S, hidden] -> [.., S, hidden], scaled by the down projection's scale
         tt, i = self.tt, self.plan.model.intermediate_size
-        gate_up = self.bitlinear(x, layer.wgate_up, memory_config)
+        gate_up = self.bitlinear(x, layer, "wgate_up", decoding)
         rows = list(gate_up.shape)[:-1]
         gate = tt.slice(gate_up, [0] * len(rows) + [0], rows + [i])
         up = tt.slice(gate_up, [0] * len(rows) + [i], rows + [2 * i])
         hidden = tt.mul(gate, up, input_tensor_a_activations=[tt.UnaryOpType.RELU, tt.UnaryOpType.SQUARE])
         hidden = norm(hidden, layer.ffn_sub_norm, layer.folds.ffn_sub_norm_eps, layer.ffn_sub_norm_row)
-        return tt.multiply(self.bitlinear(hidden, layer.wdown, memory_config), layer.folds.down_scale)
+        return tt.multiply(self.bitlinear(hidden, layer, "wdown", decoding), layer.folds.down_scale)
 
     def lm_head(self, x):
         tt = self.tt
@@ -120,7 +150,7 @@ class TTModel:
                                          cos_1B1D, sin_1B1D, positions_B)
             x_11BH = tt.add(x_11BH, attn)
             mlp_in = self.norm_decode(x_11BH, layer.mlp_norm, self.eps)
-            x_11BH = tt.add(x_11BH, self.mlp(mlp_in, layer, tt.L1_MEMORY_CONFIG, self.norm_decode))
+            x_11BH = tt.add(x_11BH, self.mlp(mlp_in, layer, True, self.norm_decode))
         logits_11BV = self.lm_head(self.norm_decode(x_11BH, self.w.final_norm, self.eps))
         # argmax over the logical vocabulary: ROW_MAJOR drops the tile padding past the last token id
         greedy_11B = tt.argmax(tt.to_layout(logits_11BV, tt.ROW_MAJOR_LAYOUT), dim=-1)
@@ -135,7 +165,7 @@ class TTModel:
     def attention_decode(self, x_11BH, layer: LayerOnDevice, index: int, cos_1B1D, sin_1B1D, positions_B):
         tt = self.tt
         keys, values = self.kv_cache[index]
-        qkv_11BQ = tt.to_memory_config(self.bitlinear(x_11BH, layer.wqkv, tt.L1_MEMORY_CONFIG), self.qkv_memcfg)
+        qkv_11BQ = tt.to_memory_config(self.bitlinear(x_11BH, layer, "wqkv", True), self.qkv_memcfg)
         q_1BHD, k_1BKD, v_1BKD = tt.experimental.nlp_create_qkv_heads_decode(
             qkv_11BQ, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, memory_config=tt.L1_HEIGHT_SHARDED_MEMORY_CONFIG)
         q_1BHD = tt.experimental.rotary_embedding_hf(q_1BHD, cos_1B1D, sin_1B1D, is_decode_mode=True)
@@ -152,7 +182,7 @@ class TTModel:
         if list(attn_11BQ.shape)[2] != users:  # nlp_concat_heads_decode always yields 32 user rows
             attn_11BQ = tt.slice(attn_11BQ, [0, 0, 0, 0], [1, 1, users, self.plan.model.q_size])
         attn_11BQ = self.norm_decode(attn_11BQ, layer.attn_sub_norm, layer.folds.attn_sub_norm_eps)
-        return tt.multiply(self.bitlinear(attn_11BQ, layer.wo, tt.L1_MEMORY_CONFIG), layer.folds.o_scale)
+        return tt.multiply(self.bitlinear(attn_11BQ, layer, "wo", True), layer.folds.o_scale)
 
     # -- prefill ------------------------------------------------------------------------------------
 
@@ -167,7 +197,7 @@ class TTModel:
         for index, layer in enumerate(self.w.layers):
             attn = self.attention_prefill(self.norm(x_11SH, layer.attn_norm, self.eps), layer, index, cos_11SD, sin_11SD, slot)
             x_11SH = tt.add(x_11SH, attn)
-            x_11SH = tt.add(x_11SH, self.mlp(self.norm(x_11SH, layer.mlp_norm, self.eps), layer, tt.DRAM_MEMORY_CONFIG, self.norm))
+            x_11SH = tt.add(x_11SH, self.mlp(self.norm(x_11SH, layer.mlp_norm, self.eps), layer, False, self.norm))
         tile_start = last_row // TILE * TILE
         last_11TH = tt.slice(x_11SH, [0, 0, tile_start, 0], [1, 1, tile_start + TILE, self.plan.model.hidden_size])
         return self.lm_head(self.norm(last_11TH, self.w.final_norm, self.eps))
@@ -175,7 +205,7 @@ class TTModel:
     def attention_prefill(self, x_11SH, layer: LayerOnDevice, index: int, cos_11SD, sin_11SD, slot: int):
         tt = self.tt
         keys, values = self.kv_cache[index]
-        qkv_11SQ = self.bitlinear(x_11SH, layer.wqkv, tt.DRAM_MEMORY_CONFIG)
+        qkv_11SQ = self.bitlinear(x_11SH, layer, "wqkv", False)
         q_1HSD, k_1KSD, v_1KSD = tt.experimental.nlp_create_qkv_heads(
             qkv_11SQ, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, transpose_k_heads=False,
             memory_config=tt.DRAM_MEMORY_CONFIG)
@@ -187,4 +217,4 @@ class TTModel:
             q_1HSD, k_1KSD, v_1KSD, is_causal=True, scale=layer.folds.attention_scale, compute_kernel_config=self.hifi)
         attn_11SQ = tt.experimental.nlp_concat_heads(attn_1HSD, memory_config=tt.DRAM_MEMORY_CONFIG)
         attn_11SQ = self.norm(attn_11SQ, layer.attn_sub_norm, layer.folds.attn_sub_norm_eps)
-        return tt.multiply(self.bitlinear(attn_11SQ, layer.wo, tt.DRAM_MEMORY_CONFIG), layer.folds.o_scale)
+        return tt.multiply(self.bitlinear(attn_11SQ, layer, "wo", False), layer.folds.o_scale)

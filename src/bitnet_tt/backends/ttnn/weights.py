@@ -60,6 +60,7 @@ class LayerOnDevice:
     ffn_sub_norm_row: object  # [1, 1, 1, intermediate] TILE, for the composite norm of wide rows
     wdown: object  # [intermediate, hidden]
     folds: ScaleFolds
+    decode: dict[str, object]  # the same four, DRAM width-sharded for decode (empty when the option is off)
 
 
 @dataclass
@@ -83,17 +84,18 @@ class Placer:
     def __init__(self, tt, device, cache_dir: Path | None = None, allocate_only: bool = False):
         self.tt, self.device, self.cache_dir, self.allocate_only = tt, device, cache_dir, allocate_only
 
-    def __call__(self, name: str, make: Callable[[], torch.Tensor], shape: tuple[int, ...], dtype: str, row_major: bool = False):
+    def __call__(self, name: str, make: Callable[[], torch.Tensor], shape: tuple[int, ...], dtype: str,
+                 row_major: bool = False, memory_config=None):
         tt = self.tt
         layout = tt.ROW_MAJOR_LAYOUT if row_major else tt.TILE_LAYOUT
+        memory_config = memory_config or tt.DRAM_MEMORY_CONFIG
         if self.allocate_only:
-            return tt.allocate_tensor_on_device(tt.Shape(list(shape)), getattr(tt, dtype), layout, self.device, tt.DRAM_MEMORY_CONFIG)
+            return tt.allocate_tensor_on_device(tt.Shape(list(shape)), getattr(tt, dtype), layout, self.device, memory_config)
         tensor = make()
         assert tuple(tensor.shape) == tuple(shape), (name, tuple(tensor.shape), shape)
         cache = str(self.cache_dir / f"{name}.{dtype}") if self.cache_dir else None
         return tt.as_tensor(tensor, dtype=getattr(tt, dtype), layout=layout, device=self.device,
-                            memory_config=tt.DRAM_MEMORY_CONFIG if self.device is not None else None,
-                            cache_file_name=cache)
+                            memory_config=memory_config if self.device is not None else None, cache_file_name=cache)
 
 
 def norm_rows(weight: torch.Tensor) -> torch.Tensor:
@@ -136,18 +138,40 @@ def place_layer(plan: TTPlan, k: int, layer: LayerWeights | None, place: Placer)
         return place(f"layers.{k}.{name}", lambda: norm_rows(norms[name]), (1, 1, width // TILE, TILE), "bfloat16", row_major=True)
 
     folds = ScaleFolds.from_layer(layer, m.head_dim, m.rms_norm_eps) if layer else ScaleFolds.neutral(m.head_dim, m.rms_norm_eps)
+    fused = {
+        "wqkv": lambda: codes_in_out(p["self_attn.q_proj"], p["self_attn.k_proj"], p["self_attn.v_proj"]),
+        "wo": lambda: codes_in_out(p["self_attn.o_proj"]),
+        "wgate_up": lambda: codes_in_out(p["mlp.gate_proj"], p["mlp.up_proj"]),
+        "wdown": lambda: codes_in_out(p["mlp.down_proj"]),
+    }
+    interleaved = {name: place(f"layers.{k}.{name}", make, (spec.k, spec.n), dtype)
+                   for (name, make), spec in zip(fused.items(), plan.decode_matmuls().values())}
+    decode = {}
+    if plan.options.dram_sharded_decode:
+        for (name, make), spec in zip(fused.items(), plan.decode_matmuls().values()):
+            padded = lambda make=make, spec=spec: torch.nn.functional.pad(make(), (0, spec.n_padded - spec.n))  # noqa: E731
+            decode[name] = place(f"layers.{k}.{name}.dram_sharded", padded, (spec.k, spec.n_padded), dtype,
+                                 memory_config=dram_width_sharded(place.tt, plan, spec))
     return LayerOnDevice(
         attn_norm=norm("input_layernorm", h),
-        wqkv=place(f"layers.{k}.wqkv", lambda: codes_in_out(p["self_attn.q_proj"], p["self_attn.k_proj"], p["self_attn.v_proj"]),
-                   (h, plan.qkv_width), dtype),
+        wqkv=interleaved["wqkv"],
         attn_sub_norm=norm("self_attn.attn_sub_norm", m.q_size),
-        wo=place(f"layers.{k}.wo", lambda: codes_in_out(p["self_attn.o_proj"]), (m.q_size, h), dtype),
+        wo=interleaved["wo"],
         mlp_norm=norm("post_attention_layernorm", h),
-        wgate_up=place(f"layers.{k}.wgate_up", lambda: codes_in_out(p["mlp.gate_proj"], p["mlp.up_proj"]), (h, 2 * i), dtype),
+        wgate_up=interleaved["wgate_up"],
         ffn_sub_norm=norm("mlp.ffn_sub_norm", i),
         ffn_sub_norm_row=place(f"layers.{k}.mlp.ffn_sub_norm.row", lambda: norms["mlp.ffn_sub_norm"].to(torch.bfloat16).reshape(1, 1, 1, i),
                                (1, 1, 1, i), "bfloat16"),
-        wdown=place(f"layers.{k}.wdown", lambda: codes_in_out(p["mlp.down_proj"]), (i, h), dtype),
+        wdown=interleaved["wdown"],
         folds=folds,
+        decode=decode,
     )
+
+
+def dram_width_sharded(tt, plan: TTPlan, spec):
+    """[k, n_padded] split into equal column blocks, one per DRAM bank."""
+    banks = plan.device.dram_banks
+    grid = tt.CoreRangeSet({tt.CoreRange(tt.CoreCoord(0, 0), tt.CoreCoord(banks - 1, 0))})
+    return tt.MemoryConfig(tt.TensorMemoryLayout.WIDTH_SHARDED, tt.BufferType.DRAM,
+                           tt.ShardSpec(grid, [spec.k, spec.n_padded // banks], tt.ShardOrientation.ROW_MAJOR))
 
