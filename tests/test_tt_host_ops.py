@@ -1,0 +1,212 @@
+"""The host stand-in's ops against ttnn's own golden functions, and, for ops that ship none, pinned to
+the behaviour their ttnn docstrings describe and the backend relies on."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tools.tt_host.stand_in import HostTT
+
+pytestmark = pytest.mark.tt_host
+GEN = torch.Generator().manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def golden():
+    import importlib.util
+
+    from tools.tt_mock.harness import BOARDS, HERE
+
+    if importlib.util.find_spec("ttnn") is None:
+        if os.environ.get("CI"):
+            pytest.fail("the tt extra must be installed in CI")
+        pytest.skip("ttnn is not installed")
+    os.environ.setdefault("TT_METAL_MOCK_CLUSTER_DESC_PATH", str(HERE / BOARDS["p150"]))
+    os.environ.setdefault("TT_LOGGER_LEVEL", "off")
+    import ttnn
+
+    def of(path: str):
+        op = ttnn
+        for part in path.split("."):
+            op = getattr(op, part)
+        return ttnn.get_golden_function(op)
+
+    return of
+
+
+@pytest.fixture
+def tt():
+    return HostTT(exact=True)  # no rounding: the comparison is about what each op computes
+
+
+def on_device(tt, data, dtype="float32", layout="TILE", memory_config=None):
+    return tt.from_torch(data, dtype=dtype, layout=layout, device=tt.device(), memory_config=memory_config)
+
+
+def randn(*shape):
+    return torch.randn(*shape, generator=GEN)
+
+
+def close(ours, expected):
+    torch.testing.assert_close(ours.data.float(), expected.float().reshape(ours.data.shape), rtol=1e-5, atol=1e-5)
+
+
+def test_rms_norm(tt, golden):
+    x, w = randn(1, 1, 32, 256), randn(256)
+    ours = tt.rms_norm(on_device(tt, x), epsilon=1e-5, weight=on_device(tt, w.reshape(1, 1, 8, 32), layout="ROW_MAJOR"))
+    close(ours, golden("rms_norm")(x, w, epsilon=1e-5))
+
+
+def test_linear(tt, golden):
+    a, b = randn(1, 1, 64, 96), randn(96, 160)
+    close(tt.linear(on_device(tt, a), on_device(tt, b)), golden("linear")(a, b))
+
+
+def test_embedding(tt, golden):
+    ids, table = torch.randint(0, 300, (1, 32), generator=GEN), randn(300, 64)
+    ours = tt.embedding(on_device(tt, ids, "uint32", "ROW_MAJOR"), on_device(tt, table, layout="ROW_MAJOR"))
+    close(ours, golden("embedding")(ids, table))
+
+
+@pytest.mark.parametrize("op, args", [("abs", ()), ("reciprocal", ()), ("round", ()), ("rsqrt", ()), ("square", ())])
+def test_unary(tt, golden, op, args):
+    x = randn(1, 1, 32, 64).abs() + 0.1  # positive, so that reciprocal and rsqrt are defined
+    close(getattr(tt, op)(on_device(tt, x * 50)), golden(op)(x * 50))
+
+
+@pytest.mark.parametrize("op", ["add", "multiply", "divide", "maximum"])
+def test_binary_and_scalar(tt, golden, op):
+    a, b = randn(1, 1, 32, 64), randn(1, 1, 32, 1).abs() + 0.5
+    close(getattr(tt, op)(on_device(tt, a), on_device(tt, b)), golden(op)(a, b))
+    close(getattr(tt, op)(on_device(tt, a), 0.25), golden(op)(a, 0.25))
+
+
+@pytest.mark.parametrize("op", ["max", "mean"])
+def test_reductions(tt, golden, op):
+    x = randn(1, 1, 32, 96)
+    close(getattr(tt, op)(on_device(tt, x), dim=-1, keepdim=True), golden(op)(x, dim=-1, keepdim=True))
+
+
+def test_argmax(tt, golden):
+    x = randn(1, 1, 32, 300)
+    ours = tt.argmax(on_device(tt, x, layout="ROW_MAJOR"), dim=-1)
+    assert torch.equal(ours.data, golden("argmax")(x, dim=-1).to(ours.data.dtype))
+
+
+def test_fill_cache(tt, golden):
+    cache, x = torch.zeros(4, 2, 64, 32), randn(1, 2, 32, 32)
+    ours = on_device(tt, cache.clone())
+    tt.fill_cache(ours, on_device(tt, x), 2)
+    close(ours, golden("fill_cache")(cache.clone(), x, 2))
+
+
+def test_sdpa_prefill(tt, golden):
+    q, k, v = randn(1, 4, 64, 32), randn(1, 4, 64, 32), randn(1, 4, 64, 32)
+    ours = tt.transformer.scaled_dot_product_attention(on_device(tt, q), on_device(tt, k), on_device(tt, v),
+                                                       is_causal=True, scale=0.2)
+    close(ours, golden("transformer.scaled_dot_product_attention")(q, k, v, is_causal=True, scale=0.2))
+
+
+def test_sdpa_decode_with_gqa_and_per_user_positions(tt, golden):
+    q, k, v = randn(1, 3, 8, 32), randn(3, 2, 64, 32), randn(3, 2, 64, 32)
+    positions = torch.tensor([0, 17, 63], dtype=torch.int32)
+    ours = tt.transformer.scaled_dot_product_attention_decode(
+        on_device(tt, q), on_device(tt, k), on_device(tt, v), cur_pos_tensor=on_device(tt, positions, "int32", "ROW_MAJOR"),
+        scale=0.3)
+    expected = golden("transformer.scaled_dot_product_attention_decode")(q, k, v, cur_pos_tensor=positions, scale=0.3)
+    close(ours, expected)
+
+
+# --- ops with no golden function: the behaviours the backend relies on ------------------------------------
+
+
+def test_rotary_embedding_hf_is_hf_half_split_rope(tt):
+    """Docstring: HF-style (half-split) rotation; prefill x [1, H, S, D] with cos/sin [1, 1, S, D]."""
+    x, angles = randn(1, 4, 32, 64), randn(1, 1, 32, 32)
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    ours = tt.experimental.rotary_embedding_hf(on_device(tt, x), on_device(tt, cos), on_device(tt, sin))
+    from transformers.models.bitnet.modeling_bitnet import apply_rotary_pos_emb
+
+    expected, _ = apply_rotary_pos_emb(x, x, cos[0], sin[0], unsqueeze_dim=0)
+    close(ours, expected)
+
+
+def test_rotary_embedding_hf_decode_needs_height_sharding(tt):
+    x = on_device(tt, randn(1, 4, 2, 64))
+    with pytest.raises(RuntimeError, match="height-sharded"):
+        tt.experimental.rotary_embedding_hf(x, x, x, is_decode_mode=True)
+
+
+def test_paged_update_cache_writes_each_user_at_its_position(tt):
+    cache = on_device(tt, torch.zeros(3, 2, 16, 32))
+    x, positions = randn(1, 3, 2, 32), torch.tensor([0, 5, 15], dtype=torch.int32)
+    tt.experimental.paged_update_cache(cache, on_device(tt, x), update_idxs_tensor=on_device(tt, positions, "int32", "ROW_MAJOR"))
+    for user, position in enumerate(positions.tolist()):
+        assert torch.equal(cache.data[user, :, position], x[0, user])
+    assert int((cache.data != 0).any(-1).sum()) == 3 * 2  # nothing else was written
+    with pytest.raises(RuntimeError, match="past the end"):
+        tt.experimental.paged_update_cache(cache, on_device(tt, x), update_idxs_tensor=on_device(
+            tt, torch.tensor([0, 1, 16], dtype=torch.int32), "int32", "ROW_MAJOR"))
+
+
+def test_qkv_heads_decode_split_and_concat(tt):
+    """[1, 1, B, (H + 2K) D] -> q [1, B, H, D], k, v [1, B, K, D]; concat writes 32 user rows back."""
+    users, heads, kv, dim = 5, 4, 2, 32
+    qkv = randn(1, 1, users, (heads + 2 * kv) * dim)
+    sharded = tt.create_sharded_memory_config((32, qkv.shape[-1] // 4), tt.CoreGrid(y=1, x=4), tt.ShardStrategy.WIDTH)
+    q, k, v = tt.experimental.nlp_create_qkv_heads_decode(on_device(tt, qkv, memory_config=sharded),
+                                                          num_heads=heads, num_kv_heads=kv)
+    parts = qkv[0, 0].view(users, heads + 2 * kv, dim)
+    assert torch.equal(q.data[0], parts[:, :heads]) and torch.equal(v.data[0], parts[:, heads + kv:])
+    joined = tt.experimental.nlp_concat_heads_decode(q, num_heads=heads)
+    assert list(joined.shape) == [1, 1, 32, heads * dim]
+    assert torch.equal(joined.data[0, 0, :users], qkv[0, 0, :, : heads * dim])
+    with pytest.raises(RuntimeError, match="sharded"):
+        tt.experimental.nlp_create_qkv_heads_decode(on_device(tt, qkv), num_heads=heads, num_kv_heads=kv)
+
+
+def test_qkv_heads_prefill_split_and_concat(tt):
+    seq, heads, kv, dim = 64, 4, 1, 32
+    qkv = randn(1, 1, seq, (heads + 2 * kv) * dim)
+    q, k, v = tt.experimental.nlp_create_qkv_heads(on_device(tt, qkv), num_heads=heads, num_kv_heads=kv,
+                                                   transpose_k_heads=False)
+    assert [list(t.shape) for t in (q, k, v)] == [[1, heads, seq, dim], [1, kv, seq, dim], [1, kv, seq, dim]]
+    assert torch.equal(k.data[0, 0], qkv[0, 0, :, heads * dim : (heads + 1) * dim])
+    assert torch.equal(tt.experimental.nlp_concat_heads(q).data, qkv[..., : heads * dim])
+
+
+def test_mul_applies_relu_squared_to_the_first_input(tt):
+    a, b = randn(1, 1, 32, 64), randn(1, 1, 32, 64)
+    ours = tt.mul(on_device(tt, a), on_device(tt, b), input_tensor_a_activations=[tt.UnaryOpType.RELU, tt.UnaryOpType.SQUARE])
+    close(ours, F.relu(a) ** 2 * b)
+
+
+def test_trace_replays_on_new_inputs_and_rejects_allocation(tt):
+    x = on_device(tt, torch.ones(1, 1, 32, 32))
+    trace = tt.begin_trace_capture(None)
+    y = tt.multiply(tt.add(x, 1.0), 3.0)
+    tt.end_trace_capture(None, trace)
+    assert torch.isnan(y.data).all()  # nothing ran yet
+    tt.copy_host_to_device_tensor(tt.from_torch(torch.full((1, 1, 32, 32), 2.0), dtype="float32", layout="TILE"), x)
+    tt.execute_trace(None, trace)
+    assert torch.equal(y.data, torch.full((1, 1, 32, 32), 9.0))
+    tt.begin_trace_capture(None)
+    with pytest.raises(RuntimeError, match="inside a trace capture"):
+        on_device(tt, torch.zeros(2))
+
+
+def test_deallocated_tensors_are_unusable(tt):
+    x = on_device(tt, randn(1, 1, 32, 32))
+    tt.deallocate(x)
+    with pytest.raises(RuntimeError, match="deallocated"):
+        tt.add(x, 1.0)
+
+
+def test_bf16_rounding_is_the_device_dtype():
+    x = torch.tensor([1.0 + 2**-10])
+    assert HostTT().round_to(x, "bfloat16").item() == 1.0
+    assert HostTT(exact=True).round_to(x, "bfloat16").item() == 1.0 + 2**-10
