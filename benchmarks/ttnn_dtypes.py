@@ -30,22 +30,11 @@ from bitnet_tt.backends.ttnn.backend import TTNNBackend  # noqa: E402
 from bitnet_tt.backends.ttnn.config import HEAD_DTYPES, WEIGHT_DTYPES, TTOptions  # noqa: E402
 from bitnet_tt.checkpoint import load_weights  # noqa: E402
 from bitnet_tt.synthetic import hf_config, write_random_model  # noqa: E402
-from tools.tt_host.stand_in import HostTT  # noqa: E402
-from tools.tt_mock.harness import BOARDS, HERE  # noqa: E402
+from tools.tt_host.stand_in import HostTT, real_block_float  # noqa: E402
+from tools.tt_mock.harness import host_ttnn  # noqa: E402
 
 PROMPT_LENGTHS = (1, 33, 300)
 DECODE_STEPS = 16
-
-
-def real_block_float():
-    os.environ.setdefault("TT_METAL_MOCK_CLUSTER_DESC_PATH", str(HERE / BOARDS["p150"]))
-    os.environ.setdefault("TT_LOGGER_LEVEL", "off")
-    import ttnn
-
-    def convert(data: torch.Tensor, dtype: str) -> torch.Tensor:
-        return ttnn.to_torch(ttnn.from_torch(data, dtype=getattr(ttnn, dtype), layout=ttnn.TILE_LAYOUT)).float()
-
-    return convert
 
 
 def pcc(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -96,7 +85,7 @@ def main() -> int:
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     config = hf_config(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.hidden * 27 // 10 // 32 * 32,
                        num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64, num_key_value_heads=max(1, args.hidden // 256))
-    block_float = real_block_float()
+    block_float = real_block_float(host_ttnn())
     with tempfile.TemporaryDirectory() as tmp:
         folder = write_random_model(Path(tmp) / "model", config, fmt="packed", seed=1, tokenizer=False)
         gen = torch.Generator().manual_seed(0)

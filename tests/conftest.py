@@ -50,5 +50,26 @@ def load_hf_golden(folder, dtype=torch.float32):
     return model.eval()
 
 
+def needs_tt(prepare):
+    """Run `prepare()` for a ttnn test: without the tt extra the test fails in CI (none may be skipped
+    there) and is skipped elsewhere."""
+    from tools.tt_mock.harness import MockUnavailable
+
+    try:
+        return prepare()
+    except MockUnavailable as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"ttnn tests must run in CI: {exc}")
+        pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="session")
+def host_ttnn():
+    """The real ttnn for host conversions and golden functions (mock cluster descriptor, no device)."""
+    from tools.tt_mock.harness import host_ttnn as load
+
+    return needs_tt(load)
+
+
 def pcc(a: torch.Tensor, b: torch.Tensor) -> float:
     return torch.corrcoef(torch.stack([a.flatten().double(), b.flatten().double()]))[0, 1].item()

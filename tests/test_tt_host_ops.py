@@ -3,8 +3,6 @@ the behaviour their ttnn docstrings describe and the backend relies on."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,24 +14,14 @@ GEN = torch.Generator().manual_seed(0)
 
 
 @pytest.fixture(scope="module")
-def golden():
-    import importlib.util
-
-    from tools.tt_mock.harness import BOARDS, HERE
-
-    if importlib.util.find_spec("ttnn") is None:
-        if os.environ.get("CI"):
-            pytest.fail("the tt extra must be installed in CI")
-        pytest.skip("ttnn is not installed")
-    os.environ.setdefault("TT_METAL_MOCK_CLUSTER_DESC_PATH", str(HERE / BOARDS["p150"]))
-    os.environ.setdefault("TT_LOGGER_LEVEL", "off")
-    import ttnn
+def golden(host_ttnn):
+    """golden("transformer.scaled_dot_product_attention") -> ttnn's CPU reference for that op."""
 
     def of(path: str):
-        op = ttnn
+        op = host_ttnn
         for part in path.split("."):
             op = getattr(op, part)
-        return ttnn.get_golden_function(op)
+        return host_ttnn.get_golden_function(op)
 
     return of
 

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tools.tt_mock.harness import MockUnavailable, mock_env, ttnn_package
+from conftest import needs_tt
+from tools.tt_mock.harness import mock_env, ttnn_package
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.tt_mock
@@ -22,13 +23,8 @@ pytestmark = pytest.mark.tt_mock
 
 @pytest.fixture(scope="module")
 def mock_ready():
-    """The mock needs ttnn (the tt extra) and RISC-V binutils; CI must have both, so it fails there."""
-    try:
-        mock_env("p150")
-    except MockUnavailable as exc:
-        if os.environ.get("CI"):
-            pytest.fail(f"tt_mock tests must run in CI: {exc}")
-        pytest.skip(str(exc))
+    """The mock needs ttnn (the tt extra) and RISC-V binutils (fetched on first use)."""
+    needs_tt(lambda: mock_env("p150"))
 
 
 def contract(*args: str, expect_ok: bool = True) -> dict | str:

@@ -3,7 +3,6 @@ checked against the PyTorch backend (issue: no card here, and a mock device comp
 
 from __future__ import annotations
 
-import os
 from dataclasses import replace
 
 import pytest
@@ -14,7 +13,7 @@ from bitnet_tt.backends.ttnn.backend import TTNNBackend
 from bitnet_tt.backends.ttnn.config import TTOptions
 from bitnet_tt.checkpoint import load_weights
 from conftest import pcc
-from tools.tt_host.stand_in import HostTT
+from tools.tt_host.stand_in import HostTT, real_block_float
 
 pytestmark = pytest.mark.tt_host
 
@@ -33,25 +32,9 @@ def folder(request, model_factory):
 
 
 @pytest.fixture(scope="module")
-def block_float():
+def block_float(host_ttnn):
     """bfloat8_b / bfloat4_b rounding through ttnn's real host conversion (mock cluster descriptor, no device)."""
-    import importlib.util
-
-    from tools.tt_mock.harness import BOARDS, HERE
-
-    if importlib.util.find_spec("ttnn") is None:
-        if os.environ.get("CI"):
-            pytest.fail("the tt extra must be installed in CI")
-        pytest.skip("ttnn is not installed")
-    os.environ.setdefault("TT_METAL_MOCK_CLUSTER_DESC_PATH", str(HERE / BOARDS["p150"]))
-    os.environ.setdefault("TT_LOGGER_LEVEL", "off")
-    import ttnn
-
-    def convert(data: torch.Tensor, dtype: str) -> torch.Tensor:
-        tensor = ttnn.from_torch(data, dtype=getattr(ttnn, dtype), layout=ttnn.TILE_LAYOUT)
-        return ttnn.to_torch(tensor).float().reshape(data.shape)
-
-    return convert
+    return real_block_float(host_ttnn)
 
 
 def backends(folder, options: TTOptions, users: int = 1, exact: bool = False, block_float=None, patch=None):

@@ -3,8 +3,6 @@ and every scale fold checked against the PyTorch backend."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -100,35 +98,14 @@ def test_folds_need_positive_scales(folder):
 # --- real ttnn host conversion (mock cluster descriptor, no device) ------------------------------------
 
 
-@pytest.fixture(scope="module")
-def ttnn_host():
-    from tools.tt_mock.harness import BOARDS, HERE
-
-    try:
-        import importlib.util
-
-        if importlib.util.find_spec("ttnn") is None:
-            raise ImportError("ttnn is not installed")
-    except ImportError as exc:
-        if os.environ.get("CI"):
-            pytest.fail(f"tt_mock tests must run in CI: {exc}")
-        pytest.skip(str(exc))
-    # Host conversions read tile sizes from the cluster; the mock descriptor stands in for a card.
-    os.environ.setdefault("TT_METAL_MOCK_CLUSTER_DESC_PATH", str(HERE / BOARDS["p150"]))
-    os.environ.setdefault("TT_LOGGER_LEVEL", "error")
-    import ttnn
-
-    return ttnn
-
-
 @pytest.mark.tt_mock
 @pytest.mark.parametrize("dtype", ["bfloat4_b", "bfloat8_b", "bfloat16"])
-def test_device_weights_hold_exact_codes(ttnn_host, folder, dtype):
+def test_device_weights_hold_exact_codes(host_ttnn, folder, dtype):
     weights = load_weights(folder, progress=False)
     reference = load_weights(folder, progress=False)
     plan = make_plan(weights.config, P150, TTOptions(weight_dtype=dtype), max_users=2, max_context=64)
-    on_host = place_model(plan, weights, Placer(ttnn_host, None))
-    to_torch = ttnn_host.to_torch
+    on_host = place_model(plan, weights, Placer(host_ttnn, None))
+    to_torch = host_ttnn.to_torch
     for placed, layer in zip(on_host.layers, reference.layers):
         p = layer.projections
         expected = {
@@ -144,13 +121,13 @@ def test_device_weights_hold_exact_codes(ttnn_host, folder, dtype):
 
 
 @pytest.mark.tt_mock
-def test_converted_weights_are_cached_on_disk(ttnn_host, folder, tmp_path):
+def test_converted_weights_are_cached_on_disk(host_ttnn, folder, tmp_path):
     """A restart reads the converted tensors back instead of converting again."""
     plan = make_plan(load_weights(folder, progress=False).config, P150, TTOptions(), max_users=1, max_context=64)
-    first = place_model(plan, load_weights(folder, progress=False), Placer(ttnn_host, None, tmp_path))
+    first = place_model(plan, load_weights(folder, progress=False), Placer(host_ttnn, None, tmp_path))
     cached = sorted(p.name for p in tmp_path.iterdir())
     assert any(name.startswith("layers.0.wqkv.bfloat4_b") for name in cached)
-    again = place_model(plan, load_weights(folder, progress=False), Placer(ttnn_host, None, tmp_path))
+    again = place_model(plan, load_weights(folder, progress=False), Placer(host_ttnn, None, tmp_path))
     assert sorted(p.name for p in tmp_path.iterdir()) == cached  # nothing new was written
     for a, b in zip(first.layers, again.layers):
-        assert torch.equal(ttnn_host.to_torch(a.wgate_up), ttnn_host.to_torch(b.wgate_up))
+        assert torch.equal(host_ttnn.to_torch(a.wgate_up), host_ttnn.to_torch(b.wgate_up))

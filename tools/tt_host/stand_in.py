@@ -473,7 +473,7 @@ class HostTT:
     def _sdpa_decode(self, q, k, v, cur_pos_tensor=None, scale=None, memory_config=None, **_):
         # q [1, B, H, D]; cache k/v [B, K, S, D]; user b attends to positions 0..cur_pos[b]
         positions = cur_pos_tensor.data.long()
-        users, heads = q.shape[1], q.shape[2]
+        heads = q.shape[2]
         if heads % k.shape[1]:
             raise RuntimeError(f"GQA expects Q to have a multiple of K heads, but got {heads} and {k.shape[1]}")
         mask = torch.arange(k.shape[2])[None, :] <= positions[:, None]  # [B, S]
@@ -481,6 +481,16 @@ class HostTT:
         out = F.scaled_dot_product_attention(query, k.data, v.data, attn_mask=mask[:, None, None, :], scale=scale,
                                              enable_gqa=True)
         return self._like(q, out[:, :, 0][None], memory_config)
+
+
+def real_block_float(ttnn):
+    """bfloat8_b / bfloat4_b rounding through ttnn's own host conversion (see tools.tt_mock.harness.host_ttnn)."""
+
+    def convert(data: torch.Tensor, dtype: str) -> torch.Tensor:
+        tensor = ttnn.from_torch(data, dtype=getattr(ttnn, dtype), layout=ttnn.TILE_LAYOUT)
+        return ttnn.to_torch(tensor).float().reshape(data.shape)
+
+    return convert
 
 
 def _as_tuple(result):

@@ -110,6 +110,17 @@ def _sfpi_release(version_file: str) -> str:
     return f"{fields['sfpi_version'].strip(chr(39))}[{fields['sfpi_build'].strip(chr(39))}]"
 
 
+def host_ttnn():
+    """The real ttnn for host-side work only (dtype conversions, golden functions): conversions read
+    tile sizes from the cluster, and a mock descriptor stands in for the card. No device is opened."""
+    ttnn_package()  # raises MockUnavailable without the tt extra
+    os.environ.setdefault("TT_METAL_MOCK_CLUSTER_DESC_PATH", str(HERE / BOARDS["p150"]))
+    os.environ.setdefault("TT_LOGGER_LEVEL", "off")
+    import ttnn
+
+    return ttnn
+
+
 def mock_env(board: str = "p150") -> dict[str, str]:
     """Environment variables that make ttnn open a mock `board` through the private runtime root."""
     if board not in BOARDS:
