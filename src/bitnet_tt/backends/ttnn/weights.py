@@ -144,11 +144,13 @@ def place_layer(plan: TTPlan, k: int, layer: LayerWeights | None, place: Placer)
         "wgate_up": lambda: codes_in_out(p["mlp.gate_proj"], p["mlp.up_proj"]),
         "wdown": lambda: codes_in_out(p["mlp.down_proj"]),
     }
-    interleaved = {name: place(f"layers.{k}.{name}", make, (spec.k, spec.n), dtype)
-                   for (name, make), spec in zip(fused.items(), plan.decode_matmuls().values())}
+    shapes = plan.decode_matmuls()  # [k, n] of each fused projection, and its decode layout
+    interleaved = {name: place(f"layers.{k}.{name}", make, (shapes[name].k, shapes[name].n), dtype)
+                   for name, make in fused.items()}
     decode = {}
     if plan.options.dram_sharded_decode:
-        for (name, make), spec in zip(fused.items(), plan.decode_matmuls().values()):
+        for name, make in fused.items():
+            spec = shapes[name]
             padded = lambda make=make, spec=spec: torch.nn.functional.pad(make(), (0, spec.n_padded - spec.n))  # noqa: E731
             decode[name] = place(f"layers.{k}.{name}.dram_sharded", padded, (spec.k, spec.n_padded), dtype,
                                  memory_config=dram_width_sharded(place.tt, plan, spec))
