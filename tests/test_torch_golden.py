@@ -115,3 +115,18 @@ def test_freed_slot_is_reusable(model_factory):
     backend.free(1)
     assert backend.slot_length(1) == 0
     torch.testing.assert_close(backend.prefill(1, prompt(20, seed=1)), first, rtol=0, atol=0)
+
+
+def test_decode_reads_consecutive_and_scattered_slots_alike(model_factory):
+    """Consecutive slots are read as a view of the cache, others are gathered: both give the same logits."""
+    folder = model_factory("packed")
+    prompts = [prompt(n, seed=n) for n in (4, 9, 21, 2)]
+    runs = []
+    for order in ([0, 1, 2, 3], [2, 0, 3, 1]):
+        backend = TorchBackend(load_weights(folder, progress=False), max_slots=4, max_context=64, dtype="float32")
+        for slot, p in enumerate(prompts):
+            backend.prefill(slot, p)
+        logits = backend.decode(order, [7 + slot for slot in order])
+        runs.append({slot: row for slot, row in zip(order, logits)})
+    for slot in range(4):
+        torch.testing.assert_close(runs[0][slot], runs[1][slot], rtol=0, atol=1e-5)

@@ -22,8 +22,9 @@ class KVCache:
         self.values[layer][rows, :, positions] = v.transpose(1, 2)
 
     def read(self, layer: int, slots: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        # -> keys, values [B, kv_heads, length, head_dim]; a view when one slot is read
-        if slots.numel() == 1:
-            s = int(slots[0])
-            return self.keys[layer, s : s + 1, :, :length], self.values[layer, s : s + 1, :, :length]
+        # -> keys, values [B, kv_heads, length, head_dim]; a view (no copy) when the slots are consecutive
+        first = int(slots[0])
+        if torch.equal(slots, torch.arange(first, first + slots.numel(), device=slots.device)):
+            rows = slice(first, first + slots.numel())
+            return self.keys[layer, rows, :, :length], self.values[layer, rows, :, :length]
         return self.keys[layer][slots, :, :length], self.values[layer][slots, :, :length]
