@@ -30,15 +30,12 @@ from bitnet_tt.backends.ttnn.backend import TTNNBackend  # noqa: E402
 from bitnet_tt.backends.ttnn.config import HEAD_DTYPES, WEIGHT_DTYPES, TTOptions  # noqa: E402
 from bitnet_tt.checkpoint import load_weights  # noqa: E402
 from bitnet_tt.synthetic import hf_config, write_random_model  # noqa: E402
+from bitnet_tt.verify import pcc  # noqa: E402
 from tools.tt_host.stand_in import HostTT, real_block_float  # noqa: E402
 from tools.tt_mock.harness import host_ttnn  # noqa: E402
 
 PROMPT_LENGTHS = (1, 33, 300)
 DECODE_STEPS = 16
-
-
-def pcc(a: torch.Tensor, b: torch.Tensor) -> float:
-    return torch.corrcoef(torch.stack([a.flatten().double(), b.flatten().double()]))[0, 1].item()
 
 
 def reference_run(folder: Path, prompts: list[list[int]]):

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from bitnet_tt.synthetic import hf_config, write_random_model
+from bitnet_tt.verify import pcc  # noqa: F401 - the tests import it from here
 
 # Tiny shapes with the real architecture: 4:1 GQA, an odd number of layers, vocab not a multiple of 32.
 TINY = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
@@ -70,6 +71,3 @@ def host_ttnn():
 
     return needs_tt(load)
 
-
-def pcc(a: torch.Tensor, b: torch.Tensor) -> float:
-    return torch.corrcoef(torch.stack([a.flatten().double(), b.flatten().double()]))[0, 1].item()
