@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from bitnet_tt.errors import RequestError
-from bitnet_tt.sampling import SamplingParams, filter_logits, sample_token
+from bitnet_tt.sampling import SamplingParams, device_draw, device_sampleable, filter_logits, sample_token
 
 LOGITS = torch.tensor([3.0, 2.5, 2.0, 1.0, 0.5, 0.0, -1.0, -2.0])
 
@@ -95,3 +95,23 @@ def test_filter_marks_removed_tokens_minus_inf():
 def test_invalid_parameters_are_rejected(kwargs):
     with pytest.raises(RequestError):
         SamplingParams(**kwargs)
+
+
+def test_device_sampleable_only_where_a_32_candidate_sampler_is_exact():
+    assert device_sampleable(SamplingParams(temperature=0.0), 32)
+    assert device_sampleable(SamplingParams(temperature=0.7, top_k=32, top_p=0.9), 32)
+    for params in (SamplingParams(temperature=0.7), SamplingParams(temperature=0.7, top_k=33),
+                   SamplingParams(temperature=0.7, top_k=5, min_p=0.1), SamplingParams(temperature=0.0, logprobs=True),
+                   SamplingParams(temperature=0.7, top_k=5, presence_penalty=0.5)):
+        assert not device_sampleable(params, 32), params
+    assert not device_sampleable(SamplingParams(temperature=0.7, top_k=5), 0)
+
+
+def test_device_draws_repeat_for_a_seed():
+    params = SamplingParams(temperature=0.7, top_k=5, top_p=0.9)
+    first, second = (device_draw(params, torch.Generator().manual_seed(3)) for _ in range(2))
+    assert first == second and (first.top_k, first.top_p, first.temperature) == (5, 0.9, 0.7)
+    generator = torch.Generator().manual_seed(3)
+    seeds = {device_draw(params, generator).seed for _ in range(20)}
+    assert len(seeds) == 20 and all(0 <= s < 2**31 for s in seeds)  # a fresh seed every step
+    assert device_draw(SamplingParams(temperature=0.0), None).top_k == 1

@@ -42,8 +42,17 @@ DECODE_OPS = {"SdpaDecodeDeviceOperation", "PagedUpdateCacheDeviceOperation", "R
               "LayerNormDeviceOperation", "EmbeddingsDeviceOperation", "ArgMaxDeviceOperation"}
 
 
-def check_report(report: dict, layers: int) -> None:
+SAMPLING_OPS = {"ManualSeedDeviceOperation", "SamplingDeviceOperation"}  # plus topk (a composite past 65536 columns)
+
+
+def check_report(report: dict, layers: int, device_sampling: bool = True) -> None:
     assert DECODE_OPS <= set(report["decode_ops_by_name"])
+    assert (report["device_sampling_top_k"] == 32) == device_sampling
+    if device_sampling:  # the same forward pass, then top-32 and a seeded draw instead of argmax
+        assert SAMPLING_OPS <= set(report["sampled_decode_ops_by_name"])
+        assert any(name.lower().startswith("topk") for name in report["sampled_decode_ops_by_name"])
+        assert "ArgMaxDeviceOperation" not in report["sampled_decode_ops_by_name"]
+        assert abs(report["sampled_decode_device_ops"] - report["decode_device_ops"]) <= 5
     by_name = report["decode_ops_by_name"]
     # Four projections per layer plus the LM head; five norms per layer (two sharded sub-norms) plus the final one.
     assert by_name["MatmulDeviceOperation"] == 4 * layers + 1
@@ -62,6 +71,11 @@ def check_report(report: dict, layers: int) -> None:
 def test_tiny_model_on_mock(mock_ready, board, users):
     report = contract("--board", board, "--shapes", "tiny", "--users", str(users), "--context", "1024", "--prompts", "1,33,1000")
     check_report(report, layers=3)
+
+
+def test_vocabulary_with_a_partial_tile_samples_on_the_host(mock_ready):
+    report = contract("--board", "p150", "--shapes", "tiny", "--vocab", "300", "--users", "4", "--prompts", "1,33")
+    check_report(report, layers=3, device_sampling=False)
 
 
 def test_activation_quant_costs_ops(mock_ready):

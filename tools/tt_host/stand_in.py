@@ -26,8 +26,9 @@ import torch.nn.functional as F
 
 TILE = 32
 FLOAT_DTYPES = ("bfloat16", "float32", "bfloat8_b", "bfloat4_b")
-BYTES = {"bfloat16": 2.0, "float32": 4.0, "bfloat8_b": 1088 / 1024, "bfloat4_b": 576 / 1024, "uint32": 4.0, "int32": 4.0}
-INT_DTYPES = ("uint32", "int32")
+BYTES = {"bfloat16": 2.0, "float32": 4.0, "bfloat8_b": 1088 / 1024, "bfloat4_b": 576 / 1024, "uint32": 4.0, "int32": 4.0,
+         "uint16": 2.0}
+INT_DTYPES = ("uint32", "int32", "uint16")
 
 
 # --- small value types ------------------------------------------------------------------------------
@@ -145,6 +146,7 @@ class HostTT:
         self._ids = itertools.count()
         self._live: weakref.WeakSet[HostTensor] = weakref.WeakSet()  # device tensors, for the memory view
         self.ops_run = 0
+        self._prng: dict[int, torch.Generator] = {}  # per sampling core (user), as ttnn.manual_seed sets them
 
         for name in FLOAT_DTYPES + INT_DTYPES:
             setattr(self, name, name)
@@ -181,7 +183,7 @@ class HostTT:
         )
         for name in ("embedding", "unsqueeze", "rms_norm", "linear", "abs", "max", "maximum", "reciprocal", "multiply",
                      "round", "divide", "add", "mul", "slice", "to_memory_config", "square", "mean", "rsqrt", "typecast",
-                     "to_layout", "argmax"):
+                     "to_layout", "argmax", "topk", "untilize", "manual_seed", "sampling"):
             setattr(self, name, self._op(getattr(self, "_" + name)))
         self.fill_cache = self._op(self._fill_cache, in_place=True)
 
@@ -243,6 +245,11 @@ class HostTT:
 
     def deallocate(self, tensor: HostTensor) -> None:
         tensor.deallocated = True
+
+    def num_cores_to_corerangeset(self, cores, grid, row_wise=True):
+        if cores > grid.x * grid.y:
+            raise RuntimeError(f"{cores} cores do not fit a {grid.x}x{grid.y} grid")
+        return frozenset(CoreRange(CoreCoord(i % grid.x, i // grid.x), CoreCoord(i % grid.x, i // grid.x)) for i in range(cores))
 
     def create_sharded_memory_config(self, shape, core_grid, strategy, use_height_and_width_as_shard_shape=True, **_):
         return MemoryConfig("L1", strategy, tuple(shape), core_grid.num_cores)
@@ -377,6 +384,61 @@ class HostTT:
         if x.layout != "ROW_MAJOR":
             raise RuntimeError("argmax needs a ROW_MAJOR input")
         return self._new(x.data.argmax(dim=dim, keepdim=keepdim), "uint32", "ROW_MAJOR", x.memory_config())
+
+    def _topk(self, x, k=32, dim=-1, largest=True, sorted=True, **_):
+        # the k largest along the last dim; ids are 16-bit unless the padded width needs 32 (as on the device)
+        if x.layout != "TILE" or x.dtype != "bfloat16" or dim not in (-1, len(x.shape) - 1):
+            raise RuntimeError("topk needs a bfloat16 TILE input, reduced along its last dimension")
+        values, indices = x.data.topk(k, dim=-1, largest=largest, sorted=sorted)
+        index_dtype = "uint32" if x.padded_shape[-1] > 65536 else "uint16"
+        return self._like(x, values), self._new(indices, index_dtype, "TILE", x.memory_config())
+
+    def _untilize(self, x, **_):
+        return self._new(x.data.clone(), x.dtype, "ROW_MAJOR", x.memory_config())
+
+    def _manual_seed(self, seeds, device=None, user_ids=None, sub_core_grids=None):
+        # seeds the PRNG of each listed user's sampling core (one core per user)
+        if seeds.dtype != "uint32" or user_ids is None or user_ids.dtype != "uint32" or sub_core_grids is None:
+            raise RuntimeError("manual_seed (per user) needs uint32 seeds and user_ids tensors and the sampling cores")
+        for user, seed in zip(user_ids.data.tolist(), seeds.data.tolist()):
+            self._prng[int(user)] = torch.Generator().manual_seed(int(seed))
+
+    def _sampling(self, values, indices, k, p, temp, seed=0, sub_core_grids=None, output_tensor=None):
+        """Per user (row): softmax(values * temp), its k largest, cut to the smallest set reaching p, one
+        draw from the user's core PRNG. Returns the drawn entries of `indices`, uint32 [1, 1, 1, users]."""
+        users, width = values.shape[-2], values.shape[-1]
+        checks = [
+            (values.dtype == "bfloat16" and values.layout == "TILE", "values must be bfloat16 TILE"),
+            (indices.dtype in ("uint32", "int32") and indices.layout == "ROW_MAJOR", "indices must be 32-bit ROW_MAJOR"),
+            (tuple(indices.shape) == tuple(values.shape), "indices and values differ in shape"),
+            (1 <= users <= 32 and width % TILE == 0 and (width // TILE) & (width // TILE - 1) == 0,
+             "users must be 1..32 and the width a power-of-two number of tiles"),
+            (k.dtype in ("uint32", "int32") and p.dtype == temp.dtype == "bfloat16"
+             and all(t.layout == "ROW_MAJOR" and tuple(t.shape) == (users,) for t in (k, p, temp)),
+             "k (32-bit), p and temp (bfloat16) must be ROW_MAJOR [users]"),
+            (sub_core_grids is None or sum(r.num_cores for r in sub_core_grids) >= users, "too few sampling cores"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise RuntimeError(f"sampling: {message}")
+        tokens = torch.zeros(1, 1, 1, users, dtype=torch.int64)
+        for user in range(users):
+            top_k = int(k.data[user])
+            if not 0 < top_k <= 32:
+                raise RuntimeError("sampling: k must be in (0, 32]")
+            scaled, order = (values.data[0, 0, user] * temp.data[user]).sort(descending=True)
+            probs = scaled[:top_k].softmax(-1)
+            keep = (probs.cumsum(-1) - probs) < float(p.data[user])  # the smallest prefix reaching p; the first stays
+            probs = probs * keep
+            generator = self._prng.setdefault(user, torch.Generator().manual_seed(seed))
+            draw = float(torch.rand(1, generator=generator)) * float(probs.sum())
+            choice = min(int(torch.searchsorted(probs.cumsum(-1), torch.tensor([draw]), right=True)), top_k - 1)
+            tokens[0, 0, 0, user] = indices.data[0, 0, user, order[choice]]
+        result = self._new(tokens, "uint32", "ROW_MAJOR", values.memory_config())
+        if output_tensor is not None:
+            output_tensor.data.copy_(result.data)
+            return output_tensor
+        return result
 
     def _embedding(self, ids, table, layout="ROW_MAJOR", **_):
         if ids.dtype != "uint32" or table.layout != "ROW_MAJOR":

@@ -5,7 +5,8 @@ weights, KV cache and activations (so an out-of-memory shows up here); nothing i
 
     python -m tools.tt_mock.contract --board p150 --shapes 2b4t --users 32 --context 4096 --prompts 1,33,1000,4096
 
-Prints one JSON object: ops per decode step, device ops by name, peak L1 per core, DRAM in use.
+Prints one JSON object: device ops per decode step (greedy, and sampled where the vocabulary allows it)
+by name, peak L1 per core for each kind of call, DRAM in use.
 The mock environment is set up by this script before ttnn is imported.
 """
 
@@ -31,18 +32,19 @@ def main(argv=None) -> int:
     parser.add_argument("--context", type=int, default=256)
     parser.add_argument("--prompts", default="1,33", help="prompt lengths, each prefilled into its own slot")
     parser.add_argument("--act-quant", action="store_true", help="quantise activations on the device (off by default)")
+    parser.add_argument("--vocab", type=int, default=320, help="vocabulary of the tiny shapes (2b4t has its own)")
     args = parser.parse_args(argv)
     os.environ.update(mock_env(args.board))
     print(json.dumps(run(args)))
     return 0
 
 
-def model_config(shapes: str):
+def model_config(shapes: str, vocab: int):
     from bitnet_tt.config import ModelConfig
     from bitnet_tt.synthetic import config_2b4t, hf_config
 
     raw = config_2b4t() if shapes == "2b4t" else hf_config(
-        vocab_size=300, hidden_size=256, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4,
+        vocab_size=vocab, hidden_size=256, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4,
         num_key_value_heads=1, max_position_embeddings=4096)
     return ModelConfig.from_hf_dict(raw)
 
@@ -53,8 +55,9 @@ def run(args) -> dict:
     from bitnet_tt.backends.ttnn.backend import TTNNBackend
     from bitnet_tt.backends.ttnn.config import TTOptions
     from bitnet_tt.backends.ttnn.device import close_tt_device, open_tt_device
+    from bitnet_tt.sampling import DeviceDraw
 
-    config = model_config(args.shapes)
+    config = model_config(args.shapes, args.vocab)
     device = open_tt_device(ttnn, allow_mock=True)
     started = time.perf_counter()
     options = TTOptions(use_trace=False, activation_quant=args.act_quant)  # trace capture crashes on mock devices
@@ -71,11 +74,13 @@ def run(args) -> dict:
         if not 0 < backend.slot_length(slot) < args.context - 1:
             backend.free(slot)
             backend.prefill(slot, [1])
-    ttnn.graph.begin_graph_capture(ttnn.graph.RunMode.NORMAL)
     logits = backend.decode(slots, [2] * len(slots))
-    graph = ttnn.graph.end_graph_capture()
     assert tuple(logits.shape) == (len(slots), config.vocab_size)
-    report.update(decode_report(graph))
+    report.update(decode_report(ttnn, lambda: backend.decode_greedy(slots, [3] * len(slots)), "decode"))
+    report["device_sampling_top_k"] = backend.device_top_k_limit
+    if backend.device_top_k_limit:
+        draws = [DeviceDraw(top_k=1 + slot % 32, top_p=0.9, temperature=0.7, seed=slot) for slot in slots]
+        report.update(decode_report(ttnn, lambda: backend.decode_sampled(slots, [4] * len(slots), draws), "sampled_decode"))
     report["decode_l1_per_op"] = per_op_l1(ttnn, backend, slots)
     dram = ttnn.get_memory_view(device, ttnn.BufferType.DRAM)
     report["dram_allocated_bytes"] = dram.total_bytes_allocated_per_bank * dram.num_banks
@@ -87,20 +92,25 @@ def run(args) -> dict:
     return report
 
 
-def decode_report(graph) -> dict:
+def decode_report(ttnn, step, key: str) -> dict:
     """Device operations launched by one decode step, by name."""
+    ttnn.graph.begin_graph_capture(ttnn.graph.RunMode.NORMAL)
+    tokens = step()
+    graph = ttnn.graph.end_graph_capture()
+    assert all(isinstance(t, int) for t in tokens)
     device_ops = [node["params"]["name"] for node in graph
                   if node.get("node_type") == "function_start" and "DeviceOperation" in node.get("params", {}).get("name", "")]
     return {
-        "decode_device_ops": len(device_ops),
-        "decode_ops_by_name": dict(collections.Counter(name.split("::")[-1] for name in device_ops).most_common()),
+        f"{key}_device_ops": len(device_ops),
+        f"{key}_ops_by_name": dict(collections.Counter(name.split("::")[-1] for name in device_ops).most_common()),
     }
 
 
 def per_op_l1(ttnn, backend, slots) -> dict:
     """Run one more decode step with every ttnn call captured on its own: the largest per-core L1 +
     circular-buffer use each kind of call reached, against the L1 bank size."""
-    from bitnet_tt.backends.ttnn.backend import TTCallHook
+    from bitnet_tt.backends.ttnn.trace import TTCallHook
+    from bitnet_tt.sampling import DeviceDraw
 
     records: dict[str, int] = {}
 
@@ -114,7 +124,9 @@ def per_op_l1(ttnn, backend, slots) -> dict:
 
     backend.tt = backend.model.tt = TTCallHook(ttnn, capture)
     try:
-        backend.decode(slots, [3] * len(slots))
+        backend.decode_greedy(slots, [5] * len(slots))
+        if backend.device_top_k_limit:
+            backend.decode_sampled(slots, [6] * len(slots), [DeviceDraw(8, 1.0, 1.0, slot) for slot in slots])
     finally:
         backend.tt = backend.model.tt = ttnn
     l1_bank = ttnn.get_memory_view(backend.device, ttnn.BufferType.L1).total_bytes_per_bank

@@ -14,12 +14,15 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import CapacityError
+from ..sampling import DeviceDraw
 
 
 class Backend(ABC):
     config: ModelConfig
     max_slots: int
     max_context: int
+    # The largest top_k that decode_sampled draws from on the device; 0: this backend has no device sampler.
+    device_top_k_limit: int = 0
 
     def __init__(self, config: ModelConfig, max_slots: int, max_context: int):
         self.config = config
@@ -39,6 +42,10 @@ class Backend(ABC):
         """Like decode, but return each slot's most likely next token; a device backend picks it on the
         device and sends back token ids instead of logits."""
         return self.decode(slots, token_ids).argmax(-1).tolist()
+
+    def decode_sampled(self, slots: Sequence[int], token_ids: Sequence[int], draws: Sequence[DeviceDraw]) -> list[int]:
+        """Like decode, but draw each slot's next token on the device (only when device_top_k_limit > 0)."""
+        raise NotImplementedError(f"{type(self).__name__} has no device sampler (device_top_k_limit is 0)")
 
     def free(self, slot: int) -> None:
         """Forget the slot's context so that it can serve another request."""

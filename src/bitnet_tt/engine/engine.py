@@ -15,7 +15,14 @@ import torch
 
 from ..backends.base import Backend
 from ..errors import CapacityError, RequestError
-from ..sampling import SamplingParams, TokenChoice, sample_token
+from ..sampling import (
+    DeviceDraw,
+    SamplingParams,
+    TokenChoice,
+    device_draw,
+    device_sampleable,
+    sample_token,
+)
 from ..tokenizer import ChatMessage, StreamDecoder, Tokenizer
 from .request import Request, RequestOutput, RequestStatus
 
@@ -134,14 +141,25 @@ class Engine:
         started = time.perf_counter()
         slots, last = [r.slot for r in decoding], [r.output_ids[-1] for r in decoding]
         if all(r.params.plain_greedy for r in decoding):  # no logits needed: the backend picks the tokens
-            tokens = self._timed(self.backend.decode_greedy, slots, last)
-            for request, token in zip(decoding, tokens):
-                self._accept_choice(request, TokenChoice(int(token)), outputs)
+            self._accept_tokens(decoding, self._timed(self.backend.decode_greedy, slots, last), outputs)
+        elif draws := self._device_draws(decoding):  # the backend samples on its device
+            self._accept_tokens(decoding, self._timed(self.backend.decode_sampled, slots, last, draws), outputs)
         else:
             logits = self._timed(self.backend.decode, slots, last)
             for request, row in zip(decoding, logits):
                 self._accept(request, row, outputs)
         self.stats.decode_step_seconds.append(time.perf_counter() - started)
+
+    def _device_draws(self, decoding: list[Request]) -> list[DeviceDraw] | None:
+        """Each request's draw for the backend's device sampler, or None when any of them needs the logits."""
+        limit = self.backend.device_top_k_limit
+        if not limit or not all(device_sampleable(r.params, limit) for r in decoding):
+            return None
+        return [device_draw(r.params, r.generator) for r in decoding]
+
+    def _accept_tokens(self, decoding: list[Request], tokens: list[int], outputs: list[RequestOutput]) -> None:
+        for request, token in zip(decoding, tokens):
+            self._accept_choice(request, TokenChoice(int(token)), outputs)
 
     @staticmethod
     def _deliver(outputs: list[RequestOutput]) -> None:

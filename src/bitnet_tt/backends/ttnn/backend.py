@@ -17,10 +17,12 @@ import torch
 from ...checkpoint import BitNetWeights, load_weights
 from ...config import ModelConfig
 from ...errors import CapacityError
+from ...sampling import DeviceDraw
 from ..base import Backend
 from .config import TILE, TTOptions, make_plan
 from .device import device_facts, import_ttnn, open_tt_device
 from .model import TTModel
+from .trace import TracedSteps
 from .weights import Placer, place_model
 
 
@@ -37,9 +39,9 @@ class TTNNBackend(Backend):
         on_device = place_model(self.plan, weights, Placer(tt, device, cache_dir, allocate_only=weights is None))
         self.model = TTModel(tt, device, self.plan, on_device, self._allocate_kv_cache())
         self.inputs = self._allocate_decode_inputs()
-        self.outputs = None  # (logits, greedy tokens) written by the captured trace
-        self.trace_id = None
-        self.ops_per_decode_step: int | None = None
+        self._draw_settings: dict[str, torch.Tensor] = {}  # the sampling settings last copied to the device
+        self.steps = TracedSteps(tt, device, self.model, self.plan.options.use_trace)
+        self.device_top_k_limit = self.plan.sampling_top_k
 
     def _allocate_kv_cache(self):
         tt, m = self.tt, self.config
@@ -51,11 +53,17 @@ class TTNNBackend(Backend):
     def _allocate_decode_inputs(self) -> dict:
         """Device tensors that every decode step overwrites in place (a trace replays on them)."""
         tt, users = self.tt, self.max_slots
-        return {
-            "tokens": tt.allocate_tensor_on_device(tt.Shape([1, users]), tt.uint32, tt.ROW_MAJOR_LAYOUT, self.device),
-            "positions": tt.allocate_tensor_on_device(tt.Shape([users]), tt.int32, tt.ROW_MAJOR_LAYOUT, self.device),
-            "position_rows": tt.allocate_tensor_on_device(tt.Shape([1, users]), tt.uint32, tt.ROW_MAJOR_LAYOUT, self.device),
-        }
+
+        def rows(shape, dtype):
+            return tt.allocate_tensor_on_device(tt.Shape(shape), dtype, tt.ROW_MAJOR_LAYOUT, self.device)
+
+        user_ids = tt.from_torch(torch.arange(users, dtype=torch.int32), dtype=tt.uint32, layout=tt.ROW_MAJOR_LAYOUT,
+                                 device=self.device)
+        return {"tokens": rows([1, users], tt.uint32), "positions": rows([users], tt.int32),
+                "position_rows": rows([1, users], tt.uint32),
+                # sampling settings: ttnn.sampling multiplies the logits by inv_temperature
+                "top_k": rows([users], tt.uint32), "top_p": rows([users], tt.bfloat16),
+                "inv_temperature": rows([users], tt.bfloat16), "seeds": rows([users], tt.uint32), "user_ids": user_ids}
 
     # -- prefill --------------------------------------------------------------------------------------
 
@@ -76,15 +84,29 @@ class TTNNBackend(Backend):
     # -- decode ---------------------------------------------------------------------------------------
 
     def decode(self, slots: Sequence[int], token_ids: Sequence[int]) -> torch.Tensor:
-        logits, _ = self._decode_step(slots, token_ids)
+        logits = self._decode_step(slots, token_ids)
         return self._to_host(logits)[0, 0, list(slots)].float()
 
     def decode_greedy(self, slots: Sequence[int], token_ids: Sequence[int]) -> list[int]:
         """The next token of each slot, picked on the device: B token ids cross to the host, not B x vocab logits."""
-        _, greedy = self._decode_step(slots, token_ids)
-        return self.tt.to_torch(greedy).reshape(-1)[list(slots)].tolist()
+        logits = self._decode_step(slots, token_ids)
+        return self._token_ids(self.steps.run("greedy", lambda: self.model.pick_greedy(logits)), slots)
+
+    def decode_sampled(self, slots: Sequence[int], token_ids: Sequence[int], draws: Sequence[DeviceDraw]) -> list[int]:
+        """The next token of each slot, drawn on the device (top-k <= 32, top-p, temperature, a seed per step)."""
+        if not self.device_top_k_limit:
+            return super().decode_sampled(slots, token_ids, draws)
+        if len(draws) != len(slots) or any(not 0 < d.top_k <= self.device_top_k_limit for d in draws):
+            raise ValueError(f"decode_sampled needs one draw per slot, each with top_k in 1..{self.device_top_k_limit}")
+        self._copy_draws(slots, draws)
+        logits = self._decode_step(slots, token_ids)
+        i = self.inputs
+        tokens = self.steps.run("sampled", lambda: self.model.pick_sampled(
+            logits, i["top_k"], i["top_p"], i["inv_temperature"], i["seeds"], i["user_ids"]))
+        return self._token_ids(tokens, slots)
 
     def _decode_step(self, slots: Sequence[int], token_ids: Sequence[int]):
+        """Run the forward pass for one token in each of `slots`; return the logits left on the device."""
         if len(slots) != len(token_ids) or len(set(slots)) != len(slots) or not slots:
             raise ValueError("decode needs one token for each of distinct slots")
         for s in slots:
@@ -94,46 +116,40 @@ class TTNNBackend(Backend):
         # Every row writes its cache at its own length: rows that are not decoding write past their
         # context, where their next real token will overwrite it before anything reads it.
         positions = torch.tensor(self._lengths, dtype=torch.int32)
-        self._copy_inputs(tokens, positions)
-        outputs = self._run_decode()
-        for s in slots:
-            self._advance(s, 1)
-        return outputs
-
-    def _copy_inputs(self, tokens: torch.Tensor, positions: torch.Tensor) -> None:
         tt = self.tt
-        host = {
+        self._copy_inputs({
             "tokens": tt.from_torch(tokens, dtype=tt.uint32, layout=tt.ROW_MAJOR_LAYOUT),
             "positions": tt.from_torch(positions, dtype=tt.int32, layout=tt.ROW_MAJOR_LAYOUT),
             "position_rows": tt.from_torch(positions[None], dtype=tt.uint32, layout=tt.ROW_MAJOR_LAYOUT),
-        }
-        for name, tensor in host.items():
-            tt.copy_host_to_device_tensor(tensor, self.inputs[name])
+        })
+        i = self.inputs
+        logits = self.steps.run("forward", lambda: self.model.forward_decode(i["tokens"], i["positions"], i["position_rows"]))
+        for s in slots:
+            self._advance(s, 1)
+        return logits
 
-    def _run_decode(self):
-        """Capture the decode step once (after a first, counted run) and replay it; or run it op by op.
-        Returns (logits, greedy tokens) on the device."""
-        tt, i = self.tt, self.inputs
-        if self.ops_per_decode_step is None:  # the first step: count the ttnn calls it makes (it also compiles)
-            calls = []
-            self.model.tt = TTCallHook(tt, lambda name, call: calls.append(name) or call())
-            try:
-                outputs = self.model.forward_decode(i["tokens"], i["positions"], i["position_rows"])
-            finally:
-                self.model.tt = tt
-            self.ops_per_decode_step = len(calls)
-            if not self.plan.options.use_trace:
-                return outputs
-        if not self.plan.options.use_trace:
-            return self.model.forward_decode(i["tokens"], i["positions"], i["position_rows"])
-        if self.trace_id is None:
-            # The counted step above compiled every program and made argmax's first-call host writes,
-            # which a trace capture would reject.
-            self.trace_id = tt.begin_trace_capture(self.device, cq_id=0)
-            self.outputs = self.model.forward_decode(i["tokens"], i["positions"], i["position_rows"])
-            tt.end_trace_capture(self.device, self.trace_id, cq_id=0)
-        tt.execute_trace(self.device, self.trace_id, cq_id=0, blocking=False)
-        return self.outputs
+    def _copy_draws(self, slots: Sequence[int], draws: Sequence[DeviceDraw]) -> None:
+        """Sampling settings per row; rows without a request take top_k 1. Only changed settings are copied."""
+        tt, users = self.tt, self.max_slots
+        top_k, top_p = torch.ones(users, dtype=torch.int32), torch.ones(users)
+        inv_temperature, seeds = torch.ones(users), torch.zeros(users, dtype=torch.int32)
+        for slot, draw in zip(slots, draws):
+            top_k[slot], top_p[slot], inv_temperature[slot], seeds[slot] = draw.top_k, draw.top_p, 1.0 / draw.temperature, draw.seed
+        settings = {"top_k": top_k, "top_p": top_p, "inv_temperature": inv_temperature}
+        changed = {name: values for name, values in settings.items()
+                   if name not in self._draw_settings or not torch.equal(values, self._draw_settings[name])}
+        self._draw_settings.update(changed)
+        host = {name: tt.from_torch(values, dtype=tt.uint32 if name == "top_k" else tt.bfloat16, layout=tt.ROW_MAJOR_LAYOUT)
+                for name, values in changed.items()}
+        host["seeds"] = tt.from_torch(seeds, dtype=tt.uint32, layout=tt.ROW_MAJOR_LAYOUT)
+        self._copy_inputs(host)
+
+    def _copy_inputs(self, host: dict) -> None:
+        for name, tensor in host.items():
+            self.tt.copy_host_to_device_tensor(tensor, self.inputs[name])
+
+    def _token_ids(self, tokens, slots: Sequence[int]) -> list[int]:
+        return self.tt.to_torch(tokens).reshape(-1)[list(slots)].tolist()
 
     def _to_host(self, tensor) -> torch.Tensor:
         return self.tt.to_torch(tensor)[..., : self.config.vocab_size]
@@ -149,14 +165,22 @@ class TTNNBackend(Backend):
                                   f"(weights {plan.weight_bytes() / 2**30:.2f} GiB, KV cache {plan.kv_cache_bytes() / 2**30:.2f} GiB)",
             "bytes read per decode step": f"weights {plan.weight_bytes() / 2**30:.2f} GiB + KV cache "
                                           f"{kv_per_token / 1024:.0f} KiB per token of context per user",
-            "ttnn calls per decode step": str(self.ops_per_decode_step) if self.ops_per_decode_step else "not measured yet",
+            "ttnn calls per decode step": self._calls_per_step(),
             "decode": "trace replay" if plan.options.use_trace else "op by op",
+            "sampling": f"on the device for top_k <= {self.device_top_k_limit}" if self.device_top_k_limit
+                        else "on the host (the vocabulary does not fill whole tiles)",
         }
 
+    def _calls_per_step(self) -> str:
+        calls = self.steps.calls
+        if "forward" not in calls:
+            return "not measured yet"
+        pickers = ", ".join(f"+ {calls[name]} to {what}" for name, what in (("greedy", "pick greedily"), ("sampled", "sample"))
+                            if name in calls)
+        return f"{calls['forward']} to logits" + (f" ({pickers})" if pickers else "")
+
     def close(self) -> None:
-        if self.trace_id is not None:
-            self.tt.release_trace(self.device, self.trace_id)
-            self.trace_id = None
+        self.steps.release()
 
 
 def weight_cache_dir(folder: Path, options: TTOptions) -> Path:
@@ -177,20 +201,3 @@ def load_ttnn_backend(folder: Path, max_slots: int = 1, max_context: int | None 
     cache.mkdir(parents=True, exist_ok=True)
     return TTNNBackend(weights.config, weights, tt, device, max_slots, max_context, options, cache)
 
-
-class TTCallHook:
-    """Stands in for the ttnn module and passes every call through `around(name, call)`: for counting
-    or inspecting the calls of one step without touching the model's code."""
-
-    SUBMODULES = ("experimental", "transformer")
-
-    def __init__(self, module, around, prefix: str = ""):
-        self._module, self._around, self._prefix = module, around, prefix
-
-    def __getattr__(self, name):
-        attr = getattr(self._module, name)
-        if name in self.SUBMODULES:
-            return TTCallHook(attr, self._around, f"{self._prefix}{name}.")
-        if not callable(attr) or isinstance(attr, type) or name.startswith("graph"):
-            return attr
-        return lambda *args, **kwargs: self._around(f"{self._prefix}{name}", lambda: attr(*args, **kwargs))

@@ -17,6 +17,7 @@ BYTES_PER_ELEMENT = {"bfloat16": 2.0, "bfloat8_b": 1088 / 1024, "bfloat4_b": 576
 WEIGHT_DTYPES = ("bfloat4_b", "bfloat8_b", "bfloat16")  # ternary codes are exact in all three
 HEAD_DTYPES = ("bfloat16", "bfloat8_b", "bfloat4_b")  # the LM head; the embedding table is always bf16
 MAX_USERS = 32  # decode rows are one tile high
+SAMPLING_TOP_K = 32  # candidates per user that ttnn.topk hands to ttnn.sampling
 NORM_CB_BYTES_PER_ELEMENT = {"fp32": 287, "bf16": 221}
 
 
@@ -30,7 +31,9 @@ class TTOptions:
     # device it agrees less with the reference than skipping it, and costs 10 ops per projection
     # (benchmarks/ttnn_dtypes.py prints the figures).
     activation_quant: bool = False
-    use_trace: bool = True  # capture the decode step once per batch size and replay it
+    # Capture the decode step once and replay it. One trace serves every batch size: up to 32 users fill
+    # the same one-tile-high rows, and rows without a request cost only their (empty) attention.
+    use_trace: bool = True
     # Decode matmuls read weights WIDTH_SHARDED over the DRAM banks (tt_transformers' decode layout).
     # Prefill cannot read that layout in ttnn 0.81.1, so the ternary weights are held twice.
     dram_sharded_decode: bool = True
@@ -157,6 +160,12 @@ class TTPlan:
         """At most 8x8 cores: SDPA decode splits each (user, KV head) over the grid, and its tree
         reduction allows 64 cores per head (a whole 13x10 Blackhole grid fails at batch 1)."""
         return min(8, self.device.grid_x), min(8, self.device.grid_y)
+
+    @property
+    def sampling_top_k(self) -> int:
+        """The largest top_k drawn on the device; 0 when the vocabulary does not fill whole tiles, since
+        topk would then also rank the tile padding past the last token id."""
+        return SAMPLING_TOP_K if self.model.vocab_size % TILE == 0 else 0
 
     def prefill_length(self, tokens: int) -> int:
         """Prompts are padded to whole tiles; causal attention keeps the padding from touching real tokens."""

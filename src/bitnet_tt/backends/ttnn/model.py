@@ -8,7 +8,7 @@ Shape names carry their layout: x_11BH is [1, 1, users, hidden]; q_1BHD is [1, u
 
 from __future__ import annotations
 
-from .config import TILE, TTPlan, largest_divisor
+from .config import SAMPLING_TOP_K, TILE, TTPlan, largest_divisor
 from .weights import LayerOnDevice, ModelOnDevice
 
 
@@ -33,6 +33,9 @@ class TTModel:
         sdpa_x, sdpa_y = plan.sdpa_decode_grid()
         self.sdpa_decode_config = tt.SDPAProgramConfig(
             compute_with_storage_grid_size=tt.CoreCoord(sdpa_x, sdpa_y), q_chunk_size=0, k_chunk_size=0)
+        # ttnn.sampling draws each user's token on its own core; manual_seed must seed the same cores
+        self.sampling_cores = tt.num_cores_to_corerangeset(
+            plan.max_users, tt.CoreCoord(plan.device.grid_x, plan.device.grid_y), row_wise=True)
         cores = plan.qkv_shard_cores()
         self.qkv_memcfg = tt.create_sharded_memory_config(
             shape=(TILE, plan.qkv_width // cores), core_grid=tt.CoreGrid(y=1, x=cores), strategy=tt.ShardStrategy.WIDTH,
@@ -140,7 +143,7 @@ class TTModel:
     def forward_decode(self, tokens_1B, positions_B, position_rows_1B):
         """One token for every user row. tokens_1B uint32 [1, B] ROW_MAJOR; positions_B int32 [B] (cache
         writes and attention lengths); position_rows_1B uint32 [1, B] (RoPE rows).
-        Returns (logits [1, 1, B, vocab], greedy next tokens [1, 1, B] uint32), both left on the device."""
+        Returns logits [1, 1, B, vocab], left on the device for pick_greedy or pick_sampled."""
         tt = self.tt
         x_11BH = tt.unsqueeze(tt.embedding(tokens_1B, self.w.embedding, layout=tt.TILE_LAYOUT), 0)
         cos_1B1D = self._rope_rows(self.w.rope_cos_rows, position_rows_1B)
@@ -151,10 +154,24 @@ class TTModel:
             x_11BH = tt.add(x_11BH, attn)
             mlp_in = self.norm_decode(x_11BH, layer.mlp_norm, self.eps)
             x_11BH = tt.add(x_11BH, self.mlp(mlp_in, layer, True, self.norm_decode))
-        logits_11BV = self.lm_head(self.norm_decode(x_11BH, self.w.final_norm, self.eps))
-        # argmax over the logical vocabulary: ROW_MAJOR drops the tile padding past the last token id
-        greedy_11B = tt.argmax(tt.to_layout(logits_11BV, tt.ROW_MAJOR_LAYOUT), dim=-1)
-        return logits_11BV, greedy_11B
+        return self.lm_head(self.norm_decode(x_11BH, self.w.final_norm, self.eps))
+
+    def pick_greedy(self, logits_11BV):
+        """Each user's most likely token: uint32 [1, 1, B]. ROW_MAJOR drops the tile padding past the last id."""
+        tt = self.tt
+        return tt.argmax(tt.to_layout(logits_11BV, tt.ROW_MAJOR_LAYOUT), dim=-1)
+
+    def pick_sampled(self, logits_11BV, top_k_B, top_p_B, inv_temperature_B, seeds_B, user_ids_B):
+        """Each user's token drawn from softmax(logits * inv_temperature) over its top_k (<= 32) candidates,
+        cut to top_p: uint32 [1, 1, 1, B]. The seeds are reloaded before every draw, so a replayed trace
+        draws fresh numbers when the host writes fresh seeds."""
+        tt = self.tt
+        values_11BK, indices_11BK = tt.topk(logits_11BV, k=SAMPLING_TOP_K, dim=-1)
+        if indices_11BK.dtype != tt.uint32:  # topk gives 16-bit ids below 65536 columns; sampling reads 32-bit
+            indices_11BK = tt.typecast(indices_11BK, tt.uint32)
+        tt.manual_seed(seeds_B, user_ids=user_ids_B, sub_core_grids=self.sampling_cores)
+        return tt.sampling(values_11BK, tt.untilize(indices_11BK), k=top_k_B, p=top_p_B, temp=inv_temperature_B,
+                           sub_core_grids=self.sampling_cores)
 
     def _rope_rows(self, table, position_rows_1B):
         # [1, B] positions -> [1, B, 1, head_dim], one user per core as rotary_embedding_hf wants

@@ -1,0 +1,70 @@
+"""Decode steps run once op by op, then captured as traces and replayed on persistent device inputs.
+
+A decode step is several named pieces (the forward pass to logits, then a token picker: argmax or
+sampling), each traced on its own so that every request mix replays the same forward trace. A piece's
+first run compiles its programs and makes the first-call host writes that a capture would reject; its
+ttnn calls are counted then. Traces are released explicitly (`release`), before the device closes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+
+class TracedSteps:
+    def __init__(self, tt, device, model, use_trace: bool):
+        self.tt, self.device, self.model, self.use_trace = tt, device, model, use_trace
+        self.calls: dict[str, int] = {}  # ttnn calls made by each piece, counted on its first run
+        self._traces: dict[str, tuple[object, object]] = {}  # name -> (trace id, its output tensors)
+
+    def run(self, name: str, step: Callable[[], object]):
+        """Run `step` (ttnn calls through self.model) and return its device outputs. A captured step
+        returns the outputs it was captured with, which every replay overwrites."""
+        if name not in self.calls:
+            return self._counted(name, step)
+        if not self.use_trace:
+            return step()
+        if name not in self._traces:
+            trace_id = self.tt.begin_trace_capture(self.device, cq_id=0)
+            outputs = step()
+            self.tt.end_trace_capture(self.device, trace_id, cq_id=0)
+            self._traces[name] = trace_id, outputs
+        trace_id, outputs = self._traces[name]
+        self.tt.execute_trace(self.device, trace_id, cq_id=0, blocking=False)
+        return outputs
+
+    def _counted(self, name: str, step: Callable[[], object]):
+        calls = []
+        self.model.tt = TTCallHook(self.tt, lambda call_name, call: calls.append(call_name) or call())
+        try:
+            return step()
+        finally:
+            self.model.tt = self.tt
+            self.calls[name] = len(calls)
+
+    @property
+    def captured(self) -> list[str]:
+        return list(self._traces)
+
+    def release(self) -> None:
+        for trace_id, _ in self._traces.values():
+            self.tt.release_trace(self.device, trace_id)
+        self._traces.clear()
+
+
+class TTCallHook:
+    """Stands in for the ttnn module and passes every call through `around(name, call)`: for counting
+    or inspecting the calls of one step without touching the model's code."""
+
+    SUBMODULES = ("experimental", "transformer")
+
+    def __init__(self, module, around, prefix: str = ""):
+        self._module, self._around, self._prefix = module, around, prefix
+
+    def __getattr__(self, name):
+        attr = getattr(self._module, name)
+        if name in self.SUBMODULES:
+            return TTCallHook(attr, self._around, f"{self._prefix}{name}.")
+        if not callable(attr) or isinstance(attr, type) or name.startswith("graph"):
+            return attr
+        return lambda *args, **kwargs: self._around(f"{self._prefix}{name}", lambda: attr(*args, **kwargs))
