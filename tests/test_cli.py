@@ -63,8 +63,9 @@ def test_chat_session(model):
 
 def test_bench_prints_a_row_per_batch_size(model):
     result = run_cli("bench", "--model", model, "--batch-sizes", "1,3", "--prompt-tokens", "8", "--new-tokens", "4",
-                     "--ttft-prompts", "16,64", "--quiet")
+                     "--ttft-prompts", "16,64", "--temperature", "0.8", "--top-k", "5", "--quiet")
     assert result.returncode == 0, result.stderr
+    assert "sampled (temperature 0.8, top_k 5)" in result.stdout
     assert "time to first token, 64-token prompt" in result.stdout
     rows = [line.split() for line in result.stdout.splitlines() if line.strip()[:1].isdigit()]
     assert [r[0] for r in rows] == ["1", "3"]
@@ -116,6 +117,7 @@ def test_ttnn_backend_without_a_card(model, tmp_path):
     (["generate", "--model", "{model}"], "give a PROMPT or --prompts-file"),
     (["generate", "--model", "{model}", "--prompts-file", "{missing}"], "cannot read prompts"),
     (["bench", "--model", "{model}", "--batch-sizes", "1,x"], "--batch-sizes must be comma-separated integers"),
+    (["bench", "--model", "{model}", "--batch-sizes", "1", "--temperature", "0.5", "--top-k", "-2"], "top_k must be 0 (off) or positive"),
     (["generate", "--model", "{broken}", "hi"], "not a readable safetensors file"),
     (["generate", "--model", "{model}", "--bogus", "hi"], "unrecognized arguments"),
 ])

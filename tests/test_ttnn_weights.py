@@ -131,3 +131,15 @@ def test_converted_weights_are_cached_on_disk(host_ttnn, folder, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == cached  # nothing new was written
     for a, b in zip(first.layers, again.layers):
         assert torch.equal(host_ttnn.to_torch(a.wgate_up), host_ttnn.to_torch(b.wgate_up))
+
+
+def test_bytes_read_per_decode_step_at_2b4t_shapes():
+    from bitnet_tt.config import ModelConfig
+    from bitnet_tt.synthetic import config_2b4t
+
+    config = ModelConfig.from_hf_dict(config_2b4t())
+    read = make_plan(config, P150, TTOptions(), max_users=32, max_context=4096).decode_read_bytes()
+    ternary = 30 * 2560 * (3840 + 2560 + 2 * 6912) + 30 * 6912 * 2560  # fused QKV, O, gate/up, down
+    assert ternary * 576 / 1024 <= read["layers"] <= 1.02 * ternary * 576 / 1024  # bfloat4_b, DRAM-bank padding
+    assert read["lm_head"] == int(128256 * 2560 * 1088 / 1024)  # bfloat8_b
+    assert read["kv_cache_per_token"] == 2 * 30 * 5 * 128 * 2

@@ -11,19 +11,21 @@ from .sampling import SamplingParams
 
 
 def run_engine_bench(engine: Engine, batch_sizes: list[int], prompt_tokens: int, new_tokens: int,
-                     ttft_lengths: list[int] = ()) -> list[dict]:
-    """Fill `batch` slots with random prompts, decode `new_tokens` each (greedy), print one row per batch size.
+                     ttft_lengths: list[int] = (), temperature: float = 0.0, top_k: int = 0) -> list[dict]:
+    """Fill `batch` slots with random prompts, decode `new_tokens` each (greedy, or sampled with the given
+    temperature and top_k), print one row per batch size.
 
     Overhead is the share of a decode step spent outside the backend (scheduling, sampling, detokenising).
     """
     config = engine.backend.config
+    params = SamplingParams(max_new_tokens=new_tokens, temperature=temperature, top_k=top_k, seed=0, ignore_eos=True)
+    picking = f"sampled (temperature {temperature}, top_k {top_k or 'off'})" if temperature else "greedy"
     print(f"model: {config.num_layers} layers, hidden {config.hidden_size}, vocab {config.vocab_size}; "
-          f"prompt {prompt_tokens} tokens, {new_tokens} new tokens per user; threads {torch.get_num_threads()}")
+          f"prompt {prompt_tokens} tokens, {new_tokens} new tokens per user, {picking}; threads {torch.get_num_threads()}")
     print(f"{'batch':>5} {'prefill tok/s':>14} {'decode tok/s/user':>18} {'aggregate tok/s':>16} "
           f"{'ITL p50 ms':>11} {'overhead %':>11}")
     rows = []
     gen = torch.Generator().manual_seed(0)
-    params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0, ignore_eos=True)
     for batch in batch_sizes:
         prompts = [torch.randint(0, config.vocab_size, (prompt_tokens,), generator=gen).tolist() for _ in range(batch)]
         requests = [engine.submit(p, params) for p in prompts]

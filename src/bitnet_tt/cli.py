@@ -89,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="without --model: random weights at the demo's tiny shapes or the real 2B-4T shapes")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--ttft-prompts", default="128,2048", help="prompt lengths for time to first token (default 128,2048)")
+    p.add_argument("--temperature", type=float, default=0.0, help="sample instead of picking greedily (default 0: greedy)")
+    p.add_argument("--top-k", type=int, default=0, help="with --temperature; up to 32 samples on a Tenstorrent device")
     p.set_defaults(run=cmd_bench, max_batch=None)
 
     p = sub.add_parser("verify", parents=[model], help="compare a backend's logits and greedy tokens with the PyTorch backend")
@@ -328,7 +330,7 @@ def cmd_bench(args) -> int:
     ttft_lengths = parse_sizes(args.ttft_prompts, "--ttft-prompts")
     args.max_batch = max(sizes)
     engine = open_engine(args, synthetic=args.synthetic or "tiny")
-    run_engine_bench(engine, sizes, args.prompt_tokens, args.new_tokens, ttft_lengths)
+    run_engine_bench(engine, sizes, args.prompt_tokens, args.new_tokens, ttft_lengths, args.temperature, args.top_k)
     return 0
 
 

@@ -155,16 +155,17 @@ class TTNNBackend(Backend):
         return self.tt.to_torch(tensor)[..., : self.config.vocab_size]
 
     def describe(self) -> dict[str, str]:
-        plan, m, tt = self.plan, self.config, self.tt
+        plan, tt = self.plan, self.tt
         dram = tt.get_memory_view(self.device, tt.BufferType.DRAM)
-        kv_per_token = 2 * m.num_layers * m.num_kv_heads * m.head_dim * 2  # K and V, bf16
+        read = plan.decode_read_bytes()
         return {
             "device": f"{plan.device.arch}, {plan.device.grid_x}x{plan.device.grid_y} worker grid, "
                       f"{plan.device.dram_banks} DRAM banks",
             "device DRAM in use": f"{dram.total_bytes_allocated_per_bank * dram.num_banks / 2**30:.2f} GiB "
                                   f"(weights {plan.weight_bytes() / 2**30:.2f} GiB, KV cache {plan.kv_cache_bytes() / 2**30:.2f} GiB)",
-            "bytes read per decode step": f"weights {plan.weight_bytes() / 2**30:.2f} GiB + KV cache "
-                                          f"{kv_per_token / 1024:.0f} KiB per token of context per user",
+            "bytes read per decode step": f"layer weights {read['layers'] / 2**30:.3f} GiB + LM head "
+                                          f"{read['lm_head'] / 2**30:.3f} GiB + KV cache "
+                                          f"{read['kv_cache_per_token'] / 1024:.0f} KiB per token held by each user",
             "ttnn calls per decode step": self._calls_per_step(),
             "decode": "trace replay" if plan.options.use_trace else "op by op",
             "sampling": f"on the device for top_k <= {self.device_top_k_limit}" if self.device_top_k_limit

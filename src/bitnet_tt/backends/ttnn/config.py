@@ -193,6 +193,18 @@ class TTPlan:
         return int(linear * BYTES_PER_ELEMENT[o.weight_dtype] + norms
                    + embed * BYTES_PER_ELEMENT["bfloat16"] + embed * BYTES_PER_ELEMENT[o.lm_head_dtype])
 
+    def decode_read_bytes(self) -> dict[str, int]:
+        """DRAM bytes one decode step reads: the layers' weights (in the decode layout), the LM head, and
+        the KV cache per token each user holds; against the device's bandwidth they bound tokens/s."""
+        m, o = self.model, self.options
+        if o.dram_sharded_decode:
+            per_layer = sum(s.k * s.n_padded for s in self.decode_matmuls().values())
+        else:
+            per_layer = sum(out * inp for out, inp in m.projection_shapes().values())
+        return {"layers": int(per_layer * m.num_layers * BYTES_PER_ELEMENT[o.weight_dtype]),
+                "lm_head": int(m.vocab_size * m.hidden_size * BYTES_PER_ELEMENT[o.lm_head_dtype]),
+                "kv_cache_per_token": 2 * m.num_layers * m.num_kv_heads * m.head_dim * 2}
+
     def kv_cache_bytes(self) -> int:
         m = self.model
         return 2 * m.num_layers * self.max_users * m.num_kv_heads * self.cache_context * m.head_dim * 2
