@@ -112,6 +112,16 @@ def test_batched_decode_logits_with_device_dtypes(folder, block_float):
         tokens = want.argmax(-1).tolist()
 
 
+def test_lm_head_in_column_chunks(model_factory, block_float):
+    """A vocabulary wider than one DRAM-sharded matmul's L1 room: the head runs as column chunks."""
+    folder = model_factory("packed", **dict(CONFIGS["gqa4-head32"], vocab_size=2500))
+    tt, reference = backends(folder, TTOptions(use_trace=False), users=2, block_float=block_float)
+    assert len(tt.plan.lm_head_chunks()) == 2
+    ids = prompt(40, 9)
+    assert pcc(tt.prefill(0, ids), reference.prefill(0, ids)) >= 0.999
+    assert pcc(tt.decode([0], [5])[0], reference.decode([0], [5])[0]) >= 0.999
+
+
 # --- the check has teeth: deliberately wrong backends fail it --------------------------------------------
 
 

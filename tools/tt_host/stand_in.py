@@ -183,7 +183,7 @@ class HostTT:
         )
         for name in ("embedding", "unsqueeze", "rms_norm", "linear", "abs", "max", "maximum", "reciprocal", "multiply",
                      "round", "divide", "add", "mul", "slice", "to_memory_config", "square", "mean", "rsqrt", "typecast",
-                     "to_layout", "argmax", "topk", "untilize", "manual_seed", "sampling"):
+                     "to_layout", "argmax", "concat", "topk", "untilize", "manual_seed", "sampling"):
             setattr(self, name, self._op(getattr(self, "_" + name)))
         self.fill_cache = self._op(self._fill_cache, in_place=True)
 
@@ -372,6 +372,11 @@ class HostTT:
     def _slice(self, x, starts, ends, **_):
         index = tuple(slice(s, e) for s, e in zip(starts, ends))
         return self._like(x, x.data[index].clone())
+
+    def _concat(self, tensors, dim, memory_config=None, **_):
+        if len({t.dtype for t in tensors}) != 1 or len({t.layout for t in tensors}) != 1:
+            raise RuntimeError("concat needs inputs of one dtype and layout")
+        return self._like(tensors[0], torch.cat([t.data for t in tensors], dim=dim), memory_config)
 
     def _to_memory_config(self, x, memory_config, **_):
         _check_shard(x, memory_config)

@@ -87,6 +87,7 @@ def run(args) -> dict:
     report["dram_total_bytes"] = dram.total_bytes_per_bank * dram.num_banks
     report["plan_weight_bytes"] = backend.plan.weight_bytes()
     report["plan_kv_cache_bytes"] = backend.plan.kv_cache_bytes()
+    report["lm_head_chunks"] = len(backend.plan.lm_head_chunks())
     report["seconds"] = round(time.perf_counter() - started, 2)
     close_tt_device(ttnn, device)
     return report

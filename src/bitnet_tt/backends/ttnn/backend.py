@@ -184,10 +184,13 @@ class TTNNBackend(Backend):
         self.steps.release()
 
 
+WEIGHT_LAYOUT_VERSION = 2  # bumped whenever a cached tensor's shape or layout changes (2: a padded, sharded LM head)
+
+
 def weight_cache_dir(folder: Path, options: TTOptions) -> Path:
     """Converted device weights, kept per model folder and options so a restart does not re-convert."""
     base = Path(os.environ.get("BITNET_TT_CACHE", Path.home() / ".cache" / "bitnet-tt"))
-    key = hashlib.sha256(f"{Path(folder).resolve()}|{options}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{Path(folder).resolve()}|{options}|{WEIGHT_LAYOUT_VERSION}".encode()).hexdigest()[:16]
     return base / "ttnn-weights" / key
 
 

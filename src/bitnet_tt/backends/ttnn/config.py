@@ -18,6 +18,9 @@ WEIGHT_DTYPES = ("bfloat4_b", "bfloat8_b", "bfloat16")  # ternary codes are exac
 HEAD_DTYPES = ("bfloat16", "bfloat8_b", "bfloat4_b")  # the LM head; the embedding table is always bf16
 MAX_USERS = 32  # decode rows are one tile high
 SAMPLING_TOP_K = 32  # candidates per user that ttnn.topk hands to ttnn.sampling
+# Output tiles per core of a DRAM-sharded matmul: its circular buffers take about 64 KB per output tile
+# on each core (mock allocator: 101 tiles asked for 6.5 MB), and a core has 1.5 MB of L1.
+MAX_DECODE_TILES_PER_CORE = 16
 NORM_CB_BYTES_PER_ELEMENT = {"fp32": 287, "bf16": 221}
 
 
@@ -148,6 +151,19 @@ class TTPlan:
         x, y = self.core_rectangle(tiles(width), 32, 8)
         return x, y, tiles(width) // (x * y)
 
+    @property
+    def norms_feed_matmuls(self) -> bool:
+        """Decode norms run on the next matmul's input grid and hand it their sharded output, saving a
+        reshard each way; not when activations are quantised in between (a per-row absmax needs whole rows)."""
+        return self.options.dram_sharded_decode and not self.options.activation_quant
+
+    def decode_norm_layout(self, width: int, feeds: str | None = None) -> tuple[int, int, int]:
+        """(x, y, tiles per core) of a decode norm; `feeds` names the decode matmul that reads its output."""
+        if feeds and self.norms_feed_matmuls:
+            spec = self.decode_matmuls()[feeds]
+            return spec.grid_x, spec.grid_y, tiles(width) // spec.cores
+        return self.sharded_norm_layout(width)
+
     def dram_sharded_matmul(self, k: int, n: int) -> DramShardedMatmul:
         """tt_transformers' decode layout: n padded to 32 x DRAM banks, x split over up to 64 cores."""
         n_padded = round_up(n, TILE * self.device.dram_banks)
@@ -181,6 +197,23 @@ class TTPlan:
                 "wgate_up": self.dram_sharded_matmul(m.hidden_size, 2 * m.intermediate_size),
                 "wdown": self.dram_sharded_matmul(m.intermediate_size, m.hidden_size)}
 
+    def lm_head_chunks(self) -> list[DramShardedMatmul]:
+        """The LM head as column chunks, each a DRAM-sharded matmul whose circular buffers fit in L1; empty
+        when the head stays interleaved. Prefill uses them too: it runs the head on the one tile of rows
+        that holds the last token, a decode-shaped input."""
+        if not self.options.dram_sharded_decode:
+            return []
+        m = self.model
+        bank_step = TILE * self.device.dram_banks
+        cores = self.dram_sharded_matmul(m.hidden_size, bank_step).cores  # the grid depends on k alone
+        width = max(bank_step, MAX_DECODE_TILES_PER_CORE * cores * TILE // bank_step * bank_step)
+        return [self.dram_sharded_matmul(m.hidden_size, min(width, m.vocab_size - start))
+                for start in range(0, m.vocab_size, width)]
+
+    def lm_head_columns(self) -> int:
+        """Columns of the LM head on the device, bank padding included."""
+        return sum(c.n_padded for c in self.lm_head_chunks()) or self.model.vocab_size
+
     def weight_bytes(self) -> int:
         m, o = self.model, self.options
         linear = sum(out * inp for out, inp in m.projection_shapes().values()) * m.num_layers
@@ -188,10 +221,11 @@ class TTPlan:
             linear += sum(s.k * s.n_padded for s in self.decode_matmuls().values()) * m.num_layers
         norms = (2 * m.hidden_size + m.q_size + m.intermediate_size) * m.num_layers * 2
         # The embedding is a bf16 ROW_MAJOR table (ttnn.embedding reads rows; block floats need tiles),
-        # and the LM head its own TILE copy [hidden, vocab] in the head dtype, tied or not.
+        # and the LM head its own TILE copy [hidden, vocab (padded)] in the head dtype, tied or not.
         embed = m.vocab_size * m.hidden_size
+        head = m.hidden_size * self.lm_head_columns()
         return int(linear * BYTES_PER_ELEMENT[o.weight_dtype] + norms
-                   + embed * BYTES_PER_ELEMENT["bfloat16"] + embed * BYTES_PER_ELEMENT[o.lm_head_dtype])
+                   + embed * BYTES_PER_ELEMENT["bfloat16"] + head * BYTES_PER_ELEMENT[o.lm_head_dtype])
 
     def decode_read_bytes(self) -> dict[str, int]:
         """DRAM bytes one decode step reads: the layers' weights (in the decode layout), the LM head, and
@@ -202,7 +236,7 @@ class TTPlan:
         else:
             per_layer = sum(out * inp for out, inp in m.projection_shapes().values())
         return {"layers": int(per_layer * m.num_layers * BYTES_PER_ELEMENT[o.weight_dtype]),
-                "lm_head": int(m.vocab_size * m.hidden_size * BYTES_PER_ELEMENT[o.lm_head_dtype]),
+                "lm_head": int(self.lm_head_columns() * m.hidden_size * BYTES_PER_ELEMENT[o.lm_head_dtype]),
                 "kv_cache_per_token": 2 * m.num_layers * m.num_kv_heads * m.head_dim * 2}
 
     def kv_cache_bytes(self) -> int:

@@ -37,9 +37,7 @@ class TTModel:
         self.sampling_cores = tt.num_cores_to_corerangeset(
             plan.max_users, tt.CoreCoord(plan.device.grid_x, plan.device.grid_y), row_wise=True)
         cores = plan.qkv_shard_cores()
-        self.qkv_memcfg = tt.create_sharded_memory_config(
-            shape=(TILE, plan.qkv_width // cores), core_grid=tt.CoreGrid(y=1, x=cores), strategy=tt.ShardStrategy.WIDTH,
-            use_height_and_width_as_shard_shape=True)
+        self.qkv_memcfg = self._width_sharded(plan.qkv_width // cores, cores, 1)
 
     # -- shared pieces ------------------------------------------------------------------------------
 
@@ -54,36 +52,45 @@ class TTModel:
         kernel = self.hifi if mode == "fp32" else self.hifi_bf16_acc
         return tt.rms_norm(x, epsilon=eps, weight=weight, compute_kernel_config=kernel)
 
-    def norm_decode(self, x_11BW, weight, eps: float, weight_row=None):
-        """Decode: the 32-row tile width-sharded over a small grid, normalised there, back to L1."""
+    def norm_decode(self, x_11BW, weight, eps: float, feeds: str | None = None):
+        """Decode: the 32-row tile width-sharded over a grid and normalised there. With `feeds` (the decode
+        matmul that reads the result) it runs on that matmul's input grid and its output stays sharded
+        there (plan.norms_feed_matmuls); otherwise the output returns to L1 rows."""
         tt = self.tt
-        memory_config, program_config = self._sharded_norm(list(x_11BW.shape)[-1])
+        memory_config, program_config = self._sharded_norm(list(x_11BW.shape)[-1], feeds)
         x_11BW = tt.to_memory_config(x_11BW, memory_config)
         y_11BW = tt.rms_norm(x_11BW, epsilon=eps, weight=weight, program_config=program_config,
                              memory_config=memory_config, compute_kernel_config=self.hifi)
-        return tt.to_memory_config(y_11BW, tt.L1_MEMORY_CONFIG)
+        return y_11BW if feeds and self.plan.norms_feed_matmuls else tt.to_memory_config(y_11BW, tt.L1_MEMORY_CONFIG)
 
-    def _sharded_norm(self, width: int):
-        if width not in self._norm_configs:
+    def _sharded_norm(self, width: int, feeds: str | None):
+        layout = self.plan.decode_norm_layout(width, feeds)
+        if layout not in self._norm_configs:
             tt = self.tt
-            x, y, block_w = self.plan.sharded_norm_layout(width)
-            memory_config = tt.create_sharded_memory_config(
-                shape=(TILE, width // (x * y)), core_grid=tt.CoreGrid(y=y, x=x), strategy=tt.ShardStrategy.WIDTH,
-                use_height_and_width_as_shard_shape=True)
+            x, y, block_w = layout
+            memory_config = self._width_sharded(width // (x * y), x, y)
             program_config = tt.LayerNormShardedMultiCoreProgramConfig(
                 compute_with_storage_grid_size=tt.CoreCoord(x, y), subblock_w=largest_divisor(block_w, 4),
                 block_h=1, block_w=block_w, inplace=False)
-            self._norm_configs[width] = memory_config, program_config
-        return self._norm_configs[width]
+            self._norm_configs[layout] = memory_config, program_config
+        return self._norm_configs[layout]
 
-    def matmul_decode(self, x_11BK, name: str, layer: LayerOnDevice):
-        """Decode matmul against the DRAM width-sharded copy: x split over a core grid, the output back
-        to L1 rows (and the bank padding of the output width sliced off)."""
-        tt, spec = self.tt, self.plan.decode_matmuls()[name]
+    def _width_sharded(self, shard_width: int, x: int, y: int):
+        """One 32-row tile split by width over an x-by-y core grid."""
+        tt = self.tt
+        return tt.create_sharded_memory_config(shape=(TILE, shard_width), core_grid=tt.CoreGrid(y=y, x=x),
+                                               strategy=tt.ShardStrategy.WIDTH, use_height_and_width_as_shard_shape=True)
+
+    def matmul_decode(self, x_11BK, weight, spec, sharded_input: bool, memory_config=None):
+        """One tile of rows times a DRAM width-sharded weight: x split over a core grid (already, when a norm
+        feeds it), the output back to interleaved rows (and the bank padding of the output width sliced off)."""
+        tt = self.tt
         in0_config, out_config, program_config = self._decode_matmul_configs(spec)
-        y = tt.linear(tt.to_memory_config(x_11BK, in0_config), layer.decode[name], program_config=program_config, memory_config=out_config,
+        if not sharded_input:
+            x_11BK = tt.to_memory_config(x_11BK, in0_config)
+        y = tt.linear(x_11BK, weight, program_config=program_config, memory_config=out_config,
                       compute_kernel_config=self.matmul_kernel)
-        y = tt.to_memory_config(y, tt.L1_MEMORY_CONFIG)
+        y = tt.to_memory_config(y, memory_config or tt.L1_MEMORY_CONFIG)
         if spec.n_padded != spec.n:
             y = tt.slice(y, [0, 0, 0, 0], [*list(y.shape)[:-1], spec.n])
         return y
@@ -91,11 +98,8 @@ class TTModel:
     def _decode_matmul_configs(self, spec):
         if spec not in self._matmul_configs:
             tt = self.tt
-            grid = tt.CoreGrid(y=spec.grid_y, x=spec.grid_x)
-            in0 = tt.create_sharded_memory_config(shape=(TILE, spec.k // spec.cores), core_grid=grid,
-                                                  strategy=tt.ShardStrategy.WIDTH, use_height_and_width_as_shard_shape=True)
-            out = tt.create_sharded_memory_config(shape=(TILE, spec.per_core_n * TILE), core_grid=grid,
-                                                  strategy=tt.ShardStrategy.WIDTH, use_height_and_width_as_shard_shape=True)
+            in0 = self._width_sharded(spec.k // spec.cores, spec.grid_x, spec.grid_y)
+            out = self._width_sharded(spec.per_core_n * TILE, spec.grid_x, spec.grid_y)
             program = tt.MatmulMultiCoreReuseMultiCastDRAMShardedProgramConfig(
                 in0_block_w=spec.in0_block_w, per_core_M=1, per_core_N=spec.per_core_n, fused_activation=None)
             self._matmul_configs[spec] = in0, out, program
@@ -116,14 +120,13 @@ class TTModel:
             scale = tt.multiply(tt.reciprocal(tt.maximum(absmax, 1e-5)), 127.0)
             x = tt.typecast(tt.round(tt.multiply(x, scale)), tt.bfloat16)  # integers |q| <= 127: exact in bf16
         if decoding and layer.decode:
-            y = self.matmul_decode(x, name, layer)
+            y = self.matmul_decode(x, layer.decode[name], self.plan.decode_matmuls()[name], self.plan.norms_feed_matmuls)
         else:
             y = tt.linear(x, getattr(layer, name), memory_config=tt.L1_MEMORY_CONFIG if decoding else tt.DRAM_MEMORY_CONFIG,
                           compute_kernel_config=self.matmul_kernel)
         return tt.divide(y, scale) if quantise else y
 
-    def mlp(self, x, layer: LayerOnDevice, decoding: bool, norm):
-        """`norm` is norm (prefill) or norm_decode; both take (x, weight, eps, weight_row)."""
+    def mlp(self, x, layer: LayerOnDevice, decoding: bool):
         # x [.., S, hidden] -> [.., S, hidden], scaled by the down projection's scale
         tt, i = self.tt, self.plan.model.intermediate_size
         gate_up = self.bitlinear(x, layer, "wgate_up", decoding)
@@ -131,12 +134,22 @@ class TTModel:
         gate = tt.slice(gate_up, [0] * len(rows) + [0], rows + [i])
         up = tt.slice(gate_up, [0] * len(rows) + [i], rows + [2 * i])
         hidden = tt.mul(gate, up, input_tensor_a_activations=[tt.UnaryOpType.RELU, tt.UnaryOpType.SQUARE])
-        hidden = norm(hidden, layer.ffn_sub_norm, layer.folds.ffn_sub_norm_eps, layer.ffn_sub_norm_row)
+        eps = layer.folds.ffn_sub_norm_eps
+        hidden = (self.norm_decode(hidden, layer.ffn_sub_norm, eps, feeds="wdown") if decoding
+                  else self.norm(hidden, layer.ffn_sub_norm, eps, layer.ffn_sub_norm_row))
         return tt.multiply(self.bitlinear(hidden, layer, "wdown", decoding), layer.folds.down_scale)
 
-    def lm_head(self, x):
-        tt = self.tt
-        return tt.linear(x, self.w.lm_head, memory_config=tt.DRAM_MEMORY_CONFIG, compute_kernel_config=self.matmul_kernel)
+    def lm_head(self, x_11TH):
+        """Logits of one tile of rows (decode users, or the prefill tile holding the last token), in DRAM."""
+        tt, chunks = self.tt, self.plan.lm_head_chunks()
+        if not chunks:
+            return tt.linear(x_11TH, self.w.lm_head[0], memory_config=tt.DRAM_MEMORY_CONFIG,
+                             compute_kernel_config=self.matmul_kernel)
+        in0_config, _, _ = self._decode_matmul_configs(chunks[0])  # every chunk splits x the same way
+        x_11TH = tt.to_memory_config(x_11TH, in0_config)
+        parts = [self.matmul_decode(x_11TH, weight, spec, sharded_input=True, memory_config=tt.DRAM_MEMORY_CONFIG)
+                 for weight, spec in zip(self.w.lm_head, chunks)]
+        return parts[0] if len(parts) == 1 else tt.concat(parts, dim=-1)
 
     # -- decode -------------------------------------------------------------------------------------
 
@@ -149,11 +162,11 @@ class TTModel:
         cos_1B1D = self._rope_rows(self.w.rope_cos_rows, position_rows_1B)
         sin_1B1D = self._rope_rows(self.w.rope_sin_rows, position_rows_1B)
         for index, layer in enumerate(self.w.layers):
-            attn = self.attention_decode(self.norm_decode(x_11BH, layer.attn_norm, self.eps), layer, index,
+            attn = self.attention_decode(self.norm_decode(x_11BH, layer.attn_norm, self.eps, feeds="wqkv"), layer, index,
                                          cos_1B1D, sin_1B1D, positions_B)
             x_11BH = tt.add(x_11BH, attn)
-            mlp_in = self.norm_decode(x_11BH, layer.mlp_norm, self.eps)
-            x_11BH = tt.add(x_11BH, self.mlp(mlp_in, layer, True, self.norm_decode))
+            mlp_in = self.norm_decode(x_11BH, layer.mlp_norm, self.eps, feeds="wgate_up")
+            x_11BH = tt.add(x_11BH, self.mlp(mlp_in, layer, True))
         return self.lm_head(self.norm_decode(x_11BH, self.w.final_norm, self.eps))
 
     def pick_greedy(self, logits_11BV):
@@ -198,7 +211,7 @@ class TTModel:
         users = self.plan.max_users
         if list(attn_11BQ.shape)[2] != users:  # nlp_concat_heads_decode always yields 32 user rows
             attn_11BQ = tt.slice(attn_11BQ, [0, 0, 0, 0], [1, 1, users, self.plan.model.q_size])
-        attn_11BQ = self.norm_decode(attn_11BQ, layer.attn_sub_norm, layer.folds.attn_sub_norm_eps)
+        attn_11BQ = self.norm_decode(attn_11BQ, layer.attn_sub_norm, layer.folds.attn_sub_norm_eps, feeds="wo")
         return tt.multiply(self.bitlinear(attn_11BQ, layer, "wo", True), layer.folds.o_scale)
 
     # -- prefill ------------------------------------------------------------------------------------
@@ -214,7 +227,7 @@ class TTModel:
         for index, layer in enumerate(self.w.layers):
             attn = self.attention_prefill(self.norm(x_11SH, layer.attn_norm, self.eps), layer, index, cos_11SD, sin_11SD, slot)
             x_11SH = tt.add(x_11SH, attn)
-            x_11SH = tt.add(x_11SH, self.mlp(self.norm(x_11SH, layer.mlp_norm, self.eps), layer, False, self.norm))
+            x_11SH = tt.add(x_11SH, self.mlp(self.norm(x_11SH, layer.mlp_norm, self.eps), layer, False))
         tile_start = last_row // TILE * TILE
         last_11TH = tt.slice(x_11SH, [0, 0, tile_start, 0], [1, 1, tile_start + TILE, self.plan.model.hidden_size])
         return self.lm_head(self.norm(last_11TH, self.w.final_norm, self.eps))

@@ -66,7 +66,7 @@ class LayerOnDevice:
 @dataclass
 class ModelOnDevice:
     embedding: object  # [vocab, hidden] ROW_MAJOR (ttnn.embedding reads rows)
-    lm_head: object  # [hidden, vocab] TILE
+    lm_head: list  # [hidden, vocab] TILE, or its DRAM width-sharded column chunks (plan.lm_head_chunks)
     final_norm: object
     rope_cos_rows: object  # [context, head_dim] ROW_MAJOR: decode looks rows up by position
     rope_sin_rows: object
@@ -117,7 +117,7 @@ def place_model(plan: TTPlan, weights: BitNetWeights | None, place: Placer) -> M
     layers = [place_layer(plan, k, weights.layers[k] if weights else None, place) for k in range(m.num_layers)]
     return ModelOnDevice(
         embedding=place("embedding", lambda: weights.embed, (v, h), "bfloat16", row_major=True),
-        lm_head=place("lm_head", lambda: head.t().contiguous().to(torch.bfloat16), (h, v), o.lm_head_dtype),
+        lm_head=place_lm_head(plan, head, place),
         final_norm=place("final_norm", lambda: norm_rows(weights.final_norm), (1, 1, h // TILE, TILE), "bfloat16", row_major=True),
         # fp32 tables: the conversion to the device dtype does the one rounding
         rope_cos_rows=place(f"rope_cos_rows_{ctx}", lambda: cos, (ctx, m.head_dim), "bfloat16", row_major=True),
@@ -126,6 +126,22 @@ def place_model(plan: TTPlan, weights: BitNetWeights | None, place: Placer) -> M
         rope_sin=place(f"rope_sin_{ctx}", lambda: sin[None, None], (1, 1, ctx, m.head_dim), "bfloat16"),
         layers=layers,
     )
+
+
+def place_lm_head(plan: TTPlan, head: torch.Tensor | None, place: Placer) -> list:
+    """[hidden, vocab] in the head dtype: one interleaved tensor, or DRAM-sharded column chunks."""
+    m, dtype = plan.model, plan.options.lm_head_dtype
+    chunks = plan.lm_head_chunks()
+    if not chunks:
+        return [place("lm_head", lambda: head.t().contiguous().to(torch.bfloat16), (m.hidden_size, m.vocab_size), dtype)]
+    placed, start = [], 0
+    for index, spec in enumerate(chunks):
+        def columns(start=start, spec=spec):
+            return torch.nn.functional.pad(head[start : start + spec.n].t().to(torch.bfloat16), (0, spec.n_padded - spec.n))
+        placed.append(place(f"lm_head.{index}", columns, (spec.k, spec.n_padded), dtype,
+                            memory_config=dram_width_sharded(place.tt, plan, spec)))
+        start += spec.n
+    return placed
 
 
 def place_layer(plan: TTPlan, k: int, layer: LayerWeights | None, place: Placer) -> LayerOnDevice:
