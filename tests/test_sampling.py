@@ -8,7 +8,13 @@ import pytest
 import torch
 
 from bitnet_tt.errors import RequestError
-from bitnet_tt.sampling import SamplingParams, device_draw, device_sampleable, filter_logits, sample_token
+from bitnet_tt.sampling import (
+    SamplingParams,
+    device_draw,
+    device_sampleable,
+    filter_logits,
+    sample_token,
+)
 
 LOGITS = torch.tensor([3.0, 2.5, 2.0, 1.0, 0.5, 0.0, -1.0, -2.0])
 

@@ -109,7 +109,7 @@ def codes_in_out(*projections) -> torch.Tensor:
 
 
 def place_model(plan: TTPlan, weights: BitNetWeights | None, place: Placer) -> ModelOnDevice:
-    m, o = plan.model, plan.options
+    m = plan.model
     h, v, ctx = m.hidden_size, m.vocab_size, plan.cache_context
     cos, sin = rope_tables(m, ctx, torch.float32, "cpu")
     head = (weights.lm_head if weights is not None and weights.lm_head is not None else
