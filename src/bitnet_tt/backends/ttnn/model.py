@@ -81,15 +81,18 @@ class TTModel:
         return tt.create_sharded_memory_config(shape=(TILE, shard_width), core_grid=tt.CoreGrid(y=y, x=x),
                                                strategy=tt.ShardStrategy.WIDTH, use_height_and_width_as_shard_shape=True)
 
-    def matmul_decode(self, x_11BK, weight, spec, sharded_input: bool, memory_config=None):
+    def matmul_decode(self, x_11BK, weight, spec, sharded_input: bool, memory_config=None, keep_sharded: bool = False):
         """One tile of rows times a DRAM width-sharded weight: x split over a core grid (already, when a norm
-        feeds it), the output back to interleaved rows (and the bank padding of the output width sliced off)."""
+        feeds it), the output back to interleaved rows (and the bank padding of the output width sliced
+        off), or left in its width shards on the same grid (`keep_sharded`)."""
         tt = self.tt
         in0_config, out_config, program_config = self._decode_matmul_configs(spec)
         if not sharded_input:
             x_11BK = tt.to_memory_config(x_11BK, in0_config)
         y = tt.linear(x_11BK, weight, program_config=program_config, memory_config=out_config,
                       compute_kernel_config=self.matmul_kernel)
+        if keep_sharded:
+            return y
         y = tt.to_memory_config(y, memory_config or tt.L1_MEMORY_CONFIG)
         if spec.n_padded != spec.n:
             y = tt.slice(y, [0, 0, 0, 0], [*list(y.shape)[:-1], spec.n])
@@ -195,7 +198,11 @@ class TTModel:
     def attention_decode(self, x_11BH, layer: LayerOnDevice, index: int, cos_1B1D, sin_1B1D, positions_B):
         tt = self.tt
         keys, values = self.kv_cache[index]
-        qkv_11BQ = tt.to_memory_config(self.bitlinear(x_11BH, layer, "wqkv", True), self.qkv_memcfg)
+        if self.plan.qkv_heads_from_matmul_shards:
+            spec = self.plan.decode_matmuls()["wqkv"]
+            qkv_11BQ = self.matmul_decode(x_11BH, layer.decode["wqkv"], spec, sharded_input=True, keep_sharded=True)
+        else:
+            qkv_11BQ = tt.to_memory_config(self.bitlinear(x_11BH, layer, "wqkv", True), self.qkv_memcfg)
         q_1BHD, k_1BKD, v_1BKD = tt.experimental.nlp_create_qkv_heads_decode(
             qkv_11BQ, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, memory_config=tt.L1_HEIGHT_SHARDED_MEMORY_CONFIG)
         q_1BHD = tt.experimental.rotary_embedding_hf(q_1BHD, cos_1B1D, sin_1B1D, is_decode_mode=True)
@@ -205,6 +212,7 @@ class TTModel:
         attn_1BHD = tt.transformer.scaled_dot_product_attention_decode(
             q_1BHD, keys, values, cur_pos_tensor=positions_B, scale=layer.folds.attention_scale,
             program_config=self.sdpa_decode_config, memory_config=tt.DRAM_MEMORY_CONFIG, compute_kernel_config=self.hifi)
+        # SDPA decode cannot write sharded output with GQA: the heads are resharded one user per core
         attn_11BQ = tt.experimental.nlp_concat_heads_decode(
             tt.to_memory_config(attn_1BHD, self.heads_memcfg), num_heads=self.num_heads)
         attn_11BQ = tt.to_memory_config(attn_11BQ, tt.L1_MEMORY_CONFIG)
