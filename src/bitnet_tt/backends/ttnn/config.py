@@ -157,13 +157,17 @@ class TTPlan:
         reshard each way; not when activations are quantised in between (a per-row absmax needs whole rows)."""
         return self.options.dram_sharded_decode and not self.options.activation_quant
 
+    def evenly_sharded_output(self, name: str) -> bool:
+        """Whether decode matmul `name` leaves exactly its output width in equal whole-tile shards: then its
+        output can be used where it lies instead of being gathered back into rows."""
+        spec = self.decode_matmuls()[name]
+        return self.norms_feed_matmuls and spec.n_padded == spec.n and spec.per_core_n * spec.cores == tiles(spec.n)
+
     @property
     def qkv_heads_from_matmul_shards(self) -> bool:
-        """nlp_create_qkv_heads_decode reads the fused QKV straight from the decode matmul's output shards
-        when each core holds the same whole number of tiles and nothing needs slicing: its reader walks the
-        input cores row by row, taking tiles(qkv) / cores from each. Otherwise the output is resharded."""
-        spec = self.decode_matmuls()["wqkv"]
-        return self.norms_feed_matmuls and spec.n_padded == spec.n and spec.per_core_n * spec.cores == tiles(spec.n)
+        """nlp_create_qkv_heads_decode reads the fused QKV straight from the matmul's output shards when they
+        are even: its reader walks the input cores row by row, taking tiles(qkv) / cores from each."""
+        return self.evenly_sharded_output("wqkv")
 
     def decode_norm_layout(self, width: int, feeds: str | None = None) -> tuple[int, int, int]:
         """(x, y, tiles per core) of a decode norm; `feeds` names the decode matmul that reads its output."""

@@ -123,7 +123,9 @@ class TTModel:
             scale = tt.multiply(tt.reciprocal(tt.maximum(absmax, 1e-5)), 127.0)
             x = tt.typecast(tt.round(tt.multiply(x, scale)), tt.bfloat16)  # integers |q| <= 127: exact in bf16
         if decoding and layer.decode:
-            y = self.matmul_decode(x, layer.decode[name], self.plan.decode_matmuls()[name], self.plan.norms_feed_matmuls)
+            # o_proj's even shards go straight into the scale and the residual add (which writes rows)
+            y = self.matmul_decode(x, layer.decode[name], self.plan.decode_matmuls()[name], self.plan.norms_feed_matmuls,
+                                   keep_sharded=name == "wo" and self.plan.evenly_sharded_output(name))
         else:
             y = tt.linear(x, getattr(layer, name), memory_config=tt.L1_MEMORY_CONFIG if decoding else tt.DRAM_MEMORY_CONFIG,
                           compute_kernel_config=self.matmul_kernel)
@@ -167,7 +169,7 @@ class TTModel:
         for index, layer in enumerate(self.w.layers):
             attn = self.attention_decode(self.norm_decode(x_11BH, layer.attn_norm, self.eps, feeds="wqkv"), layer, index,
                                          cos_1B1D, sin_1B1D, positions_B)
-            x_11BH = tt.add(x_11BH, attn)
+            x_11BH = tt.add(x_11BH, attn, memory_config=tt.L1_MEMORY_CONFIG)
             mlp_in = self.norm_decode(x_11BH, layer.mlp_norm, self.eps, feeds="wgate_up")
             x_11BH = tt.add(x_11BH, self.mlp(mlp_in, layer, True))
         return self.lm_head(self.norm_decode(x_11BH, self.w.final_norm, self.eps))
