@@ -245,8 +245,8 @@ def chi_square(observed, expected) -> float:
 
 def temperature_not_inverted(tt):
     """A plausible bug: passing T where ttnn.sampling multiplies the logits by 1/T."""
-    original = tt._copy_draws
-    tt._copy_draws = lambda slots, draws: original(slots, [replace(d, temperature=1 / d.temperature) for d in draws])
+    original = tt._draw_inputs
+    tt._draw_inputs = lambda slots, draws: original(slots, [replace(d, temperature=1 / d.temperature) for d in draws])
 
 
 @pytest.mark.parametrize("bug", [None, temperature_not_inverted])
@@ -311,6 +311,19 @@ def test_engine_samples_on_the_device_when_the_request_allows_it(tiled_vocab_fol
     run(temperature=0.8, top_k=20, repetition_penalty=1.2)  # penalties need the logits on the host
     run(temperature=0.8)  # top_k off: the whole vocabulary, more than the device's 32 candidates
     assert calls == {"decode_sampled": 10, "decode": 10}
+
+
+def test_device_sampling_refuses_bad_requests_before_touching_the_device(tiled_vocab_folder):
+    from bitnet_tt.errors import CapacityError
+    from bitnet_tt.sampling import DeviceDraw
+
+    tt, _ = backends(tiled_vocab_folder, EXACT, users=2, exact=True)
+    tt.prefill(0, [1, 2, 3])
+    with pytest.raises(ValueError, match="top_k in 1..32"):
+        tt.decode_sampled([0], [4], [DeviceDraw(33, 1.0, 1.0, 0)])
+    with pytest.raises(CapacityError, match="slot 5 does not exist"):
+        tt.decode_sampled([5], [4], [DeviceDraw(3, 1.0, 1.0, 0)])
+    assert tt.slot_length(0) == 3 and not tt.steps.calls  # nothing ran
 
 
 def test_vocabulary_with_a_partial_tile_samples_on_the_host(folder):

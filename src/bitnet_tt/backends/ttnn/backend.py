@@ -98,15 +98,15 @@ class TTNNBackend(Backend):
             return super().decode_sampled(slots, token_ids, draws)
         if len(draws) != len(slots) or any(not 0 < d.top_k <= self.device_top_k_limit for d in draws):
             raise ValueError(f"decode_sampled needs one draw per slot, each with top_k in 1..{self.device_top_k_limit}")
-        self._copy_draws(slots, draws)
-        logits = self._decode_step(slots, token_ids)
+        logits = self._decode_step(slots, token_ids, draws)
         i = self.inputs
         tokens = self.steps.run("sampled", lambda: self.model.pick_sampled(
             logits, i["top_k"], i["top_p"], i["inv_temperature"], i["seeds"], i["user_ids"]))
         return self._token_ids(tokens, slots)
 
-    def _decode_step(self, slots: Sequence[int], token_ids: Sequence[int]):
-        """Run the forward pass for one token in each of `slots`; return the logits left on the device."""
+    def _decode_step(self, slots: Sequence[int], token_ids: Sequence[int], draws: Sequence[DeviceDraw] = ()):
+        """Run the forward pass for one token in each of `slots` (copying their draws' settings too, for a
+        sampling step that follows); return the logits left on the device."""
         if len(slots) != len(token_ids) or len(set(slots)) != len(slots) or not slots:
             raise ValueError("decode needs one token for each of distinct slots")
         for s in slots:
@@ -121,6 +121,7 @@ class TTNNBackend(Backend):
             "tokens": tt.from_torch(tokens, dtype=tt.uint32, layout=tt.ROW_MAJOR_LAYOUT),
             "positions": tt.from_torch(positions, dtype=tt.int32, layout=tt.ROW_MAJOR_LAYOUT),
             "position_rows": tt.from_torch(positions[None], dtype=tt.uint32, layout=tt.ROW_MAJOR_LAYOUT),
+            **(self._draw_inputs(slots, draws) if draws else {}),
         })
         i = self.inputs
         logits = self.steps.run("forward", lambda: self.model.forward_decode(i["tokens"], i["positions"], i["position_rows"]))
@@ -128,8 +129,9 @@ class TTNNBackend(Backend):
             self._advance(s, 1)
         return logits
 
-    def _copy_draws(self, slots: Sequence[int], draws: Sequence[DeviceDraw]) -> None:
-        """Sampling settings per row; rows without a request take top_k 1. Only changed settings are copied."""
+    def _draw_inputs(self, slots: Sequence[int], draws: Sequence[DeviceDraw]) -> dict:
+        """Host tensors of the sampling settings per row (rows without a request take top_k 1): the
+        fresh seeds, and whichever settings changed since the last sampling step."""
         tt, users = self.tt, self.max_slots
         top_k, top_p = torch.ones(users, dtype=torch.int32), torch.ones(users)
         inv_temperature, seeds = torch.ones(users), torch.zeros(users, dtype=torch.int32)
@@ -142,7 +144,7 @@ class TTNNBackend(Backend):
         host = {name: tt.from_torch(values, dtype=tt.uint32 if name == "top_k" else tt.bfloat16, layout=tt.ROW_MAJOR_LAYOUT)
                 for name, values in changed.items()}
         host["seeds"] = tt.from_torch(seeds, dtype=tt.uint32, layout=tt.ROW_MAJOR_LAYOUT)
-        self._copy_inputs(host)
+        return host
 
     def _copy_inputs(self, host: dict) -> None:
         for name, tensor in host.items():
