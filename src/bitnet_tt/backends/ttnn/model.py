@@ -217,10 +217,11 @@ class TTModel:
         # SDPA decode cannot write sharded output with GQA: the heads are resharded one user per core
         attn_11BQ = tt.experimental.nlp_concat_heads_decode(
             tt.to_memory_config(attn_1BHD, self.heads_memcfg), num_heads=self.num_heads)
-        attn_11BQ = tt.to_memory_config(attn_11BQ, tt.L1_MEMORY_CONFIG)
         users = self.plan.max_users
         if list(attn_11BQ.shape)[2] != users:  # nlp_concat_heads_decode always yields 32 user rows
+            attn_11BQ = tt.to_memory_config(attn_11BQ, tt.L1_MEMORY_CONFIG)
             attn_11BQ = tt.slice(attn_11BQ, [0, 0, 0, 0], [1, 1, users, self.plan.model.q_size])
+        # else the sub-norm reshards the concatenated heads straight onto its grid
         attn_11BQ = self.norm_decode(attn_11BQ, layer.attn_sub_norm, layer.folds.attn_sub_norm_eps, feeds="wo")
         return tt.multiply(self.bitlinear(attn_11BQ, layer, "wo", True), layer.folds.o_scale)
 
