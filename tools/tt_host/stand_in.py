@@ -318,21 +318,26 @@ class HostTT:
 
     # -- elementwise and reductions ---------------------------------------------------------------------------
 
-    def _binary(self, a, b, op):
+    def _binary(self, a, b, op, memory_config=None):
+        if isinstance(b, HostTensor) and a.memory_config().sharded and b.memory_config().sharded \
+                and a.memory_config() != b.memory_config():
+            raise RuntimeError(f"binary op on differently sharded operands: {a.memory_config()} and {b.memory_config()}")
+        if memory_config is not None:
+            _check_shard(a, memory_config)
         other = b.data if isinstance(b, HostTensor) else b
-        return self._like(a, op(a.data, other))
+        return self._like(a, op(a.data, other), memory_config)
 
-    def _add(self, a, b, **_):
-        return self._binary(a, b, torch.add)
+    def _add(self, a, b, memory_config=None, **_):
+        return self._binary(a, b, torch.add, memory_config)
 
-    def _multiply(self, a, b, **_):
-        return self._binary(a, b, torch.mul)
+    def _multiply(self, a, b, memory_config=None, **_):
+        return self._binary(a, b, torch.mul, memory_config)
 
-    def _divide(self, a, b, **_):
-        return self._binary(a, b, torch.div)
+    def _divide(self, a, b, memory_config=None, **_):
+        return self._binary(a, b, torch.div, memory_config)
 
-    def _maximum(self, a, b, **_):
-        return self._binary(a, b, lambda x, y: torch.maximum(x, torch.as_tensor(y, dtype=x.dtype)))
+    def _maximum(self, a, b, memory_config=None, **_):
+        return self._binary(a, b, lambda x, y: torch.maximum(x, torch.as_tensor(y, dtype=x.dtype)), memory_config)
 
     def _mul(self, a, b, input_tensor_a_activations=(), **_):
         x = a.data

@@ -164,6 +164,14 @@ class TTPlan:
         return self.norms_feed_matmuls and spec.n_padded == spec.n and spec.per_core_n * spec.cores == tiles(spec.n)
 
     @property
+    def residual_sharded(self) -> bool:
+        """The decode residual stream stays width-sharded on the grid of the matmuls that read the hidden
+        state (QKV, gate/up), when o_proj writes its output in exactly that layout: the two norms that
+        read the stream and the add after attention then need no reshard."""
+        reads, writes = self.decode_matmuls()["wqkv"], self.decode_matmuls()["wo"]
+        return self.evenly_sharded_output("wo") and (reads.grid_x, reads.grid_y) == (writes.grid_x, writes.grid_y)
+
+    @property
     def qkv_heads_from_matmul_shards(self) -> bool:
         """nlp_create_qkv_heads_decode reads the fused QKV straight from the matmul's output shards when they
         are even: its reader walks the input cores row by row, taking tiles(qkv) / cores from each."""

@@ -36,6 +36,10 @@ class TTModel:
         # ttnn.sampling draws each user's token on its own core; manual_seed must seed the same cores
         self.sampling_cores = tt.num_cores_to_corerangeset(
             plan.max_users, tt.CoreCoord(plan.device.grid_x, plan.device.grid_y), row_wise=True)
+        # decode's residual stream: rows in L1, or width-sharded where the matmuls around it allow (plan.residual_sharded)
+        hidden = plan.decode_matmuls()["wqkv"]
+        self.residual_memcfg = (self._width_sharded(hidden.k // hidden.cores, hidden.grid_x, hidden.grid_y)
+                                if plan.residual_sharded else tt.L1_MEMORY_CONFIG)
         cores = plan.qkv_shard_cores()
         self.qkv_memcfg = self._width_sharded(plan.qkv_width // cores, cores, 1)
 
@@ -164,14 +168,17 @@ class TTModel:
         Returns logits [1, 1, B, vocab], left on the device for pick_greedy or pick_sampled."""
         tt = self.tt
         x_11BH = tt.unsqueeze(tt.embedding(tokens_1B, self.w.embedding, layout=tt.TILE_LAYOUT), 0)
+        residual = self.residual_memcfg
+        if self.plan.residual_sharded:
+            x_11BH = tt.to_memory_config(x_11BH, residual)
         cos_1B1D = self._rope_rows(self.w.rope_cos_rows, position_rows_1B)
         sin_1B1D = self._rope_rows(self.w.rope_sin_rows, position_rows_1B)
         for index, layer in enumerate(self.w.layers):
             attn = self.attention_decode(self.norm_decode(x_11BH, layer.attn_norm, self.eps, feeds="wqkv"), layer, index,
                                          cos_1B1D, sin_1B1D, positions_B)
-            x_11BH = tt.add(x_11BH, attn, memory_config=tt.L1_MEMORY_CONFIG)
+            x_11BH = tt.add(x_11BH, attn, memory_config=residual)
             mlp_in = self.norm_decode(x_11BH, layer.mlp_norm, self.eps, feeds="wgate_up")
-            x_11BH = tt.add(x_11BH, self.mlp(mlp_in, layer, True))
+            x_11BH = tt.add(x_11BH, self.mlp(mlp_in, layer, True), memory_config=residual)
         return self.lm_head(self.norm_decode(x_11BH, self.w.final_norm, self.eps))
 
     def pick_greedy(self, logits_11BV):
