@@ -157,7 +157,8 @@ class HostTT:
         self.BufferType = types.SimpleNamespace(DRAM="DRAM", L1="L1")
         self.ShardStrategy = types.SimpleNamespace(HEIGHT="HEIGHT_SHARDED", WIDTH="WIDTH_SHARDED")
         self.MathFidelity = types.SimpleNamespace(LoFi="LoFi", HiFi2="HiFi2", HiFi3="HiFi3", HiFi4="HiFi4")
-        self.UnaryOpType = types.SimpleNamespace(RELU="RELU", SQUARE="SQUARE")
+        self.UnaryOpType = types.SimpleNamespace(RELU="RELU", SQUARE="SQUARE", MUL_UNARY_SFPU="MUL_UNARY_SFPU")
+        self.UnaryWithParam = lambda op, param: (op, float(param))
         self.CoreCoord, self.CoreGrid, self.Shape = CoreCoord, CoreGrid, Shape
         self.TensorMemoryLayout = types.SimpleNamespace(
             INTERLEAVED="INTERLEAVED", HEIGHT_SHARDED="HEIGHT_SHARDED", WIDTH_SHARDED="WIDTH_SHARDED")
@@ -327,8 +328,13 @@ class HostTT:
         other = b.data if isinstance(b, HostTensor) else b
         return self._like(a, op(a.data, other), memory_config)
 
-    def _add(self, a, b, memory_config=None, **_):
-        return self._binary(a, b, torch.add, memory_config)
+    def _add(self, a, b, memory_config=None, input_tensor_b_activations=(), **_):
+        scale = 1.0
+        for op, param in input_tensor_b_activations:
+            if op != "MUL_UNARY_SFPU":
+                raise RuntimeError(f"add: the stand-in does not implement the activation {op}")
+            scale *= param
+        return self._binary(a, b, lambda x, y: x + y * scale, memory_config)
 
     def _multiply(self, a, b, memory_config=None, **_):
         return self._binary(a, b, torch.mul, memory_config)

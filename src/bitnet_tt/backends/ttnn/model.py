@@ -136,7 +136,7 @@ class TTModel:
         return tt.divide(y, scale) if quantise else y
 
     def mlp(self, x, layer: LayerOnDevice, decoding: bool):
-        # x [.., S, hidden] -> [.., S, hidden], scaled by the down projection's scale
+        # x [.., S, hidden] -> [.., S, hidden], without the down projection's scale (add_scaled applies it)
         tt, i = self.tt, self.plan.model.intermediate_size
         gate_up = self.bitlinear(x, layer, "wgate_up", decoding)
         rows = list(gate_up.shape)[:-1]
@@ -146,7 +146,14 @@ class TTModel:
         eps = layer.folds.ffn_sub_norm_eps
         hidden = (self.norm_decode(hidden, layer.ffn_sub_norm, eps, feeds="wdown") if decoding
                   else self.norm(hidden, layer.ffn_sub_norm, eps, layer.ffn_sub_norm_row))
-        return tt.multiply(self.bitlinear(hidden, layer, "wdown", decoding), layer.folds.down_scale)
+        return self.bitlinear(hidden, layer, "wdown", decoding)
+
+    def add_scaled(self, x, y, scale: float, memory_config=None):
+        """The residual add x + scale * y in one op: o_proj's and down_proj's per-tensor weight scale rides
+        on the add as an activation of its second input."""
+        tt = self.tt
+        return tt.add(x, y, input_tensor_b_activations=[tt.UnaryWithParam(tt.UnaryOpType.MUL_UNARY_SFPU, scale)],
+                      memory_config=memory_config)
 
     def lm_head(self, x_11TH):
         """Logits of one tile of rows (decode users, or the prefill tile holding the last token), in DRAM."""
@@ -176,9 +183,9 @@ class TTModel:
         for index, layer in enumerate(self.w.layers):
             attn = self.attention_decode(self.norm_decode(x_11BH, layer.attn_norm, self.eps, feeds="wqkv"), layer, index,
                                          cos_1B1D, sin_1B1D, positions_B)
-            x_11BH = tt.add(x_11BH, attn, memory_config=residual)
+            x_11BH = self.add_scaled(x_11BH, attn, layer.folds.o_scale, residual)
             mlp_in = self.norm_decode(x_11BH, layer.mlp_norm, self.eps, feeds="wgate_up")
-            x_11BH = tt.add(x_11BH, self.mlp(mlp_in, layer, True), memory_config=residual)
+            x_11BH = self.add_scaled(x_11BH, self.mlp(mlp_in, layer, True), layer.folds.down_scale, residual)
         return self.lm_head(self.norm_decode(x_11BH, self.w.final_norm, self.eps))
 
     def pick_greedy(self, logits_11BV):
@@ -230,7 +237,7 @@ class TTModel:
             attn_11BQ = tt.slice(attn_11BQ, [0, 0, 0, 0], [1, 1, users, self.plan.model.q_size])
         # else the sub-norm reshards the concatenated heads straight onto its grid
         attn_11BQ = self.norm_decode(attn_11BQ, layer.attn_sub_norm, layer.folds.attn_sub_norm_eps, feeds="wo")
-        return tt.multiply(self.bitlinear(attn_11BQ, layer, "wo", True), layer.folds.o_scale)
+        return self.bitlinear(attn_11BQ, layer, "wo", True)
 
     # -- prefill ------------------------------------------------------------------------------------
 
@@ -244,8 +251,9 @@ class TTModel:
         sin_11SD = tt.slice(self.w.rope_sin, [0, 0, 0, 0], [1, 1, seq, self.head_dim])
         for index, layer in enumerate(self.w.layers):
             attn = self.attention_prefill(self.norm(x_11SH, layer.attn_norm, self.eps), layer, index, cos_11SD, sin_11SD, slot)
-            x_11SH = tt.add(x_11SH, attn)
-            x_11SH = tt.add(x_11SH, self.mlp(self.norm(x_11SH, layer.mlp_norm, self.eps), layer, False))
+            x_11SH = self.add_scaled(x_11SH, attn, layer.folds.o_scale)
+            x_11SH = self.add_scaled(x_11SH, self.mlp(self.norm(x_11SH, layer.mlp_norm, self.eps), layer, False),
+                                     layer.folds.down_scale)
         tile_start = last_row // TILE * TILE
         last_11TH = tt.slice(x_11SH, [0, 0, tile_start, 0], [1, 1, tile_start + TILE, self.plan.model.hidden_size])
         return self.lm_head(self.norm(last_11TH, self.w.final_norm, self.eps))
@@ -265,4 +273,4 @@ class TTModel:
             q_1HSD, k_1KSD, v_1KSD, is_causal=True, scale=layer.folds.attention_scale, compute_kernel_config=self.hifi)
         attn_11SQ = tt.experimental.nlp_concat_heads(attn_1HSD, memory_config=tt.DRAM_MEMORY_CONFIG)
         attn_11SQ = self.norm(attn_11SQ, layer.attn_sub_norm, layer.folds.attn_sub_norm_eps)
-        return tt.multiply(self.bitlinear(attn_11SQ, layer, "wo", False), layer.folds.o_scale)
+        return self.bitlinear(attn_11SQ, layer, "wo", False)
