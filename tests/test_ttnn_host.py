@@ -313,6 +313,34 @@ def test_engine_samples_on_the_device_when_the_request_allows_it(tiled_vocab_fol
     assert calls == {"decode_sampled": 10, "decode": 10}
 
 
+def test_traced_pieces_replay_in_any_order(tiled_vocab_folder):
+    """Greedy, sampled and logits steps in a mixed order: each traced piece replays on the forward
+    trace's logits and gives what the same backend gives op by op."""
+    from bitnet_tt.sampling import DeviceDraw
+
+    runs = []
+    for use_trace in (True, False):
+        tt, _ = backends(tiled_vocab_folder, replace(EXACT, use_trace=use_trace), users=3, exact=True)
+        slots, tokens, seen = [0, 2], [5, 6], []
+        for s, n in zip(slots, (4, 30)):
+            tt.prefill(s, prompt(n, n))
+        for step, mode in enumerate("gsslgsgl"):
+            if mode == "g":
+                tokens = tt.decode_greedy(slots, tokens)
+            elif mode == "s":
+                tokens = tt.decode_sampled(slots, tokens, [DeviceDraw(8, 0.9, 2.0, 100 * step + s) for s in slots])
+            else:
+                logits = tt.decode(slots, tokens)
+                seen.append(logits)
+                tokens = logits.argmax(-1).tolist()
+            seen.append(tokens)
+        runs.append((seen, tt.steps.captured))
+    (traced, captured), (op_by_op, _) = runs
+    assert sorted(captured) == ["forward", "greedy", "sampled"]
+    for a, b in zip(traced, op_by_op):
+        assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+
+
 def test_device_sampling_refuses_bad_requests_before_touching_the_device(tiled_vocab_folder):
     from bitnet_tt.errors import CapacityError
     from bitnet_tt.sampling import DeviceDraw
