@@ -98,8 +98,9 @@ def test_32_users_at_different_positions(folder):
     assert same_tokens and lowest_pcc >= 0.999
 
 
-def test_batched_decode_logits_with_device_dtypes(folder, block_float):
-    tt, reference = backends(folder, TTOptions(), users=4, block_float=block_float)
+@pytest.mark.parametrize("dram_sharded_decode", [True, False])
+def test_batched_decode_logits_with_device_dtypes(folder, block_float, dram_sharded_decode):
+    tt, reference = backends(folder, TTOptions(dram_sharded_decode=dram_sharded_decode), users=4, block_float=block_float)
     slots = [2, 0, 3]
     for s in slots:
         ids = prompt(5 + 20 * s, s)

@@ -32,6 +32,8 @@ def main(argv=None) -> int:
     parser.add_argument("--context", type=int, default=256)
     parser.add_argument("--prompts", default="1,33", help="prompt lengths, each prefilled into its own slot")
     parser.add_argument("--act-quant", action="store_true", help="quantise activations on the device (off by default)")
+    parser.add_argument("--interleaved-weights", action="store_true",
+                        help="one interleaved copy of the weights, no DRAM-sharded decode copy")
     parser.add_argument("--vocab", type=int, default=320, help="vocabulary of the tiny shapes (2b4t has its own)")
     args = parser.parse_args(argv)
     os.environ.update(mock_env(args.board))
@@ -60,7 +62,8 @@ def run(args) -> dict:
     config = model_config(args.shapes, args.vocab)
     device = open_tt_device(ttnn, allow_mock=True)
     started = time.perf_counter()
-    options = TTOptions(use_trace=False, activation_quant=args.act_quant)  # trace capture crashes on mock devices
+    options = TTOptions(use_trace=False, activation_quant=args.act_quant,  # trace capture crashes on mock devices
+                        dram_sharded_decode=not args.interleaved_weights)
     backend = TTNNBackend(config, None, ttnn, device, args.users, args.context, options)
     report = {"board": args.board, "shapes": args.shapes, "users": args.users, "context": args.context}
     prompts = [int(n) for n in args.prompts.split(",")]
