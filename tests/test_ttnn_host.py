@@ -358,3 +358,32 @@ def test_device_sampling_refuses_bad_requests_before_touching_the_device(tiled_v
 def test_vocabulary_with_a_partial_tile_samples_on_the_host(folder):
     tt, _ = backends(folder, EXACT, exact=True)
     assert tt.device_top_k_limit == 0 and "host" in tt.describe()["sampling"]
+
+
+def test_a_failing_step_is_not_counted_and_leaves_no_capture_open():
+    import types
+
+    from bitnet_tt.backends.ttnn.trace import TracedSteps
+
+    host = HostTT(exact=True)
+    x = host.from_torch(torch.ones(1, 1, 32, 32), device=host.device(), layout=host.TILE_LAYOUT)
+    runs = iter([RuntimeError("first run"), None, RuntimeError("during capture"), None, None])
+    model = types.SimpleNamespace(tt=host)  # a piece makes its ttnn calls through model.tt
+
+    def step():
+        failure = next(runs)
+        if failure:
+            raise failure
+        return model.tt.add(x, 1.0)
+
+    steps = TracedSteps(host, host.device(), model, use_trace=True)
+    with pytest.raises(RuntimeError, match="first run"):
+        steps.run("piece", step)
+    assert "piece" not in steps.calls  # the next run is the counted warm-up again
+    steps.run("piece", step)
+    assert steps.calls == {"piece": 1}
+    with pytest.raises(RuntimeError, match="during capture"):
+        steps.run("piece", step)
+    assert not host.is_trace_capture_active(host.device()) and steps.captured == []
+    assert torch.equal(host.to_torch(steps.run("piece", step)), torch.full((1, 1, 32, 32), 2.0))
+    assert steps.captured == ["piece"]

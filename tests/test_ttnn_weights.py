@@ -143,3 +143,14 @@ def test_bytes_read_per_decode_step_at_2b4t_shapes():
     assert ternary * 576 / 1024 <= read["layers"] <= 1.02 * ternary * 576 / 1024  # bfloat4_b, DRAM-bank padding
     assert read["lm_head"] == int(128256 * 2560 * 1088 / 1024)  # bfloat8_b
     assert read["kv_cache_per_token"] == 2 * 30 * 5 * 128 * 2
+
+
+def test_weight_cache_is_kept_per_device_and_options(folder, tmp_path, monkeypatch):
+    from bitnet_tt.backends.ttnn.backend import weight_cache_dir
+
+    monkeypatch.setenv("BITNET_TT_CACHE", str(tmp_path))
+    n150 = DeviceFacts("wormhole_b0", 8, 8, 12, 1_073_741_824, 1_499_136)  # DRAM-sharded layouts follow the banks
+    folders = {weight_cache_dir(folder, options, device) for options in (TTOptions(), TTOptions(lm_head_dtype="bfloat16"))
+               for device in (P150, n150)}
+    assert len(folders) == 4 and all(f.parent == tmp_path / "ttnn-weights" for f in folders)
+    assert weight_cache_dir(folder, TTOptions(), P150) == weight_cache_dir(folder, TTOptions(), P150)

@@ -60,7 +60,9 @@ class SamplingParams:
 @dataclass(frozen=True)
 class DeviceDraw:
     """One slot's draw for a backend that samples on its device: softmax(logits / temperature) over the
-    top_k most likely tokens, cut to top_p, seeded per step (a seeded request is reproducible)."""
+    top_k most likely tokens, cut to top_p, with a fresh seed each step. A seeded request repeats its
+    tokens for the same batch mix; the device's random numbers differ from the host's, so whether a step
+    samples on the device or on the host (it depends on every request in the step) changes the tokens."""
 
     top_k: int
     top_p: float
@@ -69,15 +71,16 @@ class DeviceDraw:
 
 
 def device_sampleable(params: SamplingParams, top_k_limit: int) -> bool:
-    """Whether a device sampler limited to top_k_limit candidates reproduces `sample_token` exactly for
-    these parameters: no penalties, min-p or log-probs, and greedy or a top_k within the limit."""
+    """Whether a device sampler limited to top_k_limit candidates draws from the same distribution as
+    `sample_token` (up to the device's bf16 top_p and 1/temperature): no penalties, min-p or log-probs,
+    and greedy or a top_k within the limit."""
     plain = (params.min_p == 0.0 and not (params.logprobs or params.top_logprobs) and params.repetition_penalty == 1.0
              and params.presence_penalty == 0.0 and params.frequency_penalty == 0.0)
     return plain and (params.greedy or 0 < params.top_k <= top_k_limit)
 
 
 def device_draw(params: SamplingParams, generator: torch.Generator | None) -> DeviceDraw:
-    """The request's next draw; the seed comes from the request's generator, so seeded requests repeat."""
+    """The request's next draw, its seed taken from the request's generator."""
     if params.greedy:
         return DeviceDraw(top_k=1, top_p=1.0, temperature=1.0, seed=0)
     seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))

@@ -40,6 +40,7 @@ class MemoryConfig:
     layout: str = "INTERLEAVED"  # INTERLEAVED, HEIGHT_SHARDED, WIDTH_SHARDED
     shard_shape: tuple[int, int] | None = None
     cores: int | None = None
+    grid: tuple[int, int] | None = None  # (x, y) of a rectangular core grid, where one was given
 
     @property
     def sharded(self) -> bool:
@@ -253,7 +254,7 @@ class HostTT:
         return frozenset(CoreRange(CoreCoord(i % grid.x, i // grid.x), CoreCoord(i % grid.x, i // grid.x)) for i in range(cores))
 
     def create_sharded_memory_config(self, shape, core_grid, strategy, use_height_and_width_as_shard_shape=True, **_):
-        return MemoryConfig("L1", strategy, tuple(shape), core_grid.num_cores)
+        return MemoryConfig("L1", strategy, tuple(shape), core_grid.num_cores, (core_grid.x, core_grid.y))
 
     # -- device facts ---------------------------------------------------------------------------------
 
@@ -294,6 +295,9 @@ class HostTT:
             result = fn(*args, **kwargs)
             for out, new in zip(outputs, _as_tuple(result)):
                 out._data = new.data
+
+    def is_trace_capture_active(self, device) -> bool:
+        return self._capturing is not None
 
     def release_trace(self, device, trace_id):
         del self._traces[trace_id]
@@ -410,6 +414,8 @@ class HostTT:
         return self._like(x, values), self._new(indices, index_dtype, "TILE", x.memory_config())
 
     def _untilize(self, x, **_):
+        if x.layout != "TILE":
+            raise RuntimeError("untilize needs a TILE input")
         return self._new(x.data.clone(), x.dtype, "ROW_MAJOR", x.memory_config())
 
     def _manual_seed(self, seeds, device=None, user_ids=None, sub_core_grids=None):
@@ -433,6 +439,7 @@ class HostTT:
              and all(t.layout == "ROW_MAJOR" and tuple(t.shape) == (users,) for t in (k, p, temp)),
              "k (32-bit), p and temp (bfloat16) must be ROW_MAJOR [users]"),
             (sub_core_grids is None or sum(r.num_cores for r in sub_core_grids) >= users, "too few sampling cores"),
+            (not any(t.memory_config().sharded for t in (values, indices, k, p, temp)), "inputs must be interleaved"),
         ]
         for ok, message in checks:
             if not ok:
@@ -463,9 +470,11 @@ class HostTT:
 
     # -- matmul and norm ----------------------------------------------------------------------------------
 
-    def _linear(self, a, b, memory_config=None, **_):
+    def _linear(self, a, b, memory_config=None, program_config=None, **_):
         if a.shape[-1] != b.shape[-2]:
             raise RuntimeError(f"linear: a_shape[-1] ({a.shape[-1]}) != b_shape[-2] ({b.shape[-2]})")
+        if type(program_config).__name__ == "MatmulMultiCoreReuseMultiCastDRAMShardedProgramConfig":
+            _check_dram_sharded_matmul(a, b, memory_config)
         return self._new(a.data @ b.data, "bfloat16", "TILE", memory_config)
 
     def _rms_norm(self, x, epsilon=1e-12, weight=None, memory_config=None, program_config=None, **_):
@@ -575,6 +584,18 @@ def _as_tuple(result):
     if result is None:
         return ()
     return result if isinstance(result, tuple) else (result,)
+
+
+def _check_dram_sharded_matmul(a: HostTensor, b: HostTensor, out: MemoryConfig | None) -> None:
+    """The DRAM-sharded matmul reads x width-sharded in L1 (whole rows of k split over the cores) and the
+    weight width-sharded over the DRAM banks, and writes on x's grid."""
+    x, w = a.memory_config(), b.memory_config()
+    if x.layout != "WIDTH_SHARDED" or x.buffer != "L1" or x.shard_shape[1] * x.cores != a.shape[-1]:
+        raise RuntimeError(f"DRAM-sharded matmul: input {x} does not split k={a.shape[-1]} over its cores")
+    if w.layout != "WIDTH_SHARDED" or w.buffer != "DRAM":
+        raise RuntimeError(f"DRAM-sharded matmul: weight {w} is not width-sharded in DRAM")
+    if out is None or out.layout != "WIDTH_SHARDED" or out.grid != x.grid:
+        raise RuntimeError(f"DRAM-sharded matmul: output {out} is not width-sharded on the input's grid {x.grid}")
 
 
 def _check_shard(x: HostTensor, config: MemoryConfig) -> None:

@@ -19,7 +19,7 @@ from ...config import ModelConfig
 from ...errors import CapacityError
 from ...sampling import DeviceDraw
 from ..base import Backend
-from .config import TILE, TTOptions, make_plan
+from .config import TILE, DeviceFacts, TTOptions, make_plan
 from .device import device_facts, import_ttnn, open_tt_device
 from .model import TTModel
 from .trace import TracedSteps
@@ -84,29 +84,39 @@ class TTNNBackend(Backend):
     # -- decode ---------------------------------------------------------------------------------------
 
     def decode(self, slots: Sequence[int], token_ids: Sequence[int]) -> torch.Tensor:
-        logits = self._decode_step(slots, token_ids)
-        return self._to_host(logits)[0, 0, list(slots)].float()
+        logits = self._to_host(self._decode_step(slots, token_ids))[0, 0, list(slots)].float()
+        self._advance_all(slots)
+        return logits
 
     def decode_greedy(self, slots: Sequence[int], token_ids: Sequence[int]) -> list[int]:
         """The next token of each slot, picked on the device: B token ids cross to the host, not B x vocab logits."""
         logits = self._decode_step(slots, token_ids)
-        return self._token_ids(self.steps.run("greedy", lambda: self.model.pick_greedy(logits)), slots)
+        tokens = self._token_ids(self.steps.run("greedy", lambda: self.model.pick_greedy(logits)), slots)
+        self._advance_all(slots)
+        return tokens
 
     def decode_sampled(self, slots: Sequence[int], token_ids: Sequence[int], draws: Sequence[DeviceDraw]) -> list[int]:
-        """The next token of each slot, drawn on the device (top-k <= 32, top-p, temperature, a seed per step)."""
+        """The next token of each slot, drawn on the device (top-k <= 32, top-p, temperature, a seed per step).
+        Rows with top_k 1 take the argmax, as decode_greedy does, so ties break the same way in any batch."""
         if not self.device_top_k_limit:
             return super().decode_sampled(slots, token_ids, draws)
-        if len(draws) != len(slots) or any(not 0 < d.top_k <= self.device_top_k_limit for d in draws):
-            raise ValueError(f"decode_sampled needs one draw per slot, each with top_k in 1..{self.device_top_k_limit}")
+        if len(draws) != len(slots) or not all(0 < d.top_k <= self.device_top_k_limit and 0 < d.top_p <= 1
+                                               and d.temperature > 0 for d in draws):
+            raise ValueError(f"decode_sampled needs one draw per slot, each with top_k in 1..{self.device_top_k_limit}, "
+                             "top_p in (0, 1] and a positive temperature")
         logits = self._decode_step(slots, token_ids, draws)
         i = self.inputs
-        tokens = self.steps.run("sampled", lambda: self.model.pick_sampled(
-            logits, i["top_k"], i["top_p"], i["inv_temperature"], i["seeds"], i["user_ids"]))
-        return self._token_ids(tokens, slots)
+        sampled, greedy = self.steps.run("sampled", lambda: (
+            self.model.pick_sampled(logits, i["top_k"], i["top_p"], i["inv_temperature"], i["seeds"], i["user_ids"]),
+            self.model.pick_greedy(logits)))
+        drawn, best = self._token_ids(sampled, slots), self._token_ids(greedy, slots)
+        self._advance_all(slots)
+        return [b if d.top_k == 1 else t for t, b, d in zip(drawn, best, draws)]
 
     def _decode_step(self, slots: Sequence[int], token_ids: Sequence[int], draws: Sequence[DeviceDraw] = ()):
         """Run the forward pass for one token in each of `slots` (copying their draws' settings too, for a
-        sampling step that follows); return the logits left on the device."""
+        sampling step that follows); return the logits left on the device. The caller advances the slots
+        once it has its tokens."""
         if len(slots) != len(token_ids) or len(set(slots)) != len(slots) or not slots:
             raise ValueError("decode needs one token for each of distinct slots")
         for s in slots:
@@ -124,10 +134,11 @@ class TTNNBackend(Backend):
             **(self._draw_inputs(slots, draws) if draws else {}),
         })
         i = self.inputs
-        logits = self.steps.run("forward", lambda: self.model.forward_decode(i["tokens"], i["positions"], i["position_rows"]))
+        return self.steps.run("forward", lambda: self.model.forward_decode(i["tokens"], i["positions"], i["position_rows"]))
+
+    def _advance_all(self, slots: Sequence[int]) -> None:
         for s in slots:
             self._advance(s, 1)
-        return logits
 
     def _draw_inputs(self, slots: Sequence[int], draws: Sequence[DeviceDraw]) -> dict:
         """Host tensors of the sampling settings per row (rows without a request take top_k 1): the
@@ -189,10 +200,11 @@ class TTNNBackend(Backend):
 WEIGHT_LAYOUT_VERSION = 2  # bumped whenever a cached tensor's shape or layout changes (2: a padded, sharded LM head)
 
 
-def weight_cache_dir(folder: Path, options: TTOptions) -> Path:
-    """Converted device weights, kept per model folder and options so a restart does not re-convert."""
+def weight_cache_dir(folder: Path, options: TTOptions, device: DeviceFacts) -> Path:
+    """Converted device weights, kept per model folder, options and device (DRAM-sharded layouts depend on
+    its banks and grid) so a restart does not re-convert; ttnn loads a cached file without checking its shape."""
     base = Path(os.environ.get("BITNET_TT_CACHE", Path.home() / ".cache" / "bitnet-tt"))
-    key = hashlib.sha256(f"{Path(folder).resolve()}|{options}|{WEIGHT_LAYOUT_VERSION}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{Path(folder).resolve()}|{options}|{device}|{WEIGHT_LAYOUT_VERSION}".encode()).hexdigest()[:16]
     return base / "ttnn-weights" / key
 
 
@@ -203,7 +215,7 @@ def load_ttnn_backend(folder: Path, max_slots: int = 1, max_context: int | None 
     options = options or TTOptions()
     device = open_tt_device(tt)
     weights = load_weights(folder, progress=progress)
-    cache = weight_cache_dir(folder, options)
+    cache = weight_cache_dir(folder, options, device_facts(tt, device))
     cache.mkdir(parents=True, exist_ok=True)
     return TTNNBackend(weights.config, weights, tt, device, max_slots, max_context, options, cache)
 

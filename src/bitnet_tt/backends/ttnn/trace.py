@@ -25,22 +25,29 @@ class TracedSteps:
         if not self.use_trace:
             return step()
         if name not in self._traces:
-            trace_id = self.tt.begin_trace_capture(self.device, cq_id=0)
-            outputs = step()
-            self.tt.end_trace_capture(self.device, trace_id, cq_id=0)
-            self._traces[name] = trace_id, outputs
+            self._traces[name] = self._capture(step)
         trace_id, outputs = self._traces[name]
         self.tt.execute_trace(self.device, trace_id, cq_id=0, blocking=False)
         return outputs
 
+    def _capture(self, step: Callable[[], object]) -> tuple[object, object]:
+        trace_id = self.tt.begin_trace_capture(self.device, cq_id=0)
+        try:
+            outputs = step()
+        finally:  # a failed step must not leave the device capturing
+            self.tt.end_trace_capture(self.device, trace_id, cq_id=0)
+        return trace_id, outputs
+
     def _counted(self, name: str, step: Callable[[], object]):
+        """The first run: op by op, its ttnn calls counted; only a run that succeeds counts as the warm-up."""
         calls = []
         self.model.tt = TTCallHook(self.tt, lambda call_name, call: calls.append(call_name) or call())
         try:
-            return step()
+            outputs = step()
         finally:
             self.model.tt = self.tt
-            self.calls[name] = len(calls)
+        self.calls[name] = len(calls)
+        return outputs
 
     @property
     def captured(self) -> list[str]:

@@ -5,7 +5,7 @@ The per-tensor scales never touch the device weights; they are folded (see `Scal
 - q and k scales multiply the attention scale (RoPE and q.k are linear in each);
 - the v scale moves into attn_sub_norm's epsilon: RMSNorm(c*x, eps) = RMSNorm(x, eps / c^2);
 - gate and up: relu(sg*g)^2 * (su*u) = sg^2*su * relu(g)^2*u, so ffn_sub_norm's eps / (sg^2*su)^2;
-- o and down scales stay as one scalar multiply each (the residual needs the true magnitude).
+- o and down scales are applied where their outputs join the residual (model.add_scaled).
 """
 
 from __future__ import annotations
