@@ -169,13 +169,13 @@ class TTPlan:
         state (QKV, gate/up), when o_proj writes its output in exactly that layout: the two norms that
         read the stream and the add after attention then need no reshard."""
         reads, writes = self.decode_matmuls()["wqkv"], self.decode_matmuls()["wo"]
-        return self.evenly_sharded_output("wo") and (reads.grid_x, reads.grid_y) == (writes.grid_x, writes.grid_y)
+        return self.keeps_output_sharded("wo") and (reads.grid_x, reads.grid_y) == (writes.grid_x, writes.grid_y)
 
-    @property
-    def qkv_heads_from_matmul_shards(self) -> bool:
-        """nlp_create_qkv_heads_decode reads the fused QKV straight from the matmul's output shards when they
-        are even: its reader walks the input cores row by row, taking tiles(qkv) / cores from each."""
-        return self.evenly_sharded_output("wqkv")
+    def keeps_output_sharded(self, name: str) -> bool:
+        """Decode matmuls whose even output shards are used where they lie: the fused QKV by
+        nlp_create_qkv_heads_decode (its reader walks the input cores row by row, tiles(qkv) / cores
+        from each), o_proj's by the residual add."""
+        return name in ("wqkv", "wo") and self.evenly_sharded_output(name)
 
     def decode_norm_layout(self, width: int, feeds: str | None = None) -> tuple[int, int, int]:
         """(x, y, tiles per core) of a decode norm; `feeds` names the decode matmul that reads its output."""

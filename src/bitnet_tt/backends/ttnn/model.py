@@ -37,8 +37,7 @@ class TTModel:
         self.sampling_cores = tt.num_cores_to_corerangeset(
             plan.max_users, tt.CoreCoord(plan.device.grid_x, plan.device.grid_y), row_wise=True)
         # decode's residual stream: rows in L1, or width-sharded where the matmuls around it allow (plan.residual_sharded)
-        hidden = plan.decode_matmuls()["wqkv"]
-        self.residual_memcfg = (self._width_sharded(hidden.k // hidden.cores, hidden.grid_x, hidden.grid_y)
+        self.residual_memcfg = (self._decode_matmul_configs(plan.decode_matmuls()["wqkv"])[0]  # QKV's input layout
                                 if plan.residual_sharded else tt.L1_MEMORY_CONFIG)
         cores = plan.qkv_shard_cores()
         self.qkv_memcfg = self._width_sharded(plan.qkv_width // cores, cores, 1)
@@ -127,9 +126,8 @@ class TTModel:
             scale = tt.multiply(tt.reciprocal(tt.maximum(absmax, 1e-5)), 127.0)
             x = tt.typecast(tt.round(tt.multiply(x, scale)), tt.bfloat16)  # integers |q| <= 127: exact in bf16
         if decoding and layer.decode:
-            # o_proj's even shards go straight into the scale and the residual add (which writes rows)
             y = self.matmul_decode(x, layer.decode[name], self.plan.decode_matmuls()[name], self.plan.norms_feed_matmuls,
-                                   keep_sharded=name == "wo" and self.plan.evenly_sharded_output(name))
+                                   keep_sharded=self.plan.keeps_output_sharded(name))
         else:
             y = tt.linear(x, getattr(layer, name), memory_config=tt.L1_MEMORY_CONFIG if decoding else tt.DRAM_MEMORY_CONFIG,
                           compute_kernel_config=self.matmul_kernel)
@@ -214,11 +212,9 @@ class TTModel:
     def attention_decode(self, x_11BH, layer: LayerOnDevice, index: int, cos_1B1D, sin_1B1D, positions_B):
         tt = self.tt
         keys, values = self.kv_cache[index]
-        if self.plan.qkv_heads_from_matmul_shards:
-            spec = self.plan.decode_matmuls()["wqkv"]
-            qkv_11BQ = self.matmul_decode(x_11BH, layer.decode["wqkv"], spec, sharded_input=True, keep_sharded=True)
-        else:
-            qkv_11BQ = tt.to_memory_config(self.bitlinear(x_11BH, layer, "wqkv", True), self.qkv_memcfg)
+        qkv_11BQ = self.bitlinear(x_11BH, layer, "wqkv", True)
+        if not self.plan.keeps_output_sharded("wqkv"):
+            qkv_11BQ = tt.to_memory_config(qkv_11BQ, self.qkv_memcfg)
         q_1BHD, k_1BKD, v_1BKD = tt.experimental.nlp_create_qkv_heads_decode(
             qkv_11BQ, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, memory_config=tt.L1_HEIGHT_SHARDED_MEMORY_CONFIG)
         q_1BHD = tt.experimental.rotary_embedding_hf(q_1BHD, cos_1B1D, sin_1B1D, is_decode_mode=True)
