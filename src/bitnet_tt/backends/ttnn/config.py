@@ -234,11 +234,18 @@ class TTPlan:
         """Columns of the LM head on the device, bank padding included."""
         return sum(c.n_padded for c in self.lm_head_chunks()) or self.model.vocab_size
 
+    def layer_weight_elements(self, decode_layout: bool) -> int:
+        """Ternary weight elements of one layer: as prefill's interleaved matmuls hold them, or in the
+        decode copy's DRAM-sharded layout (output widths padded to the banks)."""
+        if decode_layout:
+            return sum(s.k * s.n_padded for s in self.decode_matmuls().values())
+        return sum(out * inp for out, inp in self.model.projection_shapes().values())
+
     def weight_bytes(self) -> int:
         m, o = self.model, self.options
-        linear = sum(out * inp for out, inp in m.projection_shapes().values()) * m.num_layers
+        linear = self.layer_weight_elements(False) * m.num_layers
         if o.dram_sharded_decode:  # a second, padded copy in the decode layout
-            linear += sum(s.k * s.n_padded for s in self.decode_matmuls().values()) * m.num_layers
+            linear += self.layer_weight_elements(True) * m.num_layers
         norms = (2 * m.hidden_size + m.q_size + m.intermediate_size) * m.num_layers * 2
         # The embedding is a bf16 ROW_MAJOR table (ttnn.embedding reads rows; block floats need tiles),
         # and the LM head its own TILE copy [hidden, vocab (padded)] in the head dtype, tied or not.
@@ -251,17 +258,18 @@ class TTPlan:
         """DRAM bytes one decode step reads: the layers' weights (in the decode layout), the LM head, and
         the KV cache per token each user holds; against the device's bandwidth they bound tokens/s."""
         m, o = self.model, self.options
-        if o.dram_sharded_decode:
-            per_layer = sum(s.k * s.n_padded for s in self.decode_matmuls().values())
-        else:
-            per_layer = sum(out * inp for out, inp in m.projection_shapes().values())
-        return {"layers": int(per_layer * m.num_layers * BYTES_PER_ELEMENT[o.weight_dtype]),
+        return {"layers": int(self.layer_weight_elements(o.dram_sharded_decode) * m.num_layers * BYTES_PER_ELEMENT[o.weight_dtype]),
                 "lm_head": int(self.lm_head_columns() * m.hidden_size * BYTES_PER_ELEMENT[o.lm_head_dtype]),
-                "kv_cache_per_token": 2 * m.num_layers * m.num_kv_heads * m.head_dim * 2}
+                "kv_cache_per_token": self.kv_bytes_per_token}
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """K and V of every layer for one token of one user, bf16."""
+        m = self.model
+        return 2 * m.num_layers * m.num_kv_heads * m.head_dim * 2
 
     def kv_cache_bytes(self) -> int:
-        m = self.model
-        return 2 * m.num_layers * self.max_users * m.num_kv_heads * self.cache_context * m.head_dim * 2
+        return self.kv_bytes_per_token * self.max_users * self.cache_context
 
     def activation_bytes(self) -> int:
         """The largest prefill intermediates (gate/up and the LM-head tile) with a factor for temporaries."""
