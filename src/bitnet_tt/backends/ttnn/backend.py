@@ -30,13 +30,14 @@ class TTNNBackend(Backend):
     def __init__(
         self, config: ModelConfig, weights: BitNetWeights | None, tt, device, max_slots: int = 1,
         max_context: int | None = None, options: TTOptions | None = None, cache_dir: Path | None = None,
+        progress: bool = False,
     ):
         """`weights=None` allocates the weights without values: for contract runs on a mock device."""
         max_context = max_context or config.max_position_embeddings
         super().__init__(config, max_slots, max_context)
         self.tt, self.device = tt, device
         self.plan = make_plan(config, device_facts(tt, device), options or TTOptions(), max_slots, max_context)
-        on_device = place_model(self.plan, weights, Placer(tt, device, cache_dir, allocate_only=weights is None))
+        on_device = place_model(self.plan, weights, Placer(tt, device, cache_dir, allocate_only=weights is None), progress)
         self.model = TTModel(tt, device, self.plan, on_device, self._allocate_kv_cache())
         self.inputs = self._allocate_decode_inputs()
         self._draw_settings: dict[str, torch.Tensor] = {}  # the sampling settings last copied to the device
@@ -217,5 +218,5 @@ def load_ttnn_backend(folder: Path, max_slots: int = 1, max_context: int | None 
     weights = load_weights(folder, progress=progress)
     cache = weight_cache_dir(folder, options, device_facts(tt, device))
     cache.mkdir(parents=True, exist_ok=True)
-    return TTNNBackend(weights.config, weights, tt, device, max_slots, max_context, options, cache)
+    return TTNNBackend(weights.config, weights, tt, device, max_slots, max_context, options, cache, progress)
 

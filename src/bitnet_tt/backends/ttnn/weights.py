@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from ...checkpoint import BitNetWeights, LayerWeights
 from ..torch.model import rope_tables
@@ -108,13 +109,16 @@ def codes_in_out(*projections) -> torch.Tensor:
     return torch.cat([p.codes for p in projections]).t().contiguous().to(torch.bfloat16)
 
 
-def place_model(plan: TTPlan, weights: BitNetWeights | None, place: Placer) -> ModelOnDevice:
+def place_model(plan: TTPlan, weights: BitNetWeights | None, place: Placer, progress: bool = False) -> ModelOnDevice:
+    """Every weight on the device, converted once and read from the cache afterwards (a bar shows the layers)."""
     m = plan.model
     h, v, ctx = m.hidden_size, m.vocab_size, plan.cache_context
     cos, sin = rope_tables(m, ctx, torch.float32, "cpu")
     head = (weights.lm_head if weights is not None and weights.lm_head is not None else
             weights.embed if weights is not None else None)
-    layers = [place_layer(plan, k, weights.layers[k] if weights else None, place) for k in range(m.num_layers)]
+    bar = tqdm(range(m.num_layers), desc="placing weights on the device", unit="layer", disable=not progress or None,
+               leave=False)
+    layers = [place_layer(plan, k, weights.layers[k] if weights else None, place) for k in bar]
     return ModelOnDevice(
         embedding=place("embedding", lambda: weights.embed, (v, h), "bfloat16", row_major=True),
         lm_head=place_lm_head(plan, head, place),
