@@ -38,7 +38,8 @@ class TTOptions:
     # the same one-tile-high rows, and rows without a request cost only their (empty) attention.
     use_trace: bool = True
     # Decode matmuls read weights WIDTH_SHARDED over the DRAM banks (tt_transformers' decode layout).
-    # Prefill cannot read that layout in ttnn 0.81.1, so the ternary weights are held twice.
+    # Prefill cannot read that layout in ttnn 0.81.1 (the DRAM-sharded matmul takes one tile of rows),
+    # so the ternary weights are held twice.
     dram_sharded_decode: bool = True
 
     def __post_init__(self):
