@@ -120,6 +120,9 @@ def test_ttnn_backend_without_a_card(model, tmp_path):
     (["bench", "--model", "{model}", "--batch-sizes", "1", "--temperature", "0.5", "--top-k", "-2"], "top_k must be 0 (off) or positive"),
     (["generate", "--model", "{broken}", "hi"], "not a readable safetensors file"),
     (["generate", "--model", "{model}", "--bogus", "hi"], "unrecognized arguments"),
+    (["generate", "--model", "{model}", "--backend", "ttnn", "--tt-lm-head-dtype", "float16", "hi"],
+     "LM head dtype 'float16' not supported"),
+    (["generate", "--model", "{model}", "--tt-no-trace", "hi"], "the --tt-* options apply to --backend ttnn only"),
 ])
 def test_bad_input_gives_one_line_error(model, tmp_path, args, message):
     broken = shutil.copytree(model, tmp_path / "broken")

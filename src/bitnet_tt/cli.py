@@ -54,6 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--max-batch", type=int, default=8, help="concurrent users (KV-cache slots)")
     group.add_argument("--max-context", type=int, help="tokens per user (default: the model's maximum)")
     group.add_argument("--quiet", action="store_true", help="no progress bars")
+    tt = model.add_argument_group("Tenstorrent backend (--backend ttnn)")
+    tt.add_argument("--tt-weight-dtype", help="ternary weights: bfloat4_b (default), bfloat8_b or bfloat16 (all exact)")
+    tt.add_argument("--tt-lm-head-dtype", help="LM head: bfloat8_b (default), bfloat16 or bfloat4_b")
+    tt.add_argument("--tt-activation-quant", action="store_true", help="HF's int8 activation quantisation on the device")
+    tt.add_argument("--tt-one-weight-copy", action="store_true",
+                    help="no DRAM-sharded decode copy of the weights: less device memory, slower decode")
+    tt.add_argument("--tt-no-trace", action="store_true", help="run decode op by op instead of replaying a trace")
 
     sampling = OneLineParser(add_help=False)
     group = sampling.add_argument_group("sampling")
@@ -136,14 +143,27 @@ def sampling_params(args):
 def open_backend(args, synthetic: str = "tiny", backend: str | None = None, dtype: str | None = None):
     """Resolve the model (or make the synthetic one) and load it on a backend; returns (folder, backend)."""
     from .backends import create_backend
+    from .backends.ttnn.config import TTOptions
     from .checkpoint import resolve_model
 
     folder = resolve_model(args.model) if args.model else synthetic_model(synthetic, progress=not args.quiet)
     if args.max_batch is not None and args.max_batch < 1:
         raise BitNetError(f"--max-batch must be at least 1, got {args.max_batch}")
-    loaded = create_backend(backend or args.backend, folder, args.max_batch or 1, args.max_context, dtype or args.dtype,
-                            args.device, progress=not args.quiet)
+    name, options = backend or args.backend, tt_options(args)
+    if backend is None and name != "ttnn" and options != TTOptions():
+        raise BitNetError("the --tt-* options apply to --backend ttnn only")
+    loaded = create_backend(name, folder, args.max_batch or 1, args.max_context, dtype or args.dtype,
+                            args.device, progress=not args.quiet, tt_options=options if name == "ttnn" else None)
     return folder, loaded
+
+
+def tt_options(args):
+    """The --tt-* options as TTOptions (validated here, before any device is opened)."""
+    from .backends.ttnn.config import TTOptions
+
+    chosen = {"weight_dtype": args.tt_weight_dtype, "lm_head_dtype": args.tt_lm_head_dtype}
+    return TTOptions(**{k: v for k, v in chosen.items() if v is not None}, activation_quant=args.tt_activation_quant,
+                     dram_sharded_decode=not args.tt_one_weight_copy, use_trace=not args.tt_no_trace)
 
 
 def open_engine(args, synthetic: str = "tiny"):

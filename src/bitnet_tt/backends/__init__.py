@@ -12,8 +12,9 @@ BACKENDS = ("torch", "ttnn")
 
 def create_backend(
     name: str, folder: Path, max_slots: int = 1, max_context: int | None = None, dtype: str = "bfloat16",
-    device: str = "cpu", progress: bool = True,
+    device: str = "cpu", progress: bool = True, tt_options=None,
 ) -> Backend:
+    """`tt_options` (backends.ttnn.config.TTOptions) tunes the ttnn backend; None takes its defaults."""
     if name == "torch":
         from .torch.backend import load_torch_backend
 
@@ -21,5 +22,5 @@ def create_backend(
     if name == "ttnn":
         from .ttnn.backend import load_ttnn_backend
 
-        return load_ttnn_backend(folder, max_slots, max_context, progress)
+        return load_ttnn_backend(folder, max_slots, max_context, progress, tt_options)
     raise BitNetError(f"unknown backend {name!r} (choose from {', '.join(BACKENDS)})")
