@@ -51,10 +51,15 @@ class SamplingParams:
         return self.temperature == 0.0
 
     @property
+    def raw_logits_suffice(self) -> bool:
+        """No penalties reshape the logits and no log-probs are reported: the raw logits decide the token."""
+        return (not (self.logprobs or self.top_logprobs) and self.repetition_penalty == 1.0
+                and self.presence_penalty == 0.0 and self.frequency_penalty == 0.0)
+
+    @property
     def plain_greedy(self) -> bool:
         """The next token is the argmax of the raw logits: a backend may pick it on its device."""
-        return (self.greedy and not (self.logprobs or self.top_logprobs) and self.repetition_penalty == 1.0
-                and self.presence_penalty == 0.0 and self.frequency_penalty == 0.0)
+        return self.greedy and self.raw_logits_suffice
 
 
 @dataclass(frozen=True)
@@ -74,9 +79,7 @@ def device_sampleable(params: SamplingParams, top_k_limit: int) -> bool:
     """Whether a device sampler limited to top_k_limit candidates draws from the same distribution as
     `sample_token` (up to the device's bf16 top_p and 1/temperature): no penalties, min-p or log-probs,
     and greedy or a top_k within the limit."""
-    plain = (params.min_p == 0.0 and not (params.logprobs or params.top_logprobs) and params.repetition_penalty == 1.0
-             and params.presence_penalty == 0.0 and params.frequency_penalty == 0.0)
-    return plain and (params.greedy or 0 < params.top_k <= top_k_limit)
+    return params.raw_logits_suffice and params.min_p == 0.0 and (params.greedy or 0 < params.top_k <= top_k_limit)
 
 
 def device_draw(params: SamplingParams, generator: torch.Generator | None) -> DeviceDraw:
