@@ -14,7 +14,8 @@ from ..base import Backend
 from .kv_cache import KVCache
 from .model import BitNetModel
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# float64 is for verification: it reproduces HF evaluated in fp64 (see model.py).
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
 class TorchBackend(Backend):

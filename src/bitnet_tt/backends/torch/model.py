@@ -2,6 +2,11 @@
 
 Ternary weights stay int8 codes; every projection quantises its input per token to int8 (absmax),
 multiplies integers exactly, and scales the int32 result: y = (x_q @ codes^T) / s_x * w_scale.
+
+In float64 (the verification dtype) a projection follows HF's own arithmetic instead: HF de-quantises
+the activations in fp32 (x_q / s_x, rounded per element) before a float matmul, and in fp64 that
+per-element rounding is part of HF's result. Reproducing it leaves summation order (~1e-16) as the
+only difference from HF evaluated in fp64.
 """
 
 from __future__ import annotations
@@ -46,8 +51,11 @@ class BitLinear(nn.Module):
         # x: [..., in] -> [..., out] (or a tuple split like the fused projections)
         lead = x.shape[:-1]
         codes, act_scale = quantize_activations(x.reshape(-1, x.shape[-1]))
-        y = int8_matmul(codes, self.codes).float() / act_scale * self.scale
-        y = y.to(x.dtype).reshape(*lead, -1)
+        if x.dtype == torch.float64:
+            y = (codes.float() / act_scale).double() @ self.codes.double().t() * self.scale.double()
+        else:
+            y = (int8_matmul(codes, self.codes).float() / act_scale * self.scale).to(x.dtype)
+        y = y.reshape(*lead, -1)
         return y.split(self.split_sizes, dim=-1) if len(self.split_sizes) > 1 else y
 
 
@@ -154,7 +162,8 @@ class BitNetModel(nn.Module):
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, slots: torch.Tensor, starts: torch.Tensor, last_only: bool = True):
-        # tokens [B, T] at positions starts[b] + t of slot slots[b]; returns fp32 logits [B, vocab] or [B, T, vocab]
+        # tokens [B, T] at positions starts[b] + t of slot slots[b]; returns logits [B, vocab] or [B, T, vocab],
+        # fp32 (fp64 in the verification dtype)
         seq = tokens.shape[1]
         positions = starts[:, None] + torch.arange(seq, device=tokens.device)
         length = int(positions.max()) + 1
@@ -165,4 +174,5 @@ class BitNetModel(nn.Module):
             x = layer(x, cos, sin, self.cache, i, slots, positions, mask)
         if last_only:
             x = x[:, -1]
-        return F.linear(self.norm(x), self.lm_head).float()
+        logits = F.linear(self.norm(x), self.lm_head)
+        return logits.to(torch.promote_types(logits.dtype, torch.float32))
