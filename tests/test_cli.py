@@ -341,3 +341,37 @@ def test_info_on_a_hub_id_reads_only_config_and_index(model, tmp_path):
     assert described["config"]["num_layers"] == 3 and described["tensors"] == 2
     assert described["weight_files"] == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
 
+
+
+# ---------------------------------------------------------------------------------------------
+# ./run picks a supported Python or names what to install
+
+
+def fake_interpreters(folder, names):
+    """Interpreters that fail `run`'s version check, as 3.11 and 3.13 do (ttnn has no wheel for them)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        (folder / name).write_text("#!/bin/sh\nexit 1\n")
+        (folder / name).chmod(0o755)
+
+
+def run_script(tmp_path, *args):
+    from pathlib import Path
+
+    env = {"PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin", "HOME": str(tmp_path), "PYENV_ROOT": str(tmp_path / "pyenv"),
+           "BITNET_TT_VENV": str(tmp_path / "venv")}
+    script = Path(__file__).resolve().parent.parent / "run"
+    return subprocess.run(["bash", str(script), *args], capture_output=True, text=True, env=env, timeout=60)
+
+
+def test_run_refuses_unsupported_pythons(tmp_path):
+    fake_interpreters(tmp_path / "bin", ["python3.12", "python3.10", "python3"])
+    result = run_script(tmp_path, "demo")
+    assert_one_line_error(result, "run: needs Python 3.12 (or 3.10; ttnn has no 3.11 or 3.13 wheel)")
+    assert not (tmp_path / "venv").exists()
+
+
+def test_run_refuses_a_venv_with_an_unsupported_python(tmp_path):
+    fake_interpreters(tmp_path / "venv" / "bin", ["python"])
+    result = run_script(tmp_path, "test")
+    assert_one_line_error(result, "holds an unsupported Python")
