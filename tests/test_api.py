@@ -55,6 +55,8 @@ def test_sampling_parameters_are_checked(llm):
         llm.generate("Hi", temprature=0.5)
     with pytest.raises(BitNetError, match="temperature must be between 0 and 100"):
         llm.generate("Hi", temperature=-1)
+    with pytest.raises(BitNetError, match="the prompt is not valid UTF-8"):
+        llm.generate("caf\udce9")  # a byte that was not UTF-8, as Python keeps it from argv
     with pytest.raises(BitNetError, match="needs 'role' and 'content'"):
         llm.chat([{"text": "Hi"}])
 

@@ -82,6 +82,8 @@ class LLM:
     def submit(self, prompt: str | Sequence[int], params: SamplingParams):
         """Queue a prompt (text or token ids); returns the engine's Request. Nothing runs until pieces/finish."""
         self._check_open()
+        if isinstance(prompt, str):
+            check_utf8(prompt, "the prompt")
         return self.engine.submit(prompt, params)
 
     def submit_chat(self, messages: Sequence[Mapping | ChatMessage], params: SamplingParams):
@@ -127,6 +129,14 @@ def as_message(message: Mapping | ChatMessage) -> ChatMessage:
     except (KeyError, TypeError):
         raise BitNetError(f"a chat message needs 'role' and 'content', got {message!r}") from None
     return ChatMessage(role, content)
+
+
+def check_utf8(text: str, what: str) -> None:
+    """Text from argv or stdin carries undecodable bytes as lone surrogates (surrogateescape)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BitNetError(f"{what} is not valid UTF-8") from None
 
 
 def check_capacity(max_batch: int, max_context: int | None) -> None:

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from . import __version__
-from .api import CHAT_SAMPLING, GENERATE_SAMPLING, LLM, SAMPLING_DEFAULTS
+from .api import CHAT_SAMPLING, GENERATE_SAMPLING, LLM, SAMPLING_DEFAULTS, check_utf8
 from .errors import BitNetError
 
 DEMO_PROMPTS = ["BitNet b1.58 is", "User: Hello! How are you today?"]
@@ -271,14 +271,6 @@ def read_prompts(args) -> list[str]:
     for prompt in prompts:
         check_utf8(prompt, "the prompt")
     return prompts
-
-
-def check_utf8(text: str, what: str) -> None:
-    """Text from argv or stdin carries undecodable bytes as lone surrogates (surrogateescape)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise BitNetError(f"{what} is not valid UTF-8") from None
 
 
 def cmd_generate(args) -> int:
