@@ -26,13 +26,13 @@ import socket
 import subprocess
 import sys
 import time
-from argparse import Namespace
 from dataclasses import dataclass, field
 
 import httpx
 import torch
 
-from bitnet_tt.cli import open_engine, synthetic_model
+from bitnet_tt import LLM
+from bitnet_tt.cli import synthetic_model
 from bitnet_tt.engine.request import percentile
 from bitnet_tt.sampling import SamplingParams
 
@@ -191,8 +191,7 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     model = args.model or str(synthetic_model("tiny"))
-    engine = open_engine(Namespace(model=model, backend="torch", device="cpu", dtype=args.dtype,
-                                   max_batch=args.max_batch, max_context=None, quiet=True))
+    engine = LLM(model, max_batch=args.max_batch, dtype=args.dtype).engine
     prompts = make_prompts(args, engine.backend.config.vocab_size)
     in_process = [run_in_process(engine, prompts, args.new_tokens) for _ in range(1 + args.rounds)][1:]
     server, url = start_server(args, model)

@@ -48,15 +48,18 @@ def run_engine_bench(engine: Engine, batch_sizes: list[int], prompt_tokens: int,
         assert all(r.finished for r in requests)
         print(f"{batch:>5} {row['prefill_tokens_per_s']:>14.1f} {per_user:>18.2f} {row['aggregate_tokens_per_s']:>16.2f} "
               f"{row['itl_p50_ms']:>11.2f} {row['overhead_pct']:>11.2f}")
+    room = engine.backend.max_context - 1  # one position stays free for the first generated token
     for length in ttft_lengths:
-        print(f"time to first token, {length}-token prompt: {1000 * time_to_first_token(engine, length, gen):.1f} ms")
+        cut = f" (cut from {length}: the context holds {engine.backend.max_context})" if length > room else ""
+        length = min(length, room)
+        print(f"time to first token, {length}-token prompt{cut}: "
+              f"{1000 * time_to_first_token(engine, length, gen):.1f} ms")
     for name, value in engine.backend.describe().items():
         print(f"{name}: {value}")
     return rows
 
 
 def time_to_first_token(engine: Engine, length: int, gen: torch.Generator) -> float:
-    length = min(length, engine.backend.max_context - 1)
     prompt = torch.randint(0, engine.backend.config.vocab_size, (length,), generator=gen).tolist()
     [request] = engine.generate([prompt], SamplingParams(max_new_tokens=1, temperature=0.0, ignore_eos=True))
     return request.stats.first_token - request.stats.submitted

@@ -288,6 +288,7 @@ def convert_checkpoint(src: Path, dst: Path, force: bool = False, progress: bool
     try:
         partial.mkdir(parents=True)
         save_file(_converted_tensors(weights), str(partial / CONVERTED_FILE), metadata={"format": CONVERTED_FORMAT})
+        os.chmod(partial / CONVERTED_FILE, partial.stat().st_mode & 0o666)  # as a new file under the umask
         for name in SIDE_FILES:
             if (src / name).is_file():
                 shutil.copyfile(src / name, partial / name)

@@ -1,6 +1,8 @@
-"""`bitnet-tt`: generate, chat, bench, convert, info, demo. Thin: it parses options and calls the library.
+"""`bitnet-tt`: generate, chat, serve, bench, verify, convert, info, demo. Thin: it parses options and calls
+the library (the Python API in api.py for everything that generates).
 
-Every user error ends as one line on stderr and a non-zero exit code, never a traceback.
+Every user error ends as one line on stderr and a non-zero exit code, never a traceback. Each subcommand has
+its own parser with its own defaults, and its --help shows the values it really uses.
 """
 
 from __future__ import annotations
@@ -8,18 +10,35 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import sys
 import time
 from pathlib import Path
 
+from . import __version__
+from .api import CHAT_SAMPLING, GENERATE_SAMPLING, LLM, SAMPLING_DEFAULTS, check_utf8
 from .errors import BitNetError
 
 DEMO_PROMPTS = ["BitNet b1.58 is", "User: Hello! How are you today?"]
-
+DEFAULT_SLOTS = 8  # concurrent users for generate (one prompt file) and serve
 
 class OneLineParser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, formatter_class=DefaultsInHelp, **kwargs)
+
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+class DefaultsInHelp(argparse.HelpFormatter):
+    """Appends '(default: X)' to every option that has a value by default, from the parser's own default."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        no_value = action.default is None or action.default is False or action.default in ([], argparse.SUPPRESS)
+        if no_value or not action.option_strings or "(default" in text:
+            return text
+        return f"{text} (default: %(default)s)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,23 +57,46 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# Options
+# Options: one parser per command, built from the option groups below (an option is one line in one group)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog="bitnet-tt", description="Run BitNet b1.58 models (PyTorch or Tenstorrent).")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+def positive_int(text: str) -> int:
+    return bounded_int(text, 1)
 
-    model = OneLineParser(add_help=False)
-    group = model.add_argument_group("model")
-    group.add_argument("--model", help="model folder or Hugging Face hub id (default: the demo model)")
+
+def non_negative_int(text: str) -> int:
+    return bounded_int(text, 0)
+
+
+def bounded_int(text: str, low: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+    return value
+
+
+def port_number(text: str) -> int:
+    value = non_negative_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"must be in 0-65535, got {value}")
+    return value
+
+
+def add_model_options(parser: argparse.ArgumentParser, slots: int | None = None) -> None:
+    """--model and how to load it; `slots`: the --max-batch default (None: the command has no --max-batch)."""
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", help="model folder or Hugging Face hub id (default: the random-weight demo model)")
     group.add_argument("--backend", default="torch", help="torch (any machine) or ttnn (Tenstorrent card)")
     group.add_argument("--device", default="cpu", help="torch device: cpu or cuda")
     group.add_argument("--dtype", default="bfloat16", help="compute dtype: bfloat16 or float32")
-    group.add_argument("--max-batch", type=int, default=8, help="concurrent users (KV-cache slots)")
-    group.add_argument("--max-context", type=int, help="tokens per user (default: the model's maximum)")
+    if slots is not None:
+        group.add_argument("--max-batch", type=positive_int, default=slots, help="concurrent users (KV-cache slots)")
+    group.add_argument("--max-context", type=positive_int, help="tokens per user (default: the model's maximum)")
     group.add_argument("--quiet", action="store_true", help="no progress bars")
-    tt = model.add_argument_group("Tenstorrent backend (--backend ttnn)")
+    tt = parser.add_argument_group("Tenstorrent backend (--backend ttnn only)")
     tt.add_argument("--tt-weight-dtype", help="ternary weights: bfloat4_b (default), bfloat8_b or bfloat16 (all exact)")
     tt.add_argument("--tt-lm-head-dtype", help="LM head: bfloat8_b (default), bfloat16 or bfloat4_b")
     tt.add_argument("--tt-activation-quant", action="store_true", help="HF's int8 activation quantisation on the device")
@@ -62,70 +104,85 @@ def build_parser() -> argparse.ArgumentParser:
                     help="no DRAM-sharded decode copy of the weights: less device memory, slower decode")
     tt.add_argument("--tt-no-trace", action="store_true", help="run decode op by op instead of replaying a trace")
 
-    sampling = OneLineParser(add_help=False)
-    group = sampling.add_argument_group("sampling")
-    group.add_argument("--max-new-tokens", type=int, default=128)
-    group.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
-    group.add_argument("--top-k", type=int, default=0)
-    group.add_argument("--top-p", type=float, default=1.0)
-    group.add_argument("--min-p", type=float, default=0.0)
-    group.add_argument("--repetition-penalty", type=float, default=1.0)
-    group.add_argument("--presence-penalty", type=float, default=0.0)
-    group.add_argument("--frequency-penalty", type=float, default=0.0)
-    group.add_argument("--seed", type=int, help="makes sampling reproducible")
+
+def add_sampling_options(parser: argparse.ArgumentParser, command_defaults: dict) -> None:
+    """The sampling options, with defaults from SamplingParams overridden by the command's own (api.py)."""
+    default = {**SAMPLING_DEFAULTS, **command_defaults}
+    group = parser.add_argument_group("sampling")
+    group.add_argument("--max-new-tokens", type=positive_int, default=default["max_new_tokens"], help="tokens to generate at most")
+    group.add_argument("--temperature", type=float, default=default["temperature"], help="0 is greedy")
+    group.add_argument("--top-k", type=non_negative_int, default=default["top_k"], help="0 is off")
+    group.add_argument("--top-p", type=float, default=default["top_p"], help="nucleus sampling; 1 is off")
+    group.add_argument("--min-p", type=float, default=default["min_p"], help="drop tokens below this share of the top one; 0 is off")
+    group.add_argument("--repetition-penalty", type=float, default=default["repetition_penalty"], help="HF style; 1 is off")
+    group.add_argument("--presence-penalty", type=float, default=default["presence_penalty"], help="OpenAI style; 0 is off")
+    group.add_argument("--frequency-penalty", type=float, default=default["frequency_penalty"], help="OpenAI style; 0 is off")
+    group.add_argument("--seed", type=non_negative_int, help="makes sampling reproducible")
     group.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    group.add_argument("--logprobs", type=int, default=None, metavar="N",
+    group.add_argument("--logprobs", type=non_negative_int, metavar="N",
                        help="report log-probabilities of chosen tokens and N alternatives (with --json)")
 
-    p = sub.add_parser("generate", parents=[model, sampling], help="complete prompts, streaming to the terminal")
+
+def command(sub, name: str, run, help: str, model: bool = True, slots: int | None = None,
+            sampling: dict | None = None) -> argparse.ArgumentParser:
+    parser = sub.add_parser(name, help=help, description=help)
+    parser.set_defaults(run=run)  # `run` is the one default every command sets; no option shares it
+    if model:
+        add_model_options(parser, slots)
+    if sampling is not None:
+        add_sampling_options(parser, sampling)
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="bitnet-tt", description="Run BitNet b1.58 models (PyTorch or Tenstorrent).")
+    parser.add_argument("--version", action="version", version=f"bitnet-tt {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+
+    p = command(sub, "generate", cmd_generate, "complete prompts, streaming to the terminal",
+                slots=DEFAULT_SLOTS, sampling=GENERATE_SAMPLING)
     p.add_argument("prompt", nargs="?", help="prompt text")
-    p.add_argument("--prompts-file", type=Path, help="one prompt per line")
+    p.add_argument("--prompts-file", type=Path, help="one prompt per line (instead of PROMPT)")
     p.add_argument("--chat", action="store_true", help="wrap each prompt as a user message in the chat format")
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt instead of streaming")
-    p.set_defaults(run=cmd_generate)
 
-    p = sub.add_parser("chat", parents=[model, sampling], help="interactive multi-turn chat")
-    p.add_argument("--system", default=None, help="system message")
-    p.set_defaults(run=cmd_chat, temperature=0.7, top_p=0.9)
+    p = command(sub, "chat", cmd_chat, "interactive multi-turn chat", sampling=CHAT_SAMPLING)
+    p.add_argument("--system", help="system message")
 
-    p = sub.add_parser("bench", parents=[model], help="throughput and latency at several batch sizes")
-    p.add_argument("--batch-sizes", default="1,4,16,32", help="comma-separated (default 1,4,16,32)")
-    p.add_argument("--prompt-tokens", type=int, default=32)
-    p.add_argument("--new-tokens", type=int, default=16)
-    p.add_argument("--synthetic", choices=["tiny", "2b4t"], default=None,
-                   help="without --model: random weights at the demo's tiny shapes or the real 2B-4T shapes")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--ttft-prompts", default="128,2048", help="prompt lengths for time to first token (default 128,2048)")
-    p.add_argument("--temperature", type=float, default=0.0, help="sample instead of picking greedily (default 0: greedy)")
-    p.add_argument("--top-k", type=int, default=0, help="with --temperature; up to 32 samples on a Tenstorrent device")
-    p.set_defaults(run=cmd_bench, max_batch=None)
+    p = command(sub, "serve", cmd_serve, "OpenAI-compatible HTTP server (chat, completions, metrics)",
+                slots=DEFAULT_SLOTS)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1: this machine only)")
+    p.add_argument("--port", type=port_number, default=8000, help="TCP port")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $BITNET_TT_API_KEY, else none)")
+    p.add_argument("--model-name", help="the name clients pass as `model` (default: the --model value)")
+    p.add_argument("--max-queue", type=positive_int, default=64, help="requests waiting for a slot before new ones get 429")
 
-    p = sub.add_parser("verify", parents=[model], help="compare a backend's logits and greedy tokens with the PyTorch backend")
-    p.add_argument("--greedy-tokens", type=int, default=128, help="greedy tokens to compare (default 128)")
-    p.set_defaults(run=cmd_verify, max_batch=1)
+    p = command(sub, "bench", cmd_bench, "throughput and latency at several batch sizes")
+    p.add_argument("--max-batch", type=positive_int, help="KV-cache slots (default: the largest of --batch-sizes)")
+    p.add_argument("--batch-sizes", default="1,4,16,32", help="comma-separated")
+    p.add_argument("--prompt-tokens", type=positive_int, default=32, help="prompt length per user")
+    p.add_argument("--new-tokens", type=positive_int, default=16, help="tokens decoded per user")
+    p.add_argument("--synthetic", choices=["tiny", "2b4t"],
+                   help="instead of --model: random weights at the demo's tiny shapes (the default) or the real 2B-4T shapes")
+    p.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--ttft-prompts", default="128,2048", help="prompt lengths for time to first token")
+    p.add_argument("--temperature", type=float, default=0.0, help="sample instead of picking greedily (0: greedy)")
+    p.add_argument("--top-k", type=non_negative_int, default=0, help="with --temperature; up to 32 samples on a Tenstorrent device")
 
-    p = sub.add_parser("convert", help="write a model in the compact bitnet-tt format")
+    p = command(sub, "verify", cmd_verify, "compare a backend's logits and greedy tokens with the PyTorch backend in fp32")
+    p.add_argument("--greedy-tokens", type=positive_int, default=128, help="greedy tokens to compare")
+
+    p = command(sub, "convert", cmd_convert, "write a model in the compact bitnet-tt format", model=False)
     p.add_argument("src", help="model folder or hub id")
     p.add_argument("dst", type=Path, help="new folder to create")
     p.add_argument("--force", action="store_true", help="replace DST if it is an earlier conversion")
-    p.add_argument("--quiet", action="store_true")
-    p.set_defaults(run=cmd_convert)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
 
-    p = sub.add_parser("info", help="what a model folder holds")
+    p = command(sub, "info", cmd_info, "what a model folder (or hub id: config and index only) holds", model=False)
     p.add_argument("model", help="model folder or hub id")
-    p.set_defaults(run=cmd_info)
 
-    p = sub.add_parser("serve", parents=[model], help="OpenAI-compatible HTTP server (chat, completions, metrics)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $BITNET_TT_API_KEY, else none)")
-    p.add_argument("--model-name", help="the name clients pass as `model` (default: the --model value)")
-    p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before new ones get 429")
-    p.set_defaults(run=cmd_serve)
-
-    p = sub.add_parser("demo", parents=[model], help="generate with a small random model made on the spot (offline)")
-    p.add_argument("--max-new-tokens", type=int, default=48)
-    p.set_defaults(run=cmd_demo)
+    p = command(sub, "demo", cmd_demo, "generate with a small random model made on the spot (offline)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=48, help="tokens per demo prompt")
     return parser
 
 
@@ -140,21 +197,29 @@ def sampling_params(args):
     )
 
 
-def open_backend(args, synthetic: str = "tiny", backend: str | None = None, dtype: str | None = None):
-    """Resolve the model (or make the synthetic one) and load it on a backend; returns (folder, backend)."""
-    from .backends import create_backend
-    from .backends.ttnn.config import TTOptions
-    from .checkpoint import resolve_model
+def model_folder(args, synthetic: str = "tiny", announce: bool = True) -> Path | str:
+    """--model as given, or the random-weight demo model (said once on stderr)."""
+    if args.model:
+        return args.model
+    if announce:
+        print(f"bitnet-tt: no --model given: using a random-weight {synthetic} demo model (its text is gibberish)",
+              file=sys.stderr)
+    return synthetic_model(synthetic, progress=not args.quiet)
 
-    folder = resolve_model(args.model) if args.model else synthetic_model(synthetic, progress=not args.quiet)
-    if args.max_batch is not None and args.max_batch < 1:
-        raise BitNetError(f"--max-batch must be at least 1, got {args.max_batch}")
-    name, options = backend or args.backend, tt_options(args)
-    if backend is None and name != "ttnn" and options != TTOptions():
+
+def open_llm(args, folder: Path | str, **overrides) -> LLM:
+    """Load the model as the options say; `overrides` replace LLM arguments (verify's reference)."""
+    check_tt_options(args)
+    options = {"max_batch": getattr(args, "max_batch", 1), "max_context": args.max_context, "dtype": args.dtype,
+               "device": args.device, "progress": not args.quiet,
+               "tt_options": tt_options(args) if args.backend == "ttnn" else None}
+    return LLM(folder, overrides.pop("backend", args.backend), **{**options, **overrides})
+
+
+def check_tt_options(args) -> None:
+    chosen = [name for name, value in vars(args).items() if name.startswith("tt_") and value not in (None, False)]
+    if chosen and args.backend != "ttnn":
         raise BitNetError("the --tt-* options apply to --backend ttnn only")
-    loaded = create_backend(name, folder, args.max_batch or 1, args.max_context, dtype or args.dtype,
-                            args.device, progress=not args.quiet, tt_options=options if name == "ttnn" else None)
-    return folder, loaded
 
 
 def tt_options(args):
@@ -164,15 +229,6 @@ def tt_options(args):
     chosen = {"weight_dtype": args.tt_weight_dtype, "lm_head_dtype": args.tt_lm_head_dtype}
     return TTOptions(**{k: v for k, v in chosen.items() if v is not None}, activation_quant=args.tt_activation_quant,
                      dram_sharded_decode=not args.tt_one_weight_copy, use_trace=not args.tt_no_trace)
-
-
-def open_engine(args, synthetic: str = "tiny"):
-    """Load the backend and tokenizer and return an Engine."""
-    from .engine import Engine
-    from .tokenizer import Tokenizer
-
-    folder, backend = open_backend(args, synthetic)
-    return Engine(backend, Tokenizer(folder, backend.config))
 
 
 def synthetic_model(kind: str, progress: bool = True) -> Path:
@@ -200,6 +256,8 @@ def synthetic_model(kind: str, progress: bool = True) -> Path:
 
 
 def read_prompts(args) -> list[str]:
+    if args.prompts_file is not None and args.prompt:
+        raise BitNetError("give either a PROMPT or --prompts-file, not both")
     if args.prompts_file is not None:
         try:
             lines = args.prompts_file.read_text(encoding="utf-8").splitlines()
@@ -210,35 +268,45 @@ def read_prompts(args) -> list[str]:
         prompts = [args.prompt] if args.prompt else []
     if not prompts:
         raise BitNetError("give a PROMPT or --prompts-file with at least one non-empty line")
+    for prompt in prompts:
+        check_utf8(prompt, "the prompt")
     return prompts
 
 
 def cmd_generate(args) -> int:
-    from .tokenizer import ChatMessage
-
     params = sampling_params(args)
     prompts = read_prompts(args)
-    engine = open_engine(args)
-    encode = (lambda p: engine.tokenizer.encode_chat([ChatMessage("user", p)])) if args.chat else engine.tokenizer.encode
-    requests = [engine.submit(encode(p), params) for p in prompts]
-    if args.json:
-        engine.run()
-        for request in requests:
-            print(json.dumps(request.result(), ensure_ascii=False))
-        return 0
-    for request in requests:  # streamed one after another so the terminal output stays readable
-        stream_to_terminal(engine, request)
-        print()
-        print_stats(request)
+    with open_llm(args, model_folder(args)) as llm:
+        if args.chat:
+            requests = [llm.submit_chat([{"role": "user", "content": p}], params) for p in prompts]
+        else:
+            requests = [llm.submit(p, params) for p in prompts]
+        if args.json:
+            for request in requests:
+                print(json.dumps(json_result(llm, llm.finish(request)), ensure_ascii=False))
+            return 0
+        for request in requests:  # streamed one after another so the terminal output stays readable
+            stream_to_terminal(llm, request)
+            print_stats(request)
     return 0
 
 
-def stream_to_terminal(engine, request) -> None:
-    while not request.finished:
-        for output in engine.step():
-            if output.request is request and output.text:
-                sys.stdout.write(output.text)
-                sys.stdout.flush()
+def json_result(llm: LLM, request) -> dict:
+    """The request's result, with each token's log-probability and alternatives as text (with --logprobs)."""
+    result = request.result()
+    if request.params.logprobs:
+        text = llm.engine.tokenizer.token_text
+        result["logprobs"] = [{"token": text(c.token_id), "logprob": c.logprob,
+                               "top_logprobs": [{"token": text(t), "logprob": lp} for t, lp in c.top]}
+                              for c in request.choices]
+    return result
+
+
+def stream_to_terminal(llm: LLM, request) -> None:
+    for piece in llm.pieces(request):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    print()
 
 
 def print_stats(request) -> None:
@@ -253,34 +321,48 @@ def cmd_chat(args) -> int:
     from .tokenizer import ChatMessage
 
     params = sampling_params(args)
-    engine = open_engine(args)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        import readline  # noqa: F401 - importing it gives input() line editing and history
+
+    sys.stdin.reconfigure(errors="surrogateescape")  # a bad byte costs its line, not the session
     system = [ChatMessage("system", args.system)] if args.system else []
     history: list[ChatMessage] = []
-    print("chat: type a message; /reset clears the history, /system TEXT sets the system message, /exit quits.",
-          file=sys.stderr)
-    for line in sys.stdin:
-        line = line.rstrip("\n")
-        if line in ("/exit", "/quit"):
-            break
-        if line == "/reset":
-            history = []
-            print("[history cleared]", file=sys.stderr)
-            continue
-        if line.startswith("/system"):
-            text = line[len("/system"):].strip()
-            system = [ChatMessage("system", text)] if text else []
-            print("[system message set]" if text else "[system message removed]", file=sys.stderr)
-            continue
-        if not line.strip():
-            continue
-        history.append(ChatMessage("user", line))
-        history = fit_history(engine, system, history, params.max_new_tokens)
-        request = engine.submit(engine.tokenizer.encode_chat(system + history), params)
-        sys.stdout.write("Assistant: ")
-        stream_to_terminal(engine, request)
-        print()
-        history.append(ChatMessage("assistant", request.text))
+    with open_llm(args, model_folder(args)) as llm:
+        print("chat: type a message; /reset clears the history, /system TEXT sets the system message, /exit quits.",
+              file=sys.stderr)
+        while (line := read_line("You: " if interactive else "")) is not None:
+            if line in ("/exit", "/quit"):
+                break
+            if line == "/reset":
+                history = []
+                print("[history cleared]", file=sys.stderr)
+            elif line.startswith("/system"):
+                text = line[len("/system"):].strip()
+                system = [ChatMessage("system", text)] if text else []
+                print("[system message set]" if text else "[system message removed]", file=sys.stderr)
+            elif line.strip():
+                history.append(ChatMessage("user", line))
+                history = fit_history(llm.engine, system, history, params.max_new_tokens)
+                request = llm.submit_chat(system + history, params)
+                sys.stdout.write("Assistant: ")
+                stream_to_terminal(llm, request)
+                history.append(ChatMessage("assistant", request.text))
     return 0
+
+
+def read_line(prompt: str) -> str | None:
+    """One line from the user (None at end of input); lines that are not UTF-8 are reported and skipped."""
+    while True:
+        try:
+            line = input(prompt)
+        except EOFError:
+            return None
+        try:
+            check_utf8(line, "that line")
+            return line
+        except BitNetError as exc:
+            print(f"[{exc}; ignored]", file=sys.stderr)
 
 
 def fit_history(engine, system, history, reserve: int):
@@ -295,7 +377,11 @@ def cmd_convert(args) -> int:
     from .checkpoint import convert_checkpoint, resolve_model
 
     started = time.perf_counter()
-    dst = convert_checkpoint(resolve_model(args.src), args.dst, force=args.force, progress=not args.quiet)
+    src = resolve_model(args.src)
+    if not args.quiet:
+        print(f"bitnet-tt: converting {src}: reading the weights, then packing and writing {args.dst} "
+              "(the writing has no progress bar)", file=sys.stderr)
+    dst = convert_checkpoint(src, args.dst, force=args.force, progress=not args.quiet)
     print(f"converted to {dst} in {time.perf_counter() - started:.1f} s", file=sys.stderr)
     return 0
 
@@ -303,23 +389,60 @@ def cmd_convert(args) -> int:
 def cmd_info(args) -> int:
     from .checkpoint import describe_folder, resolve_model
 
-    print(json.dumps(describe_folder(resolve_model(args.model)), indent=2))
+    if Path(args.model).expanduser().exists() or not is_hub_id(args.model):
+        described = describe_folder(resolve_model(args.model))
+    else:
+        described = describe_hub_model(args.model)
+    print(json.dumps(described, indent=2))
     return 0
+
+
+def is_hub_id(text: str) -> bool:
+    from .checkpoint import HUB_ID
+
+    return bool(HUB_ID.match(text)) and not text.startswith((".", "/", "~"))
+
+
+def describe_hub_model(repo_id: str) -> dict:
+    """What a hub model holds, from its config.json and safetensors index only (no weights are downloaded)."""
+    from .checkpoint import INDEX_FILE, SINGLE_FILE
+    from .config import ModelConfig, read_config_json
+
+    config_path = hub_file(repo_id, "config.json")
+    raw = read_config_json(config_path.parent)
+    config = ModelConfig.from_hf_dict(raw, str(config_path))
+    try:
+        index = json.loads(hub_file(repo_id, INDEX_FILE).read_text(encoding="utf-8"))
+        weight_map = index.get("weight_map") or {}
+        weight_files, tensors = sorted(set(weight_map.values())), len(weight_map)
+    except (BitNetError, json.JSONDecodeError, AttributeError):  # no index: one weights file
+        weight_files, tensors = [SINGLE_FILE], None
+    return {"hub_id": repo_id, "config": config.to_dict(), "quantization_config": raw.get("quantization_config"),
+            "weight_files": weight_files, "tensors": tensors}
+
+
+def hub_file(repo_id: str, name: str) -> Path:
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(repo_id, name))
+    except Exception as exc:  # missing file, network, auth and cache errors all mean "not available"
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise BitNetError(f"{repo_id}: cannot fetch {name} from the Hugging Face hub: {reason}") from None
 
 
 def cmd_demo(args) -> int:
     from .sampling import SamplingParams
 
-    engine = open_engine(args)
-    if not args.model:
-        print("demo: random weights, so the text is gibberish; pass --model for a real model.", file=sys.stderr)
-    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=0.8, top_p=0.95, seed=0)
-    for prompt in DEMO_PROMPTS:
-        request = engine.submit(prompt, params)
-        sys.stdout.write(prompt)
-        stream_to_terminal(engine, request)
-        print()
-        print_stats(request)
+    with open_llm(args, model_folder(args, announce=False)) as llm:
+        if not args.model:
+            print("demo: random weights, so the text is gibberish; pass --model for a real model.", file=sys.stderr)
+        params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=0.8, top_p=0.95, seed=0)
+        for prompt in DEMO_PROMPTS:
+            request = llm.submit(prompt, params)
+            sys.stdout.write(prompt)
+            stream_to_terminal(llm, request)
+            print_stats(request)
     return 0
 
 
@@ -327,42 +450,62 @@ def cmd_serve(args) -> int:
     try:
         from .server import serve
     except ImportError as exc:
-        raise BitNetError(f"serve needs FastAPI and uvicorn ({exc}); install them from requirements.lock") from None
+        raise BitNetError(f"serve needs the 'server' extra: pip install -e '.[server]' ({exc})") from None
     api_key = args.api_key or os.environ.get("BITNET_TT_API_KEY") or None
-    if not 0 <= args.port <= 65535:
-        raise BitNetError(f"--port must be in 0-65535, got {args.port}")
-    if args.max_queue < 1:
-        raise BitNetError(f"--max-queue must be at least 1, got {args.max_queue}")
-    engine = open_engine(args)
-    serve(engine, args.model_name or args.model or "bitnet-tt-demo", host=args.host, port=args.port,
-          api_key=api_key, max_queue=args.max_queue, quiet=args.quiet)
+    check_port_free(args.host, args.port)
+    with open_llm(args, model_folder(args)) as llm:
+        name = args.model_name or args.model or "bitnet-tt-demo"
+        backend = llm.backend
+        print(f"bitnet-tt serve: model {name} ({llm.folder}) on the {args.backend} backend, "
+              f"{backend.max_slots} slots x {backend.max_context} tokens of context; "
+              f"OpenAI API at http://{url_host(args.host)}:{args.port}/v1", file=sys.stderr)
+        serve(llm.engine, name, host=args.host, port=args.port, api_key=api_key, max_queue=args.max_queue,
+              quiet=args.quiet)
     return 0
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Fail in a second, before a model load of minutes, when the address cannot be listened on."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        with socket.create_server((host, port), family=family):
+            pass
+    except OSError as exc:
+        raise BitNetError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+
+def url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
 
 
 def cmd_bench(args) -> int:
     from .bench import run_engine_bench
 
+    if args.synthetic and args.model:
+        raise BitNetError("--synthetic makes a random model; it cannot be combined with --model")
+    sizes = parse_sizes(args.batch_sizes, "--batch-sizes")
+    ttft_lengths = parse_sizes(args.ttft_prompts, "--ttft-prompts")
+    args.max_batch = args.max_batch or max(sizes)
+    if max(sizes) > args.max_batch:
+        raise BitNetError(f"--batch-sizes goes up to {max(sizes)} but --max-batch is {args.max_batch}")
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
-    sizes = parse_sizes(args.batch_sizes, "--batch-sizes")
-    ttft_lengths = parse_sizes(args.ttft_prompts, "--ttft-prompts")
-    args.max_batch = max(sizes)
-    engine = open_engine(args, synthetic=args.synthetic or "tiny")
-    run_engine_bench(engine, sizes, args.prompt_tokens, args.new_tokens, ttft_lengths, args.temperature, args.top_k)
+    with open_llm(args, model_folder(args, args.synthetic or "tiny")) as llm:
+        run_engine_bench(llm.engine, sizes, args.prompt_tokens, args.new_tokens, ttft_lengths, args.temperature,
+                         args.top_k)
     return 0
 
 
 def cmd_verify(args) -> int:
     from .verify import print_report, verify
 
-    if args.greedy_tokens < 1:
-        raise BitNetError(f"--greedy-tokens must be at least 1, got {args.greedy_tokens}")
-    _, candidate = open_backend(args)
-    _, reference = open_backend(args, backend="torch", dtype="float32")
-    report = verify(candidate, reference, args.greedy_tokens)
-    print_report(report)
+    folder = model_folder(args)
+    with open_llm(args, folder) as candidate, open_llm(args, folder, backend="torch", dtype="float32",
+                                                         tt_options=None) as reference:
+        report = verify(candidate.backend, reference.backend, args.greedy_tokens)
+    print_report(report, f"{args.backend} {args.dtype if args.backend == 'torch' else ''}".strip(), "torch float32")
     return 0 if report["passed"] else 1
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,9 +59,19 @@ class Tokenizer:
         known = [i for i in ids if 0 <= i < self.vocab_size]  # random-weight models can emit unmapped ids
         return self._tok.decode(known, skip_special_tokens=True)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for (b" is" for the symbol "Ġis"); a token may hold part of a character."""
+        text = self._tok.decode([token_id], skip_special_tokens=False)
+        if "\ufffd" not in text:
+            return text.encode("utf-8")
+        symbol = self._tok.id_to_token(token_id)
+        return symbol_bytes(symbol) if symbol is not None else text.encode("utf-8")
+
     def token_text(self, token_id: int) -> str:
-        """The vocabulary entry of one token (byte-level symbols as stored), for log-probability listings."""
-        return self._tok.id_to_token(token_id) or f"<unknown token {token_id}>"
+        """The text of one token as OpenAI clients show it (" is", not "Ġis"); part of a character shows as U+FFFD."""
+        if self._tok.id_to_token(token_id) is None:
+            return f"<unknown token {token_id}>"
+        return self.token_bytes(token_id).decode("utf-8", errors="replace")
 
     def render_chat(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> str:
         """BitNet 2B-4T chat format: one BOS, then `Role: content<|eot_id|>` per message, then `Assistant: `."""
@@ -102,6 +113,27 @@ class StreamDecoder:
             return ""
         self.prefix, self.read = self.read, len(self.ids)
         return now[len(before) :]
+
+
+def symbol_bytes(symbol: str) -> bytes:
+    """The bytes behind a vocabulary symbol: a byte-fallback token ("<0xE2>") or byte-level BPE characters."""
+    if len(symbol) == 6 and symbol.startswith("<0x") and symbol.endswith(">"):
+        return bytes([int(symbol[3:5], 16)])
+    to_byte = _byte_level_decoding()
+    if all(ch in to_byte for ch in symbol):
+        return bytes(to_byte[ch] for ch in symbol)
+    return symbol.encode("utf-8")
+
+
+@functools.cache
+def _byte_level_decoding() -> dict[str, int]:
+    """Byte-level BPE shows each byte as one printable character: printable Latin-1 bytes as themselves,
+    the other bytes as the characters from U+0100 upwards, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    table = {chr(b): b for b in printable}
+    table.update({chr(256 + i): b for i, b in enumerate(others)})
+    return table
 
 
 def _read_json(path: Path) -> dict:

@@ -75,10 +75,11 @@ def verify(candidate: Backend, reference: Backend, greedy_tokens: int = 128) -> 
     }
 
 
-def print_report(report: dict) -> None:
+def print_report(report: dict, candidate: str, reference: str) -> None:
+    print(f"comparing {candidate} (candidate) with {reference} (reference)")
     print(f"{'prompt tokens':>13} {'PCC':>9} {'top-1':>6} {'top-5':>6}")
     for r in report["prompts"]:
         print(f"{r['length']:>13} {r['pcc']:>9.5f} {'yes' if r['top1'] else 'no':>6} {r['top5_overlap']:>6.2f}")
     print(f"min PCC {report['min_pcc']:.5f} (target {PCC_TARGET}); top-1 {report['top1_agreement']:.2f}; "
           f"top-5 overlap {report['top5_overlap']:.2f}; greedy match {report['greedy_match']}/{report['greedy_steps']} tokens")
-    print("PASSED" if report["passed"] else "FAILED")
+    print(f"{'PASSED' if report['passed'] else 'FAILED'}: {candidate} against {reference}")
