@@ -91,7 +91,7 @@ def add_model_options(parser: argparse.ArgumentParser, slots: int | None = None)
     group.add_argument("--model", help="model folder or Hugging Face hub id (default: the random-weight demo model)")
     group.add_argument("--backend", default="torch", help="torch (any machine) or ttnn (Tenstorrent card)")
     group.add_argument("--device", default="cpu", help="torch device: cpu or cuda")
-    group.add_argument("--dtype", default="bfloat16", help="compute dtype: bfloat16 or float32")
+    group.add_argument("--dtype", default="bfloat16", help="compute dtype: bfloat16, float32, or float64 (the verification reference: slow)")
     if slots is not None:
         group.add_argument("--max-batch", type=positive_int, default=slots, help="concurrent users (KV-cache slots)")
     group.add_argument("--max-context", type=positive_int, help="tokens per user (default: the model's maximum)")
