@@ -1,0 +1,576 @@
+/* bitnet_tt.backends.cpu._kernels: the CPU backend's compiled kernels, on raw buffers.
+ *
+ * Arguments are objects with the buffer protocol (numpy arrays); sizes are checked here against the
+ * dimensions passed, dtypes by the Python wrapper (kernels.py). The GIL is released while kernels run.
+ * `path` selects the instruction set: one of the names available_paths() returns.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__aarch64__)
+#include <asm/hwcap.h>
+#include <sys/auxv.h>
+#endif
+
+#include "float_ops.h"
+#include "kernels.h"
+#include "pool.h"
+
+enum path { PATH_SCALAR, PATH_AVX2, PATH_AVX512, PATH_NEON, PATH_NEONDOT, PATH_COUNT };
+static const char *PATH_NAMES[PATH_COUNT] = {"scalar", "avx2", "avx512", "neon", "neondot"};
+
+enum matmul_mode { MATMUL_INT32 = 0, MATMUL_STORE = 1, MATMUL_ADD = 2 };
+
+static int path_available(int path) {
+    switch (path) {
+    case PATH_SCALAR: return 1;
+#if defined(__x86_64__)
+    case PATH_AVX2: return __builtin_cpu_supports("avx2");
+    case PATH_AVX512:
+        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+               __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+#endif
+#if defined(__aarch64__)
+    case PATH_NEON: return 1;
+    case PATH_NEONDOT: return (getauxval(AT_HWCAP) & HWCAP_ASIMDDP) != 0;
+#endif
+    default: return 0;
+    }
+}
+
+static tile_kernel tile_for(int path) {
+    switch (path) {
+#if defined(__x86_64__)
+    case PATH_AVX2: return tile_avx2;
+    case PATH_AVX512: return tile_avx512;
+#endif
+#if defined(__aarch64__)
+    case PATH_NEON: return tile_neon;
+    case PATH_NEONDOT: return tile_neondot;
+#endif
+    default: return tile_scalar;
+    }
+}
+
+typedef void (*head_fn)(const void *, int, const float *, int, const float *, int, int, int, int, float *);
+typedef void (*attention_fn)(const struct attention_args *, int, int, float *);
+
+static head_fn head_for(int path) {
+#if defined(__x86_64__)
+    if (path == PATH_AVX512) return head_rows_avx512;
+    if (path == PATH_AVX2) return head_rows_avx2;
+#endif
+    (void)path;
+    return head_rows_generic;
+}
+
+static attention_fn attention_for(int path) {
+#if defined(__x86_64__)
+    if (path == PATH_AVX512) return attention_tasks_avx512;
+    if (path == PATH_AVX2) return attention_tasks_avx2;
+#endif
+    (void)path;
+    return attention_tasks_generic;
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Buffers */
+
+#define MAX_BUFFERS 12
+
+struct buffers {
+    Py_buffer views[MAX_BUFFERS];
+    int count;
+};
+
+static void release(struct buffers *held) {
+    for (int i = 0; i < held->count; i++) PyBuffer_Release(&held->views[i]);
+    held->count = 0;
+}
+
+/* The data of `obj` (None allowed when `optional`), at least `need` bytes; NULL with an exception set. */
+static void *buffer(struct buffers *held, PyObject *obj, int writable, Py_ssize_t need, const char *name,
+                    int optional, int *failed) {
+    if (*failed) return NULL;
+    if (obj == Py_None && optional) return NULL;
+    Py_buffer *view = &held->views[held->count];
+    if (PyObject_GetBuffer(obj, view, PyBUF_C_CONTIGUOUS | (writable ? PyBUF_WRITABLE : 0)) < 0) {
+        *failed = 1;
+        return NULL;
+    }
+    held->count++;
+    if (view->len < need) {
+        PyErr_Format(PyExc_ValueError, "%s holds %zd bytes, needs %zd", name, view->len, need);
+        *failed = 1;
+        return NULL;
+    }
+    return view->buf;
+}
+
+static int check_path(int path) {
+    if (path < 0 || path >= PATH_COUNT || !path_available(path)) {
+        PyErr_Format(PyExc_ValueError, "instruction-set path %d is not available on this CPU or build", path);
+        return 0;
+    }
+    return 1;
+}
+
+static int padded_inputs(int k) { return (k + BLOCK_INPUTS - 1) / BLOCK_INPUTS * BLOCK_INPUTS; }
+static int row_groups(int n) { return (n + ROWS_PER_GROUP - 1) / ROWS_PER_GROUP; }
+static Py_ssize_t packed_bytes(int n, int k) { return (Py_ssize_t)row_groups(n) * padded_inputs(k) / 4 * ROWS_PER_GROUP; }
+
+static PyObject *py_available_paths(PyObject *self, PyObject *args) {
+    (void)self, (void)args;
+    PyObject *names = PyList_New(0);
+    for (int path = PATH_COUNT - 1; path >= 0 && names; path--)
+        if (path_available(path) && PyList_Append(names, PyUnicode_FromString(PATH_NAMES[path])) < 0) Py_CLEAR(names);
+    return names;
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Packing into the row-group layout */
+
+static void put_code(uint8_t *packed, int blocks, int n, int k, unsigned stored) {
+    int g = n / ROWS_PER_GROUP, r = n % ROWS_PER_GROUP, b = k / BLOCK_INPUTS, within = k % BLOCK_INPUTS;
+    uint8_t *chunk = packed + (((size_t)g * blocks + b) * ROWS_PER_GROUP + r) * CHUNK_BYTES;
+    int f = within / 32, j = within % 32;
+    chunk[j] = (uint8_t)((chunk[j] & ~(3u << (2 * f))) | (stored << (2 * f)));
+}
+
+/* pack(source, n, k, out, from_2bit): source is int8 codes [n, k] (from_2bit = 0) or the converted
+ * checkpoint's uint8 [n, k/4] with code + 1 in bits 2i..2i+1 of byte j for input 4j + i (from_2bit = 1). */
+static PyObject *py_pack(PyObject *self, PyObject *args) {
+    PyObject *src_obj, *out_obj;
+    int n, k, from_2bit;
+    if (!PyArg_ParseTuple(args, "OiiOp", &src_obj, &n, &k, &out_obj, &from_2bit)) return NULL;
+    if (n <= 0 || k <= 0 || (from_2bit && k % 4)) return PyErr_Format(PyExc_ValueError, "bad shape [%d, %d]", n, k);
+    struct buffers held = {.count = 0};
+    int failed = 0;
+    Py_ssize_t src_bytes = from_2bit ? (Py_ssize_t)n * k / 4 : (Py_ssize_t)n * k;
+    const uint8_t *src = buffer(&held, src_obj, 0, src_bytes, "source", 0, &failed);
+    uint8_t *out = buffer(&held, out_obj, 1, packed_bytes(n, k), "out", 0, &failed);
+    if (failed) {
+        release(&held);
+        return NULL;
+    }
+    int blocks = padded_inputs(k) / BLOCK_INPUTS, bad = 0;
+    Py_BEGIN_ALLOW_THREADS
+    memset(out, 0x55, packed_bytes(n, k));  /* every field 1: a zero weight in the padding */
+    for (int row = 0; row < n && !bad; row++)
+        for (int col = 0; col < k; col++) {
+            unsigned stored;
+            if (from_2bit) stored = (src[(size_t)row * (k / 4) + col / 4] >> (2 * (col % 4))) & 3;
+            else stored = (unsigned)((int8_t)src[(size_t)row * k + col] + 1);
+            if (stored > 2) {
+                bad = 1;
+                break;
+            }
+            put_code(out, blocks, row, col, stored);
+        }
+    Py_END_ALLOW_THREADS
+    release(&held);
+    if (bad) return PyErr_Format(PyExc_ValueError, "codes must be -1, 0 or +1 (2-bit field 3 is unused)");
+    Py_RETURN_NONE;
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Ternary matmul */
+
+struct matmul_job {
+    const uint8_t *packed;
+    const int8_t *x;
+    const int32_t *x_sum;
+    const float *x_scale, *w_scale;
+    void *out;
+    size_t x_stride;
+    int n, m, blocks, mode;
+    tile_kernel tile;
+};
+
+static void matmul_part(void *ctx, int group_begin, int group_end) {
+    const struct matmul_job *job = ctx;
+    size_t group_bytes = (size_t)job->blocks * GROUP_BLOCK_BYTES;
+    int32_t raw[MAX_TILE_TOKENS * ROWS_PER_GROUP];
+    for (int g = group_begin; g < group_end; g++) {
+        for (int m0 = 0; m0 < job->m; m0 += MAX_TILE_TOKENS) {
+            int tokens = job->m - m0 < MAX_TILE_TOKENS ? job->m - m0 : MAX_TILE_TOKENS;
+            job->tile(job->packed + g * group_bytes, job->blocks, job->x + m0 * job->x_stride, job->x_stride, tokens, raw);
+            for (int t = 0; t < tokens; t++)
+                for (int r = 0; r < ROWS_PER_GROUP; r++) {
+                    int row = g * ROWS_PER_GROUP + r, token = m0 + t;
+                    if (row >= job->n) break;
+                    int32_t exact = raw[t * ROWS_PER_GROUP + r] - job->x_sum[token];
+                    size_t at = (size_t)token * job->n + row;
+                    if (job->mode == MATMUL_INT32) {
+                        ((int32_t *)job->out)[at] = exact;
+                    } else {
+                        /* The golden model's order: int32 -> fp32, / activation scale, * weight scale. */
+                        float y = (float)exact / job->x_scale[token] * job->w_scale[row];
+                        float *out = (float *)job->out + at;
+                        *out = job->mode == MATMUL_ADD ? *out + y : y;
+                    }
+                }
+        }
+    }
+}
+
+/* matmul(packed, n, k, x, x_sum, m, out, mode, x_scale, w_scale, path, threads):
+ * x int8 [m, padded k], x_sum int32 [m]; out int32 [m, n] (mode 0) or fp32 [m, n] set (1) or added to (2)
+ * with x_scale fp32 [m] and w_scale fp32 [n]. */
+static PyObject *py_matmul(PyObject *self, PyObject *args) {
+    PyObject *packed_obj, *x_obj, *sum_obj, *out_obj, *xs_obj, *ws_obj;
+    int n, k, m, mode, path, threads;
+    if (!PyArg_ParseTuple(args, "OiiOOiOiOOii", &packed_obj, &n, &k, &x_obj, &sum_obj, &m, &out_obj, &mode, &xs_obj,
+                          &ws_obj, &path, &threads))
+        return NULL;
+    if (n <= 0 || k <= 0 || m <= 0 || mode < MATMUL_INT32 || mode > MATMUL_ADD || !check_path(path)) {
+        if (!PyErr_Occurred()) PyErr_Format(PyExc_ValueError, "bad matmul arguments n=%d k=%d m=%d mode=%d", n, k, m, mode);
+        return NULL;
+    }
+    struct buffers held = {.count = 0};
+    int failed = 0, kp = padded_inputs(k), floats = mode != MATMUL_INT32;
+    struct matmul_job job = {
+        .packed = buffer(&held, packed_obj, 0, packed_bytes(n, k), "packed", 0, &failed),
+        .x = buffer(&held, x_obj, 0, (Py_ssize_t)m * kp, "x", 0, &failed),
+        .x_sum = buffer(&held, sum_obj, 0, (Py_ssize_t)m * 4, "x_sum", 0, &failed),
+        .out = buffer(&held, out_obj, 1, (Py_ssize_t)m * n * 4, "out", 0, &failed),
+        .x_scale = buffer(&held, xs_obj, 0, floats ? (Py_ssize_t)m * 4 : 0, "x_scale", !floats, &failed),
+        .w_scale = buffer(&held, ws_obj, 0, floats ? (Py_ssize_t)n * 4 : 0, "w_scale", !floats, &failed),
+        .x_stride = (size_t)kp, .n = n, .m = m, .blocks = kp / BLOCK_INPUTS, .mode = mode, .tile = tile_for(path),
+    };
+    if (!failed && floats && (!job.x_scale || !job.w_scale)) {
+        PyErr_SetString(PyExc_ValueError, "float outputs need x_scale and w_scale");
+        failed = 1;
+    }
+    if (failed) {
+        release(&held);
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    parallel_for(matmul_part, &job, row_groups(n), threads);
+    Py_END_ALLOW_THREADS
+    release(&held);
+    Py_RETURN_NONE;
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Norm and activation quantisation */
+
+#define LANES 16
+
+static float sum_of_squares(const float *x, int k) {
+    float acc[LANES] = {0};
+    for (int i = 0; i < k; i++) acc[i % LANES] += x[i] * x[i];
+    float total = 0.0f;
+    for (int l = 0; l < LANES; l++) total += acc[l];
+    return total;
+}
+
+/* One row's input to a projection: relu(gate)^2 * up when gated (row = [gate | up]), else the row; then,
+ * with a norm weight, HF's RMSNorm: w * (x * rsqrt(mean(x^2) + eps)), all in fp32. */
+static void prepare_row(const float *row, int k, int gated, const float *norm_w, float eps, float *y) {
+    if (gated) {
+        for (int i = 0; i < k; i++) {
+            float g = row[i] > 0.0f ? row[i] : 0.0f;
+            y[i] = g * g * row[k + i];
+        }
+    } else {
+        memcpy(y, row, (size_t)k * sizeof *y);
+    }
+    if (!norm_w) return;
+    float inv = 1.0f / sqrtf(sum_of_squares(y, k) / (float)k + eps);
+    for (int i = 0; i < k; i++) y[i] = norm_w[i] * (y[i] * inv);
+}
+
+/* HF's ActQuant: s = 127 / max(absmax, 1e-5), q = clamp(round_half_even(y * s), -128, 127). */
+static void quantize_row(const float *y, int k, int kp, int8_t *q, float *scale, int32_t *sum) {
+    float top = 0.0f;
+    for (int i = 0; i < k; i++) top = fabsf(y[i]) > top ? fabsf(y[i]) : top;
+    float s = 127.0f / (top > 1e-5f ? top : 1e-5f);
+    int32_t total = 0;
+    for (int i = 0; i < k; i++) {
+        float v = nearbyintf(y[i] * s);
+        v = v < -128.0f ? -128.0f : (v > 127.0f ? 127.0f : v);
+        q[i] = (int8_t)v;
+        total += q[i];
+    }
+    memset(q + k, 0, (size_t)(kp - k));
+    *scale = s;
+    *sum = total;
+}
+
+/* quantize(x, ld, m, k, gated, norm_w, eps, q, scale, sum) or, with q None, normalise into out:
+ * norm(x, ld, m, k, gated, norm_w, eps, None, None, None, out). */
+static PyObject *prepare_rows(PyObject *args, int quantized) {
+    PyObject *x_obj, *w_obj, *q_obj = Py_None, *scale_obj = Py_None, *sum_obj = Py_None, *out_obj = Py_None;
+    int ld, m, k, gated;
+    float eps;
+    int ok = quantized ? PyArg_ParseTuple(args, "OiiipOfOOO", &x_obj, &ld, &m, &k, &gated, &w_obj, &eps, &q_obj,
+                                          &scale_obj, &sum_obj)
+                       : PyArg_ParseTuple(args, "OiiipOfO", &x_obj, &ld, &m, &k, &gated, &w_obj, &eps, &out_obj);
+    if (!ok) return NULL;
+    if (m <= 0 || k <= 0 || ld < (gated ? 2 * k : k))
+        return PyErr_Format(PyExc_ValueError, "bad shape m=%d k=%d ld=%d", m, k, ld);
+    struct buffers held = {.count = 0};
+    int failed = 0, kp = padded_inputs(k);
+    const float *x = buffer(&held, x_obj, 0, ((Py_ssize_t)(m - 1) * ld + (gated ? 2 * k : k)) * 4, "x", 0, &failed);
+    const float *w = buffer(&held, w_obj, 0, (Py_ssize_t)k * 4, "norm weight", 1, &failed);
+    int8_t *q = buffer(&held, q_obj, 1, (Py_ssize_t)m * kp, "q", !quantized, &failed);
+    float *scale = buffer(&held, scale_obj, 1, (Py_ssize_t)m * 4, "scale", !quantized, &failed);
+    int32_t *sum = buffer(&held, sum_obj, 1, (Py_ssize_t)m * 4, "sum", !quantized, &failed);
+    float *out = buffer(&held, out_obj, 1, (Py_ssize_t)m * k * 4, "out", quantized, &failed);
+    float *row = failed ? NULL : malloc((size_t)k * sizeof *row);
+    if (failed || !row) {
+        release(&held);
+        return failed ? NULL : PyErr_NoMemory();
+    }
+    Py_BEGIN_ALLOW_THREADS
+    for (int i = 0; i < m; i++) {
+        prepare_row(x + (size_t)i * ld, k, gated, w, eps, quantized ? row : out + (size_t)i * k);
+        if (quantized) quantize_row(row, k, kp, q + (size_t)i * kp, scale + i, sum + i);
+    }
+    Py_END_ALLOW_THREADS
+    free(row);
+    release(&held);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_quantize(PyObject *self, PyObject *args) { return prepare_rows(args, 1); }
+static PyObject *py_norm(PyObject *self, PyObject *args) { return prepare_rows(args, 0); }
+
+/* ---------------------------------------------------------------------------------------------
+ * RoPE, embedding rows */
+
+/* rope(x, ld, m, offset, heads, head_dim, positions, cos, sin): HF's half-split rotation, in place, of
+ * heads starting at float `offset` of each row; cos/sin fp32 [positions, head_dim], positions int64 [m]. */
+static PyObject *py_rope(PyObject *self, PyObject *args) {
+    PyObject *x_obj, *pos_obj, *cos_obj, *sin_obj;
+    int ld, m, offset, heads, dim, table_rows;
+    if (!PyArg_ParseTuple(args, "OiiiiiOOOi", &x_obj, &ld, &m, &offset, &heads, &dim, &pos_obj, &cos_obj, &sin_obj,
+                          &table_rows))
+        return NULL;
+    if (m <= 0 || dim % 2 || offset + heads * dim > ld) return PyErr_Format(PyExc_ValueError, "bad rope shape");
+    struct buffers held = {.count = 0};
+    int failed = 0;
+    float *x = buffer(&held, x_obj, 1, (Py_ssize_t)m * ld * 4, "x", 0, &failed);
+    const int64_t *pos = buffer(&held, pos_obj, 0, (Py_ssize_t)m * 8, "positions", 0, &failed);
+    const float *cos_t = buffer(&held, cos_obj, 0, (Py_ssize_t)table_rows * dim * 4, "cos", 0, &failed);
+    const float *sin_t = buffer(&held, sin_obj, 0, (Py_ssize_t)table_rows * dim * 4, "sin", 0, &failed);
+    for (int i = 0; !failed && i < m; i++)
+        if (pos[i] < 0 || pos[i] >= table_rows) {
+            PyErr_Format(PyExc_ValueError, "position %lld outside the RoPE table", (long long)pos[i]);
+            failed = 1;
+        }
+    if (failed) {
+        release(&held);
+        return NULL;
+    }
+    int half = dim / 2;
+    for (int i = 0; i < m; i++) {
+        const float *c = cos_t + pos[i] * dim, *s = sin_t + pos[i] * dim;
+        for (int h = 0; h < heads; h++) {
+            float *v = x + (size_t)i * ld + offset + h * dim;
+            for (int d = 0; d < half; d++) {
+                float lo = v[d], hi = v[d + half];
+                v[d] = lo * c[d] + (-hi) * s[d];
+                v[d + half] = hi * c[d + half] + lo * s[d + half];
+            }
+        }
+    }
+    release(&held);
+    Py_RETURN_NONE;
+}
+
+static float table_value(const void *table, int dtype, size_t i) {
+    if (dtype == WEIGHT_F32) return ((const float *)table)[i];
+    uint32_t bits = (uint32_t)((const uint16_t *)table)[i] << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+static int dtype_size(int dtype) { return dtype == WEIGHT_F32 ? 4 : dtype == WEIGHT_BF16 ? 2 : 1; }
+
+/* embed(table, dtype, vocab, k, ids, m, out): rows of a bf16 or fp32 table as fp32; ids int64 [m]. */
+static PyObject *py_embed(PyObject *self, PyObject *args) {
+    PyObject *table_obj, *ids_obj, *out_obj;
+    int dtype, vocab, k, m;
+    if (!PyArg_ParseTuple(args, "OiiiOiO", &table_obj, &dtype, &vocab, &k, &ids_obj, &m, &out_obj)) return NULL;
+    if (dtype == WEIGHT_INT8) return PyErr_Format(PyExc_ValueError, "an embedding table is bf16 or fp32");
+    struct buffers held = {.count = 0};
+    int failed = 0;
+    const void *table = buffer(&held, table_obj, 0, (Py_ssize_t)vocab * k * dtype_size(dtype), "table", 0, &failed);
+    const int64_t *ids = buffer(&held, ids_obj, 0, (Py_ssize_t)m * 8, "ids", 0, &failed);
+    float *out = buffer(&held, out_obj, 1, (Py_ssize_t)m * k * 4, "out", 0, &failed);
+    for (int i = 0; !failed && i < m; i++)
+        if (ids[i] < 0 || ids[i] >= vocab) {
+            PyErr_Format(PyExc_ValueError, "token id %lld outside the vocabulary of %d", (long long)ids[i], vocab);
+            failed = 1;
+        }
+    if (failed) {
+        release(&held);
+        return NULL;
+    }
+    for (int i = 0; i < m; i++)
+        for (int j = 0; j < k; j++) out[(size_t)i * k + j] = table_value(table, dtype, (size_t)ids[i] * k + j);
+    release(&held);
+    Py_RETURN_NONE;
+}
+
+/* quantize_head(table, dtype, vocab, k, q, scales): per-row int8 (scale = absmax / 127) of the LM head. */
+static PyObject *py_quantize_head(PyObject *self, PyObject *args) {
+    PyObject *table_obj, *q_obj, *scales_obj;
+    int dtype, vocab, k;
+    if (!PyArg_ParseTuple(args, "OiiiOO", &table_obj, &dtype, &vocab, &k, &q_obj, &scales_obj)) return NULL;
+    if (dtype == WEIGHT_INT8) return PyErr_Format(PyExc_ValueError, "the LM head to quantise is bf16 or fp32");
+    struct buffers held = {.count = 0};
+    int failed = 0;
+    const void *table = buffer(&held, table_obj, 0, (Py_ssize_t)vocab * k * dtype_size(dtype), "table", 0, &failed);
+    int8_t *q = buffer(&held, q_obj, 1, (Py_ssize_t)vocab * k, "q", 0, &failed);
+    float *scales = buffer(&held, scales_obj, 1, (Py_ssize_t)vocab * 4, "scales", 0, &failed);
+    if (failed) {
+        release(&held);
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    for (int v = 0; v < vocab; v++) {
+        float top = 0.0f;
+        for (int j = 0; j < k; j++) top = fmaxf(top, fabsf(table_value(table, dtype, (size_t)v * k + j)));
+        float scale = top > 0.0f ? top / 127.0f : 1.0f;
+        for (int j = 0; j < k; j++) q[(size_t)v * k + j] = (int8_t)nearbyintf(table_value(table, dtype, (size_t)v * k + j) / scale);
+        scales[v] = scale;
+    }
+    Py_END_ALLOW_THREADS
+    release(&held);
+    Py_RETURN_NONE;
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * LM head, attention */
+
+struct head_job {
+    head_fn fn;
+    const void *w;
+    const float *scales, *x;
+    float *out;
+    int dtype, k, m, vocab;
+};
+
+static void head_part(void *ctx, int begin, int end) {
+    const struct head_job *job = ctx;
+    job->fn(job->w, job->dtype, job->scales, job->k, job->x, job->m, job->vocab, begin, end, job->out);
+}
+
+/* head(w, dtype, scales, vocab, k, x, m, out, path, threads): out fp32 [m, vocab] = x [m, k] @ w^T (* scales). */
+static PyObject *py_head(PyObject *self, PyObject *args) {
+    PyObject *w_obj, *scales_obj, *x_obj, *out_obj;
+    int dtype, vocab, k, m, path, threads;
+    if (!PyArg_ParseTuple(args, "OiOiiOiOii", &w_obj, &dtype, &scales_obj, &vocab, &k, &x_obj, &m, &out_obj, &path,
+                          &threads))
+        return NULL;
+    if (vocab <= 0 || k <= 0 || m <= 0 || dtype < WEIGHT_BF16 || dtype > WEIGHT_INT8 || !check_path(path)) {
+        if (!PyErr_Occurred()) PyErr_Format(PyExc_ValueError, "bad head arguments");
+        return NULL;
+    }
+    struct buffers held = {.count = 0};
+    int failed = 0;
+    struct head_job job = {
+        .fn = head_for(path), .dtype = dtype, .k = k, .m = m, .vocab = vocab,
+        .w = buffer(&held, w_obj, 0, (Py_ssize_t)vocab * k * dtype_size(dtype), "w", 0, &failed),
+        .scales = buffer(&held, scales_obj, 0, (Py_ssize_t)vocab * 4, "scales", dtype != WEIGHT_INT8, &failed),
+        .x = buffer(&held, x_obj, 0, (Py_ssize_t)m * k * 4, "x", 0, &failed),
+        .out = buffer(&held, out_obj, 1, (Py_ssize_t)m * vocab * 4, "out", 0, &failed),
+    };
+    if (failed) {
+        release(&held);
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    parallel_for(head_part, &job, vocab, threads);
+    Py_END_ALLOW_THREADS
+    release(&held);
+    Py_RETURN_NONE;
+}
+
+struct attention_job {
+    attention_fn fn;
+    struct attention_args args;
+    int positions;
+};
+
+/* Each thread keeps its scores row between calls: no allocation per step once it is large enough. */
+static _Thread_local float *thread_scores;
+static _Thread_local int thread_scores_size;
+
+static void attention_part(void *ctx, int begin, int end) {
+    const struct attention_job *job = ctx;
+    if (thread_scores_size < job->positions) {
+        float *grown = realloc(thread_scores, (size_t)job->positions * sizeof *grown);
+        if (!grown) abort();  /* a few KB per thread; nothing sensible is left to do without them */
+        thread_scores = grown;
+        thread_scores_size = job->positions;
+    }
+    job->fn(&job->args, begin, end, thread_scores);
+}
+
+/* attention(q, q_stride, t, heads, kv_heads, head_dim, keys, values, positions, start, scale, out, path,
+ * threads): q fp32 rows of q_stride floats (heads first); keys/values fp32 [kv_heads, positions, head_dim];
+ * out fp32 [t, heads * head_dim]. Token i sees cache positions 0 .. start + i. */
+static PyObject *py_attention(PyObject *self, PyObject *args) {
+    PyObject *q_obj, *k_obj, *v_obj, *out_obj;
+    int q_stride, t, heads, kv_heads, dim, positions, start, path, threads;
+    float scale;
+    if (!PyArg_ParseTuple(args, "OiiiiiOOiifOii", &q_obj, &q_stride, &t, &heads, &kv_heads, &dim, &k_obj, &v_obj,
+                          &positions, &start, &scale, &out_obj, &path, &threads))
+        return NULL;
+    if (t <= 0 || heads <= 0 || kv_heads <= 0 || heads % kv_heads || dim <= 0 || start < 0 ||
+        start + t > positions || q_stride < heads * dim || !check_path(path)) {
+        if (!PyErr_Occurred()) PyErr_Format(PyExc_ValueError, "bad attention arguments");
+        return NULL;
+    }
+    struct buffers held = {.count = 0};
+    int failed = 0;
+    Py_ssize_t cache_bytes = (Py_ssize_t)kv_heads * positions * dim * 4;
+    struct attention_job job = {
+        .fn = attention_for(path), .positions = positions,
+        .args = {
+            .q = buffer(&held, q_obj, 0, ((Py_ssize_t)(t - 1) * q_stride + heads * dim) * 4, "q", 0, &failed),
+            .keys = buffer(&held, k_obj, 0, cache_bytes, "keys", 0, &failed),
+            .values = buffer(&held, v_obj, 0, cache_bytes, "values", 0, &failed),
+            .out = buffer(&held, out_obj, 1, (Py_ssize_t)t * heads * dim * 4, "out", 0, &failed),
+            .q_stride = (size_t)q_stride, .head_stride = (size_t)positions * dim,
+            .heads = heads, .group = heads / kv_heads, .head_dim = dim, .start = start, .scale = scale,
+        },
+    };
+    if (failed) {
+        release(&held);
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    parallel_for(attention_part, &job, t * heads, threads);
+    Py_END_ALLOW_THREADS
+    release(&held);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef METHODS[] = {
+    {"available_paths", py_available_paths, METH_NOARGS, "instruction-set paths usable here, best first"},
+    {"pack", py_pack, METH_VARARGS, "pack ternary codes into the row-group layout"},
+    {"matmul", py_matmul, METH_VARARGS, "exact int8 x ternary product, int32 or scaled fp32 output"},
+    {"quantize", py_quantize, METH_VARARGS, "(gated) (RMS-normed) rows quantised to int8 per token"},
+    {"norm", py_norm, METH_VARARGS, "(gated) RMS-normed rows in fp32"},
+    {"rope", py_rope, METH_VARARGS, "rotary position embedding in place"},
+    {"embed", py_embed, METH_VARARGS, "embedding rows as fp32"},
+    {"quantize_head", py_quantize_head, METH_VARARGS, "per-row int8 LM head"},
+    {"head", py_head, METH_VARARGS, "LM head GEMV/GEMM in fp32 arithmetic"},
+    {"attention", py_attention, METH_VARARGS, "causal attention over one slot's cache"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef MODULE = {PyModuleDef_HEAD_INIT, "_kernels", "BitNet CPU kernels on raw buffers", -1, METHODS};
+
+PyMODINIT_FUNC PyInit__kernels(void) { return PyModule_Create(&MODULE); }

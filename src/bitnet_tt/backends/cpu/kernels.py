@@ -1,0 +1,149 @@
+"""The compiled kernels (csrc/, built by setup.py) behind a small interface on numpy arrays.
+
+Why a plain-C CPython extension on the buffer protocol: it needs no build-time dependency beyond a C
+compiler (not PyTorch, not numpy, not pybind11/nanobind or CMake), one setuptools build covers every
+instruction set, and each call checks its buffers' sizes in C before releasing the GIL. numpy arrays
+(and torch tensors through .numpy(), without a copy) pass straight in.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from ...errors import BitNetError
+
+try:
+    from . import _kernels
+except ImportError:  # a source checkout that was never built, or a failed build
+    _kernels = None
+
+BLOCK_INPUTS = 128  # inputs per block of the row-group layout (csrc/kernels.h)
+ROWS_PER_GROUP = 4
+WEIGHT_DTYPES = {np.dtype("uint16"): 0, np.dtype("float32"): 1, np.dtype("int8"): 2}  # bf16 travels as uint16
+REPOSITORY = Path(__file__).resolve().parents[4]
+
+
+class KernelsUnavailable(BitNetError):
+    """The compiled CPU kernels are not importable."""
+
+
+def available() -> bool:
+    return _kernels is not None
+
+
+def require():
+    if _kernels is None:
+        raise KernelsUnavailable(
+            "the CPU backend's compiled kernels are not built: reinstall with a C compiler "
+            "('pip install -e .' or ./run), or use --backend torch"
+        )
+    return _kernels
+
+
+def paths() -> list[str]:
+    """Instruction-set paths this CPU and build can run, best first (the last is always "scalar")."""
+    return require().available_paths()
+
+
+def path_index(path: str | None) -> int:
+    """The module's number for a path name; None picks the best one here."""
+    names = paths()
+    name = names[0] if path is None else path
+    if name not in names:
+        raise BitNetError(f"instruction-set path {name!r} is not available here (available: {', '.join(names)})")
+    return ["scalar", "avx2", "avx512", "neon", "neondot"].index(name)
+
+
+def build_in_place() -> None:
+    """Compile the extension into this source tree (a checkout used without 'pip install')."""
+    global _kernels
+    subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=REPOSITORY, check=True,
+                   capture_output=True)
+    from . import _kernels as built
+
+    _kernels = built
+
+
+def padded(k: int) -> int:
+    return -(-k // BLOCK_INPUTS) * BLOCK_INPUTS
+
+
+class PackedTernary:
+    """A ternary matrix [n, k] in the kernels' row-group layout: 2 bits per weight, rows padded to 4 and
+    inputs to 128 with zero weights."""
+
+    def __init__(self, source: np.ndarray, n: int, k: int, from_2bit: bool):
+        self.n, self.k = n, k
+        self.data = np.empty(-(-n // ROWS_PER_GROUP) * padded(k), dtype=np.uint8)
+        try:
+            require().pack(np.ascontiguousarray(source), n, k, self.data, from_2bit)
+        except ValueError as exc:
+            raise BitNetError(f"cannot pack ternary weights: {exc}") from None
+
+    @classmethod
+    def from_codes(cls, codes: np.ndarray) -> PackedTernary:
+        """int8 codes [n, k] in {-1, 0, 1}."""
+        return cls(codes.astype(np.int8, copy=False), *codes.shape, from_2bit=False)
+
+    @classmethod
+    def from_2bit(cls, packed: np.ndarray) -> PackedTernary:
+        """The converted checkpoint's uint8 [n, k/4] (ternary.pack_2bit), repacked without expanding to int8."""
+        return cls(packed, packed.shape[0], packed.shape[1] * 4, from_2bit=True)
+
+
+class Activations:
+    """Preallocated int8 activations of up to `rows` tokens: codes [rows, padded k], scale and code sum per row."""
+
+    def __init__(self, rows: int, k: int):
+        self.k = k
+        self.q = np.zeros((rows, padded(k)), dtype=np.int8)
+        self.scale = np.zeros(rows, dtype=np.float32)
+        self.sum = np.zeros(rows, dtype=np.int32)
+
+    def quantize(self, x: np.ndarray, m: int, norm_weight: np.ndarray | None = None, eps: float = 0.0,
+                 gated: bool = False) -> None:
+        """Rows 0..m of x (fp32; [gate | up] halves when gated: relu(gate)^2 * up), RMS-normed with
+        norm_weight when given, quantised per token as HF's ActQuant."""
+        _kernels.quantize(x, x.shape[-1], m, self.k, gated, norm_weight, eps, self.q, self.scale, self.sum)
+
+
+def matmul(w: PackedTernary, acts: Activations, m: int, out: np.ndarray | None = None, weight_scale=None,
+           accumulate: bool = False, path: int = 0, threads: int = 1) -> np.ndarray:
+    """Exact int32 acts @ w^T [m, n]; with weight_scale (fp32 [n]) the golden model's fp32
+    int32 / activation scale * weight scale instead, written into out or added to it."""
+    mode = 0 if weight_scale is None else 2 if accumulate else 1
+    if out is None:
+        out = np.empty((m, w.n), dtype=np.int32 if mode == 0 else np.float32)
+    _kernels.matmul(w.data, w.n, w.k, acts.q, acts.sum, m, out, mode, acts.scale, weight_scale, path, threads)
+    return out
+
+
+def norm(x: np.ndarray, m: int, weight: np.ndarray, eps: float, out: np.ndarray) -> np.ndarray:
+    """HF's RMSNorm of rows 0..m of x into out, in fp32."""
+    _kernels.norm(x, x.shape[-1], m, weight.shape[0], False, weight, eps, out)
+    return out
+
+
+def weight_dtype(table: np.ndarray) -> int:
+    return WEIGHT_DTYPES[table.dtype]
+
+
+def head(table: np.ndarray, x: np.ndarray, m: int, out: np.ndarray, scales: np.ndarray | None = None,
+         path: int = 0, threads: int = 1) -> np.ndarray:
+    """out [m, vocab] = x [m, k] @ table^T in fp32 arithmetic; table bf16 (as uint16), fp32, or int8 rows
+    times scales."""
+    vocab, k = table.shape
+    _kernels.head(table, weight_dtype(table), scales, vocab, k, x, m, out, path, threads)
+    return out
+
+
+def quantize_head(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row int8 LM head: codes [vocab, k] and fp32 scales (row absmax / 127)."""
+    vocab, k = table.shape
+    codes, scales = np.empty((vocab, k), dtype=np.int8), np.empty(vocab, dtype=np.float32)
+    _kernels.quantize_head(table, weight_dtype(table), vocab, k, codes, scales)
+    return codes, scales
