@@ -1,8 +1,13 @@
-/* A small persistent thread pool: parallel_for splits [0, tasks) into contiguous parts, one per thread.
+/* A small persistent thread pool: parallel_for splits [0, tasks) into chunks that the caller and the
+ * workers claim one at a time.
  *
- * Workers spin briefly after each job (a decode step issues hundreds of short jobs back to back) and then
- * sleep on a condition variable. Its own pthreads, not OpenMP: PyTorch brings its own OpenMP runtime,
- * and two runtimes in one process compete for the cores.
+ * Claiming (rather than a fixed part per thread) keeps a job going when a worker is descheduled on a
+ * busy machine: the other threads take its chunks. Workers spin briefly after each job (a decode step
+ * issues hundreds of short jobs back to back) and then sleep on a condition variable. Its own pthreads,
+ * not OpenMP: PyTorch brings its own OpenMP runtime, and two runtimes in one process compete for cores.
+ *
+ * One 64-bit word holds the job's generation, the next unclaimed chunk and the chunk count, so that a
+ * claim (compare-and-swap on the whole word) can only succeed for the job a thread has read.
  */
 #include "pool.h"
 
@@ -22,32 +27,53 @@
 
 #define MAX_WORKERS 255
 #define WORKER_SPINS 20000
+#define CHUNKS_PER_THREAD 4
+#define MAX_CHUNKS 0xffff
+
+#define WORD(gen, next, total) (((uint64_t)(gen) << 32) | ((uint64_t)(next) << 16) | (uint64_t)(total))
+#define GEN(word) ((uint32_t)((word) >> 32))
+#define NEXT(word) ((int)(((word) >> 16) & 0xffff))
+#define TOTAL(word) ((int)((word) & 0xffff))
 
 static struct {
     pthread_mutex_t call_lock, lock;
     pthread_cond_t wake;
-    atomic_uint generation;
-    atomic_int pending;
+    _Atomic uint64_t word;
+    atomic_int done;
+    /* the current job, written before its word is published */
     part_fn fn;
     void *ctx;
-    int tasks, parts, workers;
-    unsigned started_at[MAX_WORKERS + 1];
+    int tasks, participants;
+    int workers;
+    uint32_t started_at[MAX_WORKERS + 1];
 } pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER};
 
-static void run_part(int index) {
-    int begin = (int)((int64_t)pool.tasks * index / pool.parts);
-    int end = (int)((int64_t)pool.tasks * (index + 1) / pool.parts);
-    if (begin < end) pool.fn(pool.ctx, begin, end);
+/* Claim and run chunks of the job of generation `gen` until none is left. */
+static void work(uint32_t gen) {
+    uint64_t word = atomic_load_explicit(&pool.word, memory_order_acquire);
+    while (GEN(word) == gen && NEXT(word) < TOTAL(word)) {
+        part_fn fn = pool.fn;
+        void *ctx = pool.ctx;
+        int tasks = pool.tasks;
+        if (!atomic_compare_exchange_weak_explicit(&pool.word, &word, word + (1u << 16), memory_order_acquire,
+                                                   memory_order_acquire))
+            continue;
+        int chunk = NEXT(word), total = TOTAL(word);
+        int begin = (int)((int64_t)tasks * chunk / total), end = (int)((int64_t)tasks * (chunk + 1) / total);
+        if (begin < end) fn(ctx, begin, end);
+        atomic_fetch_add_explicit(&pool.done, 1, memory_order_release);
+        word = atomic_load_explicit(&pool.word, memory_order_acquire);
+    }
 }
 
-static unsigned next_generation(unsigned seen) {
-    unsigned now;
+static uint32_t next_generation(uint32_t seen) {
+    uint32_t now;
     for (int spin = 0; spin < WORKER_SPINS; spin++) {
-        if ((now = atomic_load_explicit(&pool.generation, memory_order_acquire)) != seen) return now;
+        if ((now = GEN(atomic_load_explicit(&pool.word, memory_order_acquire))) != seen) return now;
         CPU_RELAX();
     }
     pthread_mutex_lock(&pool.lock);
-    while ((now = atomic_load_explicit(&pool.generation, memory_order_acquire)) == seen)
+    while ((now = GEN(atomic_load_explicit(&pool.word, memory_order_acquire))) == seen)
         pthread_cond_wait(&pool.wake, &pool.lock);
     pthread_mutex_unlock(&pool.lock);
     return now;
@@ -55,52 +81,53 @@ static unsigned next_generation(unsigned seen) {
 
 static void *worker_main(void *arg) {
     int index = (int)(intptr_t)arg;
-    unsigned seen = pool.started_at[index];
+    uint32_t seen = pool.started_at[index];
     for (;;) {
         seen = next_generation(seen);
-        if (index < pool.parts) run_part(index);
-        atomic_fetch_sub_explicit(&pool.pending, 1, memory_order_release);
+        /* participants is read before claiming; a stale value only makes this worker join or sit out. */
+        if (index < pool.participants) work(seen);
     }
     return NULL;
 }
 
-/* Start workers 1 .. count; called with call_lock held, before the next generation is published. */
-static int ensure_workers(int count) {
-    while (pool.workers < count) {
+/* Start workers 1 .. count; called with call_lock held, before the next job is published. */
+static void ensure_workers(int count) {
+    while (pool.workers < count && pool.workers < MAX_WORKERS) {
         int index = pool.workers + 1;
-        pool.started_at[index] = atomic_load(&pool.generation);
+        pool.started_at[index] = GEN(atomic_load(&pool.word));
         pthread_t thread;
         pthread_attr_t attr;
         pthread_attr_init(&attr);
         pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
         int failed = pthread_create(&thread, &attr, worker_main, (void *)(intptr_t)index);
         pthread_attr_destroy(&attr);
-        if (failed) break;
+        if (failed) return;  /* fewer workers: the caller claims their chunks */
         pool.workers = index;
     }
-    return pool.workers + 1;
 }
 
 void parallel_for(part_fn fn, void *ctx, int tasks, int threads) {
     if (threads > tasks) threads = tasks;
-    if (threads > MAX_WORKERS + 1) threads = MAX_WORKERS + 1;
     if (threads <= 1) {
         if (tasks > 0) fn(ctx, 0, tasks);
         return;
     }
+    int total = threads * CHUNKS_PER_THREAD;
+    total = total > tasks ? tasks : total > MAX_CHUNKS ? MAX_CHUNKS : total;
     pthread_mutex_lock(&pool.call_lock);
-    int available = ensure_workers(threads - 1);
+    ensure_workers(threads - 1);
     pool.fn = fn;
     pool.ctx = ctx;
     pool.tasks = tasks;
-    pool.parts = threads < available ? threads : available;
-    atomic_store_explicit(&pool.pending, pool.workers, memory_order_relaxed);
+    pool.participants = threads;
+    atomic_store_explicit(&pool.done, 0, memory_order_relaxed);
+    uint32_t gen = GEN(atomic_load(&pool.word)) + 1;
     pthread_mutex_lock(&pool.lock);
-    atomic_fetch_add_explicit(&pool.generation, 1, memory_order_release);
+    atomic_store_explicit(&pool.word, WORD(gen, 0, total), memory_order_release);
     pthread_cond_broadcast(&pool.wake);
     pthread_mutex_unlock(&pool.lock);
-    run_part(0);
-    for (long spin = 0; atomic_load_explicit(&pool.pending, memory_order_acquire) > 0; spin++) {
+    work(gen);
+    for (long spin = 0; atomic_load_explicit(&pool.done, memory_order_acquire) < total; spin++) {
         if (spin < WORKER_SPINS) CPU_RELAX();
         else sched_yield();
     }

@@ -1,0 +1,167 @@
+"""The CPU backend's compiled kernels: exact integer products on every instruction-set path this machine
+has (the scalar fallback always), float kernels against PyTorch, packing and bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bitnet_tt.backends.cpu import kernels
+from bitnet_tt.backends.torch.model import quantize_activations
+from bitnet_tt.config import ModelConfig
+from bitnet_tt.errors import BitNetError
+from bitnet_tt.synthetic import config_2b4t
+from bitnet_tt.ternary import pack_2bit
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built():
+    if not kernels.available():
+        kernels.build_in_place()
+
+
+def all_paths():
+    if not kernels.available():
+        kernels.build_in_place()
+    return kernels.paths()
+
+
+def exact_product(x: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    # float64 holds every partial sum exactly (|sum| <= 128 * 6912 < 2**53) and runs through BLAS.
+    return (x.astype(np.float64) @ codes.astype(np.float64).T).astype(np.int64)
+
+
+def int_product(codes: np.ndarray, x: np.ndarray, path: str, threads: int = 2) -> np.ndarray:
+    acts = kernels.Activations(len(x), codes.shape[1])
+    acts.q[:, : codes.shape[1]] = x
+    acts.sum[:] = x.sum(axis=1, dtype=np.int64)
+    w = kernels.PackedTernary.from_codes(codes)
+    return kernels.matmul(w, acts, len(x), path=kernels.path_index(path), threads=threads)
+
+
+SHAPES_2B4T = sorted(set(ModelConfig.from_hf_dict(config_2b4t()).projection_shapes().values()) | {(3840, 2560), (13824, 2560)})
+
+
+@pytest.mark.parametrize("path", all_paths())
+@pytest.mark.parametrize("shape", SHAPES_2B4T, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("tokens", [1, 8, 11])
+def test_ternary_product_is_exact_at_2b4t_shapes(path, shape, tokens):
+    rng = np.random.default_rng(hash((shape, tokens)) % 2**32)
+    codes = rng.integers(-1, 2, shape, dtype=np.int8)
+    x = rng.integers(-128, 128, (tokens, shape[1]), dtype=np.int8)
+    assert np.array_equal(int_product(codes, x, path), exact_product(x, codes))
+
+
+EDGES = {
+    "all -128 x all +1": (-128, 1), "all 127 x all +1": (127, 1), "all -128 x all -1": (-128, -1),
+    "all 127 x all -1": (127, -1), "zero activations": (0, 1), "zero weights": (-128, 0),
+}
+
+
+@pytest.mark.parametrize("path", all_paths())
+@pytest.mark.parametrize("edge", EDGES)
+@pytest.mark.parametrize("shape", [(2560, 6912), (13, 200), (5, 4), (9, 1000)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_ternary_product_is_exact_at_the_edges(path, edge, shape):
+    """Extremes of the int16 partial sums (6912 inputs: 54 blocks, several int16 stretches), and shapes whose
+    rows are not a multiple of 4 and inputs not a multiple of 128 (padded with zero weights)."""
+    value, weight = EDGES[edge]
+    codes = np.full(shape, weight, dtype=np.int8)
+    x = np.full((9, shape[1]), value, dtype=np.int8)
+    assert np.array_equal(int_product(codes, x, path), exact_product(x, codes))
+
+
+def test_every_path_and_thread_count_gives_the_same_integers():
+    rng = np.random.default_rng(1)
+    codes = rng.integers(-1, 2, (37, 300), dtype=np.int8)
+    x = rng.integers(-128, 128, (19, 300), dtype=np.int8)
+    results = [int_product(codes, x, path, threads) for path in kernels.paths() for threads in (1, 2, 3)]
+    assert all(np.array_equal(r, results[0]) for r in results)
+
+
+def test_repacking_the_converted_2bit_layout_equals_packing_the_codes():
+    rng = np.random.default_rng(2)
+    codes = rng.integers(-1, 2, (10, 260), dtype=np.int8)
+    from_2bit = kernels.PackedTernary.from_2bit(pack_2bit(torch.from_numpy(codes)).numpy())
+    assert np.array_equal(from_2bit.data, kernels.PackedTernary.from_codes(codes).data)
+
+
+def test_unused_code_and_unknown_path_are_one_line_errors():
+    with pytest.raises(BitNetError, match="2-bit field 3"):
+        kernels.PackedTernary.from_2bit(np.full((4, 8), 0xFF, dtype=np.uint8))
+    with pytest.raises(BitNetError, match="not available here"):
+        kernels.path_index("sse9")
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_norm_and_quantisation_match_the_golden_model(gated):
+    from bitnet_tt.backends.torch.model import RMSNorm
+
+    rng = np.random.default_rng(3)
+    k = 300
+    x = rng.standard_normal((6, 2 * k if gated else k)).astype(np.float32) * 3
+    weight = (1 + 0.1 * rng.standard_normal(k)).astype(np.float32)
+    acts = kernels.Activations(6, k)
+    acts.quantize(x, 6, weight, 1e-5, gated=gated)
+    xt = torch.from_numpy(x)
+    h = torch.square(F.relu(xt[:, :k])) * xt[:, k:] if gated else xt
+    codes, scale = quantize_activations(RMSNorm(torch.from_numpy(weight), 1e-5)(h))
+    # The sum of squares runs in another order than PyTorch's: a code may differ by one at a rounding tie.
+    diff = np.abs(acts.q[:, :k].astype(int) - codes.numpy())
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-2
+    assert np.allclose(acts.scale, scale[:, 0].numpy(), rtol=1e-6)
+    assert np.array_equal(acts.sum, acts.q.sum(axis=1, dtype=np.int64))
+    assert not acts.q[:, k:].any()
+
+
+def test_quantisation_without_norm_is_bit_exact():
+    x = np.random.default_rng(4).standard_normal((5, 256)).astype(np.float32)
+    x[0, :4] = [0.5, -0.5, 1.5, 2.5]  # ties round half to even, as torch.round
+    acts = kernels.Activations(5, 256)
+    acts.quantize(x, 5)
+    codes, scale = quantize_activations(torch.from_numpy(x))
+    assert np.array_equal(acts.q, codes.numpy()) and np.array_equal(acts.scale, scale[:, 0].numpy())
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32", "int8"])
+def test_lm_head_matches_torch_and_is_identical_on_every_path(dtype):
+    rng = np.random.default_rng(5)
+    table = torch.from_numpy(rng.standard_normal((301, 200)).astype(np.float32))
+    x = rng.standard_normal((6, 200)).astype(np.float32)
+    scales = None
+    if dtype == "bf16":
+        weights, reference_table = table.bfloat16().view(torch.uint16).numpy(), table.bfloat16().float()
+    elif dtype == "fp32":
+        weights, reference_table = table.numpy(), table
+    else:
+        weights, scales = kernels.quantize_head(table.numpy())
+        reference_table = torch.from_numpy(weights.astype(np.float32) * scales[:, None])
+        assert np.abs(reference_table - table).max() <= scales.max() / 2 + 1e-6
+    reference = torch.from_numpy(x) @ reference_table.T
+    outs = [kernels.head(weights, x, 6, np.empty((6, 301), np.float32), scales, kernels.path_index(p), 2)
+            for p in kernels.paths()]
+    assert all(np.array_equal(o, outs[0]) for o in outs)
+    assert torch.allclose(torch.from_numpy(outs[0]), reference, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("start,tokens", [(0, 1), (0, 7), (9, 1), (5, 4)])
+def test_attention_matches_sdpa_and_is_identical_on_every_path(start, tokens):
+    heads, kv_heads, dim, positions = 8, 2, 64, 32
+    rng = np.random.default_rng(6)
+    q = rng.standard_normal((tokens, heads * dim)).astype(np.float32)
+    keys = rng.standard_normal((kv_heads, positions, dim)).astype(np.float32)
+    values = rng.standard_normal((kv_heads, positions, dim)).astype(np.float32)
+    outs = []
+    for path in kernels.paths():
+        out = np.empty((tokens, heads * dim), np.float32)
+        kernels.require().attention(q, heads * dim, tokens, heads, kv_heads, dim, keys, values, positions, start,
+                                    dim**-0.5, out, kernels.path_index(path), 2)
+        outs.append(out)
+    assert all(np.array_equal(o, outs[0]) for o in outs)
+    length = start + tokens
+    qt = torch.from_numpy(q).view(tokens, heads, dim).transpose(0, 1)[None]
+    kt, vt = (torch.from_numpy(c[:, :length])[None] for c in (keys, values))
+    mask = torch.arange(length) <= (start + torch.arange(tokens))[:, None]
+    ref = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, enable_gqa=True)
+    assert torch.allclose(torch.from_numpy(outs[0]), ref[0].transpose(0, 1).reshape(tokens, -1), atol=2e-6)
