@@ -206,7 +206,7 @@ def load_weights(folder: Path, progress: bool = True) -> BitNetWeights:
     config = ModelConfig.from_folder(folder)
     files = TensorFiles(folder)
     fmt = detect_format(files)
-    read_projection = {"bf16-master": _read_master, "packed": _read_packed, "converted": _read_converted}[fmt]
+    read_projection = PROJECTION_READERS[fmt]
 
     h, vocab = config.hidden_size, config.vocab_size
     embed = files.get("model.embed_tokens.weight", (vocab, h), FLOAT_DTYPES)
@@ -262,6 +262,10 @@ def _read_converted(files: TensorFiles, name: str, shape, config: ModelConfig) -
     if holds_unused_code(packed):
         raise CheckpointError(f"{files.file_of[name + '.packed']}: '{name}.packed' holds the unused 2-bit code 3")
     return TernaryWeight(unpack_2bit(packed), scale)
+
+
+# format -> read_projection(files, name, [out, in], config) -> TernaryWeight (the CPU backend reads layer by layer)
+PROJECTION_READERS = {"bf16-master": _read_master, "packed": _read_packed, "converted": _read_converted}
 
 
 # ---------------------------------------------------------------------------------------------

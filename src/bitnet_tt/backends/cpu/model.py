@@ -1,0 +1,121 @@
+"""The BitNet b1.58 forward pass on the CPU kernels, over preallocated buffers.
+
+The golden model's arithmetic (backends/torch/model.py in fp32) step by step: every ternary product is
+exact in int32 and scaled as there (int32 -> fp32, / activation scale, * weight scale); norms, RoPE and
+the residual adds are fp32 in the same order. What differs is float summation order: RMSNorm's sum of
+squares, attention (fp32 dot products, softmax with a polynomial exp within 2 ulp) and the LM head (fp32
+sums of bf16 or int8 weights). Each fused step does what the golden model does in several:
+norm + int8 quantisation, relu(gate)^2 * up + norm + quantisation, projection + residual add.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..torch.model import rope_tables
+from . import kernels
+from .kernels import Activations, matmul
+from .weights import CPUWeights
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Consecutive rows of a step that belong to one slot, at positions start .. start + count - 1."""
+
+    slot: int
+    start: int
+    count: int
+
+
+class Workspace:
+    """Every buffer a step of up to `rows` tokens writes, allocated once (pages are mapped as they are first
+    used): no allocation per step, so no page faults once warm."""
+
+    def __init__(self, weights: CPUWeights, rows: int):
+        cfg = weights.config
+        qkv_width = cfg.q_size + 2 * cfg.kv_size
+        self.x = np.zeros((rows, cfg.hidden_size), np.float32)  # the residual stream
+        self.qkv = np.zeros((rows, qkv_width), np.float32)
+        self.attention = np.zeros((rows, cfg.q_size), np.float32)
+        self.gate_up = np.zeros((rows, 2 * cfg.intermediate_size), np.float32)
+        self.final = np.zeros((rows, cfg.hidden_size), np.float32)
+        self.hidden_acts = Activations(rows, cfg.hidden_size)
+        self.attention_acts = Activations(rows, cfg.q_size)
+        self.mlp_acts = Activations(rows, cfg.intermediate_size)
+        self.positions = np.zeros(rows, np.int64)
+        self.tokens = np.zeros(rows, np.int64)
+
+
+class CPUModel:
+    def __init__(self, weights: CPUWeights, max_slots: int, max_context: int, max_rows: int, path: int, threads: int):
+        cfg = self.config = weights.config
+        self.weights = weights
+        self.path, self.threads = path, threads
+        # [layer, slot, key/value, kv head, position, head dim]; zero pages stay unmapped until written.
+        self.cache = np.zeros((cfg.num_layers, max_slots, 2, cfg.num_kv_heads, max_context, cfg.head_dim), np.float32)
+        cos, sin = rope_tables(cfg, max_context, torch.float32, "cpu")
+        self.rope_cos, self.rope_sin = cos.numpy(), sin.numpy()
+        self.work = Workspace(weights, max_rows)
+        self.max_context = max_context
+
+    def forward(self, tokens: Sequence[int], segments: Sequence[Segment]) -> np.ndarray:
+        """Run the rows (segments in order) through the model; return fp32 logits of each segment's last row."""
+        cfg, w, work = self.config, self.weights, self.work
+        rows = len(tokens)
+        work.tokens[:rows] = tokens
+        at = 0
+        for seg in segments:
+            work.positions[at : at + seg.count] = np.arange(seg.start, seg.start + seg.count)
+            at += seg.count
+        x = work.x[:rows]
+        kernels.require().embed(w.embed, kernels.weight_dtype(w.embed), cfg.vocab_size, cfg.hidden_size,
+                                work.tokens, rows, x)
+        for index, layer in enumerate(w.layers):
+            self._attention_block(index, layer, rows, segments)
+            self._mlp_block(layer, rows)
+        last = np.cumsum([seg.count for seg in segments]) - 1
+        for i, row in enumerate(last):
+            kernels.norm(x[row : row + 1], 1, w.final_norm, cfg.rms_norm_eps, work.final[i : i + 1])
+        logits = np.empty((len(segments), cfg.vocab_size), np.float32)
+        return kernels.head(w.head, work.final[: len(segments)], len(segments), logits, w.head_scales, self.path,
+                            self.threads)
+
+    def _project(self, projection, acts: Activations, rows: int, out: np.ndarray, accumulate: bool = False) -> None:
+        matmul(projection.weight, acts, rows, out, projection.scale, accumulate, self.path, self.threads)
+
+    def _attention_block(self, index: int, layer, rows: int, segments: Sequence[Segment]) -> None:
+        cfg, work = self.config, self.work
+        eps, p = cfg.rms_norm_eps, layer.projections
+        x, qkv = work.x[:rows], work.qkv[:rows]
+        work.hidden_acts.quantize(x, rows, layer.norms["input_layernorm"], eps)
+        self._project(p["qkv"], work.hidden_acts, rows, qkv)
+        native = kernels.require()
+        width, positions = qkv.shape[1], work.positions[:rows]
+        for offset, heads in ((0, cfg.num_heads), (cfg.q_size, cfg.num_kv_heads)):
+            native.rope(qkv, width, rows, offset, heads, cfg.head_dim, positions, self.rope_cos, self.rope_sin,
+                        self.max_context)
+        at = 0
+        for seg in segments:
+            cache = self.cache[index, seg.slot]
+            new = qkv[at : at + seg.count, cfg.q_size :].reshape(seg.count, 2, cfg.num_kv_heads, cfg.head_dim)
+            cache[:, :, seg.start : seg.start + seg.count] = new.transpose(1, 2, 0, 3)
+            native.attention(qkv[at : at + seg.count], width, seg.count, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                             cache[0], cache[1], self.max_context, seg.start, cfg.head_dim**-0.5,
+                             work.attention[at : at + seg.count], self.path, self.threads)
+            at += seg.count
+        work.attention_acts.quantize(work.attention[:rows], rows, layer.norms["self_attn.attn_sub_norm"], eps)
+        self._project(p["o_proj"], work.attention_acts, rows, x, accumulate=True)
+
+    def _mlp_block(self, layer, rows: int) -> None:
+        cfg, work = self.config, self.work
+        eps, p = cfg.rms_norm_eps, layer.projections
+        x, gate_up = work.x[:rows], work.gate_up[:rows]
+        work.hidden_acts.quantize(x, rows, layer.norms["post_attention_layernorm"], eps)
+        self._project(p["gate_up"], work.hidden_acts, rows, gate_up)
+        work.mlp_acts.quantize(gate_up, rows, layer.norms["mlp.ffn_sub_norm"], eps, gated=True)
+        self._project(p["down"], work.mlp_acts, rows, x, accumulate=True)
+

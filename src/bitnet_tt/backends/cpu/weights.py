@@ -1,0 +1,136 @@
+"""The CPU backend's weights: ternary projections in the kernels' 2-bit layout, the embedding mapped from
+the safetensors file, the LM head in bf16 (as stored) or int8 per row.
+
+Layers are read one at a time: a converted checkpoint's 2-bit codes are repacked without ever becoming
+int8; the other formats expand one projection to int8 codes at a time (checkpoint.PROJECTION_READERS).
+"""
+
+from __future__ import annotations
+
+import mmap
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ...checkpoint import PROJECTION_READERS, TensorFiles, detect_format, read_header
+from ...config import ModelConfig
+from ...errors import BitNetError, CheckpointError, ModelNotFoundError
+from .kernels import PackedTernary, quantize_head
+
+LM_HEAD_DTYPES = ("bf16", "int8")
+# Projections that share an input run as one matmul; their rows are concatenated in this order.
+FUSED = {
+    "qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "o_proj": ("self_attn.o_proj",),
+    "gate_up": ("mlp.gate_proj", "mlp.up_proj"),
+    "down": ("mlp.down_proj",),
+}
+
+
+@dataclass
+class Projection:
+    weight: PackedTernary
+    scale: np.ndarray  # fp32 [out]: each output row's weight scale
+
+
+@dataclass
+class Layer:
+    norms: dict[str, np.ndarray]  # HF module path -> fp32 [width]
+    projections: dict[str, Projection]  # FUSED key -> projection
+
+
+@dataclass
+class CPUWeights:
+    config: ModelConfig
+    embed: np.ndarray  # [vocab, hidden]: bf16 bits as uint16 (memory-mapped) or fp32
+    head: np.ndarray  # [vocab, hidden]: like embed, or int8 codes
+    head_scales: np.ndarray | None  # fp32 [vocab] for an int8 head
+    final_norm: np.ndarray
+    layers: list[Layer]
+
+    def code_bytes(self) -> int:
+        return sum(p.weight.data.nbytes for layer in self.layers for p in layer.projections.values())
+
+
+def load_cpu_weights(folder: Path, lm_head: str = "bf16", progress: bool = True) -> CPUWeights:
+    if lm_head not in LM_HEAD_DTYPES:
+        raise BitNetError(f"unknown LM head dtype {lm_head!r} (choose from {', '.join(LM_HEAD_DTYPES)})")
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ModelNotFoundError(f"{folder}: no such model folder")
+    config = ModelConfig.from_folder(folder)
+    files = TensorFiles(folder)
+    fmt = detect_format(files)
+    shape = (config.vocab_size, config.hidden_size)
+    embed = mapped_table(files, "model.embed_tokens.weight", shape)
+    head = embed if "lm_head.weight" not in files and config.tie_word_embeddings else None
+    if head is None:
+        if "lm_head.weight" not in files:
+            raise CheckpointError(f"{folder}: no lm_head.weight and tie_word_embeddings is false; the LM head is missing")
+        head = mapped_table(files, "lm_head.weight", shape)
+    head_scales = None
+    if lm_head == "int8":
+        head, head_scales = quantize_head(head)
+        release_pages(embed)  # quantising read every row; only the rows that tokens use need to stay
+    layers = []
+    for i in tqdm(range(config.num_layers), desc=f"loading {fmt} weights", unit="layer", disable=not progress or None,
+                  leave=False):
+        layers.append(read_layer(files, fmt, config, f"model.layers.{i}."))
+    final_norm = float_vector(files.get("model.norm.weight", (config.hidden_size,)))
+    return CPUWeights(config, embed, head, head_scales, final_norm, layers)
+
+
+def read_layer(files: TensorFiles, fmt: str, config: ModelConfig, prefix: str) -> Layer:
+    shapes = config.projection_shapes()
+    norms = {name: float_vector(files.get(prefix + name + ".weight", (width,)))
+             for name, width in config.norm_shapes().items()}
+    projections = {}
+    for key, names in FUSED.items():
+        if fmt == "converted":  # 2-bit codes straight from the file
+            sources = [files.get(prefix + n + ".packed", (shapes[n][0], shapes[n][1] // 4), (torch.uint8,)) for n in names]
+            scales = [files.get(prefix + n + ".scale", (), (torch.float32,)) for n in names]
+            weight = PackedTernary.from_2bit(torch.cat(sources).numpy())
+        else:
+            read = [PROJECTION_READERS[fmt](files, prefix + n, shapes[n], config) for n in names]
+            scales = [w.scale for w in read]
+            weight = PackedTernary.from_codes(torch.cat([w.codes for w in read]).numpy())
+        rows = [shapes[n][0] for n in names]
+        scale = np.concatenate([np.full(r, float(s.float()), dtype=np.float32) for r, s in zip(rows, scales)])
+        projections[key] = Projection(weight, scale)
+    return Layer(norms, projections)
+
+
+def float_vector(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.float().numpy()
+
+
+def mapped_table(files: TensorFiles, name: str, shape: tuple[int, int]) -> np.ndarray:
+    """A [vocab, hidden] table: bf16 (as uint16) or fp32 mapped from the file with random-access advice, so
+    that only the rows tokens touch become resident; fp16 is read and widened to fp32."""
+    if name not in files:
+        raise CheckpointError(f"{files.folder}: tensor '{name}' is missing")
+    path = files.file_of[name]
+    data_start, header = read_header(path)
+    entry = header.get(name)
+    dtype = {"BF16": np.uint16, "F32": np.float32}.get(entry["dtype"]) if entry else None
+    if dtype is None:
+        return files.get(name, shape, (torch.float16,)).float().numpy()
+    begin, end = entry["data_offsets"]
+    if list(entry["shape"]) != list(shape) or end - begin != shape[0] * shape[1] * np.dtype(dtype).itemsize:
+        raise CheckpointError(f"{path}: tensor '{name}' has shape {entry['shape']}, expected {list(shape)}")
+    with open(path, "rb") as f:
+        mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    mapping.madvise(mmap.MADV_RANDOM)
+    return np.frombuffer(mapping, dtype=dtype, count=shape[0] * shape[1], offset=data_start + begin).reshape(shape)
+
+
+def release_pages(table: np.ndarray) -> None:
+    """Drop a mapped table's resident pages (they are clean file pages: read again on the next touch)."""
+    base = table.base
+    while base is not None and not isinstance(base, mmap.mmap):
+        base = getattr(base, "base", None) if not isinstance(base, memoryview) else base.obj
+    if isinstance(base, mmap.mmap):
+        base.madvise(mmap.MADV_DONTNEED)
