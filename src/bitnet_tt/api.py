@@ -32,15 +32,18 @@ def sampling_params(defaults: Mapping, **overrides) -> SamplingParams:
 
 
 class LLM:
-    """A model loaded on a backend ("torch" or "ttnn"), with the engine that generates from it.
+    """A model loaded on a backend ("cpu", "torch" or "ttnn"), with the engine that generates from it.
 
-    Options: max_batch (KV-cache slots, i.e. prompts decoded together), max_context (tokens per prompt;
-    default: the model's maximum), dtype and device (torch backend), progress (loading bars), tt_options
-    (backends.ttnn.config.TTOptions). Use it as a context manager, or call close(), to release the device.
+    Options: backend (default: "cpu", the native kernels, unless a torch device or dtype is asked for),
+    max_batch (KV-cache slots, i.e. prompts decoded together), max_context (tokens per prompt; default: the
+    model's maximum), dtype and device (torch backend; dtype default bfloat16), progress (loading bars),
+    tt_options (backends.ttnn.config.TTOptions), cpu_options (backends.cpu.backend.CPUOptions: threads, LM
+    head dtype). Use it as a context manager, or call close(), to release the device.
     """
 
-    def __init__(self, model: str | Path, backend: str = "torch", *, max_batch: int = 8, max_context: int | None = None,
-                 dtype: str = "bfloat16", device: str = "cpu", progress: bool = False, tt_options=None):
+    def __init__(self, model: str | Path, backend: str | None = None, *, max_batch: int = 8,
+                 max_context: int | None = None, dtype: str | None = None, device: str = "cpu", progress: bool = False,
+                 tt_options=None, cpu_options=None):
         from .backends import create_backend
         from .checkpoint import resolve_model
         from .engine import Engine
@@ -50,7 +53,7 @@ class LLM:
         check_torch_device(device)
         self.folder = resolve_model(model)
         self.backend = create_backend(backend, self.folder, max_batch, max_context, dtype, device,
-                                      progress=progress, tt_options=tt_options)
+                                      progress=progress, tt_options=tt_options, cpu_options=cpu_options)
         try:
             self.engine = Engine(self.backend, Tokenizer(self.folder, self.backend.config))
         except BaseException:

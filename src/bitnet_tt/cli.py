@@ -89,9 +89,16 @@ def add_model_options(parser: argparse.ArgumentParser, slots: int | None = None)
     """--model and how to load it; `slots`: the --max-batch default (None: the command has no --max-batch)."""
     group = parser.add_argument_group("model")
     group.add_argument("--model", help="model folder or Hugging Face hub id (default: the random-weight demo model)")
-    group.add_argument("--backend", default="torch", help="torch (any machine) or ttnn (Tenstorrent card)")
+    group.add_argument("--backend", help="cpu (native kernels; the default on the CPU), torch (the golden model, "
+                                         "any machine; the default with --device cuda or a --dtype other than "
+                                         "float32) or ttnn (Tenstorrent card)")
     group.add_argument("--device", default="cpu", help="torch device: cpu or cuda")
-    group.add_argument("--dtype", default="bfloat16", help="compute dtype: bfloat16, float32, or float64 (the verification reference: slow)")
+    group.add_argument("--dtype", help="torch compute dtype: bfloat16 (default), float32, or float64 (the verification "
+                                       "reference: slow); the cpu backend computes in float32")
+    group.add_argument("--threads", type=positive_int,
+                       help="CPU threads (default: the physical cores for --backend cpu, torch's choice for torch)")
+    group.add_argument("--lm-head", choices=["bf16", "int8"],
+                       help="--backend cpu: the LM head in bf16 as stored (default) or int8 per row (faster, approximate)")
     if slots is not None:
         group.add_argument("--max-batch", type=positive_int, default=slots, help="concurrent users (KV-cache slots)")
     group.add_argument("--max-context", type=positive_int, help="tokens per user (default: the model's maximum)")
@@ -164,7 +171,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--new-tokens", type=positive_int, default=16, help="tokens decoded per user")
     p.add_argument("--synthetic", choices=["tiny", "2b4t"],
                    help="instead of --model: random weights at the demo's tiny shapes (the default) or the real 2B-4T shapes")
-    p.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--ttft-prompts", default="128,2048", help="prompt lengths for time to first token")
     p.add_argument("--temperature", type=float, default=0.0, help="sample instead of picking greedily (0: greedy)")
     p.add_argument("--top-k", type=non_negative_int, default=0, help="with --temperature; up to 32 samples on a Tenstorrent device")
@@ -209,11 +215,28 @@ def model_folder(args, synthetic: str = "tiny", announce: bool = True) -> Path |
 
 def open_llm(args, folder: Path | str, **overrides) -> LLM:
     """Load the model as the options say; `overrides` replace LLM arguments (verify's reference)."""
+    from .backends import default_backend
+
     check_tt_options(args)
+    args.backend = args.backend or default_backend(args.device, args.dtype)
+    backend = overrides.pop("backend", args.backend)
+    if args.lm_head and args.backend != "cpu":
+        raise BitNetError("--lm-head applies to --backend cpu only")
+    if args.threads and backend != "cpu":
+        import torch
+
+        torch.set_num_threads(args.threads)
     options = {"max_batch": getattr(args, "max_batch", 1), "max_context": args.max_context, "dtype": args.dtype,
                "device": args.device, "progress": not args.quiet,
-               "tt_options": tt_options(args) if args.backend == "ttnn" else None}
-    return LLM(folder, overrides.pop("backend", args.backend), **{**options, **overrides})
+               "tt_options": tt_options(args) if backend == "ttnn" else None,
+               "cpu_options": cpu_options(args) if backend == "cpu" else None}
+    return LLM(folder, backend, **{**options, **overrides})
+
+
+def cpu_options(args):
+    from .backends.cpu.backend import CPUOptions
+
+    return CPUOptions(threads=args.threads, lm_head=args.lm_head or "bf16")
 
 
 def check_tt_options(args) -> None:
@@ -488,10 +511,6 @@ def cmd_bench(args) -> int:
     args.max_batch = args.max_batch or max(sizes)
     if max(sizes) > args.max_batch:
         raise BitNetError(f"--batch-sizes goes up to {max(sizes)} but --max-batch is {args.max_batch}")
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
     with open_llm(args, model_folder(args, args.synthetic or "tiny")) as llm:
         run_engine_bench(llm.engine, sizes, args.prompt_tokens, args.new_tokens, ttft_lengths, args.temperature,
                          args.top_k)
@@ -505,7 +524,8 @@ def cmd_verify(args) -> int:
     with open_llm(args, folder) as candidate, open_llm(args, folder, backend="torch", dtype="float32",
                                                          tt_options=None) as reference:
         report = verify(candidate.backend, reference.backend, args.greedy_tokens)
-    print_report(report, f"{args.backend} {args.dtype if args.backend == 'torch' else ''}".strip(), "torch float32")
+    detail = {"torch": args.dtype or "bfloat16", "cpu": f"LM head {args.lm_head or 'bf16'}"}.get(args.backend, "")
+    print_report(report, f"{args.backend} {detail}".strip(), "torch float32")
     return 0 if report["passed"] else 1
 
 

@@ -12,11 +12,12 @@ from .base import Backend
 BACKENDS = ("cpu", "torch", "ttnn")
 
 
-def default_backend(device: str = "cpu") -> str:
-    """"cpu" on the CPU when its kernels are built, else "torch" (said once on stderr)."""
+def default_backend(device: str = "cpu", dtype: str | None = None) -> str:
+    """"cpu" on the CPU when its kernels are built, else "torch" (said on stderr). A torch device or a dtype
+    other than float32 (the cpu backend's arithmetic) asks for torch."""
     from .cpu import kernels
 
-    if device != "cpu":
+    if device != "cpu" or dtype not in (None, "float32"):
         return "torch"
     if kernels.available():
         return "cpu"
@@ -32,7 +33,7 @@ def create_backend(
     """name None: default_backend(device). `tt_options` (backends.ttnn.config.TTOptions) and `cpu_options`
     (backends.cpu.backend.CPUOptions) tune those backends; None takes their defaults. dtype applies to torch
     (default bfloat16); the cpu backend computes in float32."""
-    name = name or default_backend(device)
+    name = name or default_backend(device, dtype)
     if cpu_options is not None and name != "cpu":
         raise BitNetError("the CPU kernel options (threads for the kernels, LM head dtype) apply to --backend cpu only")
     if name == "cpu":

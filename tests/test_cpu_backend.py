@@ -1,0 +1,136 @@
+"""The cpu backend against the golden torch backend in fp32: greedy continuations, logits, batching, slots,
+the int8 LM head, memory-mapped embedding, options and errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from bitnet_tt.backends import create_backend, default_backend
+from bitnet_tt.backends.cpu import kernels
+from bitnet_tt.backends.cpu.backend import CPUOptions
+from bitnet_tt.checkpoint import convert_checkpoint
+from bitnet_tt.errors import BitNetError, CapacityError
+from bitnet_tt.verify import pcc
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built():
+    if not kernels.available():
+        kernels.build_in_place()
+
+
+def backends(folder, slots=1, **cpu):
+    fast = create_backend("cpu", folder, slots, progress=False, cpu_options=CPUOptions(**cpu) if cpu else None)
+    golden = create_backend("torch", folder, slots, dtype="float32", progress=False)
+    return fast, golden
+
+
+def greedy(backend, prompt, steps, slot=0):
+    tokens = [int(backend.prefill(slot, prompt).argmax())]
+    for _ in range(steps - 1):
+        tokens.append(backend.decode_greedy([slot], [tokens[-1]])[0])
+    return tokens
+
+
+@pytest.fixture(scope="module")
+def converted(model_factory, tmp_path_factory):
+    return convert_checkpoint(model_factory("packed", seed=1), tmp_path_factory.mktemp("conv") / "m", progress=False)
+
+
+@pytest.mark.parametrize("fmt", ["packed", "master", "converted", "untied"])
+def test_greedy_64_tokens_equal_the_golden_model(fmt, model_factory, converted):
+    folder = {"packed": lambda: model_factory("packed"), "master": lambda: model_factory("master"),
+              "converted": lambda: converted,
+              "untied": lambda: model_factory("packed", tie_word_embeddings=False)}[fmt]()
+    fast, golden = backends(folder)
+    prompt = list(range(3, 40))
+    assert greedy(fast, prompt, 64) == greedy(golden, prompt, 64)
+
+
+@pytest.mark.parametrize("path", ["scalar", None], ids=["scalar", "best"])
+def test_logits_match_the_golden_model_to_float_rounding(model_factory, path):
+    """Integer products are exact; what remains is fp32 summation order (norm, attention, LM head). Over a
+    short run no activation lands on a rounding tie: the logits agree to float rounding. Over a long one a
+    tie can flip an int8 code; the golden checks hold fp32 runs to 1 - PCC <= 1e-3 of the exact logits."""
+    fast, golden = backends(model_factory("packed"), path=path)
+    prompt = list(range(3, 40))
+    a, b = fast.prefill(0, prompt), golden.prefill(0, prompt)
+    assert torch.allclose(a, b, rtol=0, atol=1e-5 * b.abs().max())
+    a, b = fast.decode([0], [5]), golden.decode([0], [5])
+    assert torch.allclose(a, b, rtol=0, atol=1e-5 * b.abs().max())
+    long_prompt = list(range(7, 295, 3))  # RoPE far from position 0
+    a, b = fast.prefill(0, long_prompt), golden.prefill(0, long_prompt)
+    assert 1 - pcc(a, b) <= 1e-3 and int(a.argmax()) == int(b.argmax())
+
+
+def test_paths_give_identical_logits(model_factory):
+    folder = model_factory("packed")
+    runs = [create_backend("cpu", folder, 1, progress=False, cpu_options=CPUOptions(path=p, threads=t))
+            for p in kernels.paths() for t in (1, 2)]
+    logits = [b.prefill(0, list(range(3, 50))) for b in runs]
+    assert all(torch.equal(x, logits[0]) for x in logits)
+
+
+def test_batched_decode_and_slots_equal_single_runs(model_factory):
+    folder = model_factory("packed")
+    fast, golden = backends(folder, slots=3)
+    prompts = {0: [3, 4, 5, 6], 2: list(range(10, 40)), 1: [7]}
+    for slot, prompt in prompts.items():
+        fast.prefill(slot, prompt)
+        golden.prefill(slot, prompt)
+    tokens = {0: 11, 1: 12, 2: 13}
+    for _ in range(5):
+        slots = [2, 0, 1]
+        a = fast.decode(slots, [tokens[s] for s in slots])
+        b = golden.decode(slots, [tokens[s] for s in slots])
+        assert all(1 - pcc(x, y) <= 1e-3 for x, y in zip(a, b)) and torch.equal(a.argmax(-1), b.argmax(-1))
+        tokens = {s: int(t) for s, t in zip(slots, a.argmax(-1))}
+    fast.free(1)
+    assert fast.slot_length(1) == 0 and fast.slot_length(2) == len(prompts[2]) + 5
+    single, _ = backends(folder)
+    assert torch.allclose(fast.prefill(1, [7, 8]), single.prefill(0, [7, 8]), rtol=0, atol=1e-5)
+
+
+def test_long_prompt_runs_in_chunks(model_factory):
+    fast, golden = backends(model_factory("packed"))
+    prompt = [int(t) for t in torch.randint(0, 297, (300,), generator=torch.Generator().manual_seed(0))]
+    a, b = fast.prefill(0, prompt), golden.prefill(0, prompt)
+    assert 1 - pcc(a, b) <= 1e-3 and int(a.argmax()) == int(b.argmax())
+
+
+def test_int8_lm_head_is_close_to_bf16(model_factory):
+    folder = model_factory("packed")
+    bf16 = create_backend("cpu", folder, 1, progress=False)
+    int8 = create_backend("cpu", folder, 1, progress=False, cpu_options=CPUOptions(lm_head="int8"))
+    prompt = list(range(3, 60))
+    a, b = bf16.prefill(0, prompt), int8.prefill(0, prompt)
+    assert pcc(a, b) > 0.999 and not torch.equal(a, b)
+    assert int8.model.weights.head.dtype == np.int8
+
+
+def test_embedding_is_mapped_from_the_file(model_factory):
+    fast = create_backend("cpu", model_factory("packed"), 1, progress=False)
+    embed = fast.model.weights.embed
+    assert not embed.flags.owndata and not embed.flags.writeable
+
+
+def test_capacity_and_options_are_one_line_errors(model_factory):
+    folder = model_factory("packed")
+    fast = create_backend("cpu", folder, 1, max_context=8, progress=False)
+    with pytest.raises(CapacityError):
+        fast.prefill(0, list(range(9)))
+    with pytest.raises(CapacityError, match="token ids"):
+        fast.prefill(0, [10_000])
+    with pytest.raises(BitNetError, match="LM head dtype"):
+        CPUOptions(lm_head="int4")
+    with pytest.raises(BitNetError, match="computes in float32"):
+        create_backend("cpu", folder, 1, dtype="bfloat16", progress=False)
+    with pytest.raises(BitNetError, match="apply to --backend cpu only"):
+        create_backend("torch", folder, 1, progress=False, cpu_options=CPUOptions())
+
+
+def test_default_backend_is_cpu_unless_torch_settings_are_asked_for():
+    assert default_backend() == "cpu" and default_backend("cpu", "float32") == "cpu"
+    assert default_backend("cuda") == "torch" and default_backend("cpu", "bfloat16") == "torch"
