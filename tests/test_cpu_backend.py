@@ -134,3 +134,11 @@ def test_capacity_and_options_are_one_line_errors(model_factory):
 def test_default_backend_is_cpu_unless_torch_settings_are_asked_for():
     assert default_backend() == "cpu" and default_backend("cpu", "float32") == "cpu"
     assert default_backend("cuda") == "torch" and default_backend("cpu", "bfloat16") == "torch"
+
+
+def test_unbuilt_kernels_are_a_one_line_error_and_the_default_falls_back(model_factory, monkeypatch, capsys):
+    monkeypatch.setattr(kernels, "_kernels", None)
+    with pytest.raises(BitNetError, match="compiled kernels are not built"):
+        create_backend("cpu", model_factory("packed"), 1, progress=False)
+    assert default_backend() == "torch"
+    assert "CPU kernels are not built" in capsys.readouterr().err

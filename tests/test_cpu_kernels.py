@@ -165,3 +165,17 @@ def test_attention_matches_sdpa_and_is_identical_on_every_path(start, tokens):
     mask = torch.arange(length) <= (start + torch.arange(tokens))[:, None]
     ref = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, enable_gqa=True)
     assert torch.allclose(torch.from_numpy(outs[0]), ref[0].transpose(0, 1).reshape(tokens, -1), atol=2e-6)
+
+
+def test_building_without_a_c_compiler_is_a_one_line_error(tmp_path):
+    """The build stops with one line naming what to install (here the compiler does not exist)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "CC": str(tmp_path / "no-such-cc")}
+    proc = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--build-lib", str(tmp_path / "lib"),
+                           "--build-temp", str(tmp_path / "temp")], cwd=kernels.REPOSITORY, env=env,
+                          capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines()[-1].startswith("bitnet-tt: building the CPU kernels needs a C compiler")

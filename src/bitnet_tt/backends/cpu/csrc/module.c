@@ -557,6 +557,52 @@ static PyObject *py_attention(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* ---------------------------------------------------------------------------------------------
+ * Read bandwidth (for the benchmark's ceiling) */
+
+#define BANDWIDTH_CHUNK (1 << 16)
+
+struct sum_job {
+    const uint64_t *words;
+    size_t count;
+    uint64_t partial[256];
+};
+
+static void sum_part(void *ctx, int begin, int end) {
+    struct sum_job *job = ctx;
+    size_t per_chunk = BANDWIDTH_CHUNK / 8, first = (size_t)begin * per_chunk, last = (size_t)end * per_chunk;
+    if (last > job->count) last = job->count;
+    uint64_t lanes[8] = {0};
+    for (size_t i = first; i + 8 <= last; i += 8)
+        for (int l = 0; l < 8; l++) lanes[l] += job->words[i + l];
+    uint64_t total = 0;
+    for (int l = 0; l < 8; l++) total += lanes[l];
+    __atomic_fetch_add(&job->partial[begin % 256], total, __ATOMIC_RELAXED);
+}
+
+/* read_sum(buffer, threads): the sum of the buffer's 64-bit words, read once by `threads` threads. */
+static PyObject *py_read_sum(PyObject *self, PyObject *args) {
+    PyObject *obj;
+    int threads;
+    if (!PyArg_ParseTuple(args, "Oi", &obj, &threads)) return NULL;
+    struct buffers held = {.count = 0};
+    int failed = 0;
+    const uint64_t *words = buffer(&held, obj, 0, 0, "buffer", 0, &failed);
+    if (failed) {
+        release(&held);
+        return NULL;
+    }
+    struct sum_job job = {.words = words, .count = (size_t)held.views[0].len / 8};
+    int chunks = (int)((job.count * 8 + BANDWIDTH_CHUNK - 1) / BANDWIDTH_CHUNK);
+    Py_BEGIN_ALLOW_THREADS
+    parallel_for(sum_part, &job, chunks, threads);
+    Py_END_ALLOW_THREADS
+    release(&held);
+    uint64_t total = 0;
+    for (int i = 0; i < 256; i++) total += job.partial[i];
+    return PyLong_FromUnsignedLongLong(total);
+}
+
 static PyMethodDef METHODS[] = {
     {"available_paths", py_available_paths, METH_NOARGS, "instruction-set paths usable here, best first"},
     {"pack", py_pack, METH_VARARGS, "pack ternary codes into the row-group layout"},
@@ -568,6 +614,7 @@ static PyMethodDef METHODS[] = {
     {"quantize_head", py_quantize_head, METH_VARARGS, "per-row int8 LM head"},
     {"head", py_head, METH_VARARGS, "LM head GEMV/GEMM in fp32 arithmetic"},
     {"attention", py_attention, METH_VARARGS, "causal attention over one slot's cache"},
+    {"read_sum", py_read_sum, METH_VARARGS, "sum of 64-bit words: a read-bandwidth probe"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -1,0 +1,300 @@
+"""CPU benchmark at the microsoft/bitnet-b1.58-2B-4T shapes (random weights): the cpu backend (bf16 and int8
+LM head) and the golden torch backend side by side, each as a share of the machine's bandwidth ceiling.
+
+How it measures:
+- Model: a random packed checkpoint at the 2B-4T shapes is written once to --work-dir and converted to our
+  format (`bitnet-tt convert`); every engine loads the converted folder (page cache warmed first).
+- Read bandwidth: a multi-threaded read of 1 GB by the cpu kernels' own probe (best of 5), --threads threads.
+- Bytes per token: what one decode step must read: the ternary weights as the engine holds them (2-bit codes
+  for cpu, int8 codes for torch), the LM head (bf16 or int8), and the KV cache at the mean decode position.
+  Ceiling = bandwidth / bytes per token.
+- Each engine and batch size runs in a fresh process (its peak RSS, VmHWM, is its own; 1 GB = 1e9 bytes) with
+  one slot of the model's full 4,096-token context (8 slots for batch 8). Load: backend construction time.
+  Prefill 128 = time to first token of a 128-token prompt (the first prefill after an 8-token warm-up);
+  decode: 1 / the median step time over --decode-steps steps after a warm-up step.
+- The int8 head's cost: logits of both heads on the same hidden states (the decode steps of the int8 run):
+  PCC, top-1 agreement and KL(bf16 || int8) in nats. The weights are random, so perplexity means nothing.
+- --llama-bench PATH --gguf FILE: llama.cpp's own figures (pp128, tg32) from its llama-bench, same threads.
+The machine may be shared: absolute figures are noisy, so everything is also printed as a ratio measured in
+the same run. Figures are printed, never asserted (tests/test_cpu_full_shapes.py asserts the memory bound).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+GB = 1e9
+ENGINES = ("cpu-bf16", "cpu-int8", "torch-bf16")
+GOALS = {"decode_share": 0.75, "batch8_over_batch1": 4.0, "prefill_tps": 80.0, "ttft128_s": 2.0,
+         "rss_bf16_gb": 2.0, "rss_int8_gb": 1.7, "load_s": 3.0}
+
+
+# ---------------------------------------------------------------------------------------------
+# Workers: one engine and batch size per process; each prints one JSON line.
+
+
+def peak_rss_gb() -> float:
+    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    return int(status["VmHWM"].split()[0]) * 1024 / GB
+
+
+def prompt(length: int, seed: int, vocab: int) -> list[int]:
+    import torch
+
+    return torch.randint(0, vocab, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def timed(fn):
+    start = time.perf_counter()
+    result = fn()
+    return result, time.perf_counter() - start
+
+
+def open_engine(engine: str, folder: Path, slots: int, threads: int):
+    from bitnet_tt.backends import create_backend
+    from bitnet_tt.backends.cpu.backend import CPUOptions
+
+    if engine == "torch-bf16":
+        import torch
+
+        torch.set_num_threads(threads)
+        return create_backend("torch", folder, slots, dtype="bfloat16", progress=False)
+    return create_backend("cpu", folder, slots, progress=False,
+                          cpu_options=CPUOptions(threads=threads, lm_head=engine.removeprefix("cpu-")))
+
+
+def decode_rate(backend, slots: list[int], first: list[int], steps: int) -> float:
+    """Tokens per second over all slots: 1 / the median step time after one warm-up step."""
+    ids = backend.decode_greedy(slots, first)
+    times = []
+    for _ in range(steps):
+        ids, seconds = timed(lambda: backend.decode_greedy(slots, ids))
+        times.append(seconds)
+    return len(slots) / statistics.median(times)
+
+
+def work_batch1(args) -> dict:
+    backend, load_s = timed(lambda: open_engine(args.engine, Path(args.model), 1, args.threads))
+    vocab = backend.config.vocab_size
+    backend.prefill(0, prompt(8, 99, vocab))
+    result = {"load_s": load_s, "ttft_s": {}}
+    for length in args.ttft:
+        backend.free(0)
+        logits, result["ttft_s"][length] = timed(lambda: backend.prefill(0, prompt(length, length, vocab)))
+    backend.free(0)
+    logits, seconds = timed(lambda: backend.prefill(0, prompt(128, 0, vocab)))
+    result["prefill_tps"] = 128 / seconds
+    result["decode_tps"] = decode_rate(backend, [0], [int(logits.argmax())], args.decode_steps)
+    if args.engine == "cpu-int8":
+        result["int8_head"] = int8_head_cost(backend, args.decode_steps)
+    return {**result, "peak_rss_gb": peak_rss_gb(), "weight_bytes": weight_bytes(backend)}
+
+
+def work_batch8(args) -> dict:
+    backend = open_engine(args.engine, Path(args.model), 8, args.threads)
+    vocab = backend.config.vocab_size
+    first = [int(backend.prefill(s, prompt(32, s, vocab)).argmax()) for s in range(8)]
+    return {"decode_tps": decode_rate(backend, list(range(8)), first, args.decode_steps), "peak_rss_gb": peak_rss_gb()}
+
+
+def weight_bytes(backend) -> int:
+    """Bytes of weights one decode step reads: ternary codes and the LM head."""
+    if hasattr(backend.model, "weights"):  # cpu backend
+        w = backend.model.weights
+        return w.code_bytes() + w.head.nbytes
+    return sum(b.numel() * b.element_size() for name, b in backend.model.named_buffers()
+               if name.endswith(".codes") or name == "lm_head")
+
+
+def int8_head_cost(backend, steps: int) -> dict:
+    import numpy as np
+    import torch
+
+    from bitnet_tt.backends.cpu import kernels
+
+    w, hidden = backend.model.weights, []
+    assert w.config.tie_word_embeddings, "the bf16 reference head is the (tied) embedding"
+    ids = [3]
+    for _ in range(steps):
+        ids = backend.decode_greedy([0], ids)
+        hidden.append(backend.model.work.final[0].copy())
+    x = np.stack(hidden)
+    exact = kernels.head(w.embed, x, len(x), np.empty((len(x), w.config.vocab_size), np.float32))
+    fast = kernels.head(w.head, x, len(x), np.empty_like(exact), w.head_scales)
+    a, b = torch.from_numpy(exact).double(), torch.from_numpy(fast).double()
+    pcc = min(torch.corrcoef(torch.stack([r, s]))[0, 1].item() for r, s in zip(a, b))
+    kl = (a.softmax(-1) * (a.log_softmax(-1) - b.log_softmax(-1))).sum(-1).mean().item()
+    return {"min_pcc": pcc, "top1_agreement": (a.argmax(-1) == b.argmax(-1)).double().mean().item(), "kl_nats": kl}
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver
+
+
+def prepare_model(work_dir: Path) -> Path:
+    from bitnet_tt.checkpoint import CONVERTED_FILE, convert_checkpoint
+    from bitnet_tt.synthetic import config_2b4t, write_random_model
+
+    packed, converted = work_dir / "2b4t-packed", work_dir / "2b4t-packed-converted"
+    if not (converted / CONVERTED_FILE).is_file():
+        if not (packed / "model.safetensors").is_file():
+            print(f"writing a random packed 2B-4T checkpoint to {packed} (~1.2 GB, once) ...", flush=True)
+            write_random_model(packed, config_2b4t(), fmt="packed", seed=0, tokenizer=False)
+        print(f"converting it to {converted} (once) ...", flush=True)
+        convert_checkpoint(packed, converted, force=converted.exists(), progress=False)
+    with open(converted / CONVERTED_FILE, "rb", buffering=0) as fh:  # warm the page cache
+        while fh.read(64 << 20):
+            pass
+    return converted
+
+
+def read_bandwidth(threads: int) -> float:
+    import numpy as np
+
+    from bitnet_tt.backends.cpu import kernels
+
+    data = np.ones(GB // 8, dtype=np.uint64)
+    best = min(timed(lambda: kernels.require().read_sum(data, threads))[1] for _ in range(5))
+    return data.nbytes / best
+
+
+def spawn(args, worker: str, engine: str, model: Path) -> dict:
+    cmd = [sys.executable, __file__, "--worker", worker, "--engine", engine, "--model", str(model),
+           "--threads", str(args.threads), "--decode-steps", str(args.decode_steps),
+           "--ttft", ",".join(map(str, args.ttft))]
+    print(f"  {engine} batch {worker[-1]} ...", flush=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"worker {engine} {worker} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def llama_bench(args) -> dict:
+    """llama.cpp's prompt processing (128 tokens) and generation (32 tokens) rates from its llama-bench."""
+    proc = subprocess.run([args.llama_bench, "-m", str(args.gguf), "-p", "128", "-n", "32", "-t", str(args.threads),
+                           "-o", "json"], capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"llama-bench failed (exit {proc.returncode}): {proc.stderr.strip()[-400:]}")
+    rows = json.loads(proc.stdout)
+    rate = lambda key: next(r["avg_ts"] for r in rows if r[key] > 0 and r["n_gen" if key == "n_prompt" else "n_prompt"] == 0)
+    return {"prefill_tps": rate("n_prompt"), "decode_tps": rate("n_gen")}
+
+
+def kv_bytes_per_token(position: int) -> int:
+    from bitnet_tt.config import ModelConfig
+    from bitnet_tt.synthetic import config_2b4t
+
+    cfg = ModelConfig.from_hf_dict(config_2b4t())
+    return 2 * cfg.num_layers * cfg.kv_size * 4 * position  # fp32 keys and values (bf16 in torch bf16: same order)
+
+
+def report(args, bandwidth: float, results: dict, llama: dict | None) -> None:
+    position = 128 + args.decode_steps // 2
+    print(f"\n2B-4T shapes, random weights | {cpu_name()} | {args.threads} threads | load average "
+          f"{args.loadavg_before:.1f} -> {os.getloadavg()[0]:.1f} (a shared machine makes absolute figures noisy)")
+    print(f"read bandwidth (measured here): {bandwidth / GB:.1f} GB/s\n")
+    header = f"{'':34}" + "".join(f"{e:>16}" for e in ENGINES) + (f"{'llama.cpp':>16}" if llama else "")
+    print(header)
+    rows: dict[str, list[str]] = {}
+    for engine in ENGINES:
+        one, eight = results[engine]
+        per_token = one["weight_bytes"] + kv_bytes_per_token(position)
+        ceiling = bandwidth / per_token
+        cells = {
+            "bytes per decode token (GB)": f"{per_token / GB:.3f}",
+            "ceiling (tok/s)": f"{ceiling:.1f}",
+            "decode batch 1 (tok/s)": f"{one['decode_tps']:.2f}",
+            "  share of ceiling": f"{one['decode_tps'] / ceiling:.0%}",
+            "decode batch 8 (tok/s, all)": f"{eight['decode_tps']:.2f}",
+            "  batch 8 / batch 1": f"{eight['decode_tps'] / one['decode_tps']:.2f}x",
+            "prefill 128 (tok/s)": f"{one['prefill_tps']:.1f}",
+            **{f"TTFT {n} (s)": f"{s:.2f}" for n, s in one["ttft_s"].items()},
+            "peak RSS batch 1 (GB)": f"{one['peak_rss_gb']:.2f}",
+            "load converted model (s)": f"{one['load_s']:.2f}",
+        }
+        for name, cell in cells.items():
+            rows.setdefault(name, []).append(cell)
+    golden = results["torch-bf16"][0]
+    for name, cells in rows.items():
+        extra = ""
+        if llama and name.startswith(("decode batch 1", "prefill 128")):
+            extra = f"{llama['decode_tps' if name.startswith('decode') else 'prefill_tps']:>16.2f}"
+        print(f"{name:34}" + "".join(f"{c:>16}" for c in cells) + extra)
+    fast = results["cpu-bf16"][0]
+    print(f"\ncpu bf16 over torch bf16 (golden): decode {fast['decode_tps'] / golden['decode_tps']:.1f}x, "
+          f"prefill {fast['prefill_tps'] / golden['prefill_tps']:.1f}x"
+          + (f"; over llama.cpp: decode {fast['decode_tps'] / llama['decode_tps']:.2f}x" if llama else ""))
+    cost = results["cpu-int8"][0]["int8_head"]
+    print(f"int8 LM head vs bf16 on {args.decode_steps} positions: min PCC {cost['min_pcc']:.6f}, top-1 agreement "
+          f"{cost['top1_agreement']:.0%}, KL {cost['kl_nats']:.2e} nats")
+    print_goals(args, bandwidth, results, position)
+
+
+def print_goals(args, bandwidth: float, results: dict, position: int) -> None:
+    print("\ngoals (issue #13):")
+    for engine in ("cpu-bf16", "cpu-int8"):
+        one, eight = results[engine]
+        share = one["decode_tps"] / (bandwidth / (one["weight_bytes"] + kv_bytes_per_token(position)))
+        verdict(f"{engine} decode batch 1 >= 75% of ceiling", share >= GOALS["decode_share"], f"{share:.0%}")
+        scale = eight["decode_tps"] / one["decode_tps"]
+        verdict(f"{engine} batch 8 >= 4x batch 1", scale >= GOALS["batch8_over_batch1"], f"{scale:.2f}x")
+    one = results["cpu-bf16"][0]
+    verdict("prefill 128 >= 80 tok/s", one["prefill_tps"] >= GOALS["prefill_tps"], f"{one['prefill_tps']:.1f}")
+    if 128 in one["ttft_s"]:
+        verdict("TTFT 128 < 2 s", one["ttft_s"][128] < GOALS["ttft128_s"], f"{one['ttft_s'][128]:.2f} s")
+    for engine, goal in (("cpu-bf16", "rss_bf16_gb"), ("cpu-int8", "rss_int8_gb")):
+        rss = results[engine][0]["peak_rss_gb"]
+        verdict(f"{engine} peak RSS <= {GOALS[goal]} GB", rss <= GOALS[goal], f"{rss:.2f} GB")
+    verdict("converted-model load <= 3 s", one["load_s"] <= GOALS["load_s"], f"{one['load_s']:.2f} s")
+
+
+def verdict(goal: str, met: bool, figure: str) -> None:
+    print(f"  {'met   ' if met else 'MISSED'} {goal}: {figure}")
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--work-dir", type=Path, default=Path("bench-models"))
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--decode-steps", type=int, default=16, help="timed decode steps per engine")
+    p.add_argument("--ttft", type=lambda s: [int(n) for n in s.split(",") if n], default=[128, 2048],
+                   help="prompt lengths for time to first token")
+    p.add_argument("--llama-bench", help="path to llama.cpp's llama-bench (with --gguf: a TQ2_0 GGUF of the same shapes)")
+    p.add_argument("--gguf", type=Path)
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--engine", help=argparse.SUPPRESS)
+    p.add_argument("--model", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        print(json.dumps({"batch1": work_batch1, "batch8": work_batch8}[args.worker](args)), flush=True)
+        return
+    if bool(args.llama_bench) != bool(args.gguf):
+        sys.exit("--llama-bench and --gguf go together")
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    model = prepare_model(args.work_dir)
+    args.loadavg_before = os.getloadavg()[0]
+    bandwidth = read_bandwidth(args.threads)
+    results = {e: (spawn(args, "batch1", e, model), spawn(args, "batch8", e, model)) for e in ENGINES}
+    report(args, bandwidth, results, llama_bench(args) if args.llama_bench else None)
+
+
+if __name__ == "__main__":
+    main()
