@@ -15,7 +15,7 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 CSRC = "src/bitnet_tt/backends/cpu/csrc"
-COMMON_FLAGS = ["-O3", "-std=c11", "-ffp-contract=off", "-fno-math-errno", "-pthread"]
+COMMON_FLAGS = ["-O3", "-std=c11", "-ffp-contract=off", "-fno-math-errno", "-pthread", "-Wno-psabi"]
 NO_COMPILER = ("bitnet-tt: building the CPU kernels needs a C compiler (gcc or clang), and none worked: "
                "install one (e.g. 'apt install gcc') and install again")
 
@@ -45,7 +45,7 @@ class BuildKernels(build_ext):
             for variant, source, flags in isa_units():
                 ext.extra_objects += self.compiler.compile(
                     [os.path.join(CSRC, source)], output_dir=os.path.join(self.build_temp, variant),
-                    extra_postargs=COMMON_FLAGS + flags, depends=[os.path.join(CSRC, "kernels.h")],
+                    extra_postargs=COMMON_FLAGS + flags, depends=[os.path.join(CSRC, n) for n in ("kernels.h", "float_ops.h")],
                 )
             super().build_extension(ext)
         except (CCompilerError, DistutilsExecError, DistutilsPlatformError) as exc:
@@ -55,7 +55,8 @@ class BuildKernels(build_ext):
 kernels = Extension(
     "bitnet_tt.backends.cpu._kernels",
     sources=[os.path.join(CSRC, name) for name in ("module.c", "pool.c", "tile_scalar.c")],
-    depends=[os.path.join(CSRC, name) for name in ("kernels.h", "float_ops.h", "pool.h")],
+    # every source, so that a change to an instruction-set unit relinks the module
+    depends=[os.path.join(CSRC, name) for name in sorted(os.listdir(CSRC))],
     extra_compile_args=COMMON_FLAGS,
     extra_link_args=["-pthread", "-lm"],
 )

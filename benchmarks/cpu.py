@@ -161,7 +161,7 @@ def read_bandwidth(threads: int) -> float:
 
     from bitnet_tt.backends.cpu import kernels
 
-    data = np.ones(GB // 8, dtype=np.uint64)
+    data = np.ones(int(GB) // 8, dtype=np.uint64)
     best = min(timed(lambda: kernels.require().read_sum(data, threads))[1] for _ in range(5))
     return data.nbytes / best
 

@@ -37,7 +37,8 @@ class CPUBackend(Backend):
         options = options or CPUOptions()
         kernels.require()
         path = kernels.path_index(options.path)
-        weights = load_cpu_weights(folder, options.lm_head, progress)
+        threads = options.threads or physical_cores()
+        weights = load_cpu_weights(folder, options.lm_head, progress, threads)
         config = weights.config
         max_context = max_context or config.max_position_embeddings
         if max_slots < 1 or not 1 <= max_context <= config.max_position_embeddings:
@@ -47,7 +48,7 @@ class CPUBackend(Backend):
             )
         super().__init__(config, max_slots, max_context)
         self.options = options
-        self.threads = options.threads or physical_cores()
+        self.threads = threads
         self.path_name = kernels.paths()[0] if options.path is None else options.path
         self.model = CPUModel(weights, max_slots, max_context, max(PREFILL_CHUNK, max_slots), path, self.threads)
 

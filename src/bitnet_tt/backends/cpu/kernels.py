@@ -76,23 +76,23 @@ class PackedTernary:
     """A ternary matrix [n, k] in the kernels' row-group layout: 2 bits per weight, rows padded to 4 and
     inputs to 128 with zero weights."""
 
-    def __init__(self, source: np.ndarray, n: int, k: int, from_2bit: bool):
+    def __init__(self, source: np.ndarray, n: int, k: int, from_2bit: bool, threads: int = 1):
         self.n, self.k = n, k
         self.data = np.empty(-(-n // ROWS_PER_GROUP) * padded(k), dtype=np.uint8)
         try:
-            require().pack(np.ascontiguousarray(source), n, k, self.data, from_2bit)
+            require().pack(np.ascontiguousarray(source), n, k, self.data, from_2bit, threads)
         except ValueError as exc:
             raise BitNetError(f"cannot pack ternary weights: {exc}") from None
 
     @classmethod
-    def from_codes(cls, codes: np.ndarray) -> PackedTernary:
+    def from_codes(cls, codes: np.ndarray, threads: int = 1) -> PackedTernary:
         """int8 codes [n, k] in {-1, 0, 1}."""
-        return cls(codes.astype(np.int8, copy=False), *codes.shape, from_2bit=False)
+        return cls(codes.astype(np.int8, copy=False), *codes.shape, from_2bit=False, threads=threads)
 
     @classmethod
-    def from_2bit(cls, packed: np.ndarray) -> PackedTernary:
+    def from_2bit(cls, packed: np.ndarray, threads: int = 1) -> PackedTernary:
         """The converted checkpoint's uint8 [n, k/4] (ternary.pack_2bit), repacked without expanding to int8."""
-        return cls(packed, packed.shape[0], packed.shape[1] * 4, from_2bit=True)
+        return cls(packed, packed.shape[0], packed.shape[1] * 4, from_2bit=True, threads=threads)
 
 
 class Activations:
@@ -112,9 +112,11 @@ class Activations:
 
 
 def matmul(w: PackedTernary, acts: Activations, m: int, out: np.ndarray | None = None, weight_scale=None,
-           accumulate: bool = False, path: int = 0, threads: int = 1) -> np.ndarray:
+           accumulate: bool = False, path: int | None = None, threads: int = 1) -> np.ndarray:
     """Exact int32 acts @ w^T [m, n]; with weight_scale (fp32 [n]) the golden model's fp32
-    int32 / activation scale * weight scale instead, written into out or added to it."""
+    int32 / activation scale * weight scale instead, written into out or added to it. path: path_index()'s
+    number (None: the best here)."""
+    path = path_index(None) if path is None else path
     mode = 0 if weight_scale is None else 2 if accumulate else 1
     if out is None:
         out = np.empty((m, w.n), dtype=np.int32 if mode == 0 else np.float32)
@@ -133,9 +135,10 @@ def weight_dtype(table: np.ndarray) -> int:
 
 
 def head(table: np.ndarray, x: np.ndarray, m: int, out: np.ndarray, scales: np.ndarray | None = None,
-         path: int = 0, threads: int = 1) -> np.ndarray:
+         path: int | None = None, threads: int = 1) -> np.ndarray:
     """out [m, vocab] = x [m, k] @ table^T in fp32 arithmetic; table bf16 (as uint16), fp32, or int8 rows
     times scales."""
+    path = path_index(None) if path is None else path
     vocab, k = table.shape
     _kernels.head(table, weight_dtype(table), scales, vocab, k, x, m, out, path, threads)
     return out

@@ -55,7 +55,7 @@ class CPUWeights:
         return sum(p.weight.data.nbytes for layer in self.layers for p in layer.projections.values())
 
 
-def load_cpu_weights(folder: Path, lm_head: str = "bf16", progress: bool = True) -> CPUWeights:
+def load_cpu_weights(folder: Path, lm_head: str = "bf16", progress: bool = True, threads: int = 1) -> CPUWeights:
     if lm_head not in LM_HEAD_DTYPES:
         raise BitNetError(f"unknown LM head dtype {lm_head!r} (choose from {', '.join(LM_HEAD_DTYPES)})")
     folder = Path(folder)
@@ -78,12 +78,12 @@ def load_cpu_weights(folder: Path, lm_head: str = "bf16", progress: bool = True)
     layers = []
     for i in tqdm(range(config.num_layers), desc=f"loading {fmt} weights", unit="layer", disable=not progress or None,
                   leave=False):
-        layers.append(read_layer(files, fmt, config, f"model.layers.{i}."))
+        layers.append(read_layer(files, fmt, config, f"model.layers.{i}.", threads))
     final_norm = float_vector(files.get("model.norm.weight", (config.hidden_size,)))
     return CPUWeights(config, embed, head, head_scales, final_norm, layers)
 
 
-def read_layer(files: TensorFiles, fmt: str, config: ModelConfig, prefix: str) -> Layer:
+def read_layer(files: TensorFiles, fmt: str, config: ModelConfig, prefix: str, threads: int) -> Layer:
     shapes = config.projection_shapes()
     norms = {name: float_vector(files.get(prefix + name + ".weight", (width,)))
              for name, width in config.norm_shapes().items()}
@@ -92,11 +92,11 @@ def read_layer(files: TensorFiles, fmt: str, config: ModelConfig, prefix: str) -
         if fmt == "converted":  # 2-bit codes straight from the file
             sources = [files.get(prefix + n + ".packed", (shapes[n][0], shapes[n][1] // 4), (torch.uint8,)) for n in names]
             scales = [files.get(prefix + n + ".scale", (), (torch.float32,)) for n in names]
-            weight = PackedTernary.from_2bit(torch.cat(sources).numpy())
+            weight = PackedTernary.from_2bit(torch.cat(sources).numpy(), threads)
         else:
             read = [PROJECTION_READERS[fmt](files, prefix + n, shapes[n], config) for n in names]
             scales = [w.scale for w in read]
-            weight = PackedTernary.from_codes(torch.cat([w.codes for w in read]).numpy())
+            weight = PackedTernary.from_codes(torch.cat([w.codes for w in read]).numpy(), threads)
         rows = [shapes[n][0] for n in names]
         scale = np.concatenate([np.full(r, float(s.float()), dtype=np.float32) for r, s in zip(rows, scales)])
         projections[key] = Projection(weight, scale)

@@ -1,8 +1,9 @@
 /* Float kernels of the CPU backend: the LM head and attention.
  *
- * This one source is compiled once per instruction set (ISA_SUFFIX names the copy) and left to the
- * compiler to vectorise. Every sum runs in LANES fixed partial sums added in a fixed order, and contraction
- * into FMA is off (-ffp-contract=off), so all copies give bit-identical floats.
+ * This one source is compiled once per instruction set (ISA_SUFFIX names the copy). Dot products use GCC's
+ * vector extensions (16 fp32 lanes: one AVX-512 register, two AVX2 ones, four SSE ones), so every copy sums
+ * in the same LANES partial sums added in the same order; contraction into FMA is off (-ffp-contract=off):
+ * all copies give bit-identical floats.
  */
 #include <math.h>
 #include <string.h>
@@ -10,20 +11,20 @@
 #include "float_ops.h"
 
 #define LANES 16
-#define HEAD_TILE 4
 
 #define CAT2(a, b) a##b
 #define CAT(a, b) CAT2(a, b)
 #define NAME(base) CAT(base, ISA_SUFFIX)
 
-static inline float bf16_to_f32(uint16_t h) {
-    uint32_t bits = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
+typedef float lanes_f32 __attribute__((vector_size(LANES * 4)));
+typedef uint32_t lanes_u32 __attribute__((vector_size(LANES * 4)));
+typedef uint16_t lanes_u16 __attribute__((vector_size(LANES * 2)));
+typedef int8_t lanes_i8 __attribute__((vector_size(LANES)));
+typedef int32_t lanes_i32 __attribute__((vector_size(LANES * 4)));
 
-static inline float lane_total(const float *acc) {
+#define INLINE static inline __attribute__((always_inline))
+
+INLINE float lane_total(lanes_f32 acc) {
     float pairs[LANES / 2];
     for (int l = 0; l < LANES / 2; l++) pairs[l] = acc[l] + acc[l + LANES / 2];
     float quads[LANES / 4];
@@ -31,63 +32,70 @@ static inline float lane_total(const float *acc) {
     return (quads[0] + quads[2]) + (quads[1] + quads[3]);
 }
 
-static inline float weight_at(const void *w, int dtype, size_t i) {
-    switch (dtype) {
-    case WEIGHT_BF16: return bf16_to_f32(((const uint16_t *)w)[i]);
-    case WEIGHT_F32: return ((const float *)w)[i];
-    default: return (float)((const int8_t *)w)[i];
-    }
+INLINE lanes_f32 load_f32(const float *p) {
+    lanes_f32 v;
+    memcpy(&v, p, sizeof v);
+    return v;
 }
 
-/* out[m * V + v] = sum_k W[v, k] * x[m, k] for M (<= HEAD_TILE, a constant after inlining) tokens. */
-static inline __attribute__((always_inline)) void head_row(const void *w, int dtype, size_t row, int K,
-                                                           const float *x, int M, float scale, float *out, int V) {
-    float acc[HEAD_TILE][LANES];
-    for (int m = 0; m < M; m++)
-        for (int l = 0; l < LANES; l++) acc[m][l] = 0.0f;
+/* LANES weights from w[at ..] as fp32 (bf16 is the top half of an fp32). */
+INLINE lanes_f32 load_weights(const void *w, int dtype, size_t at) {
+    if (dtype == WEIGHT_BF16) {
+        lanes_u16 h;
+        memcpy(&h, (const uint16_t *)w + at, sizeof h);
+        return (lanes_f32)(__builtin_convertvector(h, lanes_u32) << 16);
+    }
+    if (dtype == WEIGHT_INT8) {
+        lanes_i8 c;
+        memcpy(&c, (const int8_t *)w + at, sizeof c);
+        return __builtin_convertvector(__builtin_convertvector(c, lanes_i32), lanes_f32);
+    }
+    return load_f32((const float *)w + at);
+}
+
+INLINE float weight_at(const void *w, int dtype, size_t i) {
+    if (dtype == WEIGHT_BF16) {
+        uint32_t bits = (uint32_t)((const uint16_t *)w)[i] << 16;
+        float f;
+        memcpy(&f, &bits, sizeof f);
+        return f;
+    }
+    return dtype == WEIGHT_INT8 ? (float)((const int8_t *)w)[i] : ((const float *)w)[i];
+}
+
+/* sum_k W[row, k] * x[k] in 4 x LANES partial sums (independent chains of adds), added in a fixed order.
+ * The row, a few KB, stays in L1 for the next token. */
+INLINE float head_dot(const void *w, int dtype, size_t row, int K, const float *x) {
+    lanes_f32 acc[4] = {{0}, {0}, {0}, {0}};
     size_t base = row * (size_t)K;
     int k = 0;
-    for (; k + LANES <= K; k += LANES) {
-        float wv[LANES];
-        for (int l = 0; l < LANES; l++) wv[l] = weight_at(w, dtype, base + k + l);
-        for (int m = 0; m < M; m++)
-            for (int l = 0; l < LANES; l++) acc[m][l] += wv[l] * x[(size_t)m * K + k + l];
-    }
-    for (int l = 0; k + l < K; l++)
-        for (int m = 0; m < M; m++) acc[m][l] += weight_at(w, dtype, base + k + l) * x[(size_t)m * K + k + l];
-    for (int m = 0; m < M; m++) out[(size_t)m * V + row] = lane_total(acc[m]) * scale;
+    for (; k + 4 * LANES <= K; k += 4 * LANES)
+        for (int c = 0; c < 4; c++)
+            acc[c] += load_weights(w, dtype, base + k + c * LANES) * load_f32(x + k + c * LANES);
+    for (; k + LANES <= K; k += LANES) acc[0] += load_weights(w, dtype, base + k) * load_f32(x + k);
+    for (int l = 0; k + l < K; l++) acc[0][l] += weight_at(w, dtype, base + k + l) * x[k + l];
+    return lane_total((acc[0] + acc[1]) + (acc[2] + acc[3]));
 }
 
-#define HEAD_CASE(DT, MM) \
-    for (int v = v_begin; v < v_end; v++) head_row(w, DT, v, K, xm, MM, scales ? scales[v] : 1.0f, om, V);
-
-#define HEAD_TOKENS(DT) \
-    switch (tile) { \
-    case 1: HEAD_CASE(DT, 1) break; \
-    case 2: HEAD_CASE(DT, 2) break; \
-    case 3: HEAD_CASE(DT, 3) break; \
-    default: HEAD_CASE(DT, 4) break; \
+#define HEAD_ROWS(DT) \
+    for (int v = v_begin; v < v_end; v++) { \
+        float scale = scales ? scales[v] : 1.0f; \
+        for (int m = 0; m < M; m++) out[(size_t)m * V + v] = head_dot(w, DT, v, K, x + (size_t)m * K) * scale; \
     }
 
 void NAME(head_rows)(const void *w, int dtype, const float *scales, int K, const float *x, int M, int V,
                      int v_begin, int v_end, float *out) {
-    for (int m0 = 0; m0 < M; m0 += HEAD_TILE) {
-        int tile = M - m0 < HEAD_TILE ? M - m0 : HEAD_TILE;
-        const float *xm = x + (size_t)m0 * K;
-        float *om = out + (size_t)m0 * V;
-        switch (dtype) {
-        case WEIGHT_BF16: HEAD_TOKENS(WEIGHT_BF16) break;
-        case WEIGHT_F32: HEAD_TOKENS(WEIGHT_F32) break;
-        default: HEAD_TOKENS(WEIGHT_INT8) break;
-        }
+    switch (dtype) {
+    case WEIGHT_BF16: HEAD_ROWS(WEIGHT_BF16) break;
+    case WEIGHT_F32: HEAD_ROWS(WEIGHT_F32) break;
+    default: HEAD_ROWS(WEIGHT_INT8) break;
     }
 }
 
-static inline float dot(const float *a, const float *b, int n) {
-    float acc[LANES] = {0};
+INLINE float dot(const float *a, const float *b, int n) {
+    lanes_f32 acc = {0};
     int k = 0;
-    for (; k + LANES <= n; k += LANES)
-        for (int l = 0; l < LANES; l++) acc[l] += a[k + l] * b[k + l];
+    for (; k + LANES <= n; k += LANES) acc += load_f32(a + k) * load_f32(b + k);
     for (int l = 0; k + l < n; l++) acc[l] += a[k + l] * b[k + l];
     return lane_total(acc);
 }

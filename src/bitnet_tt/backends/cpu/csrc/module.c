@@ -8,6 +8,7 @@
 #include <Python.h>
 
 #include <math.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -134,46 +135,99 @@ static PyObject *py_available_paths(PyObject *self, PyObject *args) {
 /* ---------------------------------------------------------------------------------------------
  * Packing into the row-group layout */
 
-static void put_code(uint8_t *packed, int blocks, int n, int k, unsigned stored) {
-    int g = n / ROWS_PER_GROUP, r = n % ROWS_PER_GROUP, b = k / BLOCK_INPUTS, within = k % BLOCK_INPUTS;
-    uint8_t *chunk = packed + (((size_t)g * blocks + b) * ROWS_PER_GROUP + r) * CHUNK_BYTES;
-    int f = within / 32, j = within % 32;
-    chunk[j] = (uint8_t)((chunk[j] & ~(3u << (2 * f))) | (stored << (2 * f)));
+struct pack_job {
+    const uint8_t *src;  /* int8 codes [n, k], or the converted checkpoint's uint8 [n, k/4] */
+    uint8_t *out;
+    int n, k, blocks, from_2bit;
+    atomic_int bad;
+};
+
+/* SPREAD[byte]: the byte's four 2-bit fields, field i in byte i of the word. */
+static uint32_t SPREAD[256];
+
+static void init_spread(void) {
+    for (int b = 0; b < 256; b++)
+        SPREAD[b] = (uint32_t)(b & 3) | (uint32_t)((b >> 2) & 3) << 8 | (uint32_t)((b >> 4) & 3) << 16 |
+                    (uint32_t)((b >> 6) & 3) << 24;
 }
 
-/* pack(source, n, k, out, from_2bit): source is int8 codes [n, k] (from_2bit = 0) or the converted
+static unsigned stored_code(const struct pack_job *job, int row, int col) {
+    if (job->from_2bit) return (job->src[(size_t)row * (job->k / 4) + col / 4] >> (2 * (col % 4))) & 3;
+    return (unsigned)((int8_t)job->src[(size_t)row * job->k + col] + 1);
+}
+
+/* One 32-byte chunk: byte j holds inputs 128b + 32f + j in bits 2f..2f+1; inputs past k are zero weights. */
+static int pack_chunk(const struct pack_job *job, int row, int b, uint8_t *chunk) {
+    int first = b * BLOCK_INPUTS, bad = 0;
+    if (row >= job->n || first + BLOCK_INPUTS > job->k) {  /* padding: field by field */
+        memset(chunk, 0x55, CHUNK_BYTES);
+        for (int i = 0; row < job->n && first + i < job->k; i++) {
+            unsigned stored = stored_code(job, row, first + i);
+            bad |= stored > 2;
+            chunk[i % 32] = (uint8_t)((chunk[i % 32] & ~(3u << (2 * (i / 32)))) | ((stored & 3) << (2 * (i / 32))));
+        }
+        return bad;
+    }
+    if (job->from_2bit) {
+        const uint8_t *src = job->src + (size_t)row * (job->k / 4) + first / 4;
+        uint32_t words[CHUNK_BYTES / 4] = {0};
+        for (int f = 0; f < 4; f++)
+            for (int q = 0; q < CHUNK_BYTES / 4; q++) {
+                uint8_t byte = src[8 * f + q];
+                bad |= (byte & (byte >> 1) & 0x55) != 0;
+                words[q] |= SPREAD[byte] << (2 * f);
+            }
+        memcpy(chunk, words, CHUNK_BYTES);
+    } else {
+        const int8_t *src = (const int8_t *)job->src + (size_t)row * job->k + first;
+        for (int j = 0; j < CHUNK_BYTES; j++) {
+            unsigned byte = 0;
+            for (int f = 0; f < 4; f++) {
+                unsigned stored = (unsigned)(src[32 * f + j] + 1);
+                bad |= stored > 2;
+                byte |= (stored & 3) << (2 * f);
+            }
+            chunk[j] = (uint8_t)byte;
+        }
+    }
+    return bad;
+}
+
+static void pack_part(void *ctx, int group_begin, int group_end) {
+    struct pack_job *job = ctx;
+    int bad = 0;
+    for (int g = group_begin; g < group_end; g++)
+        for (int b = 0; b < job->blocks; b++)
+            for (int r = 0; r < ROWS_PER_GROUP; r++)
+                bad |= pack_chunk(job, g * ROWS_PER_GROUP + r, b,
+                                  job->out + (((size_t)g * job->blocks + b) * ROWS_PER_GROUP + r) * CHUNK_BYTES);
+    if (bad) atomic_store(&job->bad, 1);
+}
+
+/* pack(source, n, k, out, from_2bit, threads): source is int8 codes [n, k] (from_2bit = 0) or the converted
  * checkpoint's uint8 [n, k/4] with code + 1 in bits 2i..2i+1 of byte j for input 4j + i (from_2bit = 1). */
 static PyObject *py_pack(PyObject *self, PyObject *args) {
     PyObject *src_obj, *out_obj;
-    int n, k, from_2bit;
-    if (!PyArg_ParseTuple(args, "OiiOp", &src_obj, &n, &k, &out_obj, &from_2bit)) return NULL;
+    int n, k, from_2bit, threads;
+    if (!PyArg_ParseTuple(args, "OiiOpi", &src_obj, &n, &k, &out_obj, &from_2bit, &threads)) return NULL;
     if (n <= 0 || k <= 0 || (from_2bit && k % 4)) return PyErr_Format(PyExc_ValueError, "bad shape [%d, %d]", n, k);
     struct buffers held = {.count = 0};
     int failed = 0;
     Py_ssize_t src_bytes = from_2bit ? (Py_ssize_t)n * k / 4 : (Py_ssize_t)n * k;
-    const uint8_t *src = buffer(&held, src_obj, 0, src_bytes, "source", 0, &failed);
-    uint8_t *out = buffer(&held, out_obj, 1, packed_bytes(n, k), "out", 0, &failed);
+    struct pack_job job = {
+        .src = buffer(&held, src_obj, 0, src_bytes, "source", 0, &failed),
+        .out = buffer(&held, out_obj, 1, packed_bytes(n, k), "out", 0, &failed),
+        .n = n, .k = k, .blocks = padded_inputs(k) / BLOCK_INPUTS, .from_2bit = from_2bit,
+    };
     if (failed) {
         release(&held);
         return NULL;
     }
-    int blocks = padded_inputs(k) / BLOCK_INPUTS, bad = 0;
     Py_BEGIN_ALLOW_THREADS
-    memset(out, 0x55, packed_bytes(n, k));  /* every field 1: a zero weight in the padding */
-    for (int row = 0; row < n && !bad; row++)
-        for (int col = 0; col < k; col++) {
-            unsigned stored;
-            if (from_2bit) stored = (src[(size_t)row * (k / 4) + col / 4] >> (2 * (col % 4))) & 3;
-            else stored = (unsigned)((int8_t)src[(size_t)row * k + col] + 1);
-            if (stored > 2) {
-                bad = 1;
-                break;
-            }
-            put_code(out, blocks, row, col, stored);
-        }
+    parallel_for(pack_part, &job, row_groups(n), threads);
     Py_END_ALLOW_THREADS
     release(&held);
-    if (bad) return PyErr_Format(PyExc_ValueError, "codes must be -1, 0 or +1 (2-bit field 3 is unused)");
+    if (atomic_load(&job.bad)) return PyErr_Format(PyExc_ValueError, "codes must be -1, 0 or +1 (2-bit field 3 is unused)");
     Py_RETURN_NONE;
 }
 
@@ -620,4 +674,7 @@ static PyMethodDef METHODS[] = {
 
 static struct PyModuleDef MODULE = {PyModuleDef_HEAD_INIT, "_kernels", "BitNet CPU kernels on raw buffers", -1, METHODS};
 
-PyMODINIT_FUNC PyInit__kernels(void) { return PyModule_Create(&MODULE); }
+PyMODINIT_FUNC PyInit__kernels(void) {
+    init_spread();
+    return PyModule_Create(&MODULE);
+}
