@@ -78,6 +78,16 @@ def bounded_int(text: str, low: int) -> int:
     return value
 
 
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number: {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
 def port_number(text: str) -> int:
     value = non_negative_int(text)
     if value > 65535:
@@ -153,9 +163,13 @@ def build_parser() -> argparse.ArgumentParser:
                 slots=DEFAULT_SLOTS)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1: this machine only)")
     p.add_argument("--port", type=port_number, default=8000, help="TCP port")
-    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $BITNET_TT_API_KEY, else none)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every path but /health (default: $BITNET_TT_API_KEY, else none; an empty key is refused)")
     p.add_argument("--model-name", help="the name clients pass as `model` (default: the --model value)")
     p.add_argument("--max-queue", type=positive_int, default=64, help="requests waiting for a slot before new ones get 429")
+    p.add_argument("--max-connections", type=positive_int, default=256, help="open connections before new requests get 503")
+    p.add_argument("--read-timeout", type=positive_float, default=20.0,
+                   help="seconds a client has to send a request's headers, and again its body")
+    p.add_argument("--public-metrics", action="store_true", help="answer /metrics without the API key (for a scraper)")
 
     p = command(sub, "bench", cmd_bench, "throughput and latency at several batch sizes")
     p.add_argument("--max-batch", type=positive_int, help="KV-cache slots (default: the largest of --batch-sizes)")
@@ -448,10 +462,11 @@ def cmd_demo(args) -> int:
 
 def cmd_serve(args) -> int:
     try:
-        from .server import serve
+        from .server import Limits, check_api_key, serve
     except ImportError as exc:
         raise BitNetError(f"serve needs the 'server' extra: pip install -e '.[server]' ({exc})") from None
-    api_key = args.api_key or os.environ.get("BITNET_TT_API_KEY") or None
+    api_key = args.api_key if args.api_key is not None else os.environ.get("BITNET_TT_API_KEY")
+    check_api_key(api_key)
     check_port_free(args.host, args.port)
     with open_llm(args, model_folder(args)) as llm:
         name = args.model_name or args.model or "bitnet-tt-demo"
@@ -459,8 +474,9 @@ def cmd_serve(args) -> int:
         print(f"bitnet-tt serve: model {name} ({llm.folder}) on the {args.backend} backend, "
               f"{backend.max_slots} slots x {backend.max_context} tokens of context; "
               f"OpenAI API at http://{url_host(args.host)}:{args.port}/v1", file=sys.stderr)
-        serve(llm.engine, name, host=args.host, port=args.port, api_key=api_key, max_queue=args.max_queue,
-              quiet=args.quiet)
+        limits = Limits(max_queue=args.max_queue, read_timeout=args.read_timeout, max_connections=args.max_connections)
+        serve(llm.engine, name, host=args.host, port=args.port, api_key=api_key, limits=limits,
+              public_metrics=args.public_metrics, quiet=args.quiet)
     return 0
 
 
