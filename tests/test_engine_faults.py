@@ -145,16 +145,18 @@ def test_a_failed_backend_call_fails_its_requests_and_the_engine_goes_on(tiny):
     assert served.output_ids == alone(tiny, "second", GREEDY)
 
 
-def test_a_backend_that_keeps_failing_stops_the_engine(tiny):
-    engine = make_engine(tiny)
+@pytest.mark.parametrize("method", ["prefill", "decode"])
+def test_a_backend_method_that_keeps_failing_stops_the_engine(tiny, method):
+    """Successes of another method (prefill before a failing decode) do not hide it."""
+    engine = make_engine(tiny, slots=1)
 
     def lost(*args):
         raise RuntimeError("device lost")
 
-    engine.backend.prefill = lost
+    setattr(engine.backend, method, lost)
     requests = [engine.submit(f"prompt {i}", GREEDY) for i in range(MAX_BACKEND_FAILURES_IN_A_ROW)]
-    with pytest.raises(BackendBroken):
-        for _ in range(MAX_BACKEND_FAILURES_IN_A_ROW):
+    with pytest.raises(BackendBroken, match="failed 3 times in a row"):
+        for _ in range(2 * MAX_BACKEND_FAILURES_IN_A_ROW):
             engine.step()
     assert all(r.finish_reason == "error" for r in requests)
 

@@ -452,7 +452,7 @@ def test_prompts_are_tokenised_off_the_event_loop(model):
     with TestClient(create_app(engine, MODEL)) as client:
         assert client.post("/v1/completions", json=OK_TEXT).status_code == 200
         assert client.post("/v1/chat/completions", json=OK_CHAT).status_code == 200
-    assert on_the_loop == [False, False]
+    assert len(on_the_loop) >= 2 and not any(on_the_loop)
 
 
 # --- issue 11: values that once disabled the server ---------------------------------------------------------
@@ -600,16 +600,20 @@ def test_connections_beyond_the_limit_get_503(secure):
 
 
 def test_a_client_that_never_reads_its_stream_is_cancelled(server):
-    """Its outputs pile up once the socket buffers are full: beyond the bound, its request is cancelled."""
+    """Its outputs pile up once the socket buffers are full: beyond the bound, its request is cancelled.
+    Twenty alternatives per token make each chunk large, so that the buffers fill early."""
     before = generated_tokens(server)
-    body = json.dumps({**OK_TEXT, "max_tokens": LONG, "temperature": 0, "ignore_eos": True, "stream": True,
-                       "logprobs": 5}).encode()
+    most = CONTEXT - 32
+    body = json.dumps({**OK_CHAT, "max_tokens": most, "temperature": 0, "ignore_eos": True, "stream": True,
+                       "logprobs": True, "top_logprobs": 20}).encode()
     with socket.socket() as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         sock.connect((HOST, server.port))
-        sock.sendall(raw_request("POST", "/v1/completions", f"{HOST}:{server.port}",
+        sock.sendall(raw_request("POST", "/v1/chat/completions", f"{HOST}:{server.port}",
                                  {"Content-Type": "application/json"}, body))
-        time.sleep(0.5)  # the request starts; from here on nothing is read
-        after = server.wait_idle(timeout=120)["bitnet_tt_generation_tokens_total"]
+        deadline = time.monotonic() + 60
+        while generated_tokens(server) == before and time.monotonic() < deadline:
+            time.sleep(0.05)  # until the request runs; nothing is read, ever
+        after = server.wait_idle(timeout=300)["bitnet_tt_generation_tokens_total"]
         assert server.post("/v1/completions", json=OK_TEXT).status_code == 200  # others go on meanwhile
-    assert after - before < LONG
+    assert 0 < after - before < most

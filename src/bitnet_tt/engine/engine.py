@@ -7,7 +7,7 @@ import logging
 import random
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -30,8 +30,8 @@ from .stops import StopScanner
 
 logger = logging.getLogger("bitnet_tt.engine")
 PROMPT_OVERFLOW = ("error", "truncate")  # what to do with a prompt that does not fit the context
-# Backend calls that fail one after another, with none succeeding between them, before the engine gives up
-# (raises BackendBroken from step()) instead of failing request after request on a backend that is gone.
+# Failures of one backend method (prefill, decode, ...) with no success of it between them, before the engine
+# gives up (raises BackendBroken from step()) instead of failing request after request on a broken backend.
 MAX_BACKEND_FAILURES_IN_A_ROW = 3
 
 
@@ -59,7 +59,7 @@ class _TextState:
 
 
 class BackendBroken(Exception):
-    """The backend failed MAX_BACKEND_FAILURES_IN_A_ROW calls in a row: the engine cannot go on."""
+    """A backend method failed MAX_BACKEND_FAILURES_IN_A_ROW calls in a row: the engine cannot go on."""
 
 
 class Engine:
@@ -77,7 +77,7 @@ class Engine:
         self._cancelled: set[str] = set()
         self._ids = itertools.count()
         self._free_slots = list(range(backend.max_slots))
-        self._backend_failures = 0  # in a row
+        self._backend_failures: Counter = Counter()  # per backend method: failures since its last success
 
     # -- submitting ------------------------------------------------------------------------------
 
@@ -150,8 +150,9 @@ class Engine:
         self.stats.steps += 1
         self.stats.step_seconds += time.perf_counter() - started
         self._deliver(outputs)
-        if self._backend_failures >= MAX_BACKEND_FAILURES_IN_A_ROW:
-            raise BackendBroken(f"the backend failed {self._backend_failures} calls in a row")
+        method, failures = max(self._backend_failures.items(), key=lambda item: item[1], default=(None, 0))
+        if failures >= MAX_BACKEND_FAILURES_IN_A_ROW:
+            raise BackendBroken(f"the backend's {method.__name__} failed {failures} times in a row")
         return outputs
 
     def _decode(self, decoding: list[Request], outputs: list[RequestOutput]) -> None:
@@ -172,7 +173,7 @@ class Engine:
     def _backend_call(self, requests: list[Request], outputs: list[RequestOutput], fn, *args):
         """fn(*args), timed; if it raises, the requests it served fail (they hold slots of unknown state)."""
         result = self._contained(requests, outputs, self._timed, fn, *args)
-        self._backend_failures = 0 if result is not None else self._backend_failures + 1
+        self._backend_failures[fn] = 0 if result is not None else self._backend_failures[fn] + 1
         return result
 
     def _contained(self, requests: list[Request], outputs: list[RequestOutput], fn, *args):

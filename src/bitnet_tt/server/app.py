@@ -33,7 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..engine import Engine, Request, RequestOutput, RequestStatus
 from ..errors import BitNetError, CapacityError
 from ..sampling import SamplingParams
-from .guard import Gatekeeper, HeaderDeadline, QueryStringsHidden, check_api_key, loopback_hosts
+from .guard import Gatekeeper, GuardedH11, QueryStringsHidden, check_api_key, loopback_hosts
 from .protocol import (
     APIError, ApiFormat, ChatFormat, CompletionFormat, Reply, completion_budget, new_request_id, parse_body,
 )
@@ -526,7 +526,7 @@ def serve(engine: Engine, model_name: str, host: str = "127.0.0.1", port: int = 
                      public_metrics=public_metrics, on_engine_failure=stop_server)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning" if quiet else "info",
                             access_log=not quiet, timeout_graceful_shutdown=5, limit_concurrency=limits.max_connections,
-                            http=functools.partial(HeaderDeadline, header_timeout=limits.read_timeout))
+                            http=functools.partial(GuardedH11, header_timeout=limits.read_timeout))
     logging.getLogger("uvicorn.access").addFilter(QueryStringsHidden())
     server = uvicorn.Server(config)
     server.run()

@@ -3,7 +3,7 @@
 `Gatekeeper` (ASGI middleware) answers a request before any route sees it when its Host header does not name
 this server (DNS rebinding: a web page whose name resolves to 127.0.0.1 must not reach a loopback server),
 its API key is missing or wrong, or a POST body is not JSON (a browser sends text/plain across origins without
-asking first); it bounds the time a request body may take to arrive. `HeaderDeadline` (uvicorn's h11 protocol)
+asking first); it bounds the time a request body may take to arrive. `GuardedH11` (uvicorn's h11 protocol)
 does the same for request headers, which uvicorn waits for without limit.
 """
 
@@ -13,6 +13,7 @@ import asyncio
 import hmac
 import ipaddress
 import logging
+import socket
 
 from fastapi.responses import JSONResponse
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -22,6 +23,7 @@ from .protocol import APIError
 
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
 OPEN_PATHS = ("/health",)  # answered without the API key (a supervisor's probe)
+SEND_BUFFER_BYTES = 256 << 10  # per connection; Linux doubles it for its bookkeeping
 
 
 def check_api_key(api_key: str | None) -> None:
@@ -111,9 +113,11 @@ def body_deadline(receive, seconds: float):
     return receive_in_time
 
 
-class HeaderDeadline(H11Protocol):
+class GuardedH11(H11Protocol):
     """uvicorn's h11 protocol, closing a connection whose request headers have not all arrived within
-    `header_timeout` seconds of its opening or of its previous response (slowloris)."""
+    `header_timeout` seconds of its opening or of its previous response (slowloris), and with a bounded kernel
+    send buffer: Linux grows it to 4 MiB for a client that does not read, before the server's own bound on a
+    stream's unsent outputs (Limits.max_buffered_outputs) could act."""
 
     def __init__(self, *args, header_timeout: float, **kwargs):
         super().__init__(*args, **kwargs)
@@ -122,6 +126,8 @@ class HeaderDeadline(H11Protocol):
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
+        if (sock := transport.get_extra_info("socket")) is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
         self.start_header_timer()
 
     def on_response_complete(self) -> None:
