@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -617,3 +618,71 @@ def test_a_client_that_never_reads_its_stream_is_cancelled(server):
         after = server.wait_idle(timeout=300)["bitnet_tt_generation_tokens_total"]
         assert server.post("/v1/completions", json=OK_TEXT).status_code == 200  # others go on meanwhile
     assert 0 < after - before < most
+
+
+# --- soak -----------------------------------------------------------------------------------------------
+
+
+def soak_request(server: ServerProcess, kind: str, rng: random.Random) -> int | None:
+    """One request of `kind`; its status, or None where the client left before an answer."""
+    text = {**OK_TEXT, "prompt": f"Soak {rng.randint(0, 999)}", "max_tokens": rng.randint(1, 12)}
+    host = f"{HOST}:{server.port}"
+    if kind == "good":
+        return server.post("/v1/completions", json=text).status_code
+    if kind == "stream":
+        return server.post("/v1/chat/completions", json={**OK_CHAT, "stream": True, "logprobs": True}).status_code
+    if kind == "cut stream":  # reads a chunk or two, then disconnects
+        with httpx.stream("POST", server.url + "/v1/completions", timeout=60,
+                          json={**text, "max_tokens": LONG, "ignore_eos": True, "stream": True}) as response:
+            for _, _ in zip(range(rng.randint(1, 3)), response.iter_lines()):
+                pass
+        return None
+    if kind == "cut plain":  # gives up before the answer
+        try:
+            httpx.post(server.url + "/v1/completions", timeout=httpx.Timeout(60, read=0.05),
+                       json={**text, "max_tokens": LONG, "ignore_eos": True})
+        except httpx.ReadTimeout:
+            return None
+        return 200
+    if kind == "cut body":  # announces a body, sends part of it, disconnects
+        with socket.create_connection((HOST, server.port), timeout=60) as sock:
+            sock.sendall(raw_request("POST", "/v1/completions", host, {"Content-Type": "application/json"})
+                         .replace(b"Content-Length: 0", b"Content-Length: 500") + b'{"model": "ti')
+        return None
+    if kind == "tiny setting":
+        return server.post("/v1/chat/completions", json={**OK_CHAT, **rng.choice(TINY_SETTINGS)}).status_code
+    bad = {
+        "bad json": dict(content=b'{"model": "tiny", "prompt": [', headers={"Content-Type": "application/json"}),
+        "bad value": dict(json={**text, "temperature": -1}),
+        "long stop": dict(json={**text, "stop": "x" * 100_000}),
+        "text/plain": dict(content=json.dumps(text).encode(), headers={"Content-Type": "text/plain"}),
+    }[kind]
+    return server.post("/v1/completions", **bad).status_code
+
+
+SOAK_EXPECTED = {"good": {200, 429}, "stream": {200, 429}, "cut stream": {None}, "cut plain": {None, 200},
+                 "cut body": {None}, "tiny setting": {200, 429}, "bad json": {400}, "bad value": {400},
+                 "long stop": {400}, "text/plain": {415}}
+
+
+@pytest.mark.slow
+def test_soak_with_bad_requests_and_disconnects_leaves_the_server_as_new(model, tmp_path):
+    """200 mixed requests, 16 at a time on 4 slots; then the server is healthy, idle, and greedy as when new."""
+    greedy = {**OK_TEXT, "prompt": "The soak check", "max_tokens": 12, "temperature": 0, "ignore_eos": True}
+    server = ServerProcess(model, tmp_path / "log", "--max-batch", "4", "--max-queue", "8")
+    try:
+        server.wait_healthy()
+        when_new = server.post("/v1/completions", json=greedy).json()["choices"][0]["text"]
+        rng = random.Random(11)
+        kinds = [rng.choice(list(SOAK_EXPECTED)) for _ in range(200)]
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            statuses = list(pool.map(lambda i: soak_request(server, kinds[i], random.Random(i)), range(len(kinds)),
+                                     timeout=600))
+        for kind, status in zip(kinds, statuses):
+            assert status in SOAK_EXPECTED[kind], (kind, status)
+        assert server.get("/health").status_code == 200
+        metrics = server.wait_idle(timeout=60)
+        assert not [name for name in metrics if 'status="5' in name], metrics
+        assert server.post("/v1/completions", json=greedy).json()["choices"][0]["text"] == when_new
+    finally:
+        server.stop()

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from fastapi import APIRouter, FastAPI, Request as HTTPRequest
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from ..engine import Engine, Request, RequestOutput, RequestStatus
 from ..errors import BitNetError, CapacityError
@@ -373,10 +374,13 @@ async def read_body(http_request: HTTPRequest, limit: int) -> bytes:
     if int(http_request.headers.get("content-length") or 0) > limit:
         raise too_large
     body = bytearray()
-    async for chunk in http_request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise too_large
+    try:
+        async for chunk in http_request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise too_large
+    except ClientDisconnect:  # nobody reads the answer; it shows in the metrics
+        raise APIError(499, "the client closed the connection before sending its whole body") from None
     return bytes(body)
 
 
