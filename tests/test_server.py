@@ -48,8 +48,10 @@ class ServerProcess:
         self.url = f"http://{HOST}:{self.port}"
         self.log_path = log_path
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        # float64: outputs under concurrent load are compared with outputs alone, and in fp32 a batch's order of
+        # sums could flip an activation tie on some CPUs.
         cmd = [*(command or [sys.executable, "-m", "bitnet_tt.cli"]), "serve", "--model", str(model),
-               "--model-name", MODEL, "--host", HOST, "--port", str(self.port), "--dtype", "float32",
+               "--model-name", MODEL, "--host", HOST, "--port", str(self.port), "--dtype", "float64",
                *(["--quiet"] if quiet else []), *options]
         with open(log_path, "wb") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})

@@ -1,11 +1,14 @@
-"""Hostile input and faults in the engine: stop strings in linear time, one request's failure staying its own."""
+"""Hostile input and faults below the server: stop strings in linear time, one request's failure staying its
+own in the engine, tiny sampling values through the CLI."""
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
 import torch
+from bitnet_tt import cli
 from bitnet_tt.api import LLM
 from bitnet_tt.backends.torch.backend import load_torch_backend
 from bitnet_tt.config import ModelConfig
@@ -87,7 +90,7 @@ def tiny(model_factory):
 
 
 def make_engine(folder, slots: int = 2) -> Engine:
-    backend = load_torch_backend(folder, max_slots=slots, max_context=64, dtype="float32", progress=False)
+    backend = load_torch_backend(folder, max_slots=slots, max_context=64, dtype="float64", progress=False)
     return Engine(backend, Tokenizer(folder, ModelConfig.from_folder(folder)))
 
 
@@ -167,3 +170,21 @@ def test_the_api_raises_a_one_line_error_for_a_failed_request(tiny):
         llm.backend.prefill = lambda slot, token_ids: torch.full_like(real(slot, token_ids), float("inf"))
         with pytest.raises(GenerationError, match="non-finite logits"):
             llm.generate("Hello", max_new_tokens=4)
+
+
+CLI_TINY_SETTINGS = [["--top-p", "1e-300"], ["--top-p", "1e-46"], ["--top-p", "5e-324"], ["--temperature", "1e-40"],
+                     ["--temperature", "1e-45"], ["--temperature", "5e-324"], ["--repetition-penalty", "1e-300"],
+                     ["--repetition-penalty", "1e-40"], ["--top-k", "1", "--top-p", "1e-300"]]
+
+
+def refuse_non_finite(name: str):
+    raise AssertionError(f"bare {name} in JSON output")
+
+
+@pytest.mark.parametrize("options", CLI_TINY_SETTINGS, ids=" ".join)
+def test_tiny_sampling_settings_through_the_cli(tiny, options, capsys):
+    argv = ["generate", "--model", str(tiny), "--max-new-tokens", "3", "--json", "--logprobs", "2", *options, "Hi"]
+    assert cli.main(argv) == 0
+    out, err = capsys.readouterr()
+    result = json.loads(out, parse_constant=refuse_non_finite)
+    assert len(result["token_ids"]) >= 1 and "Traceback" not in err
