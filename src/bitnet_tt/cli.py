@@ -163,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
                 slots=DEFAULT_SLOTS)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1: this machine only)")
     p.add_argument("--port", type=port_number, default=8000, help="TCP port")
-    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every path but /health (default: $BITNET_TT_API_KEY, else none; an empty key is refused)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every path but /health "
+                                     "(default: $BITNET_TT_API_KEY, else none; an empty key is refused)")
     p.add_argument("--model-name", help="the name clients pass as `model` (default: the --model value)")
     p.add_argument("--max-queue", type=positive_int, default=64, help="requests waiting for a slot before new ones get 429")
     p.add_argument("--max-connections", type=positive_int, default=256, help="open connections before new requests get 503")

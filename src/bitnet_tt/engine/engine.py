@@ -133,8 +133,8 @@ class Engine:
         """Admit waiting requests into free slots and prefill them, then decode every other active slot once.
 
         An error fails the requests it concerns (a sampling error its request, a failed backend call the
-        requests of that call), never the others; after MAX_BACKEND_FAILURES_IN_A_ROW failed backend calls
-        it raises BackendBroken."""
+        requests of that call), never the others; when one backend method has failed
+        MAX_BACKEND_FAILURES_IN_A_ROW times in a row it raises BackendBroken."""
         started = time.perf_counter()
         outputs: list[RequestOutput] = []
         self._apply_cancellations(outputs)
