@@ -14,13 +14,15 @@ import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from .config import ModelConfig, read_config_json
+from .config import ModelConfig, read_config_json, read_json_object, validate_schema
 from .errors import CheckpointError, ModelNotFoundError
 from .ternary import TernaryWeight, holds_unused_code, pack_2bit, ternarize_absmean, unpack_2bit, unpack_hf
 
@@ -39,6 +41,16 @@ SIDE_FILES = (
 )
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+ShardName = Annotated[str, Field(pattern=r"^[^/\\]+\.safetensors$")]  # a file in the model folder, nowhere else
+
+
+class SafetensorsIndex(BaseModel):
+    """model.safetensors.index.json: which file holds each tensor."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+    weight_map: dict[str, ShardName]
 
 
 @dataclass
@@ -106,10 +118,8 @@ class TensorFiles:
         if converted.is_file():
             return {name: converted for name in self._open(converted).keys()}
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as exc:
-                raise CheckpointError(f"{index}: not a valid safetensors index ({exc})") from None
+            raw = read_json_object(index, CheckpointError) or {}
+            weight_map = validate_schema(SafetensorsIndex, raw, str(index), CheckpointError).weight_map
             return {name: self.folder / fname for name, fname in weight_map.items()}
         if single.is_file():
             return {name: single for name in self._open(single).keys()}

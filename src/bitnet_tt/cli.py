@@ -405,18 +405,21 @@ def is_hub_id(text: str) -> bool:
 
 def describe_hub_model(repo_id: str) -> dict:
     """What a hub model holds, from its config.json and safetensors index only (no weights are downloaded)."""
-    from .checkpoint import INDEX_FILE, SINGLE_FILE
-    from .config import ModelConfig, read_config_json
+    from .checkpoint import INDEX_FILE, SINGLE_FILE, SafetensorsIndex
+    from .config import ModelConfig, read_config_json, read_json_object, validate_schema
+    from .errors import CheckpointError
 
     config_path = hub_file(repo_id, "config.json")
     raw = read_config_json(config_path.parent)
     config = ModelConfig.from_hf_dict(raw, str(config_path))
     try:
-        index = json.loads(hub_file(repo_id, INDEX_FILE).read_text(encoding="utf-8"))
-        weight_map = index.get("weight_map") or {}
-        weight_files, tensors = sorted(set(weight_map.values())), len(weight_map)
-    except (BitNetError, json.JSONDecodeError, AttributeError):  # no index: one weights file
+        index_path = hub_file(repo_id, INDEX_FILE)
+    except BitNetError:  # no index: one weights file
         weight_files, tensors = [SINGLE_FILE], None
+    else:
+        raw_index = read_json_object(index_path, CheckpointError) or {}
+        weight_map = validate_schema(SafetensorsIndex, raw_index, str(index_path), CheckpointError).weight_map
+        weight_files, tensors = sorted(set(weight_map.values())), len(weight_map)
     return {"hub_id": repo_id, "config": config.to_dict(), "quantization_config": raw.get("quantization_config"),
             "weight_files": weight_files, "tensors": tensors}
 
