@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Annotated
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
@@ -43,14 +43,18 @@ FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-ShardName = Annotated[str, Field(pattern=r"^[^/\\]+\.safetensors$")]  # a file in the model folder, nowhere else
+def _shard_name(name: str) -> str:
+    """An index may name files in the model folder only, never a path elsewhere."""
+    if Path(name).name != name or not name.endswith(".safetensors"):
+        raise ValueError("should be the name of a .safetensors file in the model folder")
+    return name
 
 
 class SafetensorsIndex(BaseModel):
     """model.safetensors.index.json: which file holds each tensor."""
 
     model_config = ConfigDict(strict=True, extra="allow")
-    weight_map: dict[str, ShardName]
+    weight_map: dict[str, Annotated[str, AfterValidator(_shard_name)]]
 
 
 @dataclass

@@ -90,7 +90,7 @@ def describe_problems(error: ValidationError) -> str:
     else:
         got = repr(first["input"])
         got = got if len(got) <= 60 else got[:57] + "..."
-        text = f"{where} {first['msg'].removeprefix('Input ')}, got {got}"
+        text = f"{where} {first['msg'].removeprefix('Input ').removeprefix('Value error, ')}, got {got}"
     return text + (f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else "")
 
 
