@@ -8,8 +8,10 @@ its own parser with its own defaults, and its --help shows the values it really 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import socket
 import sys
 import time
@@ -52,8 +54,32 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("bitnet-tt: interrupted", file=sys.stderr)
         return 130
+    except Terminated as exc:
+        print(f"bitnet-tt: {exc}", file=sys.stderr)
+        return 128 + exc.signum
     except BrokenPipeError:
         return 0
+
+
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP, raised where the program is, so that cleanup (finally blocks) runs as for Ctrl-C."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"terminated by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def terminate_cleanly():
+    def stop(signum, frame):
+        raise Terminated(signum)
+
+    previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -381,7 +407,8 @@ def cmd_convert(args) -> int:
     if not args.quiet:
         print(f"bitnet-tt: converting {src}: reading the weights, then packing and writing {args.dst} "
               "(the writing has no progress bar)", file=sys.stderr)
-    dst = convert_checkpoint(src, args.dst, force=args.force, progress=not args.quiet)
+    with terminate_cleanly():  # a killed conversion removes its partial folder
+        dst = convert_checkpoint(src, args.dst, force=args.force, progress=not args.quiet)
     print(f"converted to {dst} in {time.perf_counter() - started:.1f} s", file=sys.stderr)
     return 0
 
