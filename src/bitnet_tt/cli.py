@@ -8,8 +8,10 @@ its own parser with its own defaults, and its --help shows the values it really 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import socket
 import sys
 import time
@@ -52,8 +54,32 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("bitnet-tt: interrupted", file=sys.stderr)
         return 130
+    except Terminated as exc:
+        print(f"bitnet-tt: {exc}", file=sys.stderr)
+        return 128 + exc.signum
     except BrokenPipeError:
         return 0
+
+
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP, raised where the program is, so that cleanup (finally blocks) runs as for Ctrl-C."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"terminated by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def terminate_cleanly():
+    def stop(signum, frame):
+        raise Terminated(signum)
+
+    previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -396,7 +422,8 @@ def cmd_convert(args) -> int:
     if not args.quiet:
         print(f"bitnet-tt: converting {src}: reading the weights, then packing and writing {args.dst} "
               "(the writing has no progress bar)", file=sys.stderr)
-    dst = convert_checkpoint(src, args.dst, force=args.force, progress=not args.quiet)
+    with terminate_cleanly():  # a killed conversion removes its partial folder
+        dst = convert_checkpoint(src, args.dst, force=args.force, progress=not args.quiet)
     print(f"converted to {dst} in {time.perf_counter() - started:.1f} s", file=sys.stderr)
     return 0
 
@@ -420,18 +447,21 @@ def is_hub_id(text: str) -> bool:
 
 def describe_hub_model(repo_id: str) -> dict:
     """What a hub model holds, from its config.json and safetensors index only (no weights are downloaded)."""
-    from .checkpoint import INDEX_FILE, SINGLE_FILE
-    from .config import ModelConfig, read_config_json
+    from .checkpoint import INDEX_FILE, SINGLE_FILE, SafetensorsIndex
+    from .config import ModelConfig, read_config_json, read_json_object, validate_schema
+    from .errors import CheckpointError
 
     config_path = hub_file(repo_id, "config.json")
     raw = read_config_json(config_path.parent)
     config = ModelConfig.from_hf_dict(raw, str(config_path))
     try:
-        index = json.loads(hub_file(repo_id, INDEX_FILE).read_text(encoding="utf-8"))
-        weight_map = index.get("weight_map") or {}
-        weight_files, tensors = sorted(set(weight_map.values())), len(weight_map)
-    except (BitNetError, json.JSONDecodeError, AttributeError):  # no index: one weights file
+        index_path = hub_file(repo_id, INDEX_FILE)
+    except BitNetError:  # no index: one weights file
         weight_files, tensors = [SINGLE_FILE], None
+    else:
+        raw_index = read_json_object(index_path, CheckpointError) or {}
+        weight_map = validate_schema(SafetensorsIndex, raw_index, str(index_path), CheckpointError).weight_map
+        weight_files, tensors = sorted(set(weight_map.values())), len(weight_map)
     return {"hub_id": repo_id, "config": config.to_dict(), "quantization_config": raw.get("quantization_config"),
             "weight_files": weight_files, "tensors": tensors}
 
