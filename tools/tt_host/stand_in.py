@@ -577,11 +577,13 @@ class HostTT:
 
     # -- attention pieces -----------------------------------------------------------------------------------
 
-    def _nlp_create_qkv_heads_decode(self, qkv, num_heads, num_kv_heads, memory_config=None, **_):
+    def _nlp_create_qkv_heads_decode(self, qkv, num_heads, num_kv_heads, memory_config=None, overlap_qk_coregrid=True, **_):
         # [1, 1, B, (H + 2K) D] (width-sharded or interleaved) -> q [1, B, H, D], k and v [1, B, K, D]
         # (heads padded to 32 rows), height-sharded one user per core
         users = qkv.shape[2]
         head_dim = qkv.shape[3] // (num_heads + 2 * num_kv_heads)
+        if not overlap_qk_coregrid:
+            raise RuntimeError("nlp_create_qkv_heads_decode: the stand-in reads only with overlap_qk_coregrid")
         if qkv.memory_config().sharded:
             q, k, v = _qkv_heads_bounding_box_walk(qkv, num_heads, num_kv_heads, head_dim)
         else:
@@ -730,35 +732,28 @@ def _on_cores_of(x: HostTensor, cores, dim: int) -> torch.Tensor:
 
 
 def _qkv_heads_bounding_box_walk(qkv: HostTensor, num_heads: int, num_kv_heads: int, head_dim: int):
-    """nlp_create_qkv_heads_decode's sharded reader: it walks the bounding box of the input's shard grid
-    row by row and takes tiles(width) / (box cores) tiles from each core's L1, whether or not a shard of
-    the input lives there (reader_tm_tile_layout_nlp_create_qkv_heads_decode.cpp). Q starts at the first
-    box core; K and V at the core where their tiles would start had every core held that many."""
+    """nlp_create_qkv_heads_decode's sharded reader (overlap_qk_coregrid, the default): it walks the cores
+    from (0, 0) to the far corner of the input's shard grid, row by row, and takes tiles(width) / (those
+    cores) tiles from each core's L1 for Q, then K, then V, whether or not a shard of the input lives
+    there (reader_tm_tile_layout_nlp_create_qkv_heads_decode.cpp; num_x, num_y from the bounding box in
+    its sharded program factory)."""
     placement = qkv.memory_config().placement
     users, width = qkv.shape[2], qkv.shape[3]
     shard_tiles = qkv.memory_config().shard_shape[1] // TILE
-    xs, ys = [c[0] for c in placement], [c[1] for c in placement]
-    box_x, box_y = max(xs) - min(xs) + 1, max(ys) - min(ys) + 1
-    box = [(min(xs) + i % box_x, min(ys) + i // box_x) for i in range(box_x * box_y)]
+    box_x, box_y = max(c[0] for c in placement) + 1, max(c[1] for c in placement) + 1
+    box = rectangle(box_x, box_y)
     per_core = (width // TILE) // len(box)
     tiles = qkv.data[0, 0].reshape(users, width // TILE, TILE)
     stale = torch.full((users, TILE), float("nan"))
-
-    def read(start_core: int, count: int) -> torch.Tensor:
-        out, core, offset = [], start_core, 0
-        for _ in range(count):
-            index = placement.index(box[core]) if core < len(box) and box[core] in placement else None
-            out.append(tiles[:, index * shard_tiles + offset] if index is not None and offset < shard_tiles else stale)
-            offset += 1
-            if offset == per_core:
-                core, offset = core + 1, 0
-        return torch.stack(out, dim=1).reshape(users, -1, head_dim)
-
-    head_tiles = head_dim // TILE
-    q_cores = num_heads * head_tiles // per_core if per_core else 0
-    kv_cores = num_kv_heads * head_tiles // per_core if per_core else 0
-    return (read(0, num_heads * head_tiles), read(q_cores, num_kv_heads * head_tiles),
-            read(q_cores + kv_cores, num_kv_heads * head_tiles))
+    walk, core, offset = [], 0, 0
+    for _ in range(width // TILE):
+        index = placement.index(box[core]) if core < len(box) and box[core] in placement else None
+        walk.append(tiles[:, index * shard_tiles + offset] if index is not None and offset < shard_tiles else stale)
+        offset += 1
+        if offset == per_core:
+            core, offset = core + 1, 0
+    heads = torch.stack(walk, dim=1).reshape(users, -1, head_dim)
+    return heads.split([num_heads, num_kv_heads, num_kv_heads], dim=1)
 
 
 def sdpa_decode_computed_heads(users: int, kv_heads: int, cores: int, max_cores_per_head: int):
