@@ -44,7 +44,7 @@ SKIPPED_PACKAGES = {"test", "idlelib", "lib2to3", "turtledemo", "site-packages",
                     "__phello__", "pydoc_data"}
 HELD_OUT_EVERY = 20  # every 20th document goes to the held-out text, never to training
 MIN_DOC_CHARS = 80
-ARCH = dict(vocab_size=4096, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
+ARCH = dict(vocab_size=4096, hidden_size=128, intermediate_size=352, num_hidden_layers=4,
             num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=256)
 
 
