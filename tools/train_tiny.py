@@ -299,11 +299,12 @@ def sha256(text: str) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="folder for the packed model (master goes in OUT/master)")
-    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--steps", type=int, default=800)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2, help="torch threads (results depend on it)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (results depend on it; on busy shared cores 2 threads ran 17x slower than 1)")
     parser.add_argument("--save-every", type=int, default=0, help="also write the packed model every N steps")
     args = parser.parse_args(argv)
     torch.manual_seed(args.seed)
