@@ -288,8 +288,8 @@ def test_bench_says_when_a_ttft_prompt_is_cut(model):
 def test_verify_says_what_it_compared(model):
     result = run_cli("verify", "--model", model, "--greedy-tokens", "4", "--max-context", "64", "--quiet")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "comparing cpu LM head bf16 (candidate) with torch float32 (reference)" in result.stdout
-    assert "PASSED: cpu LM head bf16 against torch float32" in result.stdout
+    assert "comparing cpu, LM head bf16 (candidate) with torch float32 (reference)" in result.stdout
+    assert "PASSED: cpu, LM head bf16 against torch float32" in result.stdout
 
 
 def test_serve_refuses_a_busy_port_before_loading(tmp_path):

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ...checkpoint import PROJECTION_READERS, TensorFiles, detect_format, read_header
+from ...checkpoint import PROJECTION_READERS, TensorFiles, detect_format, read_header, verify_recorded_files
 from ...config import ModelConfig
 from ...errors import BitNetError, CheckpointError, ModelNotFoundError
 from .kernels import PackedTernary, quantize_head
@@ -64,6 +64,8 @@ def load_cpu_weights(folder: Path, lm_head: str = "bf16", progress: bool = True,
     config = ModelConfig.from_folder(folder)
     files = TensorFiles(folder)
     fmt = detect_format(files)
+    if fmt == "converted":  # every tensor read is checked against its recorded checksum (not the mapped ones)
+        files.expected_sha256 = verify_recorded_files(files)
     shape = (config.vocab_size, config.hidden_size)
     embed = mapped_table(files, "model.embed_tokens.weight", shape)
     head = embed if "lm_head.weight" not in files and config.tie_word_embeddings else None
