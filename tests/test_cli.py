@@ -321,7 +321,7 @@ def test_serve_prints_what_it_serves(model, tmp_path):
         proc.terminate()
         proc.wait(timeout=30)
     banner = log.read_text()
-    assert f"model {model} ({model}) on the torch backend, 3 slots x 256 tokens of context" in banner
+    assert f"model {model} ({model}) on the cpu backend, 3 slots x 256 tokens of context" in banner
     assert f"OpenAI API at http://127.0.0.1:{port}/v1" in banner
 
 
