@@ -75,8 +75,7 @@ def load_cpu_weights(folder: Path, lm_head: str = "bf16", progress: bool = True,
         head = mapped_table(files, "lm_head.weight", shape)
     head_scales = None
     if lm_head == "int8":
-        head, head_scales = quantize_head(head)
-        release_pages(embed)  # quantising read every row; only the rows that tokens use need to stay
+        head, head_scales = int8_head(head)
     layers = []
     for i in tqdm(range(config.num_layers), desc=f"loading {fmt} weights", unit="layer", disable=not progress or None,
                   leave=False):
@@ -129,10 +128,28 @@ def mapped_table(files: TensorFiles, name: str, shape: tuple[int, int]) -> np.nd
     return np.frombuffer(mapping, dtype=dtype, count=shape[0] * shape[1], offset=data_start + begin).reshape(shape)
 
 
-def release_pages(table: np.ndarray) -> None:
-    """Drop a mapped table's resident pages (they are clean file pages: read again on the next touch)."""
+def int8_head(table: np.ndarray, chunk_rows: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """The LM head as int8 rows, quantised a chunk at a time; a mapped table's pages are dropped after each
+    chunk (clean file pages, read again if a token's row is needed), so the bf16 head is never resident whole."""
+    codes, scales = np.empty(table.shape, np.int8), np.empty(table.shape[0], np.float32)
+    mapping = mapping_of(table)
+    for start in range(0, table.shape[0], chunk_rows):
+        rows = slice(start, start + chunk_rows)
+        codes[rows], scales[rows] = quantize_head(table[rows])
+        if mapping is not None:
+            drop_pages(mapping, table[rows])
+    return codes, scales
+
+
+def mapping_of(table: np.ndarray) -> mmap.mmap | None:
+    """The file mapping a table views, or None for a table in the process's own memory."""
     base = table.base
     while base is not None and not isinstance(base, mmap.mmap):
-        base = getattr(base, "base", None) if not isinstance(base, memoryview) else base.obj
-    if isinstance(base, mmap.mmap):
-        base.madvise(mmap.MADV_DONTNEED)
+        base = base.obj if isinstance(base, memoryview) else getattr(base, "base", None)
+    return base
+
+
+def drop_pages(mapping: mmap.mmap, rows: np.ndarray) -> None:
+    start = rows.ctypes.data - np.frombuffer(mapping, np.uint8, count=1).ctypes.data
+    aligned = start - start % mmap.PAGESIZE
+    mapping.madvise(mmap.MADV_DONTNEED, aligned, start + rows.nbytes - aligned)

@@ -63,32 +63,48 @@ INLINE float weight_at(const void *w, int dtype, size_t i) {
     return dtype == WEIGHT_INT8 ? (float)((const int8_t *)w)[i] : ((const float *)w)[i];
 }
 
-/* sum_k W[row, k] * x[k] in 4 x LANES partial sums (independent chains of adds), added in a fixed order.
- * The row, a few KB, stays in L1 for the next token. */
-INLINE float head_dot(const void *w, int dtype, size_t row, int K, const float *x) {
-    lanes_f32 acc[4] = {{0}, {0}, {0}, {0}};
+#define HEAD_TOKENS 4
+
+/* out[m * V + row] = sum_k W[row, k] * x[m, k] * scale for M (<= HEAD_TOKENS, a constant after inlining)
+ * tokens: each weight vector is widened once for all of them; one LANES accumulator per token, so a token's
+ * logits do not depend on the batch it is in. */
+INLINE void head_row(const void *w, int dtype, size_t row, int K, const float *x, int M, float scale, float *out,
+                     int V) {
+    lanes_f32 acc[HEAD_TOKENS] = {{0}};
     size_t base = row * (size_t)K;
     int k = 0;
-    for (; k + 4 * LANES <= K; k += 4 * LANES)
-        for (int c = 0; c < 4; c++)
-            acc[c] += load_weights(w, dtype, base + k + c * LANES) * load_f32(x + k + c * LANES);
-    for (; k + LANES <= K; k += LANES) acc[0] += load_weights(w, dtype, base + k) * load_f32(x + k);
-    for (int l = 0; k + l < K; l++) acc[0][l] += weight_at(w, dtype, base + k + l) * x[k + l];
-    return lane_total((acc[0] + acc[1]) + (acc[2] + acc[3]));
+    for (; k + LANES <= K; k += LANES) {
+        lanes_f32 wv = load_weights(w, dtype, base + k);
+        for (int m = 0; m < M; m++) acc[m] += wv * load_f32(x + (size_t)m * K + k);
+    }
+    for (int m = 0; m < M; m++) {
+        for (int l = 0; k + l < K; l++) acc[m][l] += weight_at(w, dtype, base + k + l) * x[(size_t)m * K + k + l];
+        out[(size_t)m * V + row] = lane_total(acc[m]) * scale;
+    }
 }
 
+#define HEAD_TILE(DT, MM) \
+    for (int v = v_begin; v < v_end; v++) head_row(w, DT, v, K, xm, MM, scales ? scales[v] : 1.0f, om, V);
+
 #define HEAD_ROWS(DT) \
-    for (int v = v_begin; v < v_end; v++) { \
-        float scale = scales ? scales[v] : 1.0f; \
-        for (int m = 0; m < M; m++) out[(size_t)m * V + v] = head_dot(w, DT, v, K, x + (size_t)m * K) * scale; \
+    switch (tokens) { \
+    case 1: HEAD_TILE(DT, 1) break; \
+    case 2: HEAD_TILE(DT, 2) break; \
+    case 3: HEAD_TILE(DT, 3) break; \
+    default: HEAD_TILE(DT, 4) break; \
     }
 
 void NAME(head_rows)(const void *w, int dtype, const float *scales, int K, const float *x, int M, int V,
                      int v_begin, int v_end, float *out) {
-    switch (dtype) {
-    case WEIGHT_BF16: HEAD_ROWS(WEIGHT_BF16) break;
-    case WEIGHT_F32: HEAD_ROWS(WEIGHT_F32) break;
-    default: HEAD_ROWS(WEIGHT_INT8) break;
+    for (int m0 = 0; m0 < M; m0 += HEAD_TOKENS) {
+        int tokens = M - m0 < HEAD_TOKENS ? M - m0 : HEAD_TOKENS;
+        const float *xm = x + (size_t)m0 * K;
+        float *om = out + (size_t)m0 * V;
+        switch (dtype) {
+        case WEIGHT_BF16: HEAD_ROWS(WEIGHT_BF16) break;
+        case WEIGHT_F32: HEAD_ROWS(WEIGHT_F32) break;
+        default: HEAD_ROWS(WEIGHT_INT8) break;
+        }
     }
 }
 
