@@ -688,3 +688,12 @@ def test_soak_with_bad_requests_and_disconnects_leaves_the_server_as_new(model, 
         assert server.post("/v1/completions", json=greedy).json()["choices"][0]["text"] == when_new
     finally:
         server.stop()
+
+
+def test_serve_defaults_are_the_servers_limits():
+    from bitnet_tt.cli import build_parser
+    from bitnet_tt.server import Limits
+
+    args, limits = build_parser().parse_args(["serve"]), Limits()
+    assert (args.max_queue, args.read_timeout, args.max_connections) == (
+        limits.max_queue, limits.read_timeout, limits.max_connections)
