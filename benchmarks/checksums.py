@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 import platform
 import statistics
 import sys
@@ -35,6 +36,13 @@ def prepare(work: Path) -> Path:
         print(f"converting it to {converted} (once)", file=sys.stderr)
         checkpoint.convert_checkpoint(packed, converted, progress=False)
     return converted
+
+
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 
 def timed(function) -> float:
@@ -71,7 +79,7 @@ def main() -> None:
     finite = timed(lambda: [checkpoint.all_finite(t) for t in tensors if t.is_floating_point()])
 
     load, bare = statistics.median(checked), statistics.median(unchecked)
-    print(f"CPU: {platform.processor() or platform.machine()}; converted 2B-4T file: {size / 1e9:.2f} GB")
+    print(f"CPU: {cpu_name()} ({os.cpu_count()} cores); converted 2B-4T file: {size / 1e9:.2f} GB")
     print(f"load_weights, checksums verified:   {load:6.2f} s (median of {args.repeats})")
     print(f"load_weights, checksums not compared: {bare:6.2f} s")
     print(f"verification adds {load - bare:+.2f} s ({(load - bare) / bare:+.0%})")
