@@ -312,7 +312,7 @@ OK_TEXT = {"model": MODEL, "prompt": "Hi", "max_tokens": 2}
     ("/v1/chat/completions", {**OK_CHAT, "logit_bias": "lots"}, 400, "logit_bias", None),
     ("/v1/chat/completions", {**OK_CHAT, "messages": "Hi"}, 400, "messages", None),
     ("/v1/chat/completions", {**OK_CHAT, "messages": []}, 400, "messages", None),
-    ("/v1/chat/completions", {**OK_CHAT, "messages": [{"role": "robot", "content": "Hi"}]}, 400, None, None),
+    ("/v1/chat/completions", {**OK_CHAT, "messages": [{"role": "robot", "content": "Hi"}]}, 400, "messages", None),
     ("/v1/chat/completions", {**OK_CHAT, "model": "gpt-4"}, 404, "model", "model_not_found"),
     ("/v1/completions", {**OK_TEXT, "prompt": "word " * (CONTEXT + 100)}, 400, None, "context_length_exceeded"),
     ("/v1/completions", {**OK_TEXT, "prompt": [1, 10**9]}, 400, None, None),

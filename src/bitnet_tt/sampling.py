@@ -10,6 +10,7 @@ import torch
 from .errors import RequestError
 
 MAX_TOP_LOGPROBS = 20
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range: -100 bans a token, +100 all but forces it
 
 
 @dataclass(frozen=True)
@@ -27,8 +28,11 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0
     ignore_eos: bool = False  # keep generating past end ids (benchmarks)
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit); a mapping is accepted too
 
     def __post_init__(self):
+        if isinstance(self.logit_bias, dict):
+            object.__setattr__(self, "logit_bias", tuple(sorted(self.logit_bias.items())))
         checks = [
             (self.max_new_tokens >= 1, "max_new_tokens must be at least 1"),
             (0.0 <= self.temperature <= 100.0, "temperature must be between 0 and 100"),
@@ -41,6 +45,9 @@ class SamplingParams:
             (0 <= self.top_logprobs <= MAX_TOP_LOGPROBS, f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}]"),
             (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),
             (self.seed is None or 0 <= self.seed < 2**63, "seed must be a non-negative integer"),
+            (all(isinstance(t, int) and t >= 0 and -MAX_LOGIT_BIAS <= b <= MAX_LOGIT_BIAS
+                 for t, b in self.logit_bias),
+             f"logit_bias maps token ids to biases in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]"),
         ]
         for ok, message in checks:
             if not ok:
@@ -52,8 +59,8 @@ class SamplingParams:
 
     @property
     def raw_logits_suffice(self) -> bool:
-        """No penalties reshape the logits and no log-probs are reported: the raw logits decide the token."""
-        return (not (self.logprobs or self.top_logprobs) and self.repetition_penalty == 1.0
+        """No penalties or biases reshape the logits and no log-probs are reported: the raw logits decide the token."""
+        return (not (self.logprobs or self.top_logprobs or self.logit_bias) and self.repetition_penalty == 1.0
                 and self.presence_penalty == 0.0 and self.frequency_penalty == 0.0)
 
     @property
@@ -98,6 +105,7 @@ class TokenChoice:
 
 
 def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt_ids, output_ids) -> torch.Tensor:
+    """Repetition, presence and frequency penalties and the logit bias, in place."""
     if params.repetition_penalty != 1.0:
         seen = torch.tensor(sorted(set(prompt_ids) | set(output_ids)), dtype=torch.long)
         if len(seen):
@@ -109,6 +117,9 @@ def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt_ids, ou
         ids = torch.tensor(list(counts), dtype=torch.long)
         freq = torch.tensor(list(counts.values()), dtype=logits.dtype)
         logits[ids] -= params.presence_penalty + params.frequency_penalty * freq
+    if params.logit_bias:
+        ids, biases = zip(*params.logit_bias)
+        logits[list(ids)] += torch.tensor(biases, dtype=logits.dtype)
     return logits
 
 

@@ -78,6 +78,7 @@ class Engine:
         params = params or SamplingParams()
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
         ids = self._fit_prompt(ids)
+        self._check_token_ids(params)
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         request = Request(
             id=request_id or f"req-{next(self._ids)}", prompt_ids=ids, params=params, on_output=on_output,
@@ -95,6 +96,11 @@ class Engine:
         """Stop a request; its slot is freed at the start of the next step. Thread-safe."""
         with self._lock:
             self._cancelled.add(request_id)
+
+    def _check_token_ids(self, params: SamplingParams) -> None:
+        vocab = self.backend.config.vocab_size
+        if any(token >= vocab for token, _ in params.logit_bias):
+            raise RequestError(f"logit_bias token ids must be in [0, {vocab})")
 
     def _fit_prompt(self, ids: list[int]) -> list[int]:
         if not ids:

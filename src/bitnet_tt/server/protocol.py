@@ -6,16 +6,19 @@ logprobs are laid out; `ChatFormat` and `CompletionFormat` hold those difference
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections.abc import Callable
-from typing import Literal
+from typing import ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..engine import Request, RequestOutput
 from ..sampling import SamplingParams
 from ..tokenizer import ChatMessage, Tokenizer
+
+logger = logging.getLogger("bitnet_tt.server")
 
 MAX_STOP_STRINGS = 16
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
@@ -52,9 +55,6 @@ def _invalid_request(errors: list[dict]) -> APIError:
         return APIError(400, f"the request body is not valid JSON ({first['msg']})")
     if first["type"] == "model_type" and not first["loc"]:
         return APIError(400, "the request body must be a JSON object")
-    if first["type"] == "extra_forbidden":
-        name = _dotted(first["loc"])
-        return APIError(400, f"Unrecognized request argument supplied: {name}", param=name)
     # A union type fails once per alternative, so every error is listed: together they say what is accepted.
     problems = dict.fromkeys(f"'{_dotted(e['loc'])}': {e['msg']}" for e in errors)
     return APIError(400, "Invalid request: " + "; ".join(problems), param=_dotted(first["loc"][:1]) or None)
@@ -68,30 +68,89 @@ def _dotted(loc: tuple) -> str:
 # Requests
 
 
-class _Strict(BaseModel):
-    # Strict: no "0.5" for a number or 1 for a bool; unknown fields are an error, as with OpenAI.
-    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
+class _Body(BaseModel):
+    """Strict types (no "0.5" for a number, no 1 for a bool) and no NaN; unknown fields are accepted and ignored,
+    as vLLM does, because real clients send fields this server cannot use. Each ignored name is logged once."""
+
+    model_config = ConfigDict(strict=True, extra="allow", allow_inf_nan=False)
+    log_name: ClassVar[str] = "request"  # names the object in the log line
+
+    @model_validator(mode="after")
+    def _ignore_unknown_fields(self):
+        for name, value in (self.model_extra or {}).items():
+            if (reason := _unhonourable(name, value)) is not None:
+                raise APIError(400, f"'{name}': {reason}", param=name)
+            _warn_ignored(self.log_name, name)
+        return self
 
 
-class TextPart(_Strict):
-    type: Literal["text"]
-    text: str
+# Fields that cannot simply be ignored when set: honouring them would change the answer in ways this server
+# cannot. name -> (is the value one we cannot honour, why).
+_UNHONOURABLE: dict[str, tuple[Callable[[object], bool], str]] = {
+    "tool_choice": (lambda v: v not in ("none", "auto"), "this server cannot call tools"),
+    "function_call": (lambda v: v not in ("none", "auto"), "this server cannot call functions"),
+    "modalities": (lambda v: v != ["text"], "this model answers in text only"),
+    "audio": (lambda v: True, "this model answers in text only"),
+    "echo": (lambda v: v is not False, "echoing the prompt is not supported"),
+    "suffix": (lambda v: v != "", "a suffix (insertion) is not supported"),
+    "best_of": (lambda v: v != 1, "best_of is not supported; use n"),
+}
+_warned: set[tuple[str, str]] = set()
 
 
-class ChatMessageIn(_Strict):
-    role: str
-    content: str | list[TextPart]
+def _unhonourable(name: str, value) -> str | None:
+    """Why a field set to `value` cannot be honoured; None when it can be ignored (null always can)."""
+    check = _UNHONOURABLE.get(name)
+    return check[1] if check and value is not None and check[0](value) else None
+
+
+def _warn_ignored(kind: str, name: str) -> None:
+    if (kind, name) not in _warned:
+        _warned.add((kind, name))
+        logger.warning("ignoring the %s field '%s': this server does not use it (logged once)", kind, name)
+
+
+class TextPart(_Body):
+    log_name = "content part"
+    type: str
+    text: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _text_only(cls, data):
+        if isinstance(data, dict) and data.get("type") != "text":
+            raise APIError(400, f"content parts of type {data.get('type')!r} are not supported: this model reads "
+                                "text only", param="messages")
+        if isinstance(data, dict) and not isinstance(data.get("text"), str):
+            raise APIError(400, "a text content part needs a 'text' string", param="messages")
+        return data
+
+
+class ChatMessageIn(_Body):
+    log_name = "message"
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None  # null only for the assistant (its tool calls are ignored)
     name: str | None = None  # accepted for compatibility; the chat format has no place for it
 
-    def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+    @model_validator(mode="after")
+    def _content_unless_assistant(self):
+        if self.content is None and self.role != "assistant":
+            raise APIError(400, f"a {self.role} message needs content", param="messages")
+        return self
+
+    def message(self) -> ChatMessage:
+        """As the chat template sees it: developer messages are system messages (as OpenAI defines them)."""
+        content = self.content or ""
+        text = content if isinstance(content, str) else "".join(part.text for part in content)
+        return ChatMessage("system" if self.role == "developer" else self.role, text)
 
 
-class StreamOptions(_Strict):
+class StreamOptions(_Body):
+    log_name = "stream_options"
     include_usage: bool = False
 
 
-class _GenerationRequest(_Strict):
+class _GenerationRequest(_Body):
     """Fields shared by chat and text completions. Ranges are checked by SamplingParams, in one place."""
 
     model: str
@@ -105,12 +164,19 @@ class _GenerationRequest(_Strict):
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
     # Beyond OpenAI's set, named as vLLM names them (clients send them with extra_body).
     top_k: int = 0
     min_p: float = 0.0
     repetition_penalty: float = 1.0
     ignore_eos: bool = False
+    logit_bias: dict[str, float] | None = None  # token id (a JSON key, so a string) -> bias
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_id_keys(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
+        if bias and not all(key.isdigit() for key in bias):
+            raise ValueError("keys must be token ids")
+        return bias
 
     @field_validator("n")
     @classmethod
@@ -138,6 +204,7 @@ class _GenerationRequest(_Strict):
             min_p=self.min_p, repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty, seed=self.seed, stop=stop, logprobs=logprobs,
             top_logprobs=top_logprobs, ignore_eos=self.ignore_eos,
+            logit_bias={int(token): bias for token, bias in (self.logit_bias or {}).items()},
         )
 
 
@@ -186,7 +253,7 @@ class ChatFormat:
 
     @staticmethod
     def prompt_ids(body: ChatCompletionRequest, tokenizer: Tokenizer) -> list[int]:
-        return tokenizer.encode_chat([ChatMessage(m.role, m.text()) for m in body.messages])
+        return tokenizer.encode_chat([m.message() for m in body.messages])
 
     @staticmethod
     def content(text: str, streaming: bool, first: bool) -> dict:

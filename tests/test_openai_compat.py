@@ -1,0 +1,155 @@
+"""What real OpenAI clients send, through the official `openai` client against the app in-process (no socket).
+
+Fields the model cannot use are accepted and ignored with one log line per name, as vLLM does; fields whose
+effect this server cannot honour are a 400 that says why.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+from openai import BadRequestError, OpenAI
+
+from bitnet_tt.backends.torch.backend import load_torch_backend
+from bitnet_tt.config import ModelConfig
+from bitnet_tt.engine import Engine
+from bitnet_tt.server import create_app
+from bitnet_tt.tokenizer import ChatMessage, Tokenizer
+
+MODEL = "tiny"
+CONTEXT = 256
+GREEDY = dict(temperature=0, extra_body={"ignore_eos": True})
+HI = [{"role": "user", "content": "Hi"}]
+
+
+@pytest.fixture(scope="module")
+def model(model_factory):
+    return model_factory("packed")
+
+
+@pytest.fixture(scope="module")
+def tokenizer(model):
+    return Tokenizer(model, ModelConfig.from_folder(model))
+
+
+@pytest.fixture(scope="module")
+def http(model, tokenizer):
+    backend = load_torch_backend(model, max_slots=4, max_context=CONTEXT, dtype="float32", progress=False)
+    with TestClient(create_app(Engine(backend, tokenizer), MODEL)) as http:
+        yield http
+
+
+@pytest.fixture(scope="module")
+def client(http):
+    return OpenAI(base_url=str(http.base_url) + "/v1", api_key="unused", http_client=http, max_retries=0)
+
+
+def chat(client, messages=HI, max_tokens=4, **kwargs):
+    return client.chat.completions.create(model=MODEL, messages=messages, max_tokens=max_tokens,
+                                          **{**GREEDY, **kwargs})
+
+
+# --- accepted and ignored -------------------------------------------------------------------------------
+
+
+def test_fields_the_model_cannot_use_are_ignored(client):
+    plain = chat(client).choices[0].message.content
+    tools = [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]
+    reply = chat(client, tools=tools, tool_choice="auto", parallel_tool_calls=False, store=False, user="u-1",
+                 metadata={"run": "7"}, service_tier="auto", stream_options=None,
+                 extra_body={**GREEDY["extra_body"], "chat_template_kwargs": {}})
+    assert reply.choices[0].message.content == plain
+    text = client.completions.create(model=MODEL, prompt="Hi", max_tokens=3, user="u-1", echo=False, best_of=1,
+                                     suffix=None, **GREEDY)
+    assert text.choices[0].finish_reason == "length"
+
+
+def test_each_ignored_field_is_logged_once(client, caplog):
+    with caplog.at_level(logging.WARNING, logger="bitnet_tt.server"):
+        for _ in range(3):
+            chat(client, extra_body={**GREEDY["extra_body"], "x_compat_probe": 1})
+    lines = [r.getMessage() for r in caplog.records if "x_compat_probe" in r.getMessage()]
+    assert len(lines) == 1 and "ignoring the request field 'x_compat_probe'" in lines[0]
+
+
+def test_stream_options_include_usage_is_honoured(client):
+    chunks = list(chat(client, stream=True, stream_options={"include_usage": True, "continuous_usage_stats": False}))
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 4
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_developer_messages_are_system_messages(client, tokenizer):
+    as_system = chat(client, [{"role": "system", "content": "Be brief."}, *HI], logprobs=True)
+    as_developer = chat(client, [{"role": "developer", "content": "Be brief."}, *HI], logprobs=True)
+    assert as_developer.usage.prompt_tokens == as_system.usage.prompt_tokens == len(
+        tokenizer.encode_chat([ChatMessage("system", "Be brief."), ChatMessage("user", "Hi")]))
+    assert as_developer.choices[0].message.content == as_system.choices[0].message.content
+
+
+def test_assistant_content_may_be_null_and_content_a_list_of_text_parts(client, tokenizer):
+    parts = [{"type": "text", "text": "Hello "}, {"type": "text", "text": "there"}]
+    messages = [{"role": "user", "content": parts}, {"role": "assistant", "content": None, "refusal": None},
+                {"role": "user", "content": "Go on"}]
+    reply = chat(client, messages)
+    expected = [ChatMessage("user", "Hello there"), ChatMessage("assistant", ""), ChatMessage("user", "Go on")]
+    assert reply.usage.prompt_tokens == len(tokenizer.encode_chat(expected))
+
+
+# --- refused with a clear 400 ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("change, param, words", [
+    (dict(tool_choice="required"), "tool_choice", "cannot call tools"),
+    (dict(tool_choice={"type": "function", "function": {"name": "weather"}}), "tool_choice", "cannot call tools"),
+    (dict(modalities=["text", "audio"]), "modalities", "text only"),
+    (dict(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]),
+     "messages", "'image_url' are not supported"),
+    (dict(messages=[{"role": "user", "content": None}]), "messages", "needs content"),
+    (dict(messages=[{"role": "tool", "content": "42", "tool_call_id": "c1"}]), "messages", "role"),
+])
+def test_what_cannot_be_honoured_is_a_400(client, change, param, words):
+    args = {"messages": HI, **change}
+    with pytest.raises(BadRequestError) as error:
+        client.chat.completions.create(model=MODEL, max_tokens=2, **args)
+    body = error.value.body
+    assert error.value.status_code == 400 and body["param"] == param and words in body["message"], body
+
+
+@pytest.mark.parametrize("change, param", [(dict(echo=True), "echo"), (dict(suffix="end"), "suffix"),
+                                           (dict(best_of=3), "best_of")])
+def test_completion_options_we_cannot_honour_are_a_400(client, change, param):
+    with pytest.raises(BadRequestError) as error:
+        client.completions.create(model=MODEL, prompt="Hi", max_tokens=2, **change)
+    assert error.value.body["param"] == param
+
+
+def test_wrong_types_are_still_a_400(http):
+    for body in ({"model": MODEL, "messages": HI, "temperature": "0.5"},
+                 {"model": MODEL, "messages": HI, "stream_options": {"include_usage": "yes"}},
+                 {"model": MODEL, "messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}):
+        response = http.post("/v1/chat/completions", json=body)
+        assert response.status_code == 400 and response.json()["error"]["message"], response.text
+
+
+# --- logit_bias -------------------------------------------------------------------------------------------
+
+
+def test_logit_bias_steers_the_tokens(client, tokenizer):
+    def tokens(**kwargs) -> list[str]:
+        reply = client.completions.create(model=MODEL, prompt="Hi", max_tokens=5, logprobs=0, **GREEDY, **kwargs)
+        return reply.choices[0].logprobs.tokens
+
+    favourite = tokenizer.encode("fox", add_bos=False)[0]
+    assert tokens(logit_bias={str(favourite): 100}) == [tokenizer.token_text(favourite)] * 5
+    plain = tokens()
+    banned = tokens(logit_bias={str(tokenizer.encode(plain[0], add_bos=False)[0]): -100})
+    assert banned[0] != plain[0]
+
+
+@pytest.mark.parametrize("bias", [{"5": 101}, {"5": "up"}, {"fox": 1}, {"1000000": 1}])
+def test_bad_logit_bias_is_a_400(client, bias):
+    with pytest.raises(BadRequestError):
+        chat(client, logit_bias=bias)
