@@ -153,3 +153,47 @@ def test_logit_bias_steers_the_tokens(client, tokenizer):
 def test_bad_logit_bias_is_a_400(client, bias):
     with pytest.raises(BadRequestError):
         chat(client, logit_bias=bias)
+
+
+# --- /tokenize, /detokenize, /version ----------------------------------------------------------------------
+
+
+def test_tokenize_as_vllm_and_llama_cpp_send_it(http, tokenizer):
+    text = "Hello there 🙂"
+    vllm = http.post("/tokenize", json={"model": MODEL, "prompt": text, "return_token_strs": True}).json()
+    assert vllm["tokens"] == tokenizer.encode(text) and vllm["count"] == len(vllm["tokens"])
+    assert vllm["max_model_len"] == CONTEXT and "".join(vllm["token_strs"][1:]).startswith("Hello there")
+    without_bos = http.post("/tokenize", json={"prompt": text, "add_special_tokens": False}).json()["tokens"]
+    assert without_bos == tokenizer.encode(text, add_bos=False)
+    llama_cpp = http.post("/tokenize", json={"content": text, "with_pieces": True}).json()["tokens"]
+    assert [t["id"] for t in llama_cpp] == without_bos  # llama.cpp adds no BOS unless add_special is set
+    assert llama_cpp[0]["piece"] == tokenizer.token_text(without_bos[0])
+    messages = [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    chat = http.post("/tokenize", json={"messages": messages, "add_generation_prompt": False}).json()["tokens"]
+    assert chat == tokenizer.encode_chat([ChatMessage("system", "Be brief."), ChatMessage("user", "Hi")], False)
+
+
+def test_detokenize_inverts_tokenize(http, tokenizer):
+    text = "Ternary weights: -1, 0, +1. 你好"
+    ids = tokenizer.encode(text, add_bos=False)
+    answer = http.post("/detokenize", json={"model": MODEL, "tokens": ids}).json()
+    assert answer == {"prompt": text, "content": text}
+
+
+@pytest.mark.parametrize("path, body, status", [
+    ("/tokenize", {"prompt": "a", "messages": HI}, 400),
+    ("/tokenize", {}, 400),
+    ("/tokenize", {"prompt": 5}, 400),
+    ("/tokenize", {"model": "gpt-4", "prompt": "a"}, 404),
+    ("/detokenize", {"tokens": [10**9]}, 400),
+    ("/detokenize", {"tokens": "abc"}, 400),
+])
+def test_bad_tokenizer_requests(http, path, body, status):
+    response = http.post(path, json=body)
+    assert response.status_code == status and response.json()["error"]["message"], response.text
+
+
+def test_version(http):
+    from bitnet_tt import __version__
+
+    assert http.get("/version").json() == {"version": __version__}

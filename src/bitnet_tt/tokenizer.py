@@ -1,10 +1,12 @@
-"""Tokenizer from a model folder, the BitNet 2B-4T chat format, stop ids, and UTF-8-safe streaming decode."""
+"""Tokenizer from a model folder, its chat template (or the BitNet 2B-4T chat format), stop ids, and UTF-8-safe
+streaming decode."""
 
 from __future__ import annotations
 
 import functools
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from datetime import datetime
 from pathlib import Path
 
 from .config import ModelConfig
@@ -12,6 +14,8 @@ from .errors import ConfigError, RequestError
 
 EOT_TOKEN = "<|eot_id|>"
 ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
+# The special tokens transformers hands a chat template by name (its special_tokens_map).
+TEMPLATE_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,9 @@ class Tokenizer:
         self.bos_text = bos_text or (self._tok.id_to_token(self.bos_id) if self.bos_id is not None else None)
         self.eot_id = self._tok.token_to_id(EOT_TOKEN)
         self.stop_ids = self._stop_ids(folder, config)
+        source = _chat_template_source(folder, settings)
+        tokens = {name: text for name in TEMPLATE_TOKENS if (text := _token_text(settings.get(name))) is not None}
+        self.chat_template = ChatTemplate(source, tokens) if source is not None else None
 
     def _stop_ids(self, folder: Path, config: ModelConfig) -> frozenset[int]:
         """End ids from config.json and generation_config.json, plus <|eot_id|>, which ends a chat turn."""
@@ -74,7 +81,13 @@ class Tokenizer:
         return self.token_bytes(token_id).decode("utf-8", errors="replace")
 
     def render_chat(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> str:
-        """BitNet 2B-4T chat format: one BOS, then `Role: content<|eot_id|>` per message, then `Assistant: `."""
+        """The model folder's chat template; without one, the BitNet 2B-4T format."""
+        if self.chat_template is not None:
+            return self.chat_template.render(messages, add_generation_prompt)
+        return self._render_2b4t(messages, add_generation_prompt)
+
+    def _render_2b4t(self, messages: list[ChatMessage], add_generation_prompt: bool) -> str:
+        """One BOS, then `Role: content<|eot_id|>` per message, then `Assistant: `."""
         parts = [self.bos_text or ""]
         for message in messages:
             if message.role not in ROLES:
@@ -84,9 +97,37 @@ class Tokenizer:
             parts.append("Assistant: ")
         return "".join(parts)
 
-    def encode_chat(self, messages: list[ChatMessage]) -> list[int]:
-        # The rendered text already holds the BOS token, so no special tokens are added (one BOS).
-        return self.encode(self.render_chat(messages), add_bos=False)
+    def encode_chat(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
+        # The rendered text holds the special tokens it needs, so none are added (as transformers does).
+        return self.encode(self.render_chat(messages, add_generation_prompt), add_bos=False)
+
+
+class ChatTemplate:
+    """A model's Jinja chat template, rendered as transformers' apply_chat_template renders it: a sandboxed
+    environment with the same options, filters and globals, and the special tokens in the context."""
+
+    def __init__(self, source: str, special_tokens: dict[str, str]):
+        from jinja2 import TemplateError
+        from jinja2.ext import loopcontrols
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+        env.filters["tojson"] = _tojson
+        env.globals.update(raise_exception=_raise_template_error, strftime_now=lambda f: datetime.now().strftime(f))
+        try:
+            self._template = env.from_string(source)
+        except TemplateError as exc:
+            raise ConfigError(f"the model's chat template is not valid Jinja ({exc})") from None
+        self.special_tokens = special_tokens
+
+    def render(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> str:
+        from jinja2 import TemplateError
+
+        try:
+            return self._template.render(messages=[asdict(m) for m in messages], tools=None, documents=None,
+                                         add_generation_prompt=add_generation_prompt, **self.special_tokens)
+        except TemplateError as exc:  # raise_exception() in the template, or a template bug
+            raise RequestError(f"the model's chat template refused the conversation: {exc}") from None
 
 
 class StreamDecoder:
@@ -134,6 +175,30 @@ def _byte_level_decoding() -> dict[str, int]:
     table = {chr(b): b for b in printable}
     table.update({chr(256 + i): b for i, b in enumerate(others)})
     return table
+
+
+def _chat_template_source(folder: Path, settings: dict) -> str | None:
+    """chat_template.jinja if the folder has one, else tokenizer_config.json's chat_template (a string, or
+    named templates of which "default" is the chat one), as transformers reads them."""
+    path = folder / "chat_template.jinja"
+    if path.is_file():
+        return path.read_text(encoding="utf-8")
+    template = settings.get("chat_template")
+    if isinstance(template, list):
+        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
+                        None)
+    return template if isinstance(template, str) else None
+
+
+def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
+    # Jinja's own tojson escapes HTML characters; chat templates expect plain JSON.
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _raise_template_error(message: str):
+    from jinja2 import TemplateError
+
+    raise TemplateError(message)
 
 
 def _read_json(path: Path) -> dict:

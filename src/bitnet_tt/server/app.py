@@ -21,14 +21,17 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from fastapi import APIRouter, Depends, FastAPI, Request as HTTPRequest
+from pydantic import BaseModel
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .. import __version__
 from ..engine import Engine, Request, RequestOutput, RequestStatus
 from ..errors import BitNetError, CapacityError
 from ..sampling import SamplingParams
 from .protocol import (
-    APIError, ApiFormat, ChatFormat, CompletionFormat, Reply, completion_budget, new_request_id, parse_body,
+    APIError, ApiFormat, ChatFormat, CompletionFormat, DetokenizeRequest, Reply, TokenizeRequest, completion_budget,
+    new_request_id, parse_body,
 )
 
 logger = logging.getLogger("bitnet_tt.server")
@@ -373,12 +376,17 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
             raise APIError(401, "Incorrect or missing API key: send the header 'Authorization: Bearer <key>'",
                            code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
-    async def complete(http_request: HTTPRequest, api: ApiFormat) -> Response:
-        """Chat and text completions, streamed or not: one path."""
-        body = parse_body(api.request_model, await read_body(http_request, max_body_bytes))
-        if body.model != model_name:
+    async def request_body(http_request: HTTPRequest, model: type[BaseModel]) -> BaseModel:
+        """The validated body; a model other than the one served is a 404 (tokenizer routes may omit it)."""
+        body = parse_body(model, await read_body(http_request, max_body_bytes))
+        if body.model is not None and body.model != model_name:
             raise APIError(404, f"The model '{body.model}' does not exist; this server serves '{model_name}'",
                            param="model", code="model_not_found")
+        return body
+
+    async def complete(http_request: HTTPRequest, api: ApiFormat) -> Response:
+        """Chat and text completions, streamed or not: one path."""
+        body = await request_body(http_request, api.request_model)
         prompt_ids = api.prompt_ids(body, engine.tokenizer)
         max_new = completion_budget(len(prompt_ids), body.requested_max_tokens(), engine.backend.max_context)
         generation = Generation(engine_loop, prompt_ids, body.sampling_params(max_new), new_request_id(api))
@@ -411,6 +419,23 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
         return {"object": "list", "data": [card]}
 
     app.include_router(v1)
+    # Served beside /v1, where vLLM and llama.cpp's server have them; they need the key as /v1 does.
+    tokens = APIRouter(dependencies=[Depends(check_api_key)])
+
+    @tokens.post("/tokenize")
+    async def tokenize(http_request: HTTPRequest) -> dict:
+        body = await request_body(http_request, TokenizeRequest)
+        return body.response(body.token_ids(engine.tokenizer), engine.tokenizer, engine.backend.max_context)
+
+    @tokens.post("/detokenize")
+    async def detokenize(http_request: HTTPRequest) -> dict:
+        return (await request_body(http_request, DetokenizeRequest)).response(engine.tokenizer)
+
+    app.include_router(tokens)
+
+    @app.get("/version")
+    async def version() -> dict:
+        return {"version": __version__}
 
     @app.get("/health")
     async def health() -> Response:

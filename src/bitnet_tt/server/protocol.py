@@ -230,6 +230,50 @@ class CompletionRequest(_GenerationRequest):
         return self.logprobs is not None, self.logprobs or 0
 
 
+class TokenizeRequest(_Body):
+    """/tokenize as vLLM takes it (prompt or messages) and as llama.cpp's server does (content)."""
+
+    model: str | None = None
+    prompt: str | None = None
+    content: str | None = None  # llama.cpp's name for the prompt
+    messages: list[ChatMessageIn] | None = Field(None, min_length=1)
+    add_special_tokens: bool | None = None  # vLLM: the BOS token (default true)
+    add_special: bool | None = None  # llama.cpp: the BOS token (default false)
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False  # vLLM: each token's text as well
+    with_pieces: bool = False  # llama.cpp: tokens as {id, piece} objects
+
+    @model_validator(mode="after")
+    def _one_input(self):
+        if sum(x is not None for x in (self.prompt, self.content, self.messages)) != 1:
+            raise APIError(400, "send exactly one of 'prompt', 'content' or 'messages'")
+        return self
+
+    def token_ids(self, tokenizer: Tokenizer) -> list[int]:
+        if self.messages is not None:
+            return tokenizer.encode_chat([m.message() for m in self.messages], self.add_generation_prompt)
+        add_bos = self.add_special_tokens if self.add_special_tokens is not None else (
+            self.add_special if self.add_special is not None else self.prompt is not None)
+        return tokenizer.encode(self.prompt if self.prompt is not None else self.content, add_bos=add_bos)
+
+    def response(self, ids: list[int], tokenizer: Tokenizer, max_model_len: int) -> dict:
+        texts = [tokenizer.token_text(i) for i in ids] if self.return_token_strs or self.with_pieces else None
+        tokens = [{"id": i, "piece": t} for i, t in zip(ids, texts)] if self.with_pieces else ids
+        answer = {"count": len(ids), "max_model_len": max_model_len, "tokens": tokens}
+        return {**answer, "token_strs": texts} if self.return_token_strs else answer
+
+
+class DetokenizeRequest(_Body):
+    model: str | None = None
+    tokens: list[int]
+
+    def response(self, tokenizer: Tokenizer) -> dict:
+        if any(not 0 <= t < tokenizer.vocab_size for t in self.tokens):
+            raise APIError(400, f"token ids must be in [0, {tokenizer.vocab_size})", param="tokens")
+        text = tokenizer.decode(self.tokens)
+        return {"prompt": text, "content": text}  # vLLM's and llama.cpp's names
+
+
 def completion_budget(prompt_tokens: int, requested: int | None, context: int) -> int:
     """max_new_tokens for a request: what it asked for, else the rest of the context; 400 if it cannot fit."""
     room = context - prompt_tokens
