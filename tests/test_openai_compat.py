@@ -197,3 +197,36 @@ def test_version(http):
     from bitnet_tt import __version__
 
     assert http.get("/version").json() == {"version": __version__}
+
+
+# --- n > 1 -----------------------------------------------------------------------------------------------
+
+
+def test_n_greedy_choices_are_the_single_answer(client):
+    one = chat(client, max_tokens=6)
+    three = chat(client, max_tokens=6, n=3)
+    assert [c.index for c in three.choices] == [0, 1, 2]
+    assert {c.message.content for c in three.choices} == {one.choices[0].message.content}
+    assert three.usage.prompt_tokens == one.usage.prompt_tokens and three.usage.completion_tokens == 18
+
+
+def test_n_seeded_choices_differ_and_repeat(client):
+    def tokens() -> list[list]:
+        reply = chat(client, max_tokens=8, temperature=5.0, seed=7, n=4, logprobs=True)
+        return [[t.bytes for t in c.logprobs.content] for c in sorted(reply.choices, key=lambda c: c.index)]
+
+    first = tokens()
+    assert first == tokens() and len({str(t) for t in first}) > 1
+
+
+def test_n_streamed_choices_equal_the_whole_reply(client):
+    whole = chat(client, max_tokens=6, n=2, temperature=1.0, seed=3)
+    texts, finishes = ["", ""], [None, None]
+    chunks = list(chat(client, max_tokens=6, n=2, temperature=1.0, seed=3, stream=True,
+                       stream_options={"include_usage": True}))
+    for chunk in chunks[:-1]:
+        (choice,) = chunk.choices
+        texts[choice.index] += choice.delta.content or ""
+        finishes[choice.index] = choice.finish_reason or finishes[choice.index]
+    assert texts == [c.message.content for c in whole.choices] and finishes == ["length", "length"]
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens == 12

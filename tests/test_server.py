@@ -305,7 +305,8 @@ OK_TEXT = {"model": MODEL, "prompt": "Hi", "max_tokens": 2}
     ("/v1/chat/completions", {**OK_CHAT, "top_p": 0}, 400, None, None),
     ("/v1/chat/completions", {**OK_CHAT, "top_logprobs": 1000}, 400, None, None),
     ("/v1/chat/completions", {**OK_CHAT, "seed": -1}, 400, None, None),
-    ("/v1/chat/completions", {**OK_CHAT, "n": 2}, 400, "n", None),
+    ("/v1/chat/completions", {**OK_CHAT, "n": 0}, 400, "n", None),
+    ("/v1/chat/completions", {**OK_CHAT, "n": 1000}, 400, "n", None),
     ("/v1/chat/completions", {**OK_CHAT, "stop": [""]}, 400, None, None),
     ("/v1/chat/completions", {**OK_CHAT, "stop": 7}, 400, "stop", None),
     ("/v1/chat/completions", {**OK_CHAT, "stream": "yes"}, 400, "stream", None),
@@ -332,7 +333,7 @@ def test_bad_input_gets_an_openai_error(server, path, body, status, param, code)
 
 def test_metrics_exposition(server, client):
     client.completions.create(model=MODEL, prompt="count me", max_tokens=3, **GREEDY)
-    server.post("/v1/completions", json={**OK_TEXT, "n": 3})
+    server.post("/v1/completions", json={**OK_TEXT, "n": 0})
     metrics = server.wait_idle()
     assert metrics['bitnet_tt_requests_total{endpoint="/v1/completions",status="200"}'] >= 1
     assert metrics['bitnet_tt_requests_total{endpoint="/v1/completions",status="400"}'] >= 1

@@ -130,9 +130,8 @@ class Engine:
         outputs: list[RequestOutput] = []
         self._apply_cancellations(outputs)
         admitted = self._admit()
-        for request in admitted:
-            request.stats.prefill_started = time.perf_counter()
-            logits = self._timed(self.backend.prefill, request.slot, request.prompt_ids)
+        # Every prompt is in its slot before any first token is accepted: one that ends at once frees its slot.
+        for request, logits in zip(admitted, self._prefill(admitted)):
             self._accept(request, logits, outputs)
         decoding = [r for r in self._running.values() if r not in admitted]
         if decoding:
@@ -141,6 +140,23 @@ class Engine:
         self.stats.step_seconds += time.perf_counter() - started
         self._deliver(outputs)
         return outputs
+
+    def _prefill(self, admitted: list[Request]) -> list[torch.Tensor]:
+        """Each admitted request's last-position logits. Requests with the same prompt (the choices of an n > 1
+        request) share one prefill when the backend can copy a slot's context."""
+        done: dict[tuple[int, ...], tuple[Request, torch.Tensor]] = {}
+        logits = []
+        for request in admitted:
+            request.stats.prefill_started = time.perf_counter()
+            prompt = tuple(request.prompt_ids)
+            if prompt in done and self.backend.copies_slots:
+                source, row = done[prompt]
+                self._timed(self.backend.copy_slot, source.slot, request.slot, len(prompt))
+            else:
+                row = self._timed(self.backend.prefill, request.slot, request.prompt_ids)
+                done[prompt] = (request, row)
+            logits.append(row)
+        return logits
 
     def _decode(self, decoding: list[Request], outputs: list[RequestOutput]) -> None:
         """One batched decode call for every active slot that was not prefilled in this step."""

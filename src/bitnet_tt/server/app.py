@@ -177,9 +177,10 @@ class EngineLoop:
     def healthy(self) -> bool:
         return self._failure is None and self._thread.is_alive()
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
-               deliver: Callable[[RequestOutput | APIError], None]) -> Request:
-        """Queue a request whose outputs go to `deliver` (called in the engine thread); 429 when too many wait."""
+    def submit(self, prompt_ids: list[int], choice_params: list[SamplingParams], reply_id: str,
+               deliver: Callable[[RequestOutput | APIError], None]) -> list[Request]:
+        """Queue one request per choice, whose outputs go to `deliver` (called in the engine thread); 429 when
+        the queue is full (a request with several choices is let in whole while it is not)."""
         # Holding the lock makes the check and the submission one step, and keeps _on_output (which takes
         # the lock) from seeing the request's outputs before it is registered in _live.
         with self._lock:
@@ -190,10 +191,12 @@ class EngineLoop:
                 raise APIError(429, f"the server is busy: {waiting} requests are waiting for a slot; retry later",
                                type="rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
             submitted = time.perf_counter()
-            request = self.engine.submit(prompt_ids, params, on_output=self._on_output, request_id=request_id)
-            self._live[request_id] = _Live(request, deliver, submitted)
+            requests = [self.engine.submit(prompt_ids, params, on_output=self._on_output, request_id=f"{reply_id}-{i}")
+                        for i, params in enumerate(choice_params)]
+            for request in requests:
+                self._live[request.id] = _Live(request, deliver, submitted)
         self._wake.set()
-        return request
+        return requests
 
     def cancel(self, request_id: str) -> None:
         self.engine.cancel(request_id)
@@ -254,9 +257,11 @@ class EngineLoop:
 
 
 class Generation:
-    """A submitted request: its outputs arrive on an asyncio queue, fed from the engine thread."""
+    """A submitted request (one engine request per choice): their outputs arrive on one asyncio queue, fed from
+    the engine thread."""
 
-    def __init__(self, engine_loop: EngineLoop, prompt_ids: list[int], params: SamplingParams, request_id: str):
+    def __init__(self, engine_loop: EngineLoop, prompt_ids: list[int], choice_params: list[SamplingParams],
+                 reply_id: str):
         self._engine_loop = engine_loop
         self._queue: asyncio.Queue[RequestOutput | APIError] = asyncio.Queue()
         event_loop = asyncio.get_running_loop()
@@ -265,21 +270,23 @@ class Generation:
             if not event_loop.is_closed():  # the server may already have stopped
                 event_loop.call_soon_threadsafe(self._queue.put_nowait, item)
 
-        self.request = engine_loop.submit(prompt_ids, params, request_id, deliver)
+        self.requests = engine_loop.submit(prompt_ids, choice_params, reply_id, deliver)
 
     async def outputs(self) -> AsyncIterator[RequestOutput]:
-        while True:
+        """Every choice's outputs, in the order they come, until the last choice has finished."""
+        unfinished = len(self.requests)
+        while unfinished:
             item = await self._queue.get()
             if isinstance(item, APIError):
                 raise item
             yield item
-            if item.finished:
-                return
+            unfinished -= item.finished
 
     def cancel(self) -> None:
-        """Free the request's slot at the engine's next step, unless it has finished already."""
-        if not self.request.finished:
-            self._engine_loop.cancel(self.request.id)
+        """Free the slots of the choices that have not finished, at the engine's next step."""
+        for request in self.requests:
+            if not request.finished:
+                self._engine_loop.cancel(request.id)
 
 
 class EventStream(StreamingResponse):
@@ -389,8 +396,9 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
         body = await request_body(http_request, api.request_model)
         prompt_ids = api.prompt_ids(body, engine.tokenizer)
         max_new = completion_budget(len(prompt_ids), body.requested_max_tokens(), engine.backend.max_context)
-        generation = Generation(engine_loop, prompt_ids, body.sampling_params(max_new), new_request_id(api))
-        reply = Reply(api, generation.request, model_name, engine.tokenizer.token_text)
+        reply_id = new_request_id(api)
+        generation = Generation(engine_loop, prompt_ids, body.choice_params(max_new), reply_id)
+        reply = Reply(api, reply_id, generation.requests, model_name, engine.tokenizer.token_text)
         if body.stream:
             return EventStream(generation, stream_events(generation, reply, body.include_usage))
         try:

@@ -6,6 +6,7 @@ logprobs are laid out; `ChatFormat` and `CompletionFormat` hold those difference
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 import uuid
@@ -21,6 +22,7 @@ from ..tokenizer import ChatMessage, Tokenizer
 logger = logging.getLogger("bitnet_tt.server")
 
 MAX_STOP_STRINGS = 16
+MAX_CHOICES = 16  # n: each choice holds a KV-cache slot of its own
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
 
 
@@ -161,7 +163,7 @@ class _GenerationRequest(_Body):
     frequency_penalty: float = 0.0
     seed: int | None = None
     stop: str | list[str] | None = Field(None, max_length=MAX_STOP_STRINGS)
-    n: int = 1
+    n: int = Field(1, ge=1, le=MAX_CHOICES)
     stream: bool = False
     stream_options: StreamOptions | None = None
     # Beyond OpenAI's set, named as vLLM names them (clients send them with extra_body).
@@ -178,13 +180,6 @@ class _GenerationRequest(_Body):
             raise ValueError("keys must be token ids")
         return bias
 
-    @field_validator("n")
-    @classmethod
-    def _one_choice(cls, n: int) -> int:
-        if n != 1:
-            raise ValueError("only n=1 is supported")
-        return n
-
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
 
@@ -195,6 +190,14 @@ class _GenerationRequest(_Body):
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+    def choice_params(self, max_new_tokens: int) -> list[SamplingParams]:
+        """One SamplingParams per choice; a seeded request seeds its choices seed, seed + 1, ... so that they
+        differ from each other and repeat from run to run."""
+        params = self.sampling_params(max_new_tokens)
+        if params.seed is None:
+            return [params] * self.n
+        return [dataclasses.replace(params, seed=(params.seed + i) % 2**63) for i in range(self.n)]
 
     def sampling_params(self, max_new_tokens: int) -> SamplingParams:
         logprobs, top_logprobs = self.logprob_request()
@@ -341,44 +344,53 @@ def new_request_id(api: ApiFormat) -> str:
 
 
 class Reply:
-    """The OpenAI JSON of one request: the whole completion, or its stream chunks in order."""
+    """The OpenAI JSON of one HTTP request: the whole completion, or its stream chunks in order. Each of its
+    engine requests is one choice (n > 1: several), reported under its index."""
 
-    def __init__(self, api: ApiFormat, request: Request, model: str, token_text: Callable[[int], str]):
-        self.api, self.request, self.model, self.token_text = api, request, model, token_text
+    def __init__(self, api: ApiFormat, reply_id: str, requests: list[Request], model: str,
+                 token_text: Callable[[int], str]):
+        self.api, self.id, self.requests, self.model, self.token_text = api, reply_id, requests, model, token_text
         self.created = int(time.time())
-        self.wants_logprobs = request.params.logprobs or request.params.top_logprobs > 0
-        self._tokens_seen = 0
-        self._tokens_reported = 0  # tokens whose logprobs were already sent in a chunk
-        self._started = False  # a chunk was sent (the first one carries the chat role)
+        params = requests[0].params
+        self.wants_logprobs = params.logprobs or params.top_logprobs > 0
+        self._index = {request.id: i for i, request in enumerate(requests)}
+        self._tokens_seen = [0] * len(requests)
+        self._tokens_reported = [0] * len(requests)  # tokens whose logprobs were already sent in a chunk
+        self._started = [False] * len(requests)  # a chunk was sent (the first one carries the chat role)
 
     def completion(self) -> dict:
-        """The whole reply, once the request has finished."""
-        choice = self._choice(self.request.text, self.request.finish_reason, self.request.choices, streaming=False)
-        return self._envelope(self.api.object, [choice], usage=self.usage())
+        """The whole reply, once every choice has finished."""
+        choices = [self._choice(i, r.text, r.finish_reason, r.choices, streaming=False)
+                   for i, r in enumerate(self.requests)]
+        return self._envelope(self.api.object, choices, usage=self.usage())
 
     def chunk(self, output: RequestOutput) -> dict | None:
         """The stream chunk for an engine output: its text, the logprobs of the tokens since the last chunk,
         the finish reason on the last one. None when there is nothing to send (text held back, no logprobs)."""
-        self._tokens_seen += len(output.token_ids)
+        i = self._index[output.request.id]
+        self._tokens_seen[i] += len(output.token_ids)
         if not (output.text or output.finished or self.wants_logprobs):
             return None
         # request.choices only grows (in the engine thread) and already holds every token seen here.
-        choices = self.request.choices[self._tokens_reported:self._tokens_seen]
-        self._tokens_reported = self._tokens_seen
-        first, self._started = not self._started, True
-        reason = self.request.finish_reason if output.finished else None
-        return self._envelope(self.api.chunk_object, [self._choice(output.text, reason, choices, True, first)])
+        choices = output.request.choices[self._tokens_reported[i]:self._tokens_seen[i]]
+        self._tokens_reported[i] = self._tokens_seen[i]
+        first, self._started[i] = not self._started[i], True
+        reason = output.request.finish_reason if output.finished else None
+        return self._envelope(self.api.chunk_object, [self._choice(i, output.text, reason, choices, True, first)])
 
     def usage_chunk(self) -> dict:
         return self._envelope(self.api.chunk_object, [], usage=self.usage())
 
     def usage(self) -> dict:
-        prompt, completion = len(self.request.prompt_ids), len(self.request.output_ids)
+        """The prompt counts once, however many choices share it."""
+        prompt = len(self.requests[0].prompt_ids)
+        completion = sum(len(r.output_ids) for r in self.requests)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
-    def _choice(self, text: str, finish_reason: str | None, choices, streaming: bool, first: bool = False) -> dict:
+    def _choice(self, index: int, text: str, finish_reason: str | None, choices, streaming: bool,
+                first: bool = False) -> dict:
         logprobs = self.api.logprobs(self._logprob_entries(choices)) if self.wants_logprobs else None
-        return {"index": 0, **self.api.content(text, streaming, first), "logprobs": logprobs,
+        return {"index": index, **self.api.content(text, streaming, first), "logprobs": logprobs,
                 "finish_reason": finish_reason}
 
     def _logprob_entries(self, choices) -> list[LogprobEntry]:
@@ -386,5 +398,5 @@ class Reply:
         return [(text(c.token_id), c.logprob, [(text(t), lp) for t, lp in c.top]) for c in choices]
 
     def _envelope(self, object_name: str, choices: list[dict], usage: dict | None = None) -> dict:
-        return {"id": self.request.id, "object": object_name, "created": self.created, "model": self.model,
+        return {"id": self.id, "object": object_name, "created": self.created, "model": self.model,
                 "choices": choices, "usage": usage, "system_fingerprint": None}
