@@ -6,6 +6,7 @@ effect this server cannot honour are a 400 that says why.
 
 from __future__ import annotations
 
+import json
 import logging
 
 import httpx
@@ -230,3 +231,69 @@ def test_n_streamed_choices_equal_the_whole_reply(client):
         finishes[choice.index] = choice.finish_reason or finishes[choice.index]
     assert texts == [c.message.content for c in whole.choices] and finishes == ["length", "length"]
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens == 12
+
+
+# --- response_format: grammar-constrained JSON ---------------------------------------------------------------
+
+PERSON = {"type": "object", "additionalProperties": False, "required": ["name", "age", "ok", "tags"],
+          "properties": {"name": {"type": "string", "maxLength": 8},
+                         "age": {"type": "integer", "minimum": 0, "maximum": 150},
+                         "ok": {"type": "boolean"},
+                         "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 3}}}
+SCHEMAS = {  # name -> (schema, whether a value matches it)
+    "person": (PERSON, lambda v: set(v) == {"name", "age", "ok", "tags"} and isinstance(v["name"], str)
+               and len(v["name"]) <= 8 and type(v["age"]) is int and 0 <= v["age"] <= 150
+               and isinstance(v["ok"], bool) and len(v["tags"]) <= 3 and set(v["tags"]) <= {"a", "b"}),
+    "answer": ({"enum": ["yes", "no", "maybe"]}, lambda v: v in ("yes", "no", "maybe")),
+    "pair": ({"type": "array", "minItems": 2, "maxItems": 2, "items": {"type": "boolean"}},
+             lambda v: len(v) == 2 and all(isinstance(x, bool) for x in v)),
+    "nested": ({"type": "object", "required": ["point"], "additionalProperties": False,
+                "properties": {"point": {"type": "object", "required": ["x", "y"], "additionalProperties": False,
+                                         "properties": {"x": {"type": "integer", "minimum": -9, "maximum": 9},
+                                                        "y": {"type": "number", "enum": [0.5, 1.5]}}}}},
+               lambda v: set(v) == {"point"} and set(v["point"]) == {"x", "y"} and -9 <= v["point"]["x"] <= 9
+               and v["point"]["y"] in (0.5, 1.5)),
+}
+
+
+@pytest.mark.parametrize("name", SCHEMAS)
+@pytest.mark.parametrize("sampling", [dict(temperature=0), dict(temperature=1.5, seed=11)])
+def test_json_schema_output_parses_and_matches(client, name, sampling):
+    schema, matches = SCHEMAS[name]
+    response_format = {"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": True}}
+    reply = client.chat.completions.create(model=MODEL, messages=HI, max_tokens=120, response_format=response_format,
+                                           **sampling)
+    choice = reply.choices[0]
+    assert choice.finish_reason == "stop", choice
+    assert matches(json.loads(choice.message.content)), choice.message.content
+
+
+def test_json_object_output_is_an_object_and_streams_the_same(client):
+    args = dict(model=MODEL, messages=HI, max_tokens=120, response_format={"type": "json_object"}, temperature=1.5,
+                seed=5)
+    whole = client.chat.completions.create(**args).choices[0]
+    assert whole.finish_reason == "stop" and isinstance(json.loads(whole.message.content), dict)
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(**args, stream=True)
+                       if c.choices)
+    assert streamed == whole.message.content
+
+
+def test_a_cut_off_constrained_output_says_length(client):
+    endless = {"type": "array", "items": {"type": "integer"}}  # the tiny model writes one long number
+    reply = client.completions.create(model=MODEL, prompt="Numbers:", max_tokens=10, temperature=0,
+                                      extra_body={"response_format": {"type": "json_schema",
+                                                                      "json_schema": {"name": "n", "schema": endless}}})
+    choice = reply.choices[0]
+    assert (choice.finish_reason, reply.usage.completion_tokens) == ("length", 10)
+    assert choice.text.startswith("[")  # the grammar held while it lasted; the JSON is unfinished
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(choice.text)
+
+
+@pytest.mark.parametrize("response_format", [
+    {"type": "json_schema"}, {"type": "xml"}, {"type": "json_schema", "json_schema": {"schema": {"type": "objectx"}}},
+    {"type": "json_schema", "json_schema": {"schema": "not a schema"}},
+])
+def test_bad_response_format_is_a_400(client, response_format):
+    with pytest.raises(BadRequestError):
+        chat(client, response_format=response_format)

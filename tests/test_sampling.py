@@ -19,9 +19,10 @@ from bitnet_tt.sampling import (
 LOGITS = torch.tensor([3.0, 2.5, 2.0, 1.0, 0.5, 0.0, -1.0, -2.0])
 
 
-def draw(params: SamplingParams, n: int = 2000, logits=LOGITS, output_ids=(), prompt_ids=()) -> torch.Tensor:
+def draw(params: SamplingParams, n: int = 2000, logits=LOGITS, output_ids=(), prompt_ids=(), allowed=None):
     gen = torch.Generator().manual_seed(1234)
-    return torch.tensor([sample_token(logits, params, list(prompt_ids), list(output_ids), gen).token_id for _ in range(n)])
+    return torch.tensor([sample_token(logits, params, list(prompt_ids), list(output_ids), gen, allowed).token_id
+                         for _ in range(n)])
 
 
 def test_temperature_zero_is_greedy():
@@ -91,6 +92,13 @@ def test_logit_bias_adds_to_the_logits_before_sampling():
     assert choice.token_id == 3 and math.isclose(choice.logprob, float(LOGITS.log_softmax(-1)[3]), rel_tol=1e-6)
 
 
+def test_a_token_mask_leaves_only_the_allowed_tokens():
+    allowed = torch.zeros(len(LOGITS), dtype=torch.bool)
+    allowed[[4, 6]] = True
+    assert draw(SamplingParams(temperature=0.0), n=1, allowed=allowed)[0] == 4
+    assert set(draw(SamplingParams(temperature=2.0), n=300, allowed=allowed).tolist()) == {4, 6}
+
+
 def test_logprobs_are_the_model_distribution():
     gen = torch.Generator().manual_seed(0)
     choice = sample_token(LOGITS, SamplingParams(temperature=0.0, logprobs=True, top_logprobs=3), [], [], gen)
@@ -120,7 +128,8 @@ def test_device_sampleable_only_where_a_32_candidate_sampler_is_exact():
     for params in (SamplingParams(temperature=0.7), SamplingParams(temperature=0.7, top_k=33),
                    SamplingParams(temperature=0.7, top_k=5, min_p=0.1), SamplingParams(temperature=0.0, logprobs=True),
                    SamplingParams(temperature=0.7, top_k=5, presence_penalty=0.5),
-                   SamplingParams(temperature=0.0, logit_bias={3: 1.0})):
+                   SamplingParams(temperature=0.0, logit_bias={3: 1.0}),
+                   SamplingParams(temperature=0.0, json_schema='{"type": "object"}')):
         assert not device_sampleable(params, 32), params
     assert not device_sampleable(SamplingParams(temperature=0.7, top_k=5), 0)
 

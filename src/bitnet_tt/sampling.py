@@ -29,6 +29,7 @@ class SamplingParams:
     top_logprobs: int = 0
     ignore_eos: bool = False  # keep generating past end ids (benchmarks)
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit); a mapping is accepted too
+    json_schema: str | None = None  # the output must be JSON matching this schema (JSON text); see grammar.py
 
     def __post_init__(self):
         if isinstance(self.logit_bias, dict):
@@ -59,9 +60,10 @@ class SamplingParams:
 
     @property
     def raw_logits_suffice(self) -> bool:
-        """No penalties or biases reshape the logits and no log-probs are reported: the raw logits decide the token."""
-        return (not (self.logprobs or self.top_logprobs or self.logit_bias) and self.repetition_penalty == 1.0
-                and self.presence_penalty == 0.0 and self.frequency_penalty == 0.0)
+        """No penalties, biases or grammar reshape the logits and no log-probs are reported: the raw logits decide
+        the token."""
+        return (not (self.logprobs or self.top_logprobs or self.logit_bias) and self.json_schema is None
+                and self.repetition_penalty == 1.0 and self.presence_penalty == 0.0 and self.frequency_penalty == 0.0)
 
     @property
     def plain_greedy(self) -> bool:
@@ -142,11 +144,15 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
 
 
 def sample_token(
-    logits: torch.Tensor, params: SamplingParams, prompt_ids, output_ids, generator: torch.Generator | None
+    logits: torch.Tensor, params: SamplingParams, prompt_ids, output_ids, generator: torch.Generator | None,
+    allowed: torch.Tensor | None = None,
 ) -> TokenChoice:
-    """Pick the next token from fp32 logits [vocab] for one request."""
+    """Pick the next token from fp32 logits [vocab] for one request; only where `allowed` (bool [vocab]) is True
+    when given (a grammar's mask). Log-probs stay those of the model's own distribution."""
     raw = logits
     logits = apply_penalties(logits.clone(), params, prompt_ids, output_ids)
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, float("-inf"))
     if params.greedy:
         token = int(logits.argmax())
     else:

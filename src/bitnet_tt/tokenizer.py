@@ -62,6 +62,10 @@ class Tokenizer:
             ids = [self.bos_id] + ids
         return ids
 
+    def to_json(self) -> str:
+        """The tokenizer as tokenizer.json text (for libraries that build their own view of the vocabulary)."""
+        return self._tok.to_str()
+
     def decode(self, ids: list[int]) -> str:
         known = [i for i in ids if 0 <= i < self.vocab_size]  # random-weight models can emit unmapped ids
         return self._tok.decode(known, skip_special_tokens=True)

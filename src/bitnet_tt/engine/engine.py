@@ -23,6 +23,7 @@ from ..sampling import (
     device_sampleable,
     sample_token,
 )
+from ..grammar import GrammarCompiler, TokenConstraint
 from ..tokenizer import ChatMessage, StreamDecoder, Tokenizer
 from .request import Request, RequestOutput, RequestStatus
 
@@ -67,6 +68,7 @@ class Engine:
         self._cancelled: set[str] = set()
         self._ids = itertools.count()
         self._free_slots = list(range(backend.max_slots))
+        self._grammar: GrammarCompiler | None = None
 
     # -- submitting ------------------------------------------------------------------------------
 
@@ -82,7 +84,7 @@ class Engine:
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         request = Request(
             id=request_id or f"req-{next(self._ids)}", prompt_ids=ids, params=params, on_output=on_output,
-            generator=torch.Generator().manual_seed(seed),
+            generator=torch.Generator().manual_seed(seed), constraint=self._constraint(params),
         )
         with self._lock:
             self._text[request.id] = _TextState(StreamDecoder(self.tokenizer))
@@ -96,6 +98,14 @@ class Engine:
         """Stop a request; its slot is freed at the start of the next step. Thread-safe."""
         with self._lock:
             self._cancelled.add(request_id)
+
+    def _constraint(self, params: SamplingParams) -> TokenConstraint | None:
+        if params.json_schema is None:
+            return None
+        with self._lock:  # the grammar compiler is built once, on first use
+            if self._grammar is None:
+                self._grammar = GrammarCompiler(self.tokenizer, self.backend.config.vocab_size)
+        return self._grammar.constraint(params.json_schema)
 
     def _check_token_ids(self, params: SamplingParams) -> None:
         vocab = self.backend.config.vocab_size
@@ -241,7 +251,12 @@ class Engine:
     # -- one sampled token --------------------------------------------------------------------------
 
     def _accept(self, request: Request, logits: torch.Tensor, outputs: list[RequestOutput]) -> None:
-        choice = sample_token(logits, request.params, request.prompt_ids, request.output_ids, request.generator)
+        constraint = request.constraint
+        allowed = constraint.allowed() if constraint else None
+        choice = sample_token(logits, request.params, request.prompt_ids, request.output_ids, request.generator,
+                              allowed)
+        if constraint:
+            constraint.accept(choice.token_id)
         self._accept_choice(request, choice, outputs)
 
     def _accept_choice(self, request: Request, choice: TokenChoice, outputs: list[RequestOutput]) -> None:
@@ -258,11 +273,13 @@ class Engine:
             self._finish(request, "stop", outputs, [choice.token_id], text)
             return
         text, hit_stop = self._release_text(state, state.decoder.add(choice.token_id), params.stop)
-        if not hit_stop and (len(request.output_ids) >= params.max_new_tokens or self._context_full(request)):
+        complete = request.constraint is not None and request.constraint.complete  # the grammar's output is whole
+        if not hit_stop and (complete or len(request.output_ids) >= params.max_new_tokens
+                             or self._context_full(request)):
             tail, hit_stop = self._release_text(state, state.decoder.flush(), params.stop, final=True)
             text += tail
             if not hit_stop:
-                self._finish(request, "length", outputs, [choice.token_id], text)
+                self._finish(request, "stop" if complete else "length", outputs, [choice.token_id], text)
                 return
         if hit_stop:
             self._finish(request, "stop", outputs, [choice.token_id], text)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..grammar import TokenConstraint
 from ..sampling import SamplingParams, TokenChoice
 
 
@@ -73,6 +74,7 @@ class Request:
     finish_reason: str | None = None  # "stop", "length", "cancelled"
     stats: RequestStats = field(default_factory=RequestStats)
     generator: torch.Generator | None = None
+    constraint: TokenConstraint | None = None  # the grammar its output must follow (response_format)
 
     @property
     def finished(self) -> bool:

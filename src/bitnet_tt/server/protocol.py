@@ -7,6 +7,7 @@ logprobs are laid out; `ChatFormat` and `CompletionFormat` hold those difference
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
 import uuid
@@ -16,6 +17,7 @@ from typing import ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..engine import Request, RequestOutput
+from ..grammar import ANY_OBJECT
 from ..sampling import SamplingParams
 from ..tokenizer import ChatMessage, Tokenizer
 
@@ -152,6 +154,32 @@ class StreamOptions(_Body):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(_Body):
+    log_name = "json_schema"
+    name: str | None = None
+    description: str | None = None
+    schema_: dict = Field(alias="schema")
+    strict: bool | None = None  # the output always matches the schema: constrained decoding is strict
+
+
+class ResponseFormat(_Body):
+    log_name = "response_format"
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self):
+        if self.type == "json_schema" and self.json_schema is None:
+            raise APIError(400, "response_format of type json_schema needs a 'json_schema'", param="response_format")
+        return self
+
+    def schema_text(self) -> str | None:
+        """The JSON schema the output must match, as JSON text; None for plain text."""
+        if self.type == "json_object":
+            return ANY_OBJECT
+        return json.dumps(self.json_schema.schema_) if self.type == "json_schema" else None
+
+
 class _GenerationRequest(_Body):
     """Fields shared by chat and text completions. Ranges are checked by SamplingParams, in one place."""
 
@@ -172,6 +200,7 @@ class _GenerationRequest(_Body):
     repetition_penalty: float = 1.0
     ignore_eos: bool = False
     logit_bias: dict[str, float] | None = None  # token id (a JSON key, so a string) -> bias
+    response_format: ResponseFormat | None = None
 
     @field_validator("logit_bias")
     @classmethod
@@ -208,6 +237,7 @@ class _GenerationRequest(_Body):
             frequency_penalty=self.frequency_penalty, seed=self.seed, stop=stop, logprobs=logprobs,
             top_logprobs=top_logprobs, ignore_eos=self.ignore_eos,
             logit_bias={int(token): bias for token, bias in (self.logit_bias or {}).items()},
+            json_schema=self.response_format.schema_text() if self.response_format else None,
         )
 
 
