@@ -135,29 +135,28 @@ class ChatTemplate:
 
 
 class StreamDecoder:
-    """Turns token ids into text pieces; a piece never ends inside a multi-byte UTF-8 character."""
+    """Turns token ids into text pieces with tokenizers' DecodeStream; a piece never ends inside a multi-byte
+    UTF-8 character (DecodeStream holds such tokens back until the character is whole)."""
 
     def __init__(self, tokenizer: Tokenizer):
+        from tokenizers.decoders import DecodeStream
+
         self.tokenizer = tokenizer
-        self.ids: list[int] = []
-        self.prefix = 0  # start of the window re-decoded for context (BPE merges depend on neighbours)
-        self.read = 0  # ids before this have been emitted as text
+        self._stream = DecodeStream(skip_special_tokens=True)
+        self._held: list[int] = []  # ids DecodeStream has not shown yet: part of a character, or special
 
     def add(self, token_id: int) -> str:
-        self.ids.append(token_id)
-        return self._emit(final=False)
+        piece = self._stream.step(self.tokenizer._tok, token_id)
+        if piece is None:
+            self._held.append(token_id)
+            return ""
+        self._held.clear()
+        return piece
 
     def flush(self) -> str:
-        """Whatever is left, even an incomplete character (as U+FFFD), when generation ends."""
-        return self._emit(final=True)
-
-    def _emit(self, final: bool) -> str:
-        before = self.tokenizer.decode(self.ids[self.prefix : self.read])
-        now = self.tokenizer.decode(self.ids[self.prefix :])
-        if len(now) <= len(before) or (now.endswith("\ufffd") and not final):
-            return ""
-        self.prefix, self.read = self.read, len(self.ids)
-        return now[len(before) :]
+        """Whatever is held, even an incomplete character (as U+FFFD), when generation ends."""
+        text, self._held = self.tokenizer.decode(self._held), []
+        return text
 
 
 def symbol_bytes(symbol: str) -> bytes:
