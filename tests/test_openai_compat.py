@@ -297,3 +297,60 @@ def test_a_cut_off_constrained_output_says_length(client):
 def test_bad_response_format_is_a_400(client, response_format):
     with pytest.raises(BadRequestError):
         chat(client, response_format=response_format)
+
+
+# --- the key, the event stream, the metrics -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def keyed(model, tokenizer):
+    backend = load_torch_backend(model, max_slots=1, max_context=64, dtype="float32", progress=False)
+    with TestClient(create_app(Engine(backend, tokenizer), MODEL, api_key="sk-key")) as http:
+        yield http
+
+
+@pytest.mark.parametrize("path", ["/v1/models", "/tokenize"])
+@pytest.mark.parametrize("authorization, status", [(None, 401), ("Bearer sk-wrong", 401), ("Basic sk-key", 401),
+                                                   ("Bearer sk-key", 200), ("bearer sk-key", 200)])
+def test_the_api_key_guards_the_model_routes(keyed, path, authorization, status):
+    headers = {"Authorization": authorization} if authorization else {}
+    send = keyed.get if path == "/v1/models" else lambda p, **kw: keyed.post(p, json={"prompt": "Hi"}, **kw)
+    response = send(path, headers=headers)
+    assert response.status_code == status, response.text
+    if status == 401:
+        assert response.json()["error"]["code"] == "invalid_api_key" and response.headers["WWW-Authenticate"] == "Bearer"
+
+
+def test_open_routes_and_the_documented_scheme(keyed):
+    assert keyed.get("/version").status_code == keyed.get("/health").status_code == 200
+    schemes = keyed.get("/openapi.json").json()["components"]["securitySchemes"]
+    assert schemes["HTTPBearer"] == {"type": "http", "scheme": "bearer",
+                                     "description": "The server's API key (--api-key), when it has one."}
+
+
+def test_the_event_stream_is_framed_as_openai_frames_it(http):
+    body = {"model": MODEL, "prompt": "Hi", "max_tokens": 3, "temperature": 0, "ignore_eos": True, "stream": True}
+    with http.stream("POST", "/v1/completions", json=body) as response:
+        raw = "".join(response.iter_text())
+    assert response.headers["content-type"].startswith("text/event-stream")
+    events = raw.split("\n\n")
+    assert events[-1] == "" and events[-2] == "data: [DONE]"
+    chunks = [json.loads(e.removeprefix("data: ")) for e in events[:-2]]
+    assert all(e.startswith("data: {") and "\n" not in e for e in events[:-2])
+    assert [c["choices"][0]["finish_reason"] for c in chunks][-1] == "length"
+
+
+def test_metrics_count_tokens_and_responses(http):
+    def scrape() -> dict[str, float]:
+        text = http.get("/metrics").text
+        return {k: float(v) for line in text.splitlines() if line and not line.startswith("#")
+                for k, v in [line.rsplit(" ", 1)]}
+
+    before = scrape()
+    http.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 5, "ignore_eos": True})
+    after = scrape()
+    ok = 'bitnet_tt_requests_total{endpoint="/v1/completions",status="200"}'
+    assert after[ok] - before.get(ok, 0) == 1
+    assert after["bitnet_tt_generation_tokens_total"] - before["bitnet_tt_generation_tokens_total"] == 5
+    assert after["bitnet_tt_inter_token_latency_seconds_count"] - before["bitnet_tt_inter_token_latency_seconds_count"] == 4
+    assert after["bitnet_tt_requests_running"] == 0

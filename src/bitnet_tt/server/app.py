@@ -8,21 +8,21 @@ from the engine thread to its handler through an asyncio queue (`call_soon_threa
 from __future__ import annotations
 
 import asyncio
-import bisect
 import hmac
-import itertools
 import json
 import logging
 import threading
 import time
-from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
+import prometheus_client
 from fastapi import APIRouter, Depends, FastAPI, Request as HTTPRequest
+from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from sse_starlette import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
@@ -40,71 +40,47 @@ DEFAULT_MAX_QUEUE = 64  # waiting requests (beyond the engine's slots) before ne
 DEFAULT_MAX_BODY_BYTES = 1 << 20
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+PING_SECONDS = 15  # an SSE comment while a stream has nothing to send, so that proxies keep the connection
 
 
 # ---------------------------------------------------------------------------------------------
-# Metrics, in the Prometheus text exposition format
-
-
-class Histogram:
-    def __init__(self, name: str, help: str, buckets: tuple[float, ...]):
-        self.name, self.help, self.buckets = name, help, buckets
-        self.counts = [0] * (len(buckets) + 1)  # per bucket, not cumulative; the last is +Inf
-        self.sum = 0.0
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.buckets, value)] += 1
-        self.sum += value
-
-    def render(self) -> list[str]:
-        bounds = [repr(b) for b in self.buckets] + ["+Inf"]
-        lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} histogram"]
-        lines += [f'{self.name}_bucket{{le="{le}"}} {n}' for le, n in zip(bounds, itertools.accumulate(self.counts))]
-        return lines + [f"{self.name}_sum {self.sum!r}", f"{self.name}_count {sum(self.counts)}"]
+# Metrics
 
 
 class Metrics:
-    """Counters and histograms, updated from the event loop and the engine thread."""
+    """The server's Prometheus metrics, in a registry of the app's own; updated from the event loop and the
+    engine thread (prometheus_client is thread-safe)."""
 
     def __init__(self):
-        self._lock = threading.Lock()
-        self.responses: Counter[tuple[str, int]] = Counter()  # (endpoint, status) -> count
-        self.prompt_tokens = 0
-        self.generated_tokens = 0
-        self.ttft = Histogram("bitnet_tt_time_to_first_token_seconds", "From submission to the first token.",
-                              TTFT_BUCKETS)
-        self.itl = Histogram("bitnet_tt_inter_token_latency_seconds", "Between consecutive tokens of a request.",
-                             ITL_BUCKETS)
+        self.registry = prometheus_client.CollectorRegistry()
+        where = dict(registry=self.registry)
+        self.responses = prometheus_client.Counter("bitnet_tt_requests", "HTTP responses by endpoint and status.",
+                                                   ["endpoint", "status"], **where)
+        self.prompt_tokens = prometheus_client.Counter("bitnet_tt_prompt_tokens", "Prompt tokens prefilled.", **where)
+        self.generated_tokens = prometheus_client.Counter("bitnet_tt_generation_tokens", "Tokens generated.", **where)
+        self.ttft = prometheus_client.Histogram("bitnet_tt_time_to_first_token_seconds",
+                                                "From submission to the first token.", buckets=TTFT_BUCKETS, **where)
+        self.itl = prometheus_client.Histogram("bitnet_tt_inter_token_latency_seconds",
+                                               "Between consecutive tokens of a request.", buckets=ITL_BUCKETS, **where)
 
     def count_response(self, endpoint: str, status: int) -> None:
-        with self._lock:
-            self.responses[endpoint, status] += 1
+        self.responses.labels(endpoint, str(status)).inc()
 
     def record_token(self, latency: float, first: bool, prompt_tokens: int) -> None:
         """A token delivered `latency` seconds after submission (first) or after the request's previous token."""
-        with self._lock:
-            self.generated_tokens += 1
-            if first:
-                self.prompt_tokens += prompt_tokens
-                self.ttft.observe(latency)
-            else:
-                self.itl.observe(latency)
+        self.generated_tokens.inc()
+        if first:
+            self.prompt_tokens.inc(prompt_tokens)
+            self.ttft.observe(latency)
+        else:
+            self.itl.observe(latency)
 
-    def render(self, gauges: dict[str, tuple[str, int]]) -> str:
-        with self._lock:
-            lines = ["# HELP bitnet_tt_requests_total HTTP responses by endpoint and status.",
-                     "# TYPE bitnet_tt_requests_total counter"]
-            lines += [f'bitnet_tt_requests_total{{endpoint="{endpoint}",status="{status}"}} {n}'
-                      for (endpoint, status), n in sorted(self.responses.items())]
-            for name, help, value in [
-                ("bitnet_tt_prompt_tokens_total", "Prompt tokens prefilled.", self.prompt_tokens),
-                ("bitnet_tt_generation_tokens_total", "Tokens generated.", self.generated_tokens),
-            ]:
-                lines += [f"# HELP {name} {help}", f"# TYPE {name} counter", f"{name} {value}"]
-            for name, (help, value) in gauges.items():
-                lines += [f"# HELP {name} {help}", f"# TYPE {name} gauge", f"{name} {value}"]
-            lines += self.ttft.render() + self.itl.render()
-        return "\n".join(lines) + "\n"
+    def add_gauge(self, name: str, help: str, read: Callable[[], float]) -> None:
+        """A gauge whose value is read when the metrics are scraped."""
+        prometheus_client.Gauge(name, help, registry=self.registry).set_function(read)
+
+    def render(self) -> bytes:
+        return prometheus_client.generate_latest(self.registry)
 
 
 class CountResponses:
@@ -164,6 +140,7 @@ class EngineLoop:
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="bitnet-tt-engine", daemon=True)
         self.slots_in_use = 0
+        self._add_gauges(metrics)
 
     def start(self) -> None:
         self._thread.start()
@@ -202,14 +179,17 @@ class EngineLoop:
         self.engine.cancel(request_id)
         self._wake.set()
 
-    def gauges(self) -> dict[str, tuple[str, int]]:
+    def _add_gauges(self, metrics: Metrics) -> None:
+        metrics.add_gauge("bitnet_tt_requests_waiting", "Requests queued for a slot.",
+                          lambda: self._locked_count(RequestStatus.WAITING))
+        metrics.add_gauge("bitnet_tt_requests_running", "Requests holding a slot.",
+                          lambda: self._locked_count(RequestStatus.RUNNING))
+        metrics.add_gauge("bitnet_tt_slots_in_use", "KV-cache slots holding a context, as the backend reports.",
+                          lambda: self.slots_in_use)
+
+    def _locked_count(self, status: RequestStatus) -> int:
         with self._lock:
-            waiting, running = self._count(RequestStatus.WAITING), self._count(RequestStatus.RUNNING)
-        return {
-            "bitnet_tt_requests_waiting": ("Requests queued for a slot.", waiting),
-            "bitnet_tt_requests_running": ("Requests holding a slot.", running),
-            "bitnet_tt_slots_in_use": ("KV-cache slots holding a context, as the backend reports.", self.slots_in_use),
-        }
+            return self._count(status)
 
     def _count(self, status: RequestStatus) -> int:
         return sum(1 for live in self._live.values() if live.request.status is status)
@@ -289,11 +269,12 @@ class Generation:
                 self._engine_loop.cancel(request.id)
 
 
-class EventStream(StreamingResponse):
-    """A server-sent-events response that cancels its request however it ends: done, client gone, error."""
+class EventStream(EventSourceResponse):
+    """Server-sent events (sse-starlette: framing, keep-alive pings while a request waits for a slot, client
+    disconnects) that cancel the request however the stream ends: done, client gone, error."""
 
     def __init__(self, generation: Generation, events: AsyncIterator[str]):
-        super().__init__(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        super().__init__(events, sep="\n", ping=PING_SECONDS)
         self.generation = generation
 
     async def __call__(self, scope, receive, send):
@@ -303,22 +284,22 @@ class EventStream(StreamingResponse):
             self.generation.cancel()
 
 
-def sse(data: dict | str) -> str:
-    payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
-    return f"data: {payload}\n\n"
+def event_data(data: dict) -> str:
+    return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
 
 
 async def stream_events(generation: Generation, reply: Reply, include_usage: bool) -> AsyncIterator[str]:
+    """Each event's data: the chunks, then the usage chunk if asked for, then [DONE], as OpenAI sends them."""
     try:
         async for output in generation.outputs():
             if (chunk := reply.chunk(output)) is not None:
-                yield sse(chunk)
+                yield event_data(chunk)
     except APIError as exc:  # the status line is already sent: the error goes in the stream, as OpenAI does
-        yield sse(exc.body())
+        yield event_data(exc.body())
         return
     if include_usage:
-        yield sse(reply.usage_chunk())
-    yield sse("[DONE]")
+        yield event_data(reply.usage_chunk())
+    yield "[DONE]"
 
 
 async def collect(generation: Generation, reply: Reply) -> dict:
@@ -367,6 +348,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
     metrics = Metrics()
     engine_loop = EngineLoop(engine, metrics, max_queue)
     started = int(time.time())
+    bearer = HTTPBearer(auto_error=False, description="The server's API key (--api-key), when it has one.")
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         engine_loop.start()
@@ -375,11 +357,11 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
         finally:
             engine_loop.stop()
 
-    def check_api_key(http_request: HTTPRequest) -> None:
+    def check_api_key(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
         if api_key is None:
             return
-        scheme, _, token = http_request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+        # compare_digest: the time taken does not tell how much of the key was right.
+        if credentials is None or not hmac.compare_digest(credentials.credentials.encode(), api_key.encode()):
             raise APIError(401, "Incorrect or missing API key: send the header 'Authorization: Bearer <key>'",
                            code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
@@ -452,7 +434,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
 
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:
-        return PlainTextResponse(metrics.render(engine_loop.gauges()), media_type="text/plain; version=0.0.4")
+        return Response(metrics.render(), media_type=prometheus_client.CONTENT_TYPE_LATEST)
 
     add_error_handlers(app)
     return app
