@@ -323,9 +323,15 @@ def test_the_api_key_guards_the_model_routes(keyed, path, authorization, status)
 
 def test_open_routes_and_the_documented_scheme(keyed):
     assert keyed.get("/version").status_code == keyed.get("/health").status_code == 200
-    schemes = keyed.get("/openapi.json").json()["components"]["securitySchemes"]
-    assert schemes["HTTPBearer"] == {"type": "http", "scheme": "bearer",
-                                     "description": "The server's API key (--api-key), when it has one."}
+    spec = keyed.get("/openapi.json").json()
+    assert spec["components"]["securitySchemes"]["HTTPBearer"] == {
+        "type": "http", "scheme": "bearer", "description": "The server's API key (--api-key), when it has one."}
+    schemas = spec["components"]["schemas"]
+    for path in ("/v1/chat/completions", "/v1/completions", "/tokenize", "/detokenize"):  # /docs shows each body
+        ref = spec["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+        assert ref.removeprefix("#/components/schemas/") in schemas
+    assert "response_format" in schemas["ChatCompletionRequest"]["properties"]
+    assert schemas["ChatMessageIn"]["properties"]["content"]["anyOf"][1]["items"]["$ref"].endswith("/TextPart")
 
 
 def test_the_event_stream_is_framed_as_openai_frames_it(http):

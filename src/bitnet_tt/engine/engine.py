@@ -15,6 +15,7 @@ import torch
 
 from ..backends.base import Backend
 from ..errors import CapacityError, RequestError
+from ..grammar import GrammarCompiler, TokenConstraint
 from ..sampling import (
     DeviceDraw,
     SamplingParams,
@@ -23,7 +24,6 @@ from ..sampling import (
     device_sampleable,
     sample_token,
 )
-from ..grammar import GrammarCompiler, TokenConstraint
 from ..tokenizer import ChatMessage, StreamDecoder, Tokenizer
 from .request import Request, RequestOutput, RequestStatus
 
@@ -68,7 +68,8 @@ class Engine:
         self._cancelled: set[str] = set()
         self._ids = itertools.count()
         self._free_slots = list(range(backend.max_slots))
-        self._grammar: GrammarCompiler | None = None
+        self._grammar: GrammarCompiler | None = None  # built on first use (about 1 s for a 128k vocabulary)
+        self._grammar_lock = threading.Lock()  # not self._lock: the engine thread need not wait for the build
 
     # -- submitting ------------------------------------------------------------------------------
 
@@ -102,7 +103,7 @@ class Engine:
     def _constraint(self, params: SamplingParams) -> TokenConstraint | None:
         if params.json_schema is None:
             return None
-        with self._lock:  # the grammar compiler is built once, on first use
+        with self._grammar_lock:
             if self._grammar is None:
                 self._grammar = GrammarCompiler(self.tokenizer, self.backend.config.vocab_size)
         return self._grammar.constraint(params.json_schema)

@@ -22,6 +22,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request as HTTPRequest
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
 from sse_starlette import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -30,8 +31,8 @@ from ..engine import Engine, Request, RequestOutput, RequestStatus
 from ..errors import BitNetError, CapacityError
 from ..sampling import SamplingParams
 from .protocol import (
-    APIError, ApiFormat, ChatFormat, CompletionFormat, DetokenizeRequest, Reply, TokenizeRequest, completion_budget,
-    new_request_id, parse_body,
+    APIError, ApiFormat, ChatCompletionRequest, ChatFormat, CompletionFormat, CompletionRequest, DetokenizeRequest,
+    Reply, TokenizeRequest, completion_budget, new_request_id, parse_body,
 )
 
 logger = logging.getLogger("bitnet_tt.server")
@@ -394,11 +395,11 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
     app.add_middleware(CountResponses, metrics=metrics)
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_api_key)])
 
-    @v1.post("/chat/completions")
+    @v1.post("/chat/completions", openapi_extra=request_schema(ChatCompletionRequest))
     async def chat_completions(http_request: HTTPRequest) -> Response:
         return await complete(http_request, ChatFormat)
 
-    @v1.post("/completions")
+    @v1.post("/completions", openapi_extra=request_schema(CompletionRequest))
     async def completions(http_request: HTTPRequest) -> Response:
         return await complete(http_request, CompletionFormat)
 
@@ -412,12 +413,12 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
     # Served beside /v1, where vLLM and llama.cpp's server have them; they need the key as /v1 does.
     tokens = APIRouter(dependencies=[Depends(check_api_key)])
 
-    @tokens.post("/tokenize")
+    @tokens.post("/tokenize", openapi_extra=request_schema(TokenizeRequest))
     async def tokenize(http_request: HTTPRequest) -> dict:
         body = await request_body(http_request, TokenizeRequest)
         return body.response(body.token_ids(engine.tokenizer), engine.tokenizer, engine.backend.max_context)
 
-    @tokens.post("/detokenize")
+    @tokens.post("/detokenize", openapi_extra=request_schema(DetokenizeRequest))
     async def detokenize(http_request: HTTPRequest) -> dict:
         return (await request_body(http_request, DetokenizeRequest)).response(engine.tokenizer)
 
@@ -437,7 +438,32 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
         return Response(metrics.render(), media_type=prometheus_client.CONTENT_TYPE_LATEST)
 
     add_error_handlers(app)
+    document_request_schemas(app)
     return app
+
+
+REQUEST_MODELS = (ChatCompletionRequest, CompletionRequest, TokenizeRequest, DetokenizeRequest)
+SCHEMA_REF = "#/components/schemas/{model}"
+
+
+def request_schema(model: type[BaseModel]) -> dict:
+    """The OpenAPI requestBody of a route that validates its body itself (so that a bad body is OpenAI's 400)."""
+    ref = {"$ref": SCHEMA_REF.format(model=model.__name__)}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
+
+
+def document_request_schemas(app: FastAPI) -> None:
+    """Put the request models, and the models they use, into /docs' components."""
+    generate = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = generate()
+            _, definitions = models_json_schema([(m, "validation") for m in REQUEST_MODELS], ref_template=SCHEMA_REF)
+            schema.setdefault("components", {}).setdefault("schemas", {}).update(definitions["$defs"])
+        return app.openapi_schema
+
+    app.openapi = openapi
 
 
 def add_error_handlers(app: FastAPI) -> None:
