@@ -24,6 +24,7 @@ from ..tokenizer import ChatMessage, Tokenizer
 logger = logging.getLogger("bitnet_tt.server")
 
 MAX_STOP_STRINGS = 16
+MAX_WARNED_FIELDS = 256  # distinct ignored field names logged, at most
 MAX_CHOICES = 16  # n: each choice holds a KV-cache slot of its own
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
 
@@ -109,7 +110,8 @@ def _unhonourable(name: str, value) -> str | None:
 
 
 def _warn_ignored(kind: str, name: str) -> None:
-    if (kind, name) not in _warned:
+    # Bounded: clients choose the names, and must not grow the set (or the log) without end.
+    if (kind, name) not in _warned and len(_warned) < MAX_WARNED_FIELDS:
         _warned.add((kind, name))
         logger.warning("ignoring the %s field '%s': this server does not use it (logged once)", kind, name)
 
