@@ -8,8 +8,11 @@ import json
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Annotated
 
-from .config import ModelConfig
+from pydantic import BaseModel, BeforeValidator, ConfigDict
+
+from .config import ModelConfig, TokenIds, read_json_object, read_text, validate_schema
 from .errors import ConfigError, RequestError
 
 EOT_TOKEN = "<|eot_id|>"
@@ -24,34 +27,70 @@ class ChatMessage:
     content: str
 
 
+def _token_content(value):
+    """tokenizer_config.json stores special tokens as strings or as {"content": ...} objects."""
+    return value.get("content") if isinstance(value, dict) else value
+
+
+SpecialToken = Annotated[str | None, BeforeValidator(_token_content)]
+
+
+class NamedTemplate(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")
+    name: str
+    template: str
+
+
+class TokenizerSettings(BaseModel):
+    """The fields of tokenizer_config.json that bitnet-tt reads."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+    bos_token: SpecialToken = None
+    eos_token: SpecialToken = None
+    unk_token: SpecialToken = None
+    sep_token: SpecialToken = None
+    pad_token: SpecialToken = None
+    cls_token: SpecialToken = None
+    mask_token: SpecialToken = None
+    chat_template: str | list[NamedTemplate] | None = None  # one, or named ones of which "default" chats
+
+    def template_tokens(self) -> dict[str, str]:
+        return {name: text for name in TEMPLATE_TOKENS if (text := getattr(self, name)) is not None}
+
+    def default_chat_template(self) -> str | None:
+        if isinstance(self.chat_template, list):
+            return next((t.template for t in self.chat_template if t.name == "default"), None)
+        return self.chat_template
+
+
+class GenerationSettings(BaseModel):
+    """The fields of generation_config.json that bitnet-tt reads."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+    eos_token_id: TokenIds = []
+
+
 class Tokenizer:
     def __init__(self, folder: Path, config: ModelConfig):
-        from tokenizers import Tokenizer as HFTokenizer
-
         folder = Path(folder)
-        path = folder / "tokenizer.json"
-        if not path.is_file():
-            raise ConfigError(f"{path}: not found; the model folder has no tokenizer")
-        try:
-            self._tok = HFTokenizer.from_file(str(path))
-        except Exception as exc:  # tokenizers raises a bare Exception on malformed files
-            raise ConfigError(f"{path}: not a valid tokenizer ({exc})") from None
+        self._tok = _load_tokenizer(folder / "tokenizer.json")
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
-        settings = _read_json(folder / "tokenizer_config.json")
-        bos_text = _token_text(settings.get("bos_token"))
+        if self.vocab_size > config.vocab_size:
+            raise ConfigError(f"{folder / 'tokenizer.json'}: {self.vocab_size} tokens, more than the model's "
+                              f"vocabulary of {config.vocab_size}; the tokenizer belongs to another model")
+        settings = _read_settings(folder / "tokenizer_config.json", TokenizerSettings)
+        bos_text = settings.bos_token
         self.bos_id = self._tok.token_to_id(bos_text) if bos_text else config.bos_token_id
         self.bos_text = bos_text or (self._tok.id_to_token(self.bos_id) if self.bos_id is not None else None)
         self.eot_id = self._tok.token_to_id(EOT_TOKEN)
         self.stop_ids = self._stop_ids(folder, config)
         source = _chat_template_source(folder, settings)
-        tokens = {name: text for name in TEMPLATE_TOKENS if (text := _token_text(settings.get(name))) is not None}
-        self.chat_template = ChatTemplate(source, tokens) if source is not None else None
+        self.chat_template = ChatTemplate(source, settings.template_tokens()) if source is not None else None
 
     def _stop_ids(self, folder: Path, config: ModelConfig) -> frozenset[int]:
         """End ids from config.json and generation_config.json, plus <|eot_id|>, which ends a chat turn."""
         ids = set(config.eos_token_ids)
-        eos = _read_json(folder / "generation_config.json").get("eos_token_id")
-        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        ids.update(_read_settings(folder / "generation_config.json", GenerationSettings).eos_token_id)
         if self.eot_id is not None:
             ids.add(self.eot_id)
         return frozenset(ids)
@@ -180,17 +219,10 @@ def _byte_level_decoding() -> dict[str, int]:
     return table
 
 
-def _chat_template_source(folder: Path, settings: dict) -> str | None:
-    """chat_template.jinja if the folder has one, else tokenizer_config.json's chat_template (a string, or
-    named templates of which "default" is the chat one), as transformers reads them."""
-    path = folder / "chat_template.jinja"
-    if path.is_file():
-        return path.read_text(encoding="utf-8")
-    template = settings.get("chat_template")
-    if isinstance(template, list):
-        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
-                        None)
-    return template if isinstance(template, str) else None
+def _chat_template_source(folder: Path, settings: TokenizerSettings) -> str | None:
+    """chat_template.jinja if the folder has one, else tokenizer_config.json's chat_template, as transformers
+    reads them."""
+    return read_text(folder / "chat_template.jinja") or settings.default_chat_template()
 
 
 def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
@@ -204,18 +236,18 @@ def _raise_template_error(message: str):
     raise TemplateError(message)
 
 
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        return {}
+def _load_tokenizer(path: Path):
+    from tokenizers import Tokenizer as HFTokenizer
+
+    text = read_text(path)
+    if text is None:
+        raise ConfigError(f"{path}: not found; the model folder has no tokenizer")
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: not valid JSON ({exc})") from None
-    return raw if isinstance(raw, dict) else {}
+        return HFTokenizer.from_str(text)
+    except Exception as exc:  # tokenizers raises a bare Exception on malformed files
+        raise ConfigError(f"{path}: not a valid tokenizer ({exc})") from None
 
 
-def _token_text(value) -> str | None:
-    """tokenizer_config.json stores special tokens as strings or as {"content": ...} objects."""
-    if isinstance(value, dict):
-        return value.get("content")
-    return value
+def _read_settings(path: Path, schema: type[BaseModel]):
+    """An optional settings file checked against its schema; defaults when the file is absent."""
+    return validate_schema(schema, read_json_object(path) or {}, str(path))

@@ -23,7 +23,6 @@ from ..tokenizer import ChatMessage, Tokenizer
 
 logger = logging.getLogger("bitnet_tt.server")
 
-MAX_STOP_STRINGS = 16
 MAX_WARNED_FIELDS = 256  # distinct ignored field names logged, at most
 MAX_CHOICES = 16  # n: each choice holds a KV-cache slot of its own
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
@@ -192,7 +191,7 @@ class _GenerationRequest(_Body):
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     seed: int | None = None
-    stop: str | list[str] | None = Field(None, max_length=MAX_STOP_STRINGS)
+    stop: str | list[str] | None = None  # how many and how long: SamplingParams checks
     n: int = Field(1, ge=1, le=MAX_CHOICES)
     stream: bool = False
     stream_options: StreamOptions | None = None
