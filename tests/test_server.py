@@ -331,14 +331,15 @@ OK_TEXT = {"model": MODEL, "prompt": "Hi", "max_tokens": 2}
     ("/v1/chat/completions", {**OK_CHAT, "top_p": 0}, 400, None, None),
     ("/v1/chat/completions", {**OK_CHAT, "top_logprobs": 1000}, 400, None, None),
     ("/v1/chat/completions", {**OK_CHAT, "seed": -1}, 400, None, None),
-    ("/v1/chat/completions", {**OK_CHAT, "n": 2}, 400, "n", None),
+    ("/v1/chat/completions", {**OK_CHAT, "n": 0}, 400, "n", None),
+    ("/v1/chat/completions", {**OK_CHAT, "n": 1000}, 400, "n", None),
     ("/v1/chat/completions", {**OK_CHAT, "stop": [""]}, 400, None, None),
     ("/v1/chat/completions", {**OK_CHAT, "stop": 7}, 400, "stop", None),
     ("/v1/chat/completions", {**OK_CHAT, "stream": "yes"}, 400, "stream", None),
     ("/v1/chat/completions", {**OK_CHAT, "logit_bias": "lots"}, 400, "logit_bias", None),
     ("/v1/chat/completions", {**OK_CHAT, "messages": "Hi"}, 400, "messages", None),
     ("/v1/chat/completions", {**OK_CHAT, "messages": []}, 400, "messages", None),
-    ("/v1/chat/completions", {**OK_CHAT, "messages": [{"role": "robot", "content": "Hi"}]}, 400, None, None),
+    ("/v1/chat/completions", {**OK_CHAT, "messages": [{"role": "robot", "content": "Hi"}]}, 400, "messages", None),
     ("/v1/chat/completions", {**OK_CHAT, "model": "gpt-4"}, 404, "model", "model_not_found"),
     ("/v1/completions", {**OK_TEXT, "prompt": "word " * (CONTEXT + 100)}, 400, None, "context_length_exceeded"),
     ("/v1/completions", {**OK_TEXT, "prompt": [1, 10**9]}, 400, None, None),
@@ -358,7 +359,7 @@ def test_bad_input_gets_an_openai_error(server, path, body, status, param, code)
 
 def test_metrics_exposition(server, client):
     client.completions.create(model=MODEL, prompt="count me", max_tokens=3, **GREEDY)
-    server.post("/v1/completions", json={**OK_TEXT, "n": 3})
+    server.post("/v1/completions", json={**OK_TEXT, "n": 0})
     metrics = server.wait_idle()
     assert metrics['bitnet_tt_requests_total{endpoint="/v1/completions",status="200"}'] >= 1
     assert metrics['bitnet_tt_requests_total{endpoint="/v1/completions",status="400"}'] >= 1
