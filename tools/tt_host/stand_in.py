@@ -555,9 +555,11 @@ class HostTT:
         if a.shape[-1] != b.shape[-2]:
             raise RuntimeError(f"linear: a_shape[-1] ({a.shape[-1]}) != b_shape[-2] ({b.shape[-2]})")
         if type(program_config).__name__ == "MatmulMultiCoreReuseMultiCastDRAMShardedProgramConfig":
-            _check_dram_sharded_matmul(a, b, memory_config)
-            # the output shards go to the first cores of the whole grid, row by row, whatever grid was asked for
-            memory_config = self._computed("linear", memory_config, row_major(memory_config.cores, self.grid))
+            # per_core_N tiles per output shard, on the first cores of the whole grid, row by row (whatever
+            # grid was asked for, and however many cores the input is on)
+            shards = -(-b.shape[-1] // (TILE * program_config.kwargs["per_core_N"]))
+            _check_dram_sharded_matmul(a, b, memory_config, shards)
+            memory_config = self._computed("linear", memory_config, row_major(shards, self.grid))
         return self._new(a.data @ b.data, "bfloat16", "TILE", memory_config)
 
     def _rms_norm(self, x, epsilon=1e-12, weight=None, memory_config=None, program_config=None, **_):
@@ -782,7 +784,7 @@ def _shard_layout(config: MemoryConfig) -> tuple:
     return config.buffer, config.layout, config.shard_shape, config.cores
 
 
-def _check_dram_sharded_matmul(a: HostTensor, b: HostTensor, out: MemoryConfig | None) -> None:
+def _check_dram_sharded_matmul(a: HostTensor, b: HostTensor, out: MemoryConfig | None, shards: int) -> None:
     """The DRAM-sharded matmul reads x width-sharded in L1 (whole rows of k split over the cores) and the
     weight width-sharded over the DRAM banks, and writes on x's grid."""
     x, w = a.memory_config(), b.memory_config()
@@ -790,8 +792,8 @@ def _check_dram_sharded_matmul(a: HostTensor, b: HostTensor, out: MemoryConfig |
         raise RuntimeError(f"DRAM-sharded matmul: input {x} does not split k={a.shape[-1]} over its cores")
     if w.layout != "WIDTH_SHARDED" or w.buffer != "DRAM":
         raise RuntimeError(f"DRAM-sharded matmul: weight {w} is not width-sharded in DRAM")
-    if out is None or out.layout != "WIDTH_SHARDED" or out.cores != x.cores:
-        raise RuntimeError(f"DRAM-sharded matmul: output {out} is not width-sharded over as many cores as its input {x}")
+    if out is None or out.layout != "WIDTH_SHARDED" or out.cores != shards:
+        raise RuntimeError(f"DRAM-sharded matmul: output {out} is not width-sharded in {shards} shards")
 
 
 def _check_shard(x: HostTensor, config: MemoryConfig) -> None:

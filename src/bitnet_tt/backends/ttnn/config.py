@@ -6,7 +6,7 @@ same code serves Blackhole p150a, Wormhole n150 and any smaller BitNet config.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ...config import ModelConfig
 from ...errors import CapacityError, ConfigError
@@ -43,6 +43,9 @@ class TTOptions:
     # Prefill cannot read that layout in ttnn 0.81.1 (the DRAM-sharded matmul takes one tile of rows),
     # so the ternary weights are held twice.
     dram_sharded_decode: bool = True
+    # ttnn's and tt-metal's warnings on stderr (silenced otherwise), among them "Mismatch between computed
+    # MemoryConfig": an op placing its output elsewhere than asked. Not part of the weight cache key.
+    debug_log: bool = field(default=False, repr=False, compare=False)
 
     def __post_init__(self):
         if self.weight_dtype not in WEIGHT_DTYPES:
@@ -95,6 +98,11 @@ class DramShardedMatmul:
     @property
     def cores(self) -> int:
         return self.grid_x * self.grid_y
+
+    @property
+    def output_shards(self) -> int:
+        """The op writes per_core_n tiles per output shard, on as many cores as that takes (not its input's)."""
+        return -(-tiles(self.n_padded) // self.per_core_n)
 
 
 @dataclass(frozen=True)
@@ -152,10 +160,10 @@ class TTPlan:
         """(x, y) of the rectangle a DRAM-sharded matmul writes its output shards on, or None when they are
         not a rectangle: the op puts them on the first cores of the whole grid, row by row (the mock
         device reports {[0-0 - 12-2],[0-3 - 0-3]} for 40 shards on a 13-wide grid)."""
-        width = self.device.grid_x
-        if spec.cores <= width:
-            return spec.cores, 1
-        return (width, spec.cores // width) if spec.cores % width == 0 else None
+        width, shards = self.device.grid_x, spec.output_shards
+        if shards <= width:
+            return shards, 1
+        return (width, shards // width) if shards % width == 0 else None
 
     def interleaved_norm(self, width: int) -> str:
         """How a prefill RMSNorm of this row width runs: rms_norm keeps whole rows in circular buffers,
@@ -194,7 +202,7 @@ class TTPlan:
         """Whether decode matmul `name` leaves exactly its output width in equal whole-tile shards: then its
         output can be used where it lies instead of being gathered back into rows."""
         spec = self.decode_matmuls()[name]
-        return self.norms_feed_matmuls and spec.n_padded == spec.n and spec.per_core_n * spec.cores == tiles(spec.n)
+        return self.norms_feed_matmuls and spec.n_padded == spec.n and spec.per_core_n * spec.output_shards == tiles(spec.n)
 
     @property
     def residual_sharded(self) -> bool:

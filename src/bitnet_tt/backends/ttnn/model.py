@@ -111,7 +111,7 @@ class TTModel:
         if spec not in self._matmul_configs:
             tt = self.tt
             in0 = self._width_sharded(spec.k // spec.cores, spec.grid_x, spec.grid_y)
-            out = self._width_sharded_row_major(spec.per_core_n * TILE, spec.cores)
+            out = self._width_sharded_row_major(spec.per_core_n * TILE, spec.output_shards)
             program = tt.MatmulMultiCoreReuseMultiCastDRAMShardedProgramConfig(
                 in0_block_w=spec.in0_block_w, per_core_M=1, per_core_N=spec.per_core_n, fused_activation=None)
             self._matmul_configs[spec] = in0, out, program

@@ -73,9 +73,20 @@ class TracedSteps:
         self._traces.clear()
 
 
+class TTCall:
+    """One ttnn call held for a hook: `call()` makes it; its arguments stay readable (placement audits,
+    per-op comparisons)."""
+
+    def __init__(self, function, args, kwargs):
+        self.function, self.args, self.kwargs = function, args, kwargs
+
+    def __call__(self):
+        return self.function(*self.args, **self.kwargs)
+
+
 class TTCallHook:
-    """Stands in for the ttnn module and passes every call through `around(name, call)`: for counting
-    or inspecting the calls of one step without touching the model's code."""
+    """Stands in for the ttnn module and passes every call through `around(name, call)` (a TTCall): for
+    counting or inspecting the calls of one step without touching the model's code."""
 
     SUBMODULES = ("experimental", "transformer")
 
@@ -88,4 +99,4 @@ class TTCallHook:
             return TTCallHook(attr, self._around, f"{self._prefix}{name}.")
         if not callable(attr) or isinstance(attr, type) or name.startswith("graph"):
             return attr
-        return lambda *args, **kwargs: self._around(f"{self._prefix}{name}", lambda: attr(*args, **kwargs))
+        return lambda *args, **kwargs: self._around(f"{self._prefix}{name}", TTCall(attr, args, kwargs))
