@@ -172,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command(sub, "verify", cmd_verify, "compare a backend's logits and greedy tokens with the PyTorch backend in fp32")
     p.add_argument("--greedy-tokens", type=positive_int, default=128, help="greedy tokens to compare")
+    p.add_argument("--per-op", action="store_true",
+                   help="ttnn only: one prefill and one decode step op by op against the host stand-in fed the same "
+                        "inputs; names the first op that disagrees (needs the repository's tools/ folder)")
 
     p = command(sub, "convert", cmd_convert, "write a model in the compact bitnet-tt format", model=False)
     p.add_argument("src", help="model folder or hub id")
@@ -504,11 +507,24 @@ def cmd_verify(args) -> int:
     from .verify import print_report, verify
 
     folder = model_folder(args)
+    if args.per_op:
+        return verify_ttnn_per_op(args, folder)
     with open_llm(args, folder) as candidate, open_llm(args, folder, backend="torch", dtype="float32",
                                                          tt_options=None) as reference:
         report = verify(candidate.backend, reference.backend, args.greedy_tokens)
     print_report(report, f"{args.backend} {args.dtype if args.backend == 'torch' else ''}".strip(), "torch float32")
     return 0 if report["passed"] else 1
+
+
+def verify_ttnn_per_op(args, folder) -> int:
+    from .verify import per_op_report
+
+    if args.backend != "ttnn":
+        raise BitNetError("--per-op compares the ttnn backend op by op with its host stand-in: add --backend ttnn")
+    with open_llm(args, folder) as candidate:  # a fresh backend: its first decode step runs op by op
+        lines, agree = per_op_report(candidate.backend, folder)
+    print("\n".join(lines))
+    return 0 if agree else 1
 
 
 def parse_sizes(text: str, option: str) -> list[int]:
