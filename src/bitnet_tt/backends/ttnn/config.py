@@ -19,6 +19,10 @@ HEAD_DTYPES = ("bfloat16", "bfloat8_b", "bfloat4_b")  # the LM head; the embeddi
 MAX_USERS = 32  # decode rows are one tile high
 HEAD_GRID_WIDTH = 8  # cores per row of the one-user-per-core head grid (tt_transformers' CoreGrid(y=4, x=8))
 SDPA_MAX_CORES_PER_HEAD = 16  # SDPAProgramConfig's max_cores_per_head_batch default
+# DRAM kept for the captured decode traces (the forward pass, about 30 ops per layer, and the pickers).
+# tt_transformers' Llama-8B needs 25-38 MB; the prior art's BitNet 2B-4T decode, about 1000 ops on a p150a,
+# needed 200 MB; 64 MB was a guess. A capture that outgrows it stops with a CapacityError (trace.py).
+TRACE_REGION_BYTES = 256 * 2**20
 SAMPLING_TOP_K = 32  # candidates per user that ttnn.topk hands to ttnn.sampling
 # Output tiles per core of a DRAM-sharded matmul: its circular buffers take about 64 KB per output tile
 # on each core (mock allocator: 101 tiles asked for 6.5 MB), and a core has 1.5 MB of L1.
@@ -322,7 +326,7 @@ class TTPlan:
         return 4 * (gate_up + scores + TILE * m.vocab_size * 2)
 
     def check_memory(self) -> None:
-        need = self.weight_bytes() + self.kv_cache_bytes() + self.activation_bytes()
+        need = self.weight_bytes() + self.kv_cache_bytes() + self.activation_bytes() + TRACE_REGION_BYTES
         have = self.device.dram_bytes
         if need > have:
             raise CapacityError(

@@ -6,10 +6,8 @@ import atexit
 import os
 
 from ...errors import BitNetError
-from .config import DeviceFacts
+from .config import TRACE_REGION_BYTES, DeviceFacts
 
-# Decode trace plus persistent inputs; tt_transformers' Llama-8B uses 25-38 MB, the prior art 200 MB.
-TRACE_REGION_BYTES = 64 * 2**20
 L1_SMALL_BYTES = 32 * 1024  # used by ops that keep small buffers (conv-style, sampling)
 
 

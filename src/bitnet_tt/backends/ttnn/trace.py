@@ -15,6 +15,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from ...errors import CapacityError
+from .config import TRACE_REGION_BYTES
+
 
 class TracedSteps:
     def __init__(self, tt, device, model, use_trace: bool):
@@ -49,7 +52,13 @@ class TracedSteps:
         try:
             outputs = step()
         finally:  # a failed step must not leave the device capturing
-            self.tt.end_trace_capture(self.device, trace_id, cq_id=0)
+            try:
+                self.tt.end_trace_capture(self.device, trace_id, cq_id=0)
+            except RuntimeError as exc:  # tt-metal: "... but only N B is allocated for trace region"
+                if "trace region" not in str(exc):
+                    raise
+                raise CapacityError(f"the decode trace does not fit the {TRACE_REGION_BYTES // 2**20} MB trace region "
+                                    f"opened with the device; run with --tt-no-trace") from None
         return trace_id, outputs
 
     def _counted(self, name: str, step: Callable[[], object]):
