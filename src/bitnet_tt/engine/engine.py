@@ -7,15 +7,16 @@ import logging
 import random
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from ..backends.base import Backend
-from ..errors import CapacityError, RequestError
+from ..errors import BitNetError, CapacityError, GenerationError, RequestError
 from ..sampling import (
+    NON_FINITE_LOGITS,
     DeviceDraw,
     SamplingParams,
     TokenChoice,
@@ -25,9 +26,13 @@ from ..sampling import (
 )
 from ..tokenizer import ChatMessage, StreamDecoder, Tokenizer
 from .request import Request, RequestOutput, RequestStatus
+from .stops import StopScanner
 
 logger = logging.getLogger("bitnet_tt.engine")
 PROMPT_OVERFLOW = ("error", "truncate")  # what to do with a prompt that does not fit the context
+# Failures of one backend method (prefill, decode, ...) with no success of it between them, before the engine
+# gives up (raises BackendBroken from step()) instead of failing request after request on a broken backend.
+MAX_BACKEND_FAILURES_IN_A_ROW = 3
 
 
 @dataclass
@@ -46,10 +51,15 @@ class EngineStats:
 
 @dataclass
 class _TextState:
-    """Per-request streaming state: the detokeniser and text held back as a possible stop-string start."""
+    """Per-request streaming state: the detokeniser and the stop-string scanner (it holds back text that may
+    start a stop string)."""
 
     decoder: StreamDecoder
-    pending: str = ""
+    stops: StopScanner
+
+
+class BackendBroken(Exception):
+    """A backend method failed MAX_BACKEND_FAILURES_IN_A_ROW calls in a row: the engine cannot go on."""
 
 
 class Engine:
@@ -67,6 +77,7 @@ class Engine:
         self._cancelled: set[str] = set()
         self._ids = itertools.count()
         self._free_slots = list(range(backend.max_slots))
+        self._backend_failures: Counter = Counter()  # per backend method: failures since its last success
 
     # -- submitting ------------------------------------------------------------------------------
 
@@ -84,7 +95,7 @@ class Engine:
             generator=torch.Generator().manual_seed(seed),
         )
         with self._lock:
-            self._text[request.id] = _TextState(StreamDecoder(self.tokenizer))
+            self._text[request.id] = _TextState(StreamDecoder(self.tokenizer), StopScanner(params.stop))
             self._waiting.append(request)
         return request
 
@@ -119,21 +130,29 @@ class Engine:
             return bool(self._waiting or self._running)
 
     def step(self) -> list[RequestOutput]:
-        """Admit waiting requests into free slots and prefill them, then decode every other active slot once."""
+        """Admit waiting requests into free slots and prefill them, then decode every other active slot once.
+
+        An error fails the requests it concerns (a sampling error its request, a failed backend call the
+        requests of that call), never the others; when one backend method has failed
+        MAX_BACKEND_FAILURES_IN_A_ROW times in a row it raises BackendBroken."""
         started = time.perf_counter()
         outputs: list[RequestOutput] = []
         self._apply_cancellations(outputs)
         admitted = self._admit()
         for request in admitted:
             request.stats.prefill_started = time.perf_counter()
-            logits = self._timed(self.backend.prefill, request.slot, request.prompt_ids)
-            self._accept(request, logits, outputs)
+            logits = self._backend_call([request], outputs, self.backend.prefill, request.slot, request.prompt_ids)
+            if logits is not None:
+                self._contained([request], outputs, self._accept, request, logits, outputs)
         decoding = [r for r in self._running.values() if r not in admitted]
         if decoding:
             self._decode(decoding, outputs)
         self.stats.steps += 1
         self.stats.step_seconds += time.perf_counter() - started
         self._deliver(outputs)
+        method, failures = max(self._backend_failures.items(), key=lambda item: item[1], default=(None, 0))
+        if failures >= MAX_BACKEND_FAILURES_IN_A_ROW:
+            raise BackendBroken(f"the backend's {method.__name__} failed {failures} times in a row")
         return outputs
 
     def _decode(self, decoding: list[Request], outputs: list[RequestOutput]) -> None:
@@ -141,14 +160,36 @@ class Engine:
         started = time.perf_counter()
         slots, last = [r.slot for r in decoding], [r.output_ids[-1] for r in decoding]
         if all(r.params.plain_greedy for r in decoding):  # no logits needed: the backend picks the tokens
-            self._accept_tokens(decoding, self._timed(self.backend.decode_greedy, slots, last), outputs)
+            call, args, accept = self.backend.decode_greedy, (slots, last), self._accept_token
         elif draws := self._device_draws(decoding):  # the backend samples on its device
-            self._accept_tokens(decoding, self._timed(self.backend.decode_sampled, slots, last, draws), outputs)
+            call, args, accept = self.backend.decode_sampled, (slots, last, draws), self._accept_token
         else:
-            logits = self._timed(self.backend.decode, slots, last)
-            for request, row in zip(decoding, logits):
-                self._accept(request, row, outputs)
+            call, args, accept = self.backend.decode, (slots, last), self._accept
+        rows = self._backend_call(decoding, outputs, call, *args)
+        for request, row in zip(decoding, [] if rows is None else rows):
+            self._contained([request], outputs, accept, request, row, outputs)
         self.stats.decode_step_seconds.append(time.perf_counter() - started)
+
+    def _backend_call(self, requests: list[Request], outputs: list[RequestOutput], fn, *args):
+        """fn(*args), timed; if it raises, the requests it served fail (they hold slots of unknown state)."""
+        result = self._contained(requests, outputs, self._timed, fn, *args)
+        self._backend_failures[fn] = 0 if result is not None else self._backend_failures[fn] + 1
+        return result
+
+    def _contained(self, requests: list[Request], outputs: list[RequestOutput], fn, *args):
+        """fn(*args), or None after failing `requests` with the error it raised."""
+        try:
+            return fn(*args)
+        except Exception as exc:
+            if isinstance(exc, BitNetError):
+                message = str(exc)
+            else:
+                logger.error("generating %s failed", ", ".join(r.id for r in requests), exc_info=exc)
+                message = "internal error while generating (details are in the log)"
+            for request in requests:
+                if not request.finished:
+                    self._finish(request, "error", outputs, error=message)
+            return None
 
     def _device_draws(self, decoding: list[Request]) -> list[DeviceDraw] | None:
         """Each request's draw for the backend's device sampler, or None when any of them needs the logits."""
@@ -157,9 +198,11 @@ class Engine:
             return None
         return [device_draw(r.params, r.generator) for r in decoding]
 
-    def _accept_tokens(self, decoding: list[Request], tokens: list[int], outputs: list[RequestOutput]) -> None:
-        for request, token in zip(decoding, tokens):
-            self._accept_choice(request, TokenChoice(int(token)), outputs)
+    def _accept_token(self, request: Request, token: int, outputs: list[RequestOutput]) -> None:
+        """A token the backend picked; -1 where its logits were not finite (Backend.decode_greedy)."""
+        if not 0 <= token < self.backend.config.vocab_size:
+            raise GenerationError(NON_FINITE_LOGITS if token == -1 else f"the backend picked token id {token}")
+        self._accept_choice(request, TokenChoice(int(token)), outputs)
 
     @staticmethod
     def _deliver(outputs: list[RequestOutput]) -> None:
@@ -232,12 +275,12 @@ class Engine:
         self.stats.generated_tokens += 1
         state = self._text[request.id]
         if choice.token_id in self.tokenizer.stop_ids and not params.ignore_eos:  # an end id: its text is not shown
-            text, _ = self._release_text(state, state.decoder.flush(), params.stop, final=True)
+            text, _ = state.stops.feed(state.decoder.flush(), final=True)
             self._finish(request, "stop", outputs, [choice.token_id], text)
             return
-        text, hit_stop = self._release_text(state, state.decoder.add(choice.token_id), params.stop)
+        text, hit_stop = state.stops.feed(state.decoder.add(choice.token_id))
         if not hit_stop and (len(request.output_ids) >= params.max_new_tokens or self._context_full(request)):
-            tail, hit_stop = self._release_text(state, state.decoder.flush(), params.stop, final=True)
+            tail, hit_stop = state.stops.feed(state.decoder.flush(), final=True)
             text += tail
             if not hit_stop:
                 self._finish(request, "length", outputs, [choice.token_id], text)
@@ -252,23 +295,13 @@ class Engine:
         # The sampled token still has to be written by the next decode step.
         return self.backend.slot_length(request.slot) + 1 > self.backend.max_context
 
-    @staticmethod
-    def _release_text(state: _TextState, new_text: str, stops: tuple[str, ...], final: bool = False):
-        """Return (text safe to show, whether a stop string ended it); hold back a possible stop prefix."""
-        pending = state.pending + new_text
-        hits = [i for i in (pending.find(s) for s in stops) if i >= 0]
-        if hits:
-            state.pending = ""
-            return pending[: min(hits)], True
-        hold = 0 if final else max((k for s in stops for k in range(1, len(s)) if pending.endswith(s[:k])), default=0)
-        state.pending = pending[len(pending) - hold :]
-        return pending[: len(pending) - hold], False
-
-    def _finish(self, request: Request, reason: str, outputs, token_ids=(), text: str = "") -> None:
-        """End a request with its last text piece, free its slot, and report it."""
+    def _finish(self, request: Request, reason: str, outputs, token_ids=(), text: str = "",
+                error: str | None = None) -> None:
+        """End a request with its last text piece (or an error), free its slot, and report it."""
         self._text.pop(request.id, None)
         request.text += text
         request.finish_reason = reason
+        request.error = error
         request.status = RequestStatus.FINISHED
         request.stats.finished = time.perf_counter()
         if request.slot is not None and self._running.get(request.slot) is request:
