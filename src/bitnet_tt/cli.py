@@ -8,8 +8,10 @@ its own parser with its own defaults, and its --help shows the values it really 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import socket
 import sys
 import time
@@ -55,8 +57,32 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("bitnet-tt: interrupted", file=sys.stderr)
         return 130
+    except Terminated as exc:
+        print(f"bitnet-tt: {exc}", file=sys.stderr)
+        return 128 + exc.signum
     except BrokenPipeError:
         return 0
+
+
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP, raised where the program is, so that cleanup (finally blocks) runs as for Ctrl-C."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"terminated by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def terminate_cleanly():
+    def stop(signum, frame):
+        raise Terminated(signum)
+
+    previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -78,6 +104,16 @@ def bounded_int(text: str, low: int) -> int:
         raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
     if value < low:
         raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number: {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
     return value
 
 
@@ -156,9 +192,14 @@ def build_parser() -> argparse.ArgumentParser:
                 slots=DEFAULT_SLOTS)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1: this machine only)")
     p.add_argument("--port", type=port_number, default=8000, help="TCP port")
-    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $BITNET_TT_API_KEY, else none)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every path but /health "
+                                     "(default: $BITNET_TT_API_KEY, else none; an empty key is refused)")
     p.add_argument("--model-name", help="the name clients pass as `model` (default: the --model value)")
     p.add_argument("--max-queue", type=positive_int, default=64, help="requests waiting for a slot before new ones get 429")
+    p.add_argument("--max-connections", type=positive_int, default=256, help="open connections before new requests get 503")
+    p.add_argument("--read-timeout", type=positive_float, default=20.0,
+                   help="seconds a client has to send a request's headers, and again its body")
+    p.add_argument("--public-metrics", action="store_true", help="answer /metrics without the API key (for a scraper)")
 
     p = command(sub, "bench", cmd_bench, "throughput and latency at several batch sizes")
     p.add_argument("--max-batch", type=positive_int, help="KV-cache slots (default: the largest of --batch-sizes)")
@@ -396,7 +437,8 @@ def cmd_convert(args) -> int:
     if not args.quiet:
         print(f"bitnet-tt: converting {src}: reading the weights, then packing and writing {args.dst} "
               "(the writing has no progress bar)", file=sys.stderr)
-    dst = convert_checkpoint(src, args.dst, force=args.force, progress=not args.quiet)
+    with terminate_cleanly():  # a killed conversion removes its partial folder
+        dst = convert_checkpoint(src, args.dst, force=args.force, progress=not args.quiet)
     print(f"converted to {dst} in {time.perf_counter() - started:.1f} s", file=sys.stderr)
     return 0
 
@@ -420,18 +462,21 @@ def is_hub_id(text: str) -> bool:
 
 def describe_hub_model(repo_id: str) -> dict:
     """What a hub model holds, from its config.json and safetensors index only (no weights are downloaded)."""
-    from .checkpoint import INDEX_FILE, SINGLE_FILE
-    from .config import ModelConfig, read_config_json
+    from .checkpoint import INDEX_FILE, SINGLE_FILE, SafetensorsIndex
+    from .config import ModelConfig, read_config_json, read_json_object, validate_schema
+    from .errors import CheckpointError
 
     config_path = hub_file(repo_id, "config.json")
     raw = read_config_json(config_path.parent)
     config = ModelConfig.from_hf_dict(raw, str(config_path))
     try:
-        index = json.loads(hub_file(repo_id, INDEX_FILE).read_text(encoding="utf-8"))
-        weight_map = index.get("weight_map") or {}
-        weight_files, tensors = sorted(set(weight_map.values())), len(weight_map)
-    except (BitNetError, json.JSONDecodeError, AttributeError):  # no index: one weights file
+        index_path = hub_file(repo_id, INDEX_FILE)
+    except BitNetError:  # no index: one weights file
         weight_files, tensors = [SINGLE_FILE], None
+    else:
+        raw_index = read_json_object(index_path, CheckpointError) or {}
+        weight_map = validate_schema(SafetensorsIndex, raw_index, str(index_path), CheckpointError).weight_map
+        weight_files, tensors = sorted(set(weight_map.values())), len(weight_map)
     return {"hub_id": repo_id, "config": config.to_dict(), "quantization_config": raw.get("quantization_config"),
             "weight_files": weight_files, "tensors": tensors}
 
@@ -467,10 +512,11 @@ def cmd_demo(args) -> int:
 
 def cmd_serve(args) -> int:
     try:
-        from .server import serve
+        from .server import Limits, check_api_key, serve
     except ImportError as exc:
         raise BitNetError(f"serve needs the 'server' extra: pip install -e '.[server]' ({exc})") from None
-    api_key = args.api_key or os.environ.get("BITNET_TT_API_KEY") or None
+    api_key = args.api_key if args.api_key is not None else os.environ.get("BITNET_TT_API_KEY")
+    check_api_key(api_key)
     check_port_free(args.host, args.port)
     with open_llm(args, model_folder(args)) as llm:
         name = args.model_name or args.model or "bitnet-tt-demo"
@@ -478,8 +524,9 @@ def cmd_serve(args) -> int:
         print(f"bitnet-tt serve: model {name} ({llm.folder}) on the {args.backend} backend, "
               f"{backend.max_slots} slots x {backend.max_context} tokens of context; "
               f"OpenAI API at http://{url_host(args.host)}:{args.port}/v1", file=sys.stderr)
-        serve(llm.engine, name, host=args.host, port=args.port, api_key=api_key, max_queue=args.max_queue,
-              quiet=args.quiet)
+        limits = Limits(max_queue=args.max_queue, read_timeout=args.read_timeout, max_connections=args.max_connections)
+        serve(llm.engine, name, host=args.host, port=args.port, api_key=api_key, limits=limits,
+              public_metrics=args.public_metrics, quiet=args.quiet)
     return 0
 
 

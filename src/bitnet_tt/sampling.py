@@ -7,9 +7,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import RequestError
+from .errors import GenerationError, RequestError
 
 MAX_TOP_LOGPROBS = 20
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range: -100 bans a token, +100 all but forces it
+MAX_STOP_STRINGS = 16  # as many as vLLM's and llama.cpp's clients commonly send; OpenAI takes 4
+MAX_STOP_CHARS = 1000  # per stop string: bounds the text a request holds back while a stop string may start
 
 
 @dataclass(frozen=True)
@@ -27,8 +30,12 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0
     ignore_eos: bool = False  # keep generating past end ids (benchmarks)
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit); a mapping is accepted too
+    json_schema: str | None = None  # the output must be JSON matching this schema (JSON text); see grammar.py
 
     def __post_init__(self):
+        if isinstance(self.logit_bias, dict):
+            object.__setattr__(self, "logit_bias", tuple(sorted(self.logit_bias.items())))
         checks = [
             (self.max_new_tokens >= 1, "max_new_tokens must be at least 1"),
             (0.0 <= self.temperature <= 100.0, "temperature must be between 0 and 100"),
@@ -39,8 +46,13 @@ class SamplingParams:
             (-2.0 <= self.presence_penalty <= 2.0, "presence_penalty must be in [-2, 2]"),
             (-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty must be in [-2, 2]"),
             (0 <= self.top_logprobs <= MAX_TOP_LOGPROBS, f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}]"),
-            (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),
+            (len(self.stop) <= MAX_STOP_STRINGS, f"at most {MAX_STOP_STRINGS} stop strings are accepted"),
+            (all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in self.stop),
+             f"stop strings must be non-empty strings of at most {MAX_STOP_CHARS} characters"),
             (self.seed is None or 0 <= self.seed < 2**63, "seed must be a non-negative integer"),
+            (all(isinstance(t, int) and t >= 0 and -MAX_LOGIT_BIAS <= b <= MAX_LOGIT_BIAS
+                 for t, b in self.logit_bias),
+             f"logit_bias maps token ids to biases in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]"),
         ]
         for ok, message in checks:
             if not ok:
@@ -52,14 +64,20 @@ class SamplingParams:
 
     @property
     def raw_logits_suffice(self) -> bool:
-        """No penalties reshape the logits and no log-probs are reported: the raw logits decide the token."""
-        return (not (self.logprobs or self.top_logprobs) and self.repetition_penalty == 1.0
-                and self.presence_penalty == 0.0 and self.frequency_penalty == 0.0)
+        """No penalties, biases or grammar reshape the logits and no log-probs are reported: the raw logits decide
+        the token."""
+        return (not (self.logprobs or self.top_logprobs or self.logit_bias) and self.json_schema is None
+                and self.repetition_penalty == 1.0 and self.presence_penalty == 0.0 and self.frequency_penalty == 0.0)
 
     @property
     def plain_greedy(self) -> bool:
         """The next token is the argmax of the raw logits: a backend may pick it on its device."""
         return self.greedy and self.raw_logits_suffice
+
+
+# The device sampler takes 1/temperature and top_p in bf16; below this floor they could round to inf or 0
+# there (not verified on a card), so such requests are sampled on the host.
+DEVICE_SAMPLER_FLOOR = 0.01
 
 
 @dataclass(frozen=True)
@@ -78,8 +96,12 @@ class DeviceDraw:
 def device_sampleable(params: SamplingParams, top_k_limit: int) -> bool:
     """Whether a device sampler limited to top_k_limit candidates draws from the same distribution as
     `sample_token` (up to the device's bf16 top_p and 1/temperature): no penalties, min-p or log-probs,
-    and greedy or a top_k within the limit."""
-    return params.raw_logits_suffice and params.min_p == 0.0 and (params.greedy or 0 < params.top_k <= top_k_limit)
+    and greedy or a top_k within the limit. Temperatures and top_p below DEVICE_SAMPLER_FLOOR are drawn on the
+    host, whose float64 sampler is exact for any accepted value."""
+    if params.greedy:
+        return params.raw_logits_suffice
+    return (params.raw_logits_suffice and params.min_p == 0.0 and 0 < params.top_k <= top_k_limit
+            and min(params.temperature, params.top_p) >= DEVICE_SAMPLER_FLOOR)
 
 
 def device_draw(params: SamplingParams, generator: torch.Generator | None) -> DeviceDraw:
@@ -98,6 +120,8 @@ class TokenChoice:
 
 
 def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt_ids, output_ids) -> torch.Tensor:
+    """The penalties and the logit bias, in place; the result stays finite (a penalty as small as 5e-324 would
+    overflow even float64: such logits are held at the dtype's largest value, which keeps them first)."""
     if params.repetition_penalty != 1.0:
         seen = torch.tensor(sorted(set(prompt_ids) | set(output_ids)), dtype=torch.long)
         if len(seen):
@@ -109,20 +133,27 @@ def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt_ids, ou
         ids = torch.tensor(list(counts), dtype=torch.long)
         freq = torch.tensor(list(counts.values()), dtype=logits.dtype)
         logits[ids] -= params.presence_penalty + params.frequency_penalty * freq
-    return logits
+    if params.logit_bias:
+        ids, biases = zip(*params.logit_bias)
+        logits[list(ids)] += torch.tensor(biases, dtype=logits.dtype)
+    largest = torch.finfo(logits.dtype).max
+    return logits.clamp_(-largest, largest)
 
 
 def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Temperature, then top-k, top-p and min-p: removed tokens get -inf."""
-    logits = logits / params.temperature
+    """Temperature, then top-k, top-p and min-p: removed tokens get -inf. Finite logits give finite or -inf
+    results for every accepted setting: the largest logit is subtracted before the division, so the top token
+    scales to exactly 0 and a tiny temperature sends the others to -inf, never to NaN."""
+    logits = (logits - logits.max()) / params.temperature
     if 0 < params.top_k < logits.numel():
         kth = torch.topk(logits, params.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if params.top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True)
         probs = sorted_logits.softmax(-1)
-        # keep the smallest prefix whose mass reaches top_p (the first token always stays)
+        # keep the smallest prefix whose mass reaches top_p; the most likely token stays however small top_p is
         drop = (probs.cumsum(-1) - probs) >= params.top_p
+        drop[0] = False
         logits = logits.index_fill(0, order[drop], float("-inf"))
     if params.min_p > 0.0:
         probs = logits.softmax(-1)
@@ -130,12 +161,27 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return logits
 
 
+NON_FINITE_LOGITS = "the model produced non-finite logits (NaN or infinity) for this request"
+
+
+def check_finite(logits: torch.Tensor) -> None:
+    if not bool(torch.isfinite(logits).all()):
+        raise GenerationError(NON_FINITE_LOGITS)
+
+
 def sample_token(
-    logits: torch.Tensor, params: SamplingParams, prompt_ids, output_ids, generator: torch.Generator | None
+    logits: torch.Tensor, params: SamplingParams, prompt_ids, output_ids, generator: torch.Generator | None,
+    allowed: torch.Tensor | None = None,
 ) -> TokenChoice:
-    """Pick the next token from fp32 logits [vocab] for one request."""
+    """Pick the next token from logits [vocab] for one request; only where `allowed` (bool [vocab]) is True when
+    given (a grammar's mask). The sampler works in float64, where the smallest accepted top_p, temperature and
+    penalty (down to 5e-324) are representable; fp32 rounds them to 0. Non-finite logits raise GenerationError.
+    Log-probs stay those of the model's own distribution."""
+    check_finite(logits)
     raw = logits
-    logits = apply_penalties(logits.clone(), params, prompt_ids, output_ids)
+    logits = apply_penalties(logits.to(torch.float64, copy=True), params, prompt_ids, output_ids)
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, float("-inf"))
     if params.greedy:
         token = int(logits.argmax())
     else:

@@ -23,6 +23,8 @@ class Backend(ABC):
     max_context: int
     # The largest top_k that decode_sampled draws from on the device; 0: this backend has no device sampler.
     device_top_k_limit: int = 0
+    # Whether copy_slot works: requests with the same prompt then share one prefill.
+    copies_slots: bool = False
 
     def __init__(self, config: ModelConfig, max_slots: int, max_context: int):
         self.config = config
@@ -40,12 +42,19 @@ class Backend(ABC):
 
     def decode_greedy(self, slots: Sequence[int], token_ids: Sequence[int]) -> list[int]:
         """Like decode, but return each slot's most likely next token; a device backend picks it on the
-        device and sends back token ids instead of logits."""
-        return self.decode(slots, token_ids).argmax(-1).tolist()
+        device and sends back token ids instead of logits. -1 marks a slot whose logits are not finite
+        (the engine fails its request); a device pick cannot tell (not checked on a card)."""
+        logits = self.decode(slots, token_ids)
+        return logits.argmax(-1).masked_fill(~torch.isfinite(logits).all(-1), -1).tolist()
 
     def decode_sampled(self, slots: Sequence[int], token_ids: Sequence[int], draws: Sequence[DeviceDraw]) -> list[int]:
         """Like decode, but draw each slot's next token on the device (only when device_top_k_limit > 0)."""
         raise NotImplementedError(f"{type(self).__name__} has no device sampler (device_top_k_limit is 0)")
+
+    def copy_slot(self, source: int, target: int, length: int) -> None:
+        """Make the empty `target` slot's context the first `length` positions of `source`'s (only when
+        copies_slots): the same state a prefill of those tokens into `target` would leave."""
+        raise NotImplementedError(f"{type(self).__name__} cannot copy slots (copies_slots is False)")
 
     def free(self, slot: int) -> None:
         """Forget the slot's context so that it can serve another request."""

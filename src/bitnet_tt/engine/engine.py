@@ -7,15 +7,17 @@ import logging
 import random
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from ..backends.base import Backend
-from ..errors import CapacityError, RequestError
+from ..errors import BitNetError, CapacityError, GenerationError, RequestError
+from ..grammar import GrammarCompiler, TokenConstraint
 from ..sampling import (
+    NON_FINITE_LOGITS,
     DeviceDraw,
     SamplingParams,
     TokenChoice,
@@ -25,9 +27,13 @@ from ..sampling import (
 )
 from ..tokenizer import ChatMessage, StreamDecoder, Tokenizer
 from .request import Request, RequestOutput, RequestStatus
+from .stops import StopScanner
 
 logger = logging.getLogger("bitnet_tt.engine")
 PROMPT_OVERFLOW = ("error", "truncate")  # what to do with a prompt that does not fit the context
+# Failures of one backend method (prefill, decode, ...) with no success of it between them, before the engine
+# gives up (raises BackendBroken from step()) instead of failing request after request on a broken backend.
+MAX_BACKEND_FAILURES_IN_A_ROW = 3
 
 
 @dataclass
@@ -46,10 +52,15 @@ class EngineStats:
 
 @dataclass
 class _TextState:
-    """Per-request streaming state: the detokeniser and text held back as a possible stop-string start."""
+    """Per-request streaming state: the detokeniser and the stop-string scanner (it holds back text that may
+    start a stop string)."""
 
     decoder: StreamDecoder
-    pending: str = ""
+    stops: StopScanner
+
+
+class BackendBroken(Exception):
+    """A backend method failed MAX_BACKEND_FAILURES_IN_A_ROW calls in a row: the engine cannot go on."""
 
 
 class Engine:
@@ -67,6 +78,9 @@ class Engine:
         self._cancelled: set[str] = set()
         self._ids = itertools.count()
         self._free_slots = list(range(backend.max_slots))
+        self._backend_failures: Counter = Counter()  # per backend method: failures since its last success
+        self._grammar: GrammarCompiler | None = None  # built on first use (about 1 s for a 128k vocabulary)
+        self._grammar_lock = threading.Lock()  # not self._lock: the engine thread need not wait for the build
 
     # -- submitting ------------------------------------------------------------------------------
 
@@ -78,13 +92,14 @@ class Engine:
         params = params or SamplingParams()
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
         ids = self._fit_prompt(ids)
+        self._check_token_ids(params)
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         request = Request(
             id=request_id or f"req-{next(self._ids)}", prompt_ids=ids, params=params, on_output=on_output,
-            generator=torch.Generator().manual_seed(seed),
+            generator=torch.Generator().manual_seed(seed), constraint=self._constraint(params),
         )
         with self._lock:
-            self._text[request.id] = _TextState(StreamDecoder(self.tokenizer))
+            self._text[request.id] = _TextState(StreamDecoder(self.tokenizer), StopScanner(params.stop))
             self._waiting.append(request)
         return request
 
@@ -95,6 +110,19 @@ class Engine:
         """Stop a request; its slot is freed at the start of the next step. Thread-safe."""
         with self._lock:
             self._cancelled.add(request_id)
+
+    def _constraint(self, params: SamplingParams) -> TokenConstraint | None:
+        if params.json_schema is None:
+            return None
+        with self._grammar_lock:
+            if self._grammar is None:
+                self._grammar = GrammarCompiler(self.tokenizer, self.backend.config.vocab_size)
+        return self._grammar.constraint(params.json_schema)
+
+    def _check_token_ids(self, params: SamplingParams) -> None:
+        vocab = self.backend.config.vocab_size
+        if any(token >= vocab for token, _ in params.logit_bias):
+            raise RequestError(f"logit_bias token ids must be in [0, {vocab})")
 
     def _fit_prompt(self, ids: list[int]) -> list[int]:
         if not ids:
@@ -119,36 +147,88 @@ class Engine:
             return bool(self._waiting or self._running)
 
     def step(self) -> list[RequestOutput]:
-        """Admit waiting requests into free slots and prefill them, then decode every other active slot once."""
+        """Admit waiting requests into free slots and prefill them, then decode every other active slot once.
+
+        An error fails the requests it concerns (a sampling error its request, a failed backend call the
+        requests of that call), never the others; when one backend method has failed
+        MAX_BACKEND_FAILURES_IN_A_ROW times in a row it raises BackendBroken."""
         started = time.perf_counter()
         outputs: list[RequestOutput] = []
         self._apply_cancellations(outputs)
         admitted = self._admit()
-        for request in admitted:
-            request.stats.prefill_started = time.perf_counter()
-            logits = self._timed(self.backend.prefill, request.slot, request.prompt_ids)
-            self._accept(request, logits, outputs)
+        # Every prompt is in its slot before any first token is accepted: one that ends at once frees its slot.
+        for request, logits in zip(admitted, self._prefill(admitted, outputs)):
+            if logits is not None:
+                self._contained([request], outputs, self._accept, request, logits, outputs)
         decoding = [r for r in self._running.values() if r not in admitted]
         if decoding:
             self._decode(decoding, outputs)
         self.stats.steps += 1
         self.stats.step_seconds += time.perf_counter() - started
         self._deliver(outputs)
+        method, failures = max(self._backend_failures.items(), key=lambda item: item[1], default=(None, 0))
+        if failures >= MAX_BACKEND_FAILURES_IN_A_ROW:
+            raise BackendBroken(f"the backend's {method.__name__} failed {failures} times in a row")
         return outputs
+
+    def _prefill(self, admitted: list[Request], outputs: list[RequestOutput]) -> list[torch.Tensor | None]:
+        """Each admitted request's last-position logits (None: its prefill failed, and so has the request).
+        Requests with the same prompt (the choices of an n > 1 request) share one prefill when the backend can
+        copy a slot's context."""
+        done: dict[tuple[int, ...], tuple[Request, torch.Tensor]] = {}
+        logits = []
+        for request in admitted:
+            request.stats.prefill_started = time.perf_counter()
+            prompt = tuple(request.prompt_ids)
+            if prompt in done and self.backend.copies_slots:
+                row = self._backend_call([request], outputs, self._copy_prefill, *done[prompt], request)
+            else:
+                row = self._backend_call([request], outputs, self.backend.prefill, request.slot, request.prompt_ids)
+                if row is not None:
+                    done[prompt] = (request, row)
+            logits.append(row)
+        return logits
+
+    def _copy_prefill(self, source: Request, logits: torch.Tensor, target: Request) -> torch.Tensor:
+        """Give `target` the context `source`'s prefill left in its slot; return that prefill's logits."""
+        self.backend.copy_slot(source.slot, target.slot, len(target.prompt_ids))
+        return logits
 
     def _decode(self, decoding: list[Request], outputs: list[RequestOutput]) -> None:
         """One batched decode call for every active slot that was not prefilled in this step."""
         started = time.perf_counter()
         slots, last = [r.slot for r in decoding], [r.output_ids[-1] for r in decoding]
         if all(r.params.plain_greedy for r in decoding):  # no logits needed: the backend picks the tokens
-            self._accept_tokens(decoding, self._timed(self.backend.decode_greedy, slots, last), outputs)
+            call, args, accept = self.backend.decode_greedy, (slots, last), self._accept_token
         elif draws := self._device_draws(decoding):  # the backend samples on its device
-            self._accept_tokens(decoding, self._timed(self.backend.decode_sampled, slots, last, draws), outputs)
+            call, args, accept = self.backend.decode_sampled, (slots, last, draws), self._accept_token
         else:
-            logits = self._timed(self.backend.decode, slots, last)
-            for request, row in zip(decoding, logits):
-                self._accept(request, row, outputs)
+            call, args, accept = self.backend.decode, (slots, last), self._accept
+        rows = self._backend_call(decoding, outputs, call, *args)
+        for request, row in zip(decoding, [] if rows is None else rows):
+            self._contained([request], outputs, accept, request, row, outputs)
         self.stats.decode_step_seconds.append(time.perf_counter() - started)
+
+    def _backend_call(self, requests: list[Request], outputs: list[RequestOutput], fn, *args):
+        """fn(*args), timed; if it raises, the requests it served fail (they hold slots of unknown state)."""
+        result = self._contained(requests, outputs, self._timed, fn, *args)
+        self._backend_failures[fn] = 0 if result is not None else self._backend_failures[fn] + 1
+        return result
+
+    def _contained(self, requests: list[Request], outputs: list[RequestOutput], fn, *args):
+        """fn(*args), or None after failing `requests` with the error it raised."""
+        try:
+            return fn(*args)
+        except Exception as exc:
+            if isinstance(exc, BitNetError):
+                message = str(exc)
+            else:
+                logger.error("generating %s failed", ", ".join(r.id for r in requests), exc_info=exc)
+                message = "internal error while generating (details are in the log)"
+            for request in requests:
+                if not request.finished:
+                    self._finish(request, "error", outputs, error=message)
+            return None
 
     def _device_draws(self, decoding: list[Request]) -> list[DeviceDraw] | None:
         """Each request's draw for the backend's device sampler, or None when any of them needs the logits."""
@@ -157,9 +237,11 @@ class Engine:
             return None
         return [device_draw(r.params, r.generator) for r in decoding]
 
-    def _accept_tokens(self, decoding: list[Request], tokens: list[int], outputs: list[RequestOutput]) -> None:
-        for request, token in zip(decoding, tokens):
-            self._accept_choice(request, TokenChoice(int(token)), outputs)
+    def _accept_token(self, request: Request, token: int, outputs: list[RequestOutput]) -> None:
+        """A token the backend picked; -1 where its logits were not finite (Backend.decode_greedy)."""
+        if not 0 <= token < self.backend.config.vocab_size:
+            raise GenerationError(NON_FINITE_LOGITS if token == -1 else f"the backend picked token id {token}")
+        self._accept_choice(request, TokenChoice(int(token)), outputs)
 
     @staticmethod
     def _deliver(outputs: list[RequestOutput]) -> None:
@@ -219,7 +301,12 @@ class Engine:
     # -- one sampled token --------------------------------------------------------------------------
 
     def _accept(self, request: Request, logits: torch.Tensor, outputs: list[RequestOutput]) -> None:
-        choice = sample_token(logits, request.params, request.prompt_ids, request.output_ids, request.generator)
+        constraint = request.constraint
+        allowed = constraint.allowed() if constraint else None
+        choice = sample_token(logits, request.params, request.prompt_ids, request.output_ids, request.generator,
+                              allowed)
+        if constraint:
+            constraint.accept(choice.token_id)
         self._accept_choice(request, choice, outputs)
 
     def _accept_choice(self, request: Request, choice: TokenChoice, outputs: list[RequestOutput]) -> None:
@@ -232,15 +319,17 @@ class Engine:
         self.stats.generated_tokens += 1
         state = self._text[request.id]
         if choice.token_id in self.tokenizer.stop_ids and not params.ignore_eos:  # an end id: its text is not shown
-            text, _ = self._release_text(state, state.decoder.flush(), params.stop, final=True)
+            text, _ = state.stops.feed(state.decoder.flush(), final=True)
             self._finish(request, "stop", outputs, [choice.token_id], text)
             return
-        text, hit_stop = self._release_text(state, state.decoder.add(choice.token_id), params.stop)
-        if not hit_stop and (len(request.output_ids) >= params.max_new_tokens or self._context_full(request)):
-            tail, hit_stop = self._release_text(state, state.decoder.flush(), params.stop, final=True)
+        text, hit_stop = state.stops.feed(state.decoder.add(choice.token_id))
+        complete = request.constraint is not None and request.constraint.complete  # the grammar's output is whole
+        if not hit_stop and (complete or len(request.output_ids) >= params.max_new_tokens
+                             or self._context_full(request)):
+            tail, hit_stop = state.stops.feed(state.decoder.flush(), final=True)
             text += tail
             if not hit_stop:
-                self._finish(request, "length", outputs, [choice.token_id], text)
+                self._finish(request, "stop" if complete else "length", outputs, [choice.token_id], text)
                 return
         if hit_stop:
             self._finish(request, "stop", outputs, [choice.token_id], text)
@@ -252,23 +341,13 @@ class Engine:
         # The sampled token still has to be written by the next decode step.
         return self.backend.slot_length(request.slot) + 1 > self.backend.max_context
 
-    @staticmethod
-    def _release_text(state: _TextState, new_text: str, stops: tuple[str, ...], final: bool = False):
-        """Return (text safe to show, whether a stop string ended it); hold back a possible stop prefix."""
-        pending = state.pending + new_text
-        hits = [i for i in (pending.find(s) for s in stops) if i >= 0]
-        if hits:
-            state.pending = ""
-            return pending[: min(hits)], True
-        hold = 0 if final else max((k for s in stops for k in range(1, len(s)) if pending.endswith(s[:k])), default=0)
-        state.pending = pending[len(pending) - hold :]
-        return pending[: len(pending) - hold], False
-
-    def _finish(self, request: Request, reason: str, outputs, token_ids=(), text: str = "") -> None:
-        """End a request with its last text piece, free its slot, and report it."""
+    def _finish(self, request: Request, reason: str, outputs, token_ids=(), text: str = "",
+                error: str | None = None) -> None:
+        """End a request with its last text piece (or an error), free its slot, and report it."""
         self._text.pop(request.id, None)
         request.text += text
         request.finish_reason = reason
+        request.error = error
         request.status = RequestStatus.FINISHED
         request.stats.finished = time.perf_counter()
         if request.slot is not None and self._running.get(request.slot) is request:

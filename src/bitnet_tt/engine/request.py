@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..grammar import TokenConstraint
 from ..sampling import SamplingParams, TokenChoice
 
 
@@ -70,9 +71,11 @@ class Request:
     output_ids: list[int] = field(default_factory=list)
     text: str = ""
     choices: list[TokenChoice] = field(default_factory=list)
-    finish_reason: str | None = None  # "stop", "length", "cancelled"
+    finish_reason: str | None = None  # "stop", "length", "cancelled", "error"
+    error: str | None = None  # with finish_reason "error": what went wrong, in one line
     stats: RequestStats = field(default_factory=RequestStats)
     generator: torch.Generator | None = None
+    constraint: TokenConstraint | None = None  # the grammar its output must follow (response_format)
 
     @property
     def finished(self) -> bool:
