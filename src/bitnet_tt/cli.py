@@ -124,10 +124,11 @@ def port_number(text: str) -> int:
     return value
 
 
-def add_model_options(parser: argparse.ArgumentParser, slots: int | None = None) -> None:
+def add_model_options(parser: argparse.ArgumentParser, slots: int | None = None,
+                      default_model: str = "the random-weight demo model") -> None:
     """--model and how to load it; `slots`: the --max-batch default (None: the command has no --max-batch)."""
     group = parser.add_argument_group("model")
-    group.add_argument("--model", help="model folder or Hugging Face hub id (default: the random-weight demo model)")
+    group.add_argument("--model", help=f"model folder or Hugging Face hub id (default: {default_model})")
     group.add_argument("--backend", default="torch", help="torch (any machine) or ttnn (Tenstorrent card)")
     group.add_argument("--device", default="cpu", help="torch device: cpu or cuda")
     group.add_argument("--dtype", default="bfloat16", help="compute dtype: bfloat16, float32, or float64 (the verification reference: slow)")
@@ -164,11 +165,11 @@ def add_sampling_options(parser: argparse.ArgumentParser, command_defaults: dict
 
 
 def command(sub, name: str, run, help: str, model: bool = True, slots: int | None = None,
-            sampling: dict | None = None) -> argparse.ArgumentParser:
+            sampling: dict | None = None, default_model: str | None = None) -> argparse.ArgumentParser:
     parser = sub.add_parser(name, help=help, description=help)
     parser.set_defaults(run=run)  # `run` is the one default every command sets; no option shares it
     if model:
-        add_model_options(parser, slots)
+        add_model_options(parser, slots, *([default_model] if default_model else []))
     if sampling is not None:
         add_sampling_options(parser, sampling)
     return parser
@@ -221,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "inputs; names the first op that disagrees (needs the repository's tools/ folder)")
 
     p = command(sub, "eval", cmd_eval, "perplexity of a text; with a reference: KL divergence, top-1 and greedy agreement",
-                slots=DEFAULT_SLOTS)
+                slots=DEFAULT_SLOTS, default_model="the shipped models/tiny-bitnet")
     p.add_argument("--text", type=Path, help="UTF-8 text file (default: heldout.txt in the model folder, as the shipped model has)")
     p.add_argument("--reference-backend", help="compare with this backend on the same windows (torch or ttnn)")
     p.add_argument("--reference-dtype", help="the reference's torch dtype (default float32; implies --reference-backend torch)")
@@ -241,7 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = command(sub, "info", cmd_info, "what a model folder (or hub id: config and index only) holds", model=False)
     p.add_argument("model", help="model folder or hub id")
 
-    p = command(sub, "demo", cmd_demo, "generate with the small shipped model trained on Python's documentation (offline)")
+    p = command(sub, "demo", cmd_demo, "generate with the small shipped model trained on Python's documentation (offline)",
+                default_model="the shipped models/tiny-bitnet, else a random-weight model")
     p.add_argument("--max-new-tokens", type=positive_int, default=48, help="tokens per demo prompt")
     return parser
 
