@@ -215,7 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="sample instead of picking greedily (0: greedy)")
     p.add_argument("--top-k", type=non_negative_int, default=0, help="with --temperature; up to 32 samples on a Tenstorrent device")
 
-    p = command(sub, "verify", cmd_verify, "compare a backend's logits and greedy tokens with the PyTorch backend in fp32")
+    p = command(sub, "verify", cmd_verify, "compare a backend's logits and greedy tokens with the PyTorch backend in fp32",
+                slots=1)  # --max-batch sets the ttnn decode layout that --per-op checks
     p.add_argument("--greedy-tokens", type=positive_int, default=128, help="greedy tokens to compare")
     p.add_argument("--per-op", action="store_true",
                    help="ttnn only: one prefill and one decode step op by op against the host stand-in fed the same "

@@ -332,7 +332,8 @@ class TTPlan:
             raise CapacityError(
                 f"{self.max_users} users x {self.max_context} tokens do not fit on this {self.device.arch} device: "
                 f"weights {self.weight_bytes() / 2**30:.2f} GiB + KV cache {self.kv_cache_bytes() / 2**30:.2f} GiB + "
-                f"activations {self.activation_bytes() / 2**30:.2f} GiB > {have / 2**30:.2f} GiB of DRAM; "
+                f"activations {self.activation_bytes() / 2**30:.2f} GiB + trace region {TRACE_REGION_BYTES / 2**30:.2f} GiB "
+                f"> {have / 2**30:.2f} GiB of DRAM; "
                 f"lower --max-batch or --max-context"
             )
 
