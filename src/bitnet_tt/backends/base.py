@@ -23,6 +23,8 @@ class Backend(ABC):
     max_context: int
     # The largest top_k that decode_sampled draws from on the device; 0: this backend has no device sampler.
     device_top_k_limit: int = 0
+    # Whether copy_slot works: requests with the same prompt then share one prefill.
+    copies_slots: bool = False
 
     def __init__(self, config: ModelConfig, max_slots: int, max_context: int):
         self.config = config
@@ -48,6 +50,11 @@ class Backend(ABC):
     def decode_sampled(self, slots: Sequence[int], token_ids: Sequence[int], draws: Sequence[DeviceDraw]) -> list[int]:
         """Like decode, but draw each slot's next token on the device (only when device_top_k_limit > 0)."""
         raise NotImplementedError(f"{type(self).__name__} has no device sampler (device_top_k_limit is 0)")
+
+    def copy_slot(self, source: int, target: int, length: int) -> None:
+        """Make the empty `target` slot's context the first `length` positions of `source`'s (only when
+        copies_slots): the same state a prefill of those tokens into `target` would leave."""
+        raise NotImplementedError(f"{type(self).__name__} cannot copy slots (copies_slots is False)")
 
     def free(self, slot: int) -> None:
         """Forget the slot's context so that it can serve another request."""

@@ -15,6 +15,7 @@ import torch
 
 from ..backends.base import Backend
 from ..errors import BitNetError, CapacityError, GenerationError, RequestError
+from ..grammar import GrammarCompiler, TokenConstraint
 from ..sampling import (
     NON_FINITE_LOGITS,
     DeviceDraw,
@@ -78,6 +79,8 @@ class Engine:
         self._ids = itertools.count()
         self._free_slots = list(range(backend.max_slots))
         self._backend_failures: Counter = Counter()  # per backend method: failures since its last success
+        self._grammar: GrammarCompiler | None = None  # built on first use (it converts the tokenizer)
+        self._grammar_lock = threading.Lock()  # not self._lock: the engine thread need not wait for the build
 
     # -- submitting ------------------------------------------------------------------------------
 
@@ -89,10 +92,11 @@ class Engine:
         params = params or SamplingParams()
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
         ids = self._fit_prompt(ids)
+        self._check_token_ids(params)
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         request = Request(
             id=request_id or f"req-{next(self._ids)}", prompt_ids=ids, params=params, on_output=on_output,
-            generator=torch.Generator().manual_seed(seed),
+            generator=torch.Generator().manual_seed(seed), constraint=self._constraint(params),
         )
         with self._lock:
             self._text[request.id] = _TextState(StreamDecoder(self.tokenizer), StopScanner(params.stop))
@@ -106,6 +110,19 @@ class Engine:
         """Stop a request; its slot is freed at the start of the next step. Thread-safe."""
         with self._lock:
             self._cancelled.add(request_id)
+
+    def _constraint(self, params: SamplingParams) -> TokenConstraint | None:
+        if params.json_schema is None:
+            return None
+        with self._grammar_lock:
+            if self._grammar is None:
+                self._grammar = GrammarCompiler(self.tokenizer, self.backend.config.vocab_size)
+        return self._grammar.constraint(params.json_schema)
+
+    def _check_token_ids(self, params: SamplingParams) -> None:
+        vocab = self.backend.config.vocab_size
+        if any(token >= vocab for token, _ in params.logit_bias):
+            raise RequestError(f"logit_bias token ids must be in [0, {vocab})")
 
     def _fit_prompt(self, ids: list[int]) -> list[int]:
         if not ids:
@@ -139,9 +156,8 @@ class Engine:
         outputs: list[RequestOutput] = []
         self._apply_cancellations(outputs)
         admitted = self._admit()
-        for request in admitted:
-            request.stats.prefill_started = time.perf_counter()
-            logits = self._backend_call([request], outputs, self.backend.prefill, request.slot, request.prompt_ids)
+        # Every prompt is in its slot before any first token is accepted: one that ends at once frees its slot.
+        for request, logits in zip(admitted, self._prefill(admitted, outputs)):
             if logits is not None:
                 self._contained([request], outputs, self._accept, request, logits, outputs)
         decoding = [r for r in self._running.values() if r not in admitted]
@@ -154,6 +170,29 @@ class Engine:
         if failures >= MAX_BACKEND_FAILURES_IN_A_ROW:
             raise BackendBroken(f"the backend's {method.__name__} failed {failures} times in a row")
         return outputs
+
+    def _prefill(self, admitted: list[Request], outputs: list[RequestOutput]) -> list[torch.Tensor | None]:
+        """Each admitted request's last-position logits (None: its prefill failed, and so has the request).
+        Requests with the same prompt (the choices of an n > 1 request) share one prefill when the backend can
+        copy a slot's context."""
+        done: dict[tuple[int, ...], tuple[Request, torch.Tensor]] = {}
+        logits = []
+        for request in admitted:
+            request.stats.prefill_started = time.perf_counter()
+            prompt = tuple(request.prompt_ids)
+            if prompt in done and self.backend.copies_slots:
+                row = self._backend_call([request], outputs, self._copy_prefill, *done[prompt], request)
+            else:
+                row = self._backend_call([request], outputs, self.backend.prefill, request.slot, request.prompt_ids)
+                if row is not None:
+                    done[prompt] = (request, row)
+            logits.append(row)
+        return logits
+
+    def _copy_prefill(self, source: Request, logits: torch.Tensor, target: Request) -> torch.Tensor:
+        """Give `target` the context `source`'s prefill left in its slot; return that prefill's logits."""
+        self.backend.copy_slot(source.slot, target.slot, len(target.prompt_ids))
+        return logits
 
     def _decode(self, decoding: list[Request], outputs: list[RequestOutput]) -> None:
         """One batched decode call for every active slot that was not prefilled in this step."""
@@ -262,7 +301,12 @@ class Engine:
     # -- one sampled token --------------------------------------------------------------------------
 
     def _accept(self, request: Request, logits: torch.Tensor, outputs: list[RequestOutput]) -> None:
-        choice = sample_token(logits, request.params, request.prompt_ids, request.output_ids, request.generator)
+        constraint = request.constraint
+        allowed = constraint.allowed() if constraint else None
+        choice = sample_token(logits, request.params, request.prompt_ids, request.output_ids, request.generator,
+                              allowed)
+        if constraint:
+            constraint.accept(choice.token_id)
         self._accept_choice(request, choice, outputs)
 
     def _accept_choice(self, request: Request, choice: TokenChoice, outputs: list[RequestOutput]) -> None:
@@ -279,11 +323,13 @@ class Engine:
             self._finish(request, "stop", outputs, [choice.token_id], text)
             return
         text, hit_stop = state.stops.feed(state.decoder.add(choice.token_id))
-        if not hit_stop and (len(request.output_ids) >= params.max_new_tokens or self._context_full(request)):
+        complete = request.constraint is not None and request.constraint.complete  # the grammar's output is whole
+        if not hit_stop and (complete or len(request.output_ids) >= params.max_new_tokens
+                             or self._context_full(request)):
             tail, hit_stop = state.stops.feed(state.decoder.flush(), final=True)
             text += tail
             if not hit_stop:
-                self._finish(request, "length", outputs, [choice.token_id], text)
+                self._finish(request, "stop" if complete else "length", outputs, [choice.token_id], text)
                 return
         if hit_stop:
             self._finish(request, "stop", outputs, [choice.token_id], text)
