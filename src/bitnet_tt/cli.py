@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from . import __version__
-from .api import CHAT_SAMPLING, GENERATE_SAMPLING, LLM, SAMPLING_DEFAULTS, check_utf8
+from .api import CHAT_SAMPLING, DEFAULT_PREFILL_CHUNK, GENERATE_SAMPLING, LLM, SAMPLING_DEFAULTS, check_utf8
 from .errors import BitNetError
 
 DEMO_PROMPTS = ["BitNet b1.58 is", "User: Hello! How are you today?"]
@@ -105,6 +105,12 @@ def add_model_options(parser: argparse.ArgumentParser, slots: int | None = None)
     tt.add_argument("--tt-no-trace", action="store_true", help="run decode op by op instead of replaying a trace")
 
 
+def add_engine_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--prefill-chunk", type=positive_int, default=DEFAULT_PREFILL_CHUNK,
+                        help="prompt tokens prefilled per step, between the decode steps of running users; "
+                             "a prompt up to this length is prefilled whole (default: %(default)s)")
+
+
 def add_sampling_options(parser: argparse.ArgumentParser, command_defaults: dict) -> None:
     """The sampling options, with defaults from SamplingParams overridden by the command's own (api.py)."""
     default = {**SAMPLING_DEFAULTS, **command_defaults}
@@ -145,9 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts-file", type=Path, help="one prompt per line (instead of PROMPT)")
     p.add_argument("--chat", action="store_true", help="wrap each prompt as a user message in the chat format")
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt instead of streaming")
+    add_engine_options(p)
 
     p = command(sub, "chat", cmd_chat, "interactive multi-turn chat", sampling=CHAT_SAMPLING)
     p.add_argument("--system", help="system message")
+    add_engine_options(p)
 
     p = command(sub, "serve", cmd_serve, "OpenAI-compatible HTTP server (chat, completions, metrics)",
                 slots=DEFAULT_SLOTS)
@@ -156,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $BITNET_TT_API_KEY, else none)")
     p.add_argument("--model-name", help="the name clients pass as `model` (default: the --model value)")
     p.add_argument("--max-queue", type=positive_int, default=64, help="requests waiting for a slot before new ones get 429")
+    add_engine_options(p)
 
     p = command(sub, "bench", cmd_bench, "throughput and latency at several batch sizes")
     p.add_argument("--max-batch", type=positive_int, help="KV-cache slots (default: the largest of --batch-sizes)")
@@ -168,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ttft-prompts", default="128,2048", help="prompt lengths for time to first token")
     p.add_argument("--temperature", type=float, default=0.0, help="sample instead of picking greedily (0: greedy)")
     p.add_argument("--top-k", type=non_negative_int, default=0, help="with --temperature; up to 32 samples on a Tenstorrent device")
+    add_engine_options(p)
 
     p = command(sub, "verify", cmd_verify, "compare a backend's logits and greedy tokens with the PyTorch backend in fp32")
     p.add_argument("--greedy-tokens", type=positive_int, default=128, help="greedy tokens to compare")
@@ -183,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command(sub, "demo", cmd_demo, "generate with a small random model made on the spot (offline)")
     p.add_argument("--max-new-tokens", type=positive_int, default=48, help="tokens per demo prompt")
+    add_engine_options(p)
     return parser
 
 
@@ -212,6 +223,7 @@ def open_llm(args, folder: Path | str, **overrides) -> LLM:
     check_tt_options(args)
     options = {"max_batch": getattr(args, "max_batch", 1), "max_context": args.max_context, "dtype": args.dtype,
                "device": args.device, "progress": not args.quiet,
+               "prefill_chunk": getattr(args, "prefill_chunk", DEFAULT_PREFILL_CHUNK),
                "tt_options": tt_options(args) if args.backend == "ttnn" else None}
     return LLM(folder, overrides.pop("backend", args.backend), **{**options, **overrides})
 

@@ -27,6 +27,7 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0
     ignore_eos: bool = False  # keep generating past end ids (benchmarks)
+    cache_prompt: bool = True  # reuse a cached prompt prefix and leave this one for later requests (llama.cpp's name)
 
     def __post_init__(self):
         checks = [

@@ -25,9 +25,13 @@ from ..sampling import (
 )
 from ..tokenizer import ChatMessage, StreamDecoder, Tokenizer
 from .request import Request, RequestOutput, RequestStatus
+from .scheduler import PrefillChunk, Scheduler, StepPlan
+from .slots import SlotPool
 
 logger = logging.getLogger("bitnet_tt.engine")
 PROMPT_OVERFLOW = ("error", "truncate")  # what to do with a prompt that does not fit the context
+# Prompt tokens prefilled per step (the rest wait for later steps, between decodes); see README, "Serving".
+DEFAULT_PREFILL_CHUNK = 256
 
 
 @dataclass
@@ -53,20 +57,25 @@ class _TextState:
 
 
 class Engine:
-    def __init__(self, backend: Backend, tokenizer: Tokenizer, prompt_overflow: str = "error"):
+    def __init__(self, backend: Backend, tokenizer: Tokenizer, prompt_overflow: str = "error",
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK):
         if prompt_overflow not in PROMPT_OVERFLOW:
             raise RequestError(f"prompt_overflow must be one of {PROMPT_OVERFLOW}")
+        if not isinstance(prefill_chunk, int) or prefill_chunk < 1:
+            raise RequestError(f"prefill_chunk must be a positive number of tokens, got {prefill_chunk!r}")
         self.backend = backend
         self.tokenizer = tokenizer
         self.prompt_overflow = prompt_overflow
         self.stats = EngineStats()
         self._lock = threading.Lock()
         self._waiting: deque[Request] = deque()
-        self._running: dict[int, Request] = {}  # slot -> request
+        self._running: dict[int, Request] = {}  # slot -> request, in admission order
         self._text: dict[str, _TextState] = {}
         self._cancelled: set[str] = set()
         self._ids = itertools.count()
-        self._free_slots = list(range(backend.max_slots))
+        self.slots = SlotPool(backend.max_slots)
+        self.scheduler = Scheduler(self.slots, prefill_chunk, chunked=backend.supports_prefix_prefill)
+        self.last_plan = StepPlan()  # what the latest step ran (tests and benchmarks read it)
 
     # -- submitting ------------------------------------------------------------------------------
 
@@ -92,7 +101,8 @@ class Engine:
         return self.submit(self.tokenizer.encode_chat(list(messages)), params, **kwargs)
 
     def cancel(self, request_id: str) -> None:
-        """Stop a request; its slot is freed at the start of the next step. Thread-safe."""
+        """Stop a request (also midway through its prompt); its slot is freed at the start of the next step.
+        Thread-safe."""
         with self._lock:
             self._cancelled.add(request_id)
 
@@ -118,26 +128,42 @@ class Engine:
         with self._lock:
             return bool(self._waiting or self._running)
 
+    @property
+    def slots_in_use(self) -> int:
+        """Slots serving a request (free slots may still hold a cached prompt)."""
+        return len(self._running)
+
     def step(self) -> list[RequestOutput]:
-        """Admit waiting requests into free slots and prefill them, then decode every other active slot once."""
+        """Decode every decoding slot once and prefill the next prompt chunks (admitting waiting requests)."""
         started = time.perf_counter()
         outputs: list[RequestOutput] = []
         self._apply_cancellations(outputs)
-        admitted = self._admit()
-        for request in admitted:
-            request.stats.prefill_started = time.perf_counter()
-            logits = self._timed(self.backend.prefill, request.slot, request.prompt_ids)
-            self._accept(request, logits, outputs)
-        decoding = [r for r in self._running.values() if r not in admitted]
-        if decoding:
-            self._decode(decoding, outputs)
+        with self._lock:
+            plan = self.scheduler.plan(self._waiting, list(self._running.values()))
+        for request in plan.admitted:
+            self._running[request.slot] = request
+            self.backend.keep_prefix(request.slot, request.cached_tokens)
+        for chunk in plan.prefill:
+            self._prefill(chunk, outputs)
+        if plan.decode:
+            self._decode(plan.decode, outputs)
+        self.last_plan = plan
         self.stats.steps += 1
         self.stats.step_seconds += time.perf_counter() - started
         self._deliver(outputs)
         return outputs
 
+    def _prefill(self, chunk: PrefillChunk, outputs: list[RequestOutput]) -> None:
+        request = chunk.request
+        if chunk.start == request.cached_tokens:
+            request.stats.prefill_started = time.perf_counter()
+        logits = self._timed(self.backend.prefill, request.slot, request.prompt_ids[chunk.start : chunk.stop])
+        request.prefilled = chunk.stop
+        if chunk.completes_prompt:
+            self._accept(request, logits, outputs)
+
     def _decode(self, decoding: list[Request], outputs: list[RequestOutput]) -> None:
-        """One batched decode call for every active slot that was not prefilled in this step."""
+        """One batched decode call for every slot whose prompt was prefilled in an earlier step."""
         started = time.perf_counter()
         slots, last = [r.slot for r in decoding], [r.output_ids[-1] for r in decoding]
         if all(r.params.plain_greedy for r in decoding):  # no logits needed: the backend picks the tokens
@@ -205,17 +231,6 @@ class Engine:
         for request in waiting + [r for r in self._running.values() if r.id in cancelled]:
             self._finish(request, "cancelled", outputs)
 
-    def _admit(self) -> list[Request]:
-        admitted = []
-        with self._lock:
-            while self._waiting and self._free_slots:
-                request = self._waiting.popleft()
-                request.slot = self._free_slots.pop(0)
-                request.status = RequestStatus.RUNNING
-                self._running[request.slot] = request
-                admitted.append(request)
-        return admitted
-
     # -- one sampled token --------------------------------------------------------------------------
 
     def _accept(self, request: Request, logits: torch.Tensor, outputs: list[RequestOutput]) -> None:
@@ -273,8 +288,15 @@ class Engine:
         request.stats.finished = time.perf_counter()
         if request.slot is not None and self._running.get(request.slot) is request:
             del self._running[request.slot]
-            self.backend.free(request.slot)
-            with self._lock:
-                self._free_slots.append(request.slot)
-                self._free_slots.sort()
+            self._release_slot(request)
         outputs.append(RequestOutput(request, text, list(token_ids), True))
+
+    def _release_slot(self, request: Request) -> None:
+        """Return the request's slot to the pool, its KV cache kept for later prompts unless it opted out."""
+        kept = []
+        if self.scheduler.chunked and request.params.cache_prompt:
+            fed = request.prompt_ids + request.output_ids  # the order the tokens went into the slot
+            kept = fed[: self.backend.slot_length(request.slot)]
+        if not kept:
+            self.backend.free(request.slot)
+        self.slots.release(request.slot, kept)

@@ -202,7 +202,7 @@ class EngineLoop:
         return {
             "bitnet_tt_requests_waiting": ("Requests queued for a slot.", waiting),
             "bitnet_tt_requests_running": ("Requests holding a slot.", running),
-            "bitnet_tt_slots_in_use": ("KV-cache slots holding a context, as the backend reports.", self.slots_in_use),
+            "bitnet_tt_slots_in_use": ("KV-cache slots serving a request.", self.slots_in_use),
         }
 
     def _count(self, status: RequestStatus) -> int:
@@ -216,8 +216,7 @@ class EngineLoop:
                     self._wake.clear()  # cleared before has_work() is asked again, so no submission is missed
                     continue
                 self.engine.step()
-                backend = self.engine.backend
-                self.slots_in_use = sum(1 for s in range(backend.max_slots) if backend.slot_length(s) > 0)
+                self.slots_in_use = self.engine.slots_in_use
             self._fail_all(APIError(503, "the server is shutting down", type="server_error"))
         except Exception as exc:
             logger.exception("the engine failed; failing every request")

@@ -111,6 +111,7 @@ class _GenerationRequest(_Strict):
     min_p: float = 0.0
     repetition_penalty: float = 1.0
     ignore_eos: bool = False
+    cache_prompt: bool = True  # llama.cpp's name: false prefills the whole prompt and keeps nothing for later
 
     @field_validator("n")
     @classmethod
@@ -137,7 +138,7 @@ class _GenerationRequest(_Strict):
             max_new_tokens=max_new_tokens, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
             min_p=self.min_p, repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty, seed=self.seed, stop=stop, logprobs=logprobs,
-            top_logprobs=top_logprobs, ignore_eos=self.ignore_eos,
+            top_logprobs=top_logprobs, ignore_eos=self.ignore_eos, cache_prompt=self.cache_prompt,
         )
 
 
