@@ -42,8 +42,10 @@ class ServerProcess:
     def __init__(self, model, log_path, *options, env: dict | None = None):
         self.url = f"http://{HOST}:{free_port()}"
         self.log_path = log_path
+        # float64: outputs under concurrent load are compared with outputs alone, and in fp32 a batch's order of
+        # sums could flip an activation tie on some CPUs.
         cmd = [sys.executable, "-m", "bitnet_tt.cli", "serve", "--model", str(model), "--model-name", MODEL,
-               "--host", HOST, "--port", self.url.rsplit(":", 1)[1], "--dtype", "float32", "--quiet", *options]
+               "--host", HOST, "--port", self.url.rsplit(":", 1)[1], "--dtype", "float64", "--quiet", *options]
         with open(log_path, "wb") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
 
