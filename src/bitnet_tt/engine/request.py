@@ -93,5 +93,5 @@ class Request:
             "finish_reason": self.finish_reason,
             "cached_prompt_tokens": self.cached_tokens,
             "logprobs": [c.logprob for c in self.choices] if self.params.logprobs else None,
-            "stats": self.stats.summary(len(self.prompt_ids)),
+            "stats": self.stats.summary(len(self.prompt_ids) - self.cached_tokens),  # the tokens prefilled
         }
