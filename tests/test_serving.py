@@ -271,3 +271,13 @@ def test_prefill_chunk_and_cache_prompt_options_are_checked(tiny):
     body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "cache_prompt": False}
     assert ChatCompletionRequest.model_validate(body).sampling_params(4).cache_prompt is False
     assert ChatCompletionRequest.model_validate({**body, "cache_prompt": True}).sampling_params(4).cache_prompt
+
+
+def test_a_bad_prefill_chunk_is_a_one_line_error(tiny):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "bitnet_tt.cli", "generate", "--model", str(tiny),
+                             "--prefill-chunk", "0", "hi"], capture_output=True, text=True, timeout=300)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode != 0 and len(lines) == 1 and "argument --prefill-chunk: must be at least 1" in lines[0]
