@@ -1,4 +1,5 @@
-"""Continuous batching over a backend's slots: admit, prefill, decode all active slots in one call, stream."""
+"""Continuous batching over a backend's slots: each step decodes every running slot in one call and prefills
+the next prompt chunks (scheduler.py), reusing cached prompt prefixes (slots.py); it streams text and cancels."""
 
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ from .slots import SlotPool
 logger = logging.getLogger("bitnet_tt.engine")
 PROMPT_OVERFLOW = ("error", "truncate")  # what to do with a prompt that does not fit the context
 # Prompt tokens prefilled per step (the rest wait for later steps, between decodes); see README, "Serving".
-DEFAULT_PREFILL_CHUNK = 256
+DEFAULT_PREFILL_CHUNK = 64
 
 
 @dataclass
