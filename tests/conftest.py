@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import shutil
 
 # HF wraps ActQuant/WeightQuant in torch.compile; eager runs the same math without compile time.
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
@@ -77,3 +80,36 @@ def host_ttnn():
 
     return needs_tt(load)
 
+
+# ---------------------------------------------------------------------------------------------
+# Hostile-input checks shared by the CLI, file and conversion tests
+
+
+def run_main(*argv) -> tuple[int, str]:
+    """bitnet-tt's main() on argv: (exit code, stderr). An exception escaping main is a traceback: it fails here."""
+    from bitnet_tt.cli import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            code = main([str(a) for a in argv])
+        except SystemExit as exc:
+            code = exc.code
+    return code, err.getvalue()
+
+
+def assert_one_line_error(code: int, stderr: str, fragment: str) -> None:
+    assert code not in (0, None), stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr
+    assert fragment in lines[0], lines[0]
+
+
+def without_file_override() -> list[str]:
+    """A command prefix under which mode 000 files cannot be read, or a skip when this machine cannot do that."""
+    if os.geteuid() != 0:
+        return []
+    if not shutil.which("setpriv"):
+        pytest.skip("running as root without setpriv: cannot make a file unreadable to the CLI")
+    caps = "-dac_override,-dac_read_search"
+    return ["setpriv", f"--bounding-set={caps}", f"--inh-caps={caps}", "--"]

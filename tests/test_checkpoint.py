@@ -119,7 +119,7 @@ def test_convert_is_deterministic_and_refuses_to_overwrite(model_factory, tmp_pa
     assert digest(one) == digest(two)
     with pytest.raises(CheckpointError, match="already exists"):
         convert_checkpoint(src, one, progress=False)
-    with pytest.raises(CheckpointError, match="must not be the source"):
+    with pytest.raises(CheckpointError, match="must not be the source folder, be inside it or contain it"):
         convert_checkpoint(src, src, progress=False)
     keep = tmp_path / "precious"
     keep.mkdir()
@@ -137,7 +137,7 @@ def test_interrupted_conversion_leaves_nothing_loadable(model_factory, tmp_path,
     def explode(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(ckpt, "save_file", explode)
+    monkeypatch.setattr(ckpt, "write_safetensors", explode)
     with pytest.raises(KeyboardInterrupt):
         convert_checkpoint(model_factory("packed"), tmp_path / "out", progress=False)
     assert list(tmp_path.iterdir()) == []

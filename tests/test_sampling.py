@@ -7,8 +7,10 @@ import math
 import pytest
 import torch
 
-from bitnet_tt.errors import RequestError
+from bitnet_tt.errors import GenerationError, RequestError
 from bitnet_tt.sampling import (
+    MAX_STOP_CHARS,
+    MAX_STOP_STRINGS,
     SamplingParams,
     device_draw,
     device_sampleable,
@@ -96,7 +98,8 @@ def test_filter_marks_removed_tokens_minus_inf():
 @pytest.mark.parametrize("kwargs", [
     {"temperature": -1}, {"top_p": 0.0}, {"top_p": 1.5}, {"top_k": -2}, {"min_p": 2.0},
     {"max_new_tokens": 0}, {"repetition_penalty": 0}, {"presence_penalty": 5}, {"top_logprobs": 100},
-    {"stop": ("",)}, {"seed": -1},
+    {"stop": ("",)}, {"seed": -1}, {"stop": ("x",) * (MAX_STOP_STRINGS + 1)}, {"stop": ("x" * (MAX_STOP_CHARS + 1),)},
+    {"stop": ("x" * 1_040_000,)},
 ])
 def test_invalid_parameters_are_rejected(kwargs):
     with pytest.raises(RequestError):
@@ -121,3 +124,42 @@ def test_device_draws_repeat_for_a_seed():
     seeds = {device_draw(params, generator).seed for _ in range(20)}
     assert len(seeds) == 20 and all(0 <= s < 2**31 for s in seeds)  # a fresh seed every step
     assert device_draw(SamplingParams(temperature=0.0), None).top_k == 1
+
+
+# Accepted values that underflow or overflow in fp32 (each once disabled the server). The sampler must give
+# what the limit of the setting gives: the most likely token, or for a vanishing repetition penalty the
+# seen token with the largest positive logit (divided by the penalty it outgrows every other).
+TINY_SETTINGS = [
+    ({"top_p": 1e-300}, 0), ({"top_p": 1e-46}, 0), ({"top_p": 5e-324}, 0),
+    ({"temperature": 1e-40}, 0), ({"temperature": 1e-45}, 0), ({"temperature": 5e-324}, 0),
+    ({"repetition_penalty": 1e-300}, 2), ({"repetition_penalty": 1e-40}, 2),
+    ({"top_k": 1, "top_p": 1e-300}, 0),
+]
+
+
+@pytest.mark.parametrize("kwargs, expected", TINY_SETTINGS)
+def test_tiny_settings_sample_their_limit(kwargs, expected):
+    assert set(draw(SamplingParams(**kwargs), n=200, prompt_ids=[2, 6]).tolist()) == {expected}
+    filtered = filter_logits(LOGITS.double(), SamplingParams(**kwargs))
+    assert not torch.isnan(filtered).any()
+
+
+def test_a_penalty_beyond_float64_keeps_the_seen_tokens_first():
+    """2.5 / 5e-324 overflows float64: such logits are held at its largest value, tied, never inf or NaN."""
+    tokens = draw(SamplingParams(repetition_penalty=5e-324), n=300, prompt_ids=[1, 2])
+    assert set(tokens.tolist()) == {1, 2}
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_logits_are_an_error_not_a_token(bad):
+    logits = LOGITS.clone()
+    logits[3] = bad
+    for params in (SamplingParams(temperature=0.0), SamplingParams(), SamplingParams(temperature=0.0, logprobs=True)):
+        with pytest.raises(GenerationError, match="non-finite logits"):
+            sample_token(logits, params, [], [], torch.Generator().manual_seed(0))
+
+
+def test_the_device_sampler_gets_no_setting_it_may_round_to_zero_or_infinity():
+    assert device_sampleable(SamplingParams(temperature=0.7, top_k=5, top_p=0.5), 32)
+    for tiny in ({"temperature": 1e-40}, {"top_p": 1e-300}):
+        assert not device_sampleable(SamplingParams(**{"temperature": 0.7, "top_k": 5, **tiny}), 32), tiny

@@ -1,13 +1,16 @@
 """`bitnet-tt serve` as a user runs it: a real server process on 127.0.0.1, driven by the openai client and httpx.
 
 All traffic goes to 127.0.0.1; every wait is bounded in count and time; each fixture stops its server.
-Checks count tokens rather than time, so that a slow or busy machine does not make them flaky. The last test
-runs the app in-process (no socket) to break its backend on purpose.
+Checks count tokens rather than time, so that a slow or busy machine does not make them flaky. Hostile input
+(issue 11) is sent as raw HTTP where the framing matters; a few checks run the app in-process (no socket) to
+watch its threads or break its backend on purpose.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -39,13 +42,17 @@ def free_port() -> int:
 class ServerProcess:
     """`python -m bitnet_tt.cli serve` on a free loopback port; output goes to a file, never to a pipe that fills."""
 
-    def __init__(self, model, log_path, *options, env: dict | None = None):
-        self.url = f"http://{HOST}:{free_port()}"
+    def __init__(self, model, log_path, *options, env: dict | None = None, api_key: str | None = None,
+                 quiet: bool = True, command: list[str] | None = None):
+        self.port = free_port()
+        self.url = f"http://{HOST}:{self.port}"
         self.log_path = log_path
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         # float64: outputs under concurrent load are compared with outputs alone, and in fp32 a batch's order of
         # sums could flip an activation tie on some CPUs.
-        cmd = [sys.executable, "-m", "bitnet_tt.cli", "serve", "--model", str(model), "--model-name", MODEL,
-               "--host", HOST, "--port", self.url.rsplit(":", 1)[1], "--dtype", "float64", "--quiet", *options]
+        cmd = [*(command or [sys.executable, "-m", "bitnet_tt.cli"]), "serve", "--model", str(model),
+               "--model-name", MODEL, "--host", HOST, "--port", str(self.port), "--dtype", "float64",
+               *(["--quiet"] if quiet else []), *options]
         with open(log_path, "wb") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
 
@@ -76,10 +83,19 @@ class ServerProcess:
         return OpenAI(base_url=self.url + "/v1", api_key=api_key, timeout=60, max_retries=0)
 
     def post(self, path: str, headers: dict | None = None, **kwargs) -> httpx.Response:
-        return httpx.post(self.url + path, headers=headers, timeout=60, **kwargs)
+        return httpx.post(self.url + path, headers={**self.headers, **(headers or {})}, timeout=60, **kwargs)
+
+    def get(self, path: str, headers: dict | None = None) -> httpx.Response:
+        return httpx.get(self.url + path, headers={**self.headers, **(headers or {})}, timeout=10)
+
+    def raw(self, request: bytes, read_timeout: float = 60) -> bytes:
+        """Send `request` as it is on a new connection; everything the server sends until it closes."""
+        with socket.create_connection((HOST, self.port), timeout=read_timeout) as sock:
+            sock.sendall(request)
+            return read_until_closed(sock)
 
     def metrics(self) -> dict[str, float]:
-        text = httpx.get(self.url + "/metrics", timeout=10).text
+        text = self.get("/metrics").text
         return {name: float(value) for line in text.splitlines() if line and not line.startswith("#")
                 for name, value in [line.rsplit(" ", 1)]}
 
@@ -94,8 +110,15 @@ class ServerProcess:
         pytest.fail(f"the server did not become idle within {timeout} s: {[(g, metrics[g]) for g in GAUGES]}")
 
 
-def start_server(model, log_path, *options, env=None):
-    server = ServerProcess(model, log_path, *options, env=env)
+def read_until_closed(sock: socket.socket) -> bytes:
+    received = b""
+    while chunk := sock.recv(65536):
+        received += chunk
+    return received
+
+
+def start_server(model, log_path, *options, **kwargs):
+    server = ServerProcess(model, log_path, *options, **kwargs)
     try:
         server.wait_healthy()
         yield server
@@ -115,9 +138,10 @@ def server(model, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def guarded(model, tmp_path_factory):
-    """One slot, one waiting request at most, an API key from the environment."""
+    """One slot, one waiting request at most, an API key from the environment, /metrics open to scrapers."""
     log = tmp_path_factory.mktemp("guarded") / "log"
-    yield from start_server(model, log, "--max-batch", "1", "--max-queue", "1", env={"BITNET_TT_API_KEY": API_KEY})
+    yield from start_server(model, log, "--max-batch", "1", "--max-queue", "1", "--public-metrics",
+                            env={"BITNET_TT_API_KEY": API_KEY})
 
 
 @pytest.fixture(scope="module")
@@ -344,23 +368,323 @@ def test_metrics_exposition(server, client):
     assert httpx.get(server.url + "/metrics", timeout=10).headers["content-type"].startswith("text/plain")
 
 
-def test_an_engine_failure_fails_requests_instead_of_hanging(model):
-    """In-process (no socket): a backend that breaks mid-generation gives a 500 and an unhealthy server."""
+# --- faults: one request's failure is its own; a dead engine ends the process ------------------------------
+
+# The CLI with every TorchBackend decode failing: prefill works, so the first token goes out before the failure.
+BROKEN_CLI = [sys.executable, "-c", """
+import sys
+from bitnet_tt.backends.torch.backend import TorchBackend
+from bitnet_tt.cli import main
+
+def lose_the_device(*args):
+    raise RuntimeError("device lost: internal detail")
+
+TorchBackend.decode = lose_the_device
+sys.exit(main(sys.argv[1:]))
+"""]
+
+
+def test_a_backend_that_keeps_failing_fails_its_requests_and_ends_the_process(model, tmp_path):
+    server = ServerProcess(model, tmp_path / "log", "--max-batch", "2", command=BROKEN_CLI)
+    try:
+        server.wait_healthy()
+        failed = server.post("/v1/completions", json={**OK_TEXT, "max_tokens": 5, "stream": True})
+        assert failed.status_code == 200 and '"error"' in failed.text and "[DONE]" not in failed.text
+        assert "device lost" not in failed.text  # the exception's text goes to the log only
+        for _ in range(5):  # after MAX_BACKEND_FAILURES_IN_A_ROW failures the server stops
+            try:
+                response = server.post("/v1/completions", json=OK_TEXT)
+            except httpx.TransportError:
+                break
+            assert response.status_code in (500, 503) and "device lost" not in response.text
+        assert server.proc.wait(timeout=60) == 1
+    finally:
+        server.stop()
+    log = server.log()
+    assert "device lost: internal detail" in log and "supervisor can restart" in log.splitlines()[-1]
+
+
+def test_an_unexpected_error_answers_a_generic_message_and_an_id_found_in_the_log(model, caplog):
+    """In-process: the tokenizer breaks; the client sees an id, the log holds the exception."""
     from fastapi.testclient import TestClient
 
     from bitnet_tt.backends.torch.backend import load_torch_backend
     from bitnet_tt.engine import Engine
     from bitnet_tt.server import create_app
 
-    def lose_the_device(slots, token_ids):
-        raise RuntimeError("device lost")
+    def broken(*args):
+        raise RuntimeError("secret internal detail")
 
-    backend = load_torch_backend(model, max_slots=2, max_context=64, dtype="float32", progress=False)
-    backend.decode = lose_the_device  # prefill works, so the first token goes out before the failure
+    backend = load_torch_backend(model, max_slots=1, max_context=64, dtype="float32", progress=False)
     engine = Engine(backend, Tokenizer(model, ModelConfig.from_folder(model)))
+    engine.tokenizer.encode = broken
+    with TestClient(create_app(engine, MODEL), raise_server_exceptions=False) as client:
+        response = client.post("/v1/completions", json=OK_TEXT)
+        assert client.get("/health").status_code == 200
+    message = response.json()["error"]["message"]
+    assert response.status_code == 500 and "secret" not in response.text
+    error_id = message.split("error id ")[1].split(":")[0]
+    assert any(error_id in r.getMessage() and "secret internal detail" in str(r.exc_info) for r in caplog.records)
+
+
+def test_prompts_are_tokenised_off_the_event_loop(model):
+    """A long prompt's tokenising must not hold up the event loop (and /health with it)."""
+    import asyncio
+
+    from fastapi.testclient import TestClient
+
+    from bitnet_tt.backends.torch.backend import load_torch_backend
+    from bitnet_tt.engine import Engine
+    from bitnet_tt.server import create_app
+
+    backend = load_torch_backend(model, max_slots=1, max_context=64, dtype="float32", progress=False)
+    engine = Engine(backend, Tokenizer(model, ModelConfig.from_folder(model)))
+    on_the_loop = []
+    for name in ("encode", "encode_chat"):
+        real = getattr(engine.tokenizer, name)
+
+        def spy(*args, real=real, **kwargs):
+            try:
+                asyncio.get_running_loop()
+                on_the_loop.append(True)
+            except RuntimeError:  # no event loop runs in this thread
+                on_the_loop.append(False)
+            return real(*args, **kwargs)
+
+        setattr(engine.tokenizer, name, spy)
     with TestClient(create_app(engine, MODEL)) as client:
-        streamed = client.post("/v1/completions", json={**OK_TEXT, "max_tokens": 5, "stream": True})
-        assert streamed.status_code == 200 and '"error"' in streamed.text and "device lost" in streamed.text
-        later = client.post("/v1/completions", json=OK_TEXT)
-        assert later.status_code == 500 and "device lost" in later.json()["error"]["message"]
-        assert client.get("/health").status_code == 503
+        assert client.post("/v1/completions", json=OK_TEXT).status_code == 200
+        assert client.post("/v1/chat/completions", json=OK_CHAT).status_code == 200
+    assert len(on_the_loop) >= 2 and not any(on_the_loop)
+
+
+# --- issue 11: values that once disabled the server ---------------------------------------------------------
+
+TINY_SETTINGS = [{"top_p": 1e-300}, {"top_p": 1e-46}, {"top_p": 5e-324}, {"temperature": 1e-40},
+                 {"temperature": 1e-45}, {"temperature": 5e-324}, {"repetition_penalty": 1e-300},
+                 {"repetition_penalty": 1e-40}, {"top_k": 1, "top_p": 1e-300}]
+
+
+@pytest.mark.parametrize("setting", TINY_SETTINGS, ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()))
+def test_tiny_sampling_settings_are_served(server, setting):
+    body = {**OK_CHAT, "max_tokens": 4, **setting}
+    assert server.post("/v1/chat/completions", json=body).status_code == 200
+    streamed = server.post("/v1/chat/completions", json={**body, "stream": True, "logprobs": True, "top_logprobs": 2})
+    assert streamed.status_code == 200 and streamed.text.endswith("data: [DONE]\n\n")
+    assert "NaN" not in streamed.text and "Infinity" not in streamed.text
+    assert server.get("/health").status_code == 200
+    assert server.post("/v1/completions", json=OK_TEXT).status_code == 200
+
+
+@pytest.mark.parametrize("stop, status", [
+    ("a bare stop string longer than sixteen characters", 200),
+    (["x" * 1000] * 16, 200),
+    (["x"] * 17, 400),
+    (["x" * 1001], 400),
+    ("x" * 1_040_000, 400),
+])
+def test_stop_strings_are_bounded_in_number_and_length(server, stop, status):
+    response = server.post("/v1/completions", json={**OK_TEXT, "max_tokens": 3, "stop": stop})
+    assert response.status_code == status, response.text[:300]
+
+
+# --- issue 11: security --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def secure(model, tmp_path_factory):
+    """An API key on the command line, the access log on, a short read timeout, few connections."""
+    log = tmp_path_factory.mktemp("secure") / "log"
+    yield from start_server(model, log, "--api-key", API_KEY, "--read-timeout", "1", "--max-connections", "8",
+                            api_key=API_KEY, quiet=False)
+
+
+@pytest.mark.parametrize("key_option", [["--api-key", ""], []])
+def test_an_empty_api_key_is_refused(model, key_option):
+    env = {**os.environ, "BITNET_TT_API_KEY": ""}
+    done = subprocess.run([sys.executable, "-m", "bitnet_tt.cli", "serve", "--model", str(model), *key_option],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.count("\n") == 1 and "API key is empty" in done.stderr
+
+
+@pytest.mark.parametrize("path", ["/metrics", "/docs", "/redoc", "/openapi.json", "/v1/models"])
+def test_with_a_key_every_path_but_health_needs_it(secure, path):
+    assert httpx.get(secure.url + path, timeout=10).status_code == 401
+    assert secure.get(path).status_code == 200
+    assert httpx.get(secure.url + "/health", timeout=10).status_code == 200
+
+
+def test_public_metrics_opens_metrics_only(guarded):
+    assert httpx.get(guarded.url + "/metrics", timeout=10).status_code == 200
+    assert httpx.get(guarded.url + "/docs", timeout=10).status_code == 401
+
+
+def raw_request(method: str, path: str, host: str, headers: dict[str, str] | None = None, body: bytes = b"") -> bytes:
+    lines = [f"{method} {path} HTTP/1.1", f"Host: {host}", "Connection: close", *(f"{k}: {v}" for k, v in
+                                                                                   (headers or {}).items())]
+    if body or method == "POST":
+        lines.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+def status_of(response: bytes) -> int:
+    return int(response.split(b" ", 2)[1])
+
+
+@pytest.mark.parametrize("host, status", [
+    ("attacker.example", 400), ("attacker.example:{port}", 400), ("127.0.0.1:1", 400),
+    ("127.0.0.1:{port}", 200), ("localhost:{port}", 200), ("[::1]:{port}", 200), ("localhost", 200),
+])
+def test_a_loopback_server_answers_only_its_own_host_names(server, host, status):
+    """DNS rebinding: a page at attacker.example resolved to 127.0.0.1 sends its own name as Host."""
+    response = server.raw(raw_request("GET", "/v1/models", host.format(port=server.port)))
+    assert status_of(response) == status, response[:300]
+
+
+def test_a_cross_origin_simple_post_is_not_executed(server):
+    """A browser sends text/plain across origins without a preflight: only application/json is taken."""
+    before = generated_tokens(server)
+    body = json.dumps({**OK_TEXT, "max_tokens": 3}).encode()
+    host = f"{HOST}:{server.port}"
+    for content_type in ("text/plain", "application/x-www-form-urlencoded", None):
+        headers = {"Origin": "http://attacker.example", **({"Content-Type": content_type} if content_type else {})}
+        response = server.raw(raw_request("POST", "/v1/completions", host, headers, body))
+        assert status_of(response) == 415, response[:300]
+    ok = server.raw(raw_request("POST", "/v1/completions", host, {"Content-Type": "application/json; charset=utf-8"},
+                                body))
+    assert status_of(ok) == 200
+    assert generated_tokens(server) - before == 3  # only the JSON request generated
+
+
+def test_query_strings_are_not_logged(secure):
+    secret = "sk-in-the-query-0123"
+    assert secure.get(f"/v1/models?api_key={secret}").status_code == 200
+    assert httpx.get(f"{secure.url}/v1/models?key={secret}", timeout=10).status_code == 401
+    log = secure.log()
+    assert "GET /v1/models HTTP/1.1" in log and secret not in log and API_KEY not in log
+
+
+# --- issue 11: slow clients ------------------------------------------------------------------------------
+
+
+def test_a_client_that_sends_its_headers_slowly_is_disconnected(secure):
+    """Slowloris: a connection that never completes its headers is closed after --read-timeout (1 s)."""
+    sockets = [socket.create_connection((HOST, secure.port), timeout=60) for _ in range(4)]
+    try:
+        for sock in sockets:
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+        assert [read_until_closed(sock) for sock in sockets] == [b""] * 4  # closed without an answer
+    finally:
+        for sock in sockets:
+            sock.close()
+    assert secure.get("/health").status_code == 200
+
+
+def test_a_body_that_never_completes_times_out(secure):
+    head = raw_request("POST", "/v1/completions", f"{HOST}:{secure.port}",
+                       {"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"})
+    head = head.replace(b"Content-Length: 0", b"Content-Length: 1000")
+    response = secure.raw(head + b'{"model": "tiny", ')
+    assert status_of(response) == 408 and b"request_timeout" in response
+
+
+def test_connections_beyond_the_limit_get_503(secure):
+    idle = [socket.create_connection((HOST, secure.port), timeout=60) for _ in range(8)]
+    try:
+        assert secure.get("/health").status_code == 503
+    finally:
+        for sock in idle:
+            sock.close()
+    deadline = time.monotonic() + 30
+    while secure.get("/health").status_code != 200 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert secure.get("/health").status_code == 200
+
+
+def test_a_client_that_never_reads_its_stream_is_cancelled(server):
+    """Its outputs pile up once the socket buffers are full: beyond the bound, its request is cancelled.
+    Twenty alternatives per token make each chunk large, so that the buffers fill early."""
+    before = generated_tokens(server)
+    most = CONTEXT - 32
+    body = json.dumps({**OK_CHAT, "max_tokens": most, "temperature": 0, "ignore_eos": True, "stream": True,
+                       "logprobs": True, "top_logprobs": 20}).encode()
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect((HOST, server.port))
+        sock.sendall(raw_request("POST", "/v1/chat/completions", f"{HOST}:{server.port}",
+                                 {"Content-Type": "application/json"}, body))
+        deadline = time.monotonic() + 60
+        while generated_tokens(server) == before and time.monotonic() < deadline:
+            time.sleep(0.05)  # until the request runs; nothing is read, ever
+        after = server.wait_idle(timeout=300)["bitnet_tt_generation_tokens_total"]
+        assert server.post("/v1/completions", json=OK_TEXT).status_code == 200  # others go on meanwhile
+    assert 0 < after - before < most
+
+
+# --- soak -----------------------------------------------------------------------------------------------
+
+
+def soak_request(server: ServerProcess, kind: str, rng: random.Random) -> int | None:
+    """One request of `kind`; its status, or None where the client left before an answer."""
+    text = {**OK_TEXT, "prompt": f"Soak {rng.randint(0, 999)}", "max_tokens": rng.randint(1, 12)}
+    host = f"{HOST}:{server.port}"
+    if kind == "good":
+        return server.post("/v1/completions", json=text).status_code
+    if kind == "stream":
+        return server.post("/v1/chat/completions", json={**OK_CHAT, "stream": True, "logprobs": True}).status_code
+    if kind == "cut stream":  # reads a chunk or two, then disconnects
+        with httpx.stream("POST", server.url + "/v1/completions", timeout=60,
+                          json={**text, "max_tokens": LONG, "ignore_eos": True, "stream": True}) as response:
+            for _, _ in zip(range(rng.randint(1, 3)), response.iter_lines()):
+                pass
+        return None
+    if kind == "cut plain":  # gives up before the answer
+        try:
+            httpx.post(server.url + "/v1/completions", timeout=httpx.Timeout(60, read=0.05),
+                       json={**text, "max_tokens": LONG, "ignore_eos": True})
+        except httpx.ReadTimeout:
+            return None
+        return 200
+    if kind == "cut body":  # announces a body, sends part of it, disconnects
+        with socket.create_connection((HOST, server.port), timeout=60) as sock:
+            sock.sendall(raw_request("POST", "/v1/completions", host, {"Content-Type": "application/json"})
+                         .replace(b"Content-Length: 0", b"Content-Length: 500") + b'{"model": "ti')
+        return None
+    if kind == "tiny setting":
+        return server.post("/v1/chat/completions", json={**OK_CHAT, **rng.choice(TINY_SETTINGS)}).status_code
+    bad = {
+        "bad json": dict(content=b'{"model": "tiny", "prompt": [', headers={"Content-Type": "application/json"}),
+        "bad value": dict(json={**text, "temperature": -1}),
+        "long stop": dict(json={**text, "stop": "x" * 100_000}),
+        "text/plain": dict(content=json.dumps(text).encode(), headers={"Content-Type": "text/plain"}),
+    }[kind]
+    return server.post("/v1/completions", **bad).status_code
+
+
+SOAK_EXPECTED = {"good": {200, 429}, "stream": {200, 429}, "cut stream": {None}, "cut plain": {None, 200},
+                 "cut body": {None}, "tiny setting": {200, 429}, "bad json": {400}, "bad value": {400},
+                 "long stop": {400}, "text/plain": {415}}
+
+
+@pytest.mark.slow
+def test_soak_with_bad_requests_and_disconnects_leaves_the_server_as_new(model, tmp_path):
+    """200 mixed requests, 16 at a time on 4 slots; then the server is healthy, idle, and greedy as when new."""
+    greedy = {**OK_TEXT, "prompt": "The soak check", "max_tokens": 12, "temperature": 0, "ignore_eos": True}
+    server = ServerProcess(model, tmp_path / "log", "--max-batch", "4", "--max-queue", "8")
+    try:
+        server.wait_healthy()
+        when_new = server.post("/v1/completions", json=greedy).json()["choices"][0]["text"]
+        rng = random.Random(11)
+        kinds = [rng.choice(list(SOAK_EXPECTED)) for _ in range(200)]
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            statuses = list(pool.map(lambda i: soak_request(server, kinds[i], random.Random(i)), range(len(kinds)),
+                                     timeout=600))
+        for kind, status in zip(kinds, statuses):
+            assert status in SOAK_EXPECTED[kind], (kind, status)
+        assert server.get("/health").status_code == 200
+        metrics = server.wait_idle(timeout=60)
+        assert not [name for name in metrics if 'status="5' in name], metrics
+        assert server.post("/v1/completions", json=greedy).json()["choices"][0]["text"] == when_new
+    finally:
+        server.stop()

@@ -153,8 +153,8 @@ def test_qkv_heads_decode_split_and_concat(tt):
     joined = tt.experimental.nlp_concat_heads_decode(q, num_heads=heads)
     assert list(joined.shape) == [1, 1, 32, heads * dim]
     assert torch.equal(joined.data[0, 0, :users], qkv[0, 0, :, : heads * dim])
-    with pytest.raises(RuntimeError, match="sharded"):
-        tt.experimental.nlp_create_qkv_heads_decode(on_device(tt, qkv), num_heads=heads, num_kv_heads=kv)
+    q, _, _ = tt.experimental.nlp_create_qkv_heads_decode(on_device(tt, qkv), num_heads=heads, num_kv_heads=kv)
+    assert torch.equal(q.data[0], parts[:, :heads])  # interleaved rows are read by position, not by core
 
 
 def test_qkv_heads_prefill_split_and_concat(tt):
@@ -175,6 +175,7 @@ def test_mul_applies_relu_squared_to_the_first_input(tt):
 
 def test_trace_replays_on_new_inputs_and_rejects_allocation(tt):
     x = on_device(tt, torch.ones(1, 1, 32, 32))
+    tt.multiply(tt.add(x, 1.0), 3.0)  # compiles the programs; a capture rejects compiling
     trace = tt.begin_trace_capture(None)
     y = tt.multiply(tt.add(x, 1.0), 3.0)
     tt.end_trace_capture(None, trace)
@@ -198,3 +199,140 @@ def test_bf16_rounding_is_the_device_dtype():
     x = torch.tensor([1.0 + 2**-10])
     assert HostTT().round_to(x, "bfloat16").item() == 1.0
     assert HostTT(exact=True).round_to(x, "bfloat16").item() == 1.0 + 2**-10
+
+
+def test_a_new_program_compiled_while_a_trace_is_live_makes_it_unsafe_to_replay(tt):
+    x = on_device(tt, torch.ones(1, 1, 32, 32))
+    tt.add(x, 1.0)
+    with pytest.raises(RuntimeError, match="inside a trace capture"):
+        trace = tt.begin_trace_capture(None)
+        try:
+            tt.multiply(x, 2.0)
+        finally:
+            tt.end_trace_capture(None, trace)
+    trace = tt.begin_trace_capture(None)
+    tt.add(x, 1.0)
+    tt.end_trace_capture(None, trace)
+    entries = tt.device().num_program_cache_entries()
+    tt.add(x, 1.0)  # a cached program: nothing is allocated
+    tt.execute_trace(None, trace)
+    tt.multiply(x, 5.0)  # a new program
+    assert tt.device().num_program_cache_entries() == entries + 1
+    with pytest.raises(RuntimeError, match="new programs were compiled while it was live"):
+        tt.execute_trace(None, trace)
+
+
+# --- placement: shards on the cores the real ops use, read the way the kernels read them -----------------
+
+from tools.tt_host.stand_in import rectangle, row_major, sdpa_decode_computed_heads  # noqa: E402
+
+USERS, HEADS, KV, DIM = 32, 20, 5, 128  # BitNet 2B-4T's attention at 32 users
+BLACKHOLE = (13, 10)
+
+
+def placed(tt, data, placement, strategy, shard):
+    config = tt.create_sharded_memory_config(shard, tt.CoreGrid(y=1, x=1), strategy).placed(placement)
+    return on_device(tt, data, memory_config=config)
+
+
+def test_dram_sharded_matmul_output_lands_row_major_over_the_whole_grid(tt):
+    """As the mock P150 reports: 40 output shards asked for on a 10x4 grid go on {[0-0 - 12-2],[0-3 - 0-3]}."""
+    x = on_device(tt, randn(1, 1, 32, 2560), memory_config=tt.create_sharded_memory_config(
+        (32, 64), tt.CoreGrid(y=4, x=10), tt.ShardStrategy.WIDTH))
+    w = on_device(tt, randn(2560, 3840), memory_config=tt.MemoryConfig(
+        tt.TensorMemoryLayout.WIDTH_SHARDED, tt.BufferType.DRAM, tt.ShardSpec(
+            tt.CoreRangeSet({tt.CoreRange(tt.CoreCoord(0, 0), tt.CoreCoord(7, 0))}), [2560, 480])))
+    program = tt.MatmulMultiCoreReuseMultiCastDRAMShardedProgramConfig(in0_block_w=2, per_core_M=1, per_core_N=3)
+    asked = tt.create_sharded_memory_config((32, 96), tt.CoreGrid(y=4, x=10), tt.ShardStrategy.WIDTH)
+    y = tt.linear(x, w, program_config=program, memory_config=asked)
+    assert y.memory_config().placement == row_major(40, BLACKHOLE)
+    assert len(tt.warnings) == 1 and "Mismatch between computed MemoryConfig" in tt.warnings[0]
+    honest = tt.MemoryConfig(tt.TensorMemoryLayout.WIDTH_SHARDED, tt.BufferType.L1, tt.ShardSpec(
+        tt.num_cores_to_corerangeset(40, tt.CoreCoord(*BLACKHOLE)), [32, 96]))
+    tt.linear(x, w, program_config=program, memory_config=honest)
+    assert len(tt.warnings) == 1
+
+
+@pytest.mark.parametrize("layout, exact", [("rectangle 8x5", True), ("row-major over 13 columns", False),
+                                           ("interleaved", True)])
+def test_qkv_head_split_walks_the_bounding_box_of_its_input(tt, layout, exact):
+    """The reader takes tiles(3840) / (box cores) tiles from each core of the input's bounding box: right for
+    a rectangle, scrambled for 40 shards on 13-wide rows (box 13x4 = 52 cores: 2 tiles each, not 3)."""
+    qkv = randn(1, 1, USERS, (HEADS + 2 * KV) * DIM)
+    if layout == "interleaved":
+        tensor = on_device(tt, qkv, memory_config=tt.L1_MEMORY_CONFIG)
+    else:
+        placement = rectangle(8, 5) if layout.startswith("rectangle") else row_major(40, BLACKHOLE)
+        tensor = placed(tt, qkv, placement, tt.ShardStrategy.WIDTH, (32, 96))
+    heads = tt.create_sharded_memory_config((32, DIM), tt.CoreGrid(y=4, x=8), tt.ShardStrategy.HEIGHT)
+    q, k, v = tt.experimental.nlp_create_qkv_heads_decode(tensor, num_heads=HEADS, num_kv_heads=KV, memory_config=heads)
+    want = qkv[0, 0].view(USERS, HEADS + 2 * KV, DIM).split([HEADS, KV, KV], dim=1)
+    assert all(torch.equal(got.data[0], w) for got, w in zip((q, k, v), want)) == exact
+    assert q.memory_config().placement == rectangle(8, 4)
+
+
+def test_qkv_head_split_without_an_output_grid_uses_the_first_cores_row_by_row(tt):
+    qkv = on_device(tt, randn(1, 1, USERS, (HEADS + 2 * KV) * DIM), memory_config=tt.L1_MEMORY_CONFIG)
+    q, _, _ = tt.experimental.nlp_create_qkv_heads_decode(qkv, num_heads=HEADS, num_kv_heads=KV,
+                                                          memory_config=tt.L1_HEIGHT_SHARDED_MEMORY_CONFIG)
+    assert q.memory_config().placement == row_major(USERS, BLACKHOLE)  # the mock: {[0-0 - 12-1],[0-2 - 5-2]}
+
+
+@pytest.mark.parametrize("q_cores, exact", [(rectangle(8, 4), True), (row_major(USERS, BLACKHOLE), False)])
+def test_rope_decode_reads_cos_and_sin_on_the_cores_of_x(tt, q_cores, exact):
+    """rotary_embedding_hf binds cos/sin on x's cores: with x on 13-wide rows and cos/sin on 8x4, user 8
+    finds user 13's rows, or none."""
+    x, angles = randn(1, USERS, HEADS, DIM), randn(1, USERS, 1, DIM // 2)
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    rows_8x4 = [placed(tt, t, rectangle(8, 4), tt.ShardStrategy.HEIGHT, (32, DIM)) for t in (cos, sin)]
+    ours = tt.experimental.rotary_embedding_hf(placed(tt, x, q_cores, tt.ShardStrategy.HEIGHT, (32, DIM)), *rows_8x4,
+                                               is_decode_mode=True)
+    half = torch.cat((-x[..., DIM // 2:], x[..., : DIM // 2]), -1)
+    assert torch.allclose(ours.data, x * cos + half * sin, atol=1e-6) == exact
+    assert torch.allclose(ours.data[:, :8], (x * cos + half * sin)[:, :8], atol=1e-6)  # the first row agrees anyway
+
+
+def sdpa_decode(tt, q_cores, grid):
+    q, k, v = randn(1, USERS, HEADS, DIM), randn(USERS, KV, 64, DIM), randn(USERS, KV, 64, DIM)
+    positions = torch.arange(USERS, dtype=torch.int32) + 20
+    ours = tt.transformer.scaled_dot_product_attention_decode(
+        placed(tt, q, q_cores, tt.ShardStrategy.HEIGHT, (32, DIM)), on_device(tt, k), on_device(tt, v),
+        cur_pos_tensor=on_device(tt, positions, "int32", "ROW_MAJOR"), scale=0.1,
+        program_config=tt.SDPAProgramConfig(compute_with_storage_grid_size=tt.CoreCoord(*grid), q_chunk_size=0,
+                                            k_chunk_size=0))
+    return ours.data, ttnn_golden_sdpa_decode(q, k, v, positions)
+
+
+def ttnn_golden_sdpa_decode(q, k, v, positions):
+    mask = torch.arange(k.shape[2])[None, :] <= positions[:, None]
+    return F.scaled_dot_product_attention(q[0][:, :, None], k, v, attn_mask=mask[:, None, None, :], scale=0.1,
+                                          enable_gqa=True)[:, :, 0][None]
+
+
+def test_sdpa_decode_reads_user_b_q_from_its_output_core_b(tt):
+    got, want = sdpa_decode(tt, rectangle(8, 4), (8, 4))
+    torch.testing.assert_close(got, want)
+    got, want = sdpa_decode(tt, row_major(USERS, BLACKHOLE), (8, 4))  # Q on 13-wide rows, SDPA 8 wide
+    torch.testing.assert_close(got[:, :8], want[:, :8])
+    assert not torch.allclose(got[:, 8:], want[:, 8:], equal_nan=False)
+
+
+def test_sdpa_decode_on_8x8_cores_leaves_users_uncomputed_at_32_users(tt):
+    """64 cores / 32 users = 2 per user cannot split 5 KV heads: 3 heads per core on 53 cores."""
+    got, want = sdpa_decode(tt, rectangle(8, 4), (8, 8))
+    assert torch.allclose(got[0, :26], want[0, :26])
+    assert torch.isnan(got[0, 26, 3 * 4:]).all() and torch.isnan(got[0, 27:]).all()  # user 26 gets KV heads 0-2 only
+    assert sdpa_decode_computed_heads(USERS, KV, 64, 16) != {(u, h) for u in range(USERS) for h in range(KV)}
+
+
+def test_plan_sdpa_decode_grids_are_split_completely_by_the_op():
+    """Every grid size the plan accepts (busy cores > 0) is one where the op computes every (user, KV head)."""
+    from bitnet_tt.backends.ttnn.config import sdpa_decode_busy_cores
+
+    for users in range(1, 33):
+        for kv in (1, 2, 4, 5, 8):
+            for cores in range(1, 81):
+                computed = sdpa_decode_computed_heads(users, kv, cores, 16) if cores >= users else None
+                complete = computed == {(u, h) for u in range(users) for h in range(kv)}
+                if sdpa_decode_busy_cores(users, kv, cores):
+                    assert complete, (users, kv, cores)

@@ -161,6 +161,65 @@ def test_broken_backend_fails_the_check(folder, bug):
     assert lowest_pcc < 0.999
 
 
+# --- placement: the layouts of main b79e45c, which the placement-aware stand-in must reject ----------------
+
+
+def layout_of_b79e45c(tt):
+    """What the backend did before issue 14: the head split's generic height-sharded output (the first
+    users' worth of cores of the whole 13-wide grid, row by row) and an 8x8 SDPA decode grid."""
+    host, model = tt.tt, tt.model
+    split = host.experimental.nlp_create_qkv_heads_decode
+    host.experimental.nlp_create_qkv_heads_decode = lambda *args, **kwargs: split(
+        *args, **{**kwargs, "memory_config": host.L1_HEIGHT_SHARDED_MEMORY_CONFIG})
+    model.sdpa_decode_config = host.SDPAProgramConfig(compute_with_storage_grid_size=host.CoreCoord(8, 8),
+                                                      q_chunk_size=0, k_chunk_size=0)
+
+
+@pytest.mark.parametrize("bug", [None, layout_of_b79e45c])
+def test_placement_of_b79e45c_fails_the_check_at_32_users(model_factory, bug):
+    """On a 13-wide Blackhole grid, users 8-31 got another user's cos/sin rows and Q: numbers a card would
+    compute wrongly although every mock-device check passed."""
+    folder = model_factory("packed", **CONFIGS["gqa4-head32"])
+    tt, reference = backends(folder, replace(EXACT, use_trace=False), users=32, exact=True, patch=bug)
+    slots = list(range(32))
+    for s in slots:
+        ids = prompt(3 + s, s)
+        tt.prefill(s, ids)
+        reference.prefill(s, ids)
+    got, want = tt.decode(slots, [7] * 32), reference.decode(slots, [7] * 32)
+    agree = [pcc(g, w) >= 0.999 for g, w in zip(got, want)]  # NaN (memory no shard owns) never agrees
+    assert all(agree) == (bug is None)
+    if bug:
+        assert all(agree[:8]) and not any(agree[8:])  # the first row of 8 users sits where both layouts agree
+    assert not tt.tt.warnings
+
+
+def compiles_with_a_live_trace(tt):
+    """Before issue 14: op-by-op runs (prefill, a picker's first run) did not release the traces."""
+    tt.steps.op_by_op = lambda step: step()
+
+
+@pytest.mark.parametrize("bug", [None, compiles_with_a_live_trace])
+def test_a_prefill_that_compiles_new_programs_releases_the_traces(model_factory, bug):
+    folder = model_factory("packed", **CONFIGS["gqa4-head32"])
+    tt, reference = backends(folder, EXACT, users=2, exact=True, patch=bug)
+    for backend in (tt, reference):
+        backend.prefill(0, prompt(5, 1))
+    for token in (3, 4, 5):  # a warm-up, a capture, a replay
+        assert pcc(tt.decode([0], [token]), reference.decode([0], [token])) >= 0.999
+    assert tt.steps.captured == ["forward"]
+    for backend in (tt, reference):
+        backend.prefill(1, prompt(100, 2))  # a new prefill length: new programs
+    if bug:
+        with pytest.raises(RuntimeError, match="new programs were compiled while it was live"):
+            tt.decode([0, 1], [6, 7])
+        return
+    assert tt.steps.captured == []
+    got, want = tt.decode([0, 1], [6, 7]), reference.decode([0, 1], [6, 7])
+    assert min(pcc(g, w) for g, w in zip(got, want)) >= 0.999
+    assert tt.steps.captured == ["forward"]
+
+
 def test_verify_report_and_benchmark_facts(folder):
     from bitnet_tt.verify import verify
 

@@ -12,7 +12,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from .engine.engine import DEFAULT_PREFILL_CHUNK
-from .errors import BitNetError
+from .errors import BitNetError, GenerationError
 from .sampling import SamplingParams
 from .tokenizer import ChatMessage
 
@@ -94,11 +94,14 @@ class LLM:
         return self.engine.submit_chat([as_message(m) for m in messages], params)
 
     def pieces(self, request) -> Iterator[str]:
-        """Drive the engine (every queued request advances) and yield `request`'s new text until it ends."""
+        """Drive the engine (every queued request advances) and yield `request`'s new text until it ends;
+        GenerationError if it failed."""
         while not request.finished:
             for output in self.engine.step():
                 if output.request is request and output.text:
                     yield output.text
+        if request.finish_reason == "error":
+            raise GenerationError(request.error)
 
     def finish(self, request):
         for _ in self.pieces(request):

@@ -8,24 +8,30 @@ Formats (see README):
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
 
 import torch
+from pydantic import AfterValidator, BaseModel, ConfigDict, StringConstraints
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from tqdm import tqdm
 
-from .config import ModelConfig, read_config_json
+from .config import ModelConfig, read_config_json, read_json_object, validate_schema
 from .errors import CheckpointError, ModelNotFoundError
+from .folders import partial_folder, publish, remove_stale_partials
 from .ternary import TernaryWeight, holds_unused_code, pack_2bit, ternarize_absmean, unpack_2bit, unpack_hf
 
 CONVERTED_FILE = "bitnet-tt.safetensors"
-CONVERTED_FORMAT = "bitnet-tt-ternary-v1"
+CONVERTED_FORMAT = "bitnet-tt-ternary-v2"  # v2 records checksums
+UNCHECKED_FORMAT = "bitnet-tt-ternary-v1"
+CHECKSUMS_KEY = "sha256"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 # Files copied next to a converted checkpoint so that it is a complete model folder.
@@ -39,6 +45,20 @@ SIDE_FILES = (
 )
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _shard_name(name: str) -> str:
+    """An index may name files in the model folder only, never a path elsewhere."""
+    if Path(name).name != name or not name.endswith(".safetensors"):
+        raise ValueError("should be the name of a .safetensors file in the model folder")
+    return name
+
+
+class SafetensorsIndex(BaseModel):
+    """model.safetensors.index.json: which file holds each tensor."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+    weight_map: dict[str, Annotated[str, AfterValidator(_shard_name)]]
 
 
 @dataclass
@@ -93,23 +113,26 @@ def _download_from_hub(repo_id: str) -> Path:
 
 
 class TensorFiles:
-    """Name -> tensor over one or several safetensors files; every error names the file."""
+    """Name -> tensor over one or several safetensors files; every error names the file.
+
+    Every floating tensor read must be finite; with `expect_sha256`, every tensor read must match its checksum.
+    """
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
         self._handles: dict[Path, object] = {}
         self._headers: dict[Path, tuple[int, dict]] = {}
         self.file_of = self._map_names()
+        self.expected_sha256: dict[str, str] | None = None
+        self.read_names: set[str] = set()
 
     def _map_names(self) -> dict[str, Path]:
         converted, index, single = (self.folder / n for n in (CONVERTED_FILE, INDEX_FILE, SINGLE_FILE))
         if converted.is_file():
             return {name: converted for name in self._open(converted).keys()}
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as exc:
-                raise CheckpointError(f"{index}: not a valid safetensors index ({exc})") from None
+            raw = read_json_object(index, CheckpointError) or {}
+            weight_map = validate_schema(SafetensorsIndex, raw, str(index), CheckpointError).weight_map
             return {name: self.folder / fname for name, fname in weight_map.items()}
         if single.is_file():
             return {name: single for name in self._open(single).keys()}
@@ -121,10 +144,10 @@ class TensorFiles:
                 raise CheckpointError(f"{path}: weights file listed in the index is missing")
             try:
                 handle = safe_open(str(path), framework="pt")
-            except (SafetensorError, OSError) as exc:
+                self._headers[path] = read_header(path)
+            except (SafetensorError, OSError, ValueError) as exc:
                 raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
             self._handles[path] = handle
-            self._headers[path] = read_header(path)
         return self._handles[path]
 
     def __contains__(self, name: str) -> bool:
@@ -142,37 +165,57 @@ class TensorFiles:
         if name not in handle.keys():
             raise CheckpointError(f"{path}: tensor '{name}' is missing (the index lists it here)")
         data_start, header = self._headers[path]
-        tensor = read_tensor(path, name, data_start, header[name])
-        if shape is not None and tuple(tensor.shape) != tuple(shape):
-            raise CheckpointError(f"{path}: tensor '{name}' has shape {list(tensor.shape)}, expected {list(shape)}")
-        if dtypes is not None and tensor.dtype not in dtypes:
-            names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
-            raise CheckpointError(f"{path}: tensor '{name}' has unsupported dtype {str(tensor.dtype).removeprefix('torch.')} (expected {names})")
+        entry = header[name]
+        dtype = STORED_DTYPES.get(entry["dtype"])
+        if shape is not None and tuple(entry["shape"]) != tuple(shape):
+            raise CheckpointError(f"{path}: tensor '{name}' has shape {list(entry['shape'])}, expected {list(shape)}")
+        if dtype is None or (dtypes is not None and dtype not in dtypes):
+            names = ", ".join(str(d).removeprefix("torch.") for d in dtypes or STORED_DTYPES.values())
+            raise CheckpointError(f"{path}: tensor '{name}' has unsupported dtype "
+                                  f"{str(dtype or entry['dtype']).removeprefix('torch.')} (expected {names})")
+        tensor = read_tensor(path, name, data_start, entry, dtype)
+        self.read_names.add(name)
+        if self.expected_sha256 is not None and tensor_sha256(tensor) != self.expected_sha256.get(name):
+            raise CheckpointError(f"{path}: tensor '{name}' does not match the checksum recorded when it was "
+                                  "converted; the file has been modified")
+        if tensor.is_floating_point() and not all_finite(tensor):
+            raise CheckpointError(f"{path}: tensor '{name}' holds NaN or infinite values")
         return tensor
+
+    def check_all_read(self) -> None:
+        """Tensors nobody asked for mean a different model (or a damaged one): refuse them."""
+        unread = sorted(set(self.file_of) - self.read_names)
+        if unread:
+            more = f" and {len(unread) - 3} more" if len(unread) > 3 else ""
+            raise CheckpointError(f"{self.folder}: holds tensors this model does not have: {', '.join(unread[:3])}{more}")
 
 
 STORED_DTYPES = {
     "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
     "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
 }
+DTYPE_NAMES = {dtype: name for name, dtype in STORED_DTYPES.items()}
+MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit
 
 
 def read_header(path: Path) -> tuple[int, dict]:
-    """(offset of the data, the JSON header) of a safetensors file that safe_open has validated."""
+    """(offset of the data, the JSON header) of a safetensors file."""
     with open(path, "rb") as f:
         header_len = int.from_bytes(f.read(8), "little")
-        return 8 + header_len, json.loads(f.read(header_len))
+        if header_len > MAX_HEADER_BYTES:
+            raise ValueError(f"a header of {header_len} bytes")
+        header = json.loads(f.read(header_len))
+    if not isinstance(header, dict):
+        raise ValueError("the header is not a JSON object")
+    return 8 + header_len, header
 
 
-def read_tensor(path: Path, name: str, data_start: int, entry: dict) -> torch.Tensor:
+def read_tensor(path: Path, name: str, data_start: int, entry: dict, dtype: torch.dtype) -> torch.Tensor:
     """One tensor read with plain file reads into its own memory.
 
     Not through safetensors' memory map: every page read from a mapped file stays counted in the
     process's memory while the map lives, which raises the peak while a checkpoint loads.
     """
-    dtype = STORED_DTYPES.get(entry["dtype"])
-    if dtype is None:
-        raise CheckpointError(f"{path}: tensor '{name}' has unsupported dtype {entry['dtype']}")
     start, end = entry["data_offsets"]
     tensor = torch.empty(entry["shape"], dtype=dtype)
     raw = tensor.reshape(-1).view(torch.uint8).numpy()
@@ -183,6 +226,17 @@ def read_tensor(path: Path, name: str, data_start: int, entry: dict) -> torch.Te
     return tensor
 
 
+def tensor_sha256(tensor: torch.Tensor) -> str:
+    """sha256 of a tensor's bytes as stored (hashlib releases the GIL on large buffers)."""
+    return hashlib.sha256(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()).hexdigest()
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """No NaN or infinity anywhere: min and max propagate both, and cost a tenth of isfinite().all()."""
+    low, high = torch.aminmax(tensor)
+    return bool(torch.isfinite(low) & torch.isfinite(high))
+
+
 # ---------------------------------------------------------------------------------------------
 # Loading
 
@@ -190,6 +244,9 @@ def read_tensor(path: Path, name: str, data_start: int, entry: dict) -> torch.Te
 def detect_format(files: TensorFiles) -> str:
     if CONVERTED_FILE in {p.name for p in files.file_of.values()}:
         fmt = files.metadata().get("format")
+        if fmt == UNCHECKED_FORMAT:
+            raise CheckpointError(f"{files.folder}: converted by an earlier bitnet-tt that recorded no checksums; "
+                                  "convert the model again")
         if fmt != CONVERTED_FORMAT:
             raise CheckpointError(f"{files.folder / CONVERTED_FILE}: format tag {fmt!r}, expected {CONVERTED_FORMAT!r}")
         return "converted"
@@ -199,13 +256,19 @@ def detect_format(files: TensorFiles) -> str:
 
 
 def load_weights(folder: Path, progress: bool = True) -> BitNetWeights:
-    """Read a BitNet model folder in any supported format into ternary weights."""
+    """Read a BitNet model folder in any supported format into ternary weights.
+
+    Every value is checked (finite floats, positive scales, codes in range, no tensor too many or too few);
+    a converted model must also match the checksums recorded when it was written.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise ModelNotFoundError(f"{folder}: no such model folder")
     config = ModelConfig.from_folder(folder)
     files = TensorFiles(folder)
     fmt = detect_format(files)
+    if fmt == "converted":
+        files.expected_sha256 = verify_recorded_files(files)
     read_projection = {"bf16-master": _read_master, "packed": _read_packed, "converted": _read_converted}[fmt]
 
     h, vocab = config.hidden_size, config.vocab_size
@@ -221,11 +284,63 @@ def load_weights(folder: Path, progress: bool = True) -> BitNetWeights:
     for i in bar:
         prefix = f"model.layers.{i}."
         norms = {name: files.get(prefix + name + ".weight", (width,), FLOAT_DTYPES) for name, width in config.norm_shapes().items()}
-        projections = {
-            name: read_projection(files, prefix + name, shape, config) for name, shape in config.projection_shapes().items()
-        }
+        projections = {name: _checked_scale(files, prefix + name, read_projection(files, prefix + name, shape, config))
+                       for name, shape in config.projection_shapes().items()}
         weights.layers.append(LayerWeights(norms, projections))
+    files.check_all_read()
     return weights
+
+
+def _checked_scale(files: TensorFiles, name: str, weight: TernaryWeight) -> TernaryWeight:
+    scale = float(weight.scale)
+    if not (math.isfinite(scale) and scale > 0):
+        raise CheckpointError(f"{files.folder}: '{name}' has the scale {scale}; a scale must be finite and positive")
+    return weight
+
+
+Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+
+
+class RecordedChecksums(BaseModel):
+    """The sha256 of every tensor and every copied file, in a converted model's safetensors metadata."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+    tensors: dict[str, Sha256]
+    files: dict[str, Sha256]
+
+
+def verify_recorded_files(files: TensorFiles) -> dict[str, str]:
+    """Check a converted model's copied files against their recorded checksums; the tensors' checksums."""
+    path = files.folder / CONVERTED_FILE
+    try:
+        raw = json.loads(files.metadata().get(CHECKSUMS_KEY, "null"))
+    except json.JSONDecodeError:
+        raw = None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: its recorded checksums are missing or damaged")
+    recorded = validate_schema(RecordedChecksums, raw, f"{path} (recorded checksums)", CheckpointError)
+    if set(recorded.tensors) != set(files.file_of):
+        raise CheckpointError(f"{path}: its tensors are not the ones recorded when it was converted")
+    for name in SIDE_FILES:
+        side = files.folder / name
+        data = read_optional_bytes(side)
+        if data is None and name in recorded.files:
+            raise CheckpointError(f"{side}: missing; it was part of the converted model")
+        if data is not None and name not in recorded.files:
+            raise CheckpointError(f"{side}: was not part of the converted model (no checksum recorded); remove it")
+        if data is not None and hashlib.sha256(data).hexdigest() != recorded.files[name]:
+            raise CheckpointError(f"{side}: does not match the checksum recorded when the model was converted; "
+                                  "the file has been modified")
+    return recorded.tensors
+
+
+def read_optional_bytes(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read it ({exc.strerror or exc})") from None
 
 
 def _read_lm_head(files: TensorFiles, config: ModelConfig) -> torch.Tensor | None:
@@ -271,31 +386,88 @@ def _read_converted(files: TensorFiles, name: str, shape, config: ModelConfig) -
 def convert_checkpoint(src: Path, dst: Path, force: bool = False, progress: bool = True) -> Path:
     """Write SRC as our compact format in DST, atomically: DST appears only once complete.
 
-    The same input always gives byte-identical output. SRC is only read.
+    The same input always gives byte-identical output. SRC is only read. DST is published in one step that
+    fails if another conversion got there first, or (force) swaps an earlier conversion out in one step.
+    Partial folders that killed conversions left beside DST are removed first.
     """
     src, dst = Path(src), Path(dst)
-    if dst.resolve() == src.resolve() or src.resolve() in dst.resolve().parents:
-        raise CheckpointError(f"{dst}: the destination must not be the source folder or inside it")
-    if dst.exists() and not force:
-        raise CheckpointError(f"{dst}: already exists (pass --force to replace it)")
-    if dst.exists() and not (dst / CONVERTED_FILE).is_file():
-        raise CheckpointError(f"{dst}: exists and is not a converted model; refusing to replace it")
+    _check_destination(src, dst, force)
+    remove_stale_partials(dst)
     _check_inner_dims(ModelConfig.from_folder(src), src)
     weights = load_weights(src, progress=progress)
-
-    partial = dst.parent / f".{dst.name}.partial-{os.getpid()}"
-    shutil.rmtree(partial, ignore_errors=True)
+    side_files = {name: data for name in SIDE_FILES if (data := read_optional_bytes(src / name)) is not None}
     try:
-        partial.mkdir(parents=True)
-        save_file(_converted_tensors(weights), str(partial / CONVERTED_FILE), metadata={"format": CONVERTED_FORMAT})
-        os.chmod(partial / CONVERTED_FILE, partial.stat().st_mode & 0o666)  # as a new file under the umask
-        for name in SIDE_FILES:
-            if (src / name).is_file():
-                shutil.copyfile(src / name, partial / name)
-        _swap_into_place(partial, dst)
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
+        partial = partial_folder(dst)
+        try:
+            _write_converted(weights, side_files, partial)
+            publish(partial, dst, replaceable=is_converted_model if force else None)
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)  # the new model if it was not published, else the old one
+    except FileExistsError:
+        raise CheckpointError(f"{dst}: already exists (another conversion finished first?); pass --force to "
+                              "replace an earlier conversion" if not force else
+                              f"{dst}: exists and is not a converted model; refusing to replace it") from None
+    except OSError as exc:
+        raise CheckpointError(f"{dst}: cannot write the converted model ({exc.strerror or exc})") from None
     return dst
+
+
+def _check_destination(src: Path, dst: Path, force: bool) -> None:
+    """DST may replace nothing but an earlier conversion, and may neither hold nor lie inside the source."""
+    try:  # a hub snapshot's files are links into the cache's blob store: where they point counts as the source
+        sources = [src.resolve(), *(f.resolve() for f in src.iterdir())]
+    except OSError:
+        sources = [src.resolve()]  # unreadable: loading it reports the problem
+    target = dst.resolve()
+    if any(target == s or target in s.parents or s in target.parents for s in sources):
+        raise CheckpointError(f"{dst}: overlaps the source {src}; the destination must not be the source folder, "
+                              "be inside it or contain it")
+    if dst.is_symlink():
+        raise CheckpointError(f"{dst}: is a symbolic link; give the folder it points to")
+    if dst.exists() and not force:
+        raise CheckpointError(f"{dst}: already exists (pass --force to replace it)")
+    if dst.exists() and not is_converted_model(dst):
+        raise CheckpointError(f"{dst}: exists and is not a converted model; refusing to replace it")
+
+
+def is_converted_model(folder: Path) -> bool:
+    """Whether `folder` holds a model written by `bitnet-tt convert` (any version): what --force may replace."""
+    try:
+        metadata = read_header(folder / CONVERTED_FILE)[1].get("__metadata__")
+    except (OSError, ValueError):
+        return False
+    return isinstance(metadata, dict) and str(metadata.get("format", "")).startswith("bitnet-tt-ternary-")
+
+
+def _write_converted(weights: BitNetWeights, side_files: dict[str, bytes], partial: Path) -> None:
+    """The tensors in one safetensors file whose metadata records the sha256 of every tensor and copied file."""
+    for name, data in side_files.items():
+        (partial / name).write_bytes(data)
+    tensors = _converted_tensors(weights)
+    checksums = {"tensors": {name: tensor_sha256(t) for name, t in tensors.items()},
+                 "files": {name: hashlib.sha256(data).hexdigest() for name, data in side_files.items()}}
+    metadata = {"format": CONVERTED_FORMAT, CHECKSUMS_KEY: json.dumps(checksums, sort_keys=True)}
+    write_safetensors(partial / CONVERTED_FILE, tensors, metadata)
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """A safetensors file written byte for byte the same every time (the library orders metadata by hash).
+
+    Widest dtypes first, after a header padded to 8 bytes: every tensor starts aligned to its element size.
+    """
+    names = sorted(tensors, key=lambda n: (-tensors[n].element_size(), n))
+    header, offset = {"__metadata__": metadata}, 0
+    for name in names:
+        tensor = tensors[name]
+        size = tensor.numel() * tensor.element_size()
+        header[name] = {"dtype": DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(len(text).to_bytes(8, "little") + text)
+        for name in names:
+            f.write(tensors[name].contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
 def _check_inner_dims(config: ModelConfig, src: Path) -> None:
@@ -316,15 +488,6 @@ def _converted_tensors(weights: BitNetWeights) -> dict[str, torch.Tensor]:
             tensors[prefix + name + ".packed"] = pack_2bit(proj.codes)
             tensors[prefix + name + ".scale"] = proj.scale.float().reshape(()).clone()
     return {k: v.contiguous() for k, v in tensors.items()}
-
-
-def _swap_into_place(partial: Path, dst: Path) -> None:
-    """Rename the finished folder to dst; an old dst is moved aside first and removed only afterwards."""
-    old = dst.parent / f".{dst.name}.old-{os.getpid()}"
-    if dst.exists():
-        dst.rename(old)
-    partial.rename(dst)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def describe_folder(folder: Path) -> dict:

@@ -1,4 +1,4 @@
-"""`bitnet-tt`: generate, chat, serve, bench, verify, convert, info, demo. Thin: it parses options and calls
+"""`bitnet-tt`: generate, chat, serve, bench, verify, eval, convert, info, demo. Thin: it parses options and calls
 the library (the Python API in api.py for everything that generates).
 
 Every user error ends as one line on stderr and a non-zero exit code, never a traceback. Each subcommand has
@@ -8,8 +8,10 @@ its own parser with its own defaults, and its --help shows the values it really 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import socket
 import sys
 import time
@@ -20,6 +22,9 @@ from .api import CHAT_SAMPLING, DEFAULT_PREFILL_CHUNK, GENERATE_SAMPLING, LLM, S
 from .errors import BitNetError
 
 DEMO_PROMPTS = ["BitNet b1.58 is", "User: Hello! How are you today?"]
+# The small model trained on Python's documentation (tools/train_tiny.py), shipped in a clone of the repository
+TRAINED_MODEL = Path(__file__).resolve().parents[2] / "models" / "tiny-bitnet"
+TRAINED_PROMPTS = ["Return the number of", "This module provides", "The default value of"]
 DEFAULT_SLOTS = 8  # concurrent users for generate (one prompt file) and serve
 
 class OneLineParser(argparse.ArgumentParser):
@@ -52,8 +57,32 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("bitnet-tt: interrupted", file=sys.stderr)
         return 130
+    except Terminated as exc:
+        print(f"bitnet-tt: {exc}", file=sys.stderr)
+        return 128 + exc.signum
     except BrokenPipeError:
         return 0
+
+
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP, raised where the program is, so that cleanup (finally blocks) runs as for Ctrl-C."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"terminated by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def terminate_cleanly():
+    def stop(signum, frame):
+        raise Terminated(signum)
+
+    previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -75,6 +104,16 @@ def bounded_int(text: str, low: int) -> int:
         raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
     if value < low:
         raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number: {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
     return value
 
 
@@ -161,9 +200,14 @@ def build_parser() -> argparse.ArgumentParser:
                 slots=DEFAULT_SLOTS)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1: this machine only)")
     p.add_argument("--port", type=port_number, default=8000, help="TCP port")
-    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $BITNET_TT_API_KEY, else none)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every path but /health "
+                                     "(default: $BITNET_TT_API_KEY, else none; an empty key is refused)")
     p.add_argument("--model-name", help="the name clients pass as `model` (default: the --model value)")
     p.add_argument("--max-queue", type=positive_int, default=64, help="requests waiting for a slot before new ones get 429")
+    p.add_argument("--max-connections", type=positive_int, default=256, help="open connections before new requests get 503")
+    p.add_argument("--read-timeout", type=positive_float, default=20.0,
+                   help="seconds a client has to send a request's headers, and again its body")
+    p.add_argument("--public-metrics", action="store_true", help="answer /metrics without the API key (for a scraper)")
     add_engine_options(p)
 
     p = command(sub, "bench", cmd_bench, "throughput and latency at several batch sizes")
@@ -182,6 +226,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = command(sub, "verify", cmd_verify, "compare a backend's logits and greedy tokens with the PyTorch backend in fp32")
     p.add_argument("--greedy-tokens", type=positive_int, default=128, help="greedy tokens to compare")
 
+    p = command(sub, "eval", cmd_eval, "perplexity of a text; with a reference: KL divergence, top-1 and greedy agreement",
+                slots=DEFAULT_SLOTS)
+    p.add_argument("--text", type=Path, help="UTF-8 text file (default: heldout.txt in the model folder, as the shipped model has)")
+    p.add_argument("--reference-backend", help="compare with this backend on the same windows (torch or ttnn)")
+    p.add_argument("--reference-dtype", help="the reference's torch dtype (default float32; implies --reference-backend torch)")
+    p.add_argument("--context", type=positive_int, help="window length in tokens (default: --max-context or the model's)")
+    p.add_argument("--stride", type=positive_int, help="tokens between window starts (default: half the context)")
+    p.add_argument("--max-tokens", type=positive_int, help="evaluate only the first N tokens of the text")
+    p.add_argument("--greedy-prompts", type=positive_int, default=4, help="prompts from the text for greedy agreement")
+    p.add_argument("--greedy-tokens", type=positive_int, default=64, help="greedy tokens compared per prompt")
+    p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+
     p = command(sub, "convert", cmd_convert, "write a model in the compact bitnet-tt format", model=False)
     p.add_argument("src", help="model folder or hub id")
     p.add_argument("dst", type=Path, help="new folder to create")
@@ -191,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command(sub, "info", cmd_info, "what a model folder (or hub id: config and index only) holds", model=False)
     p.add_argument("model", help="model folder or hub id")
 
-    p = command(sub, "demo", cmd_demo, "generate with a small random model made on the spot (offline)")
+    p = command(sub, "demo", cmd_demo, "generate with the small shipped model trained on Python's documentation (offline)")
     p.add_argument("--max-new-tokens", type=positive_int, default=48, help="tokens per demo prompt")
     add_engine_options(p)
     return parser
@@ -393,7 +449,8 @@ def cmd_convert(args) -> int:
     if not args.quiet:
         print(f"bitnet-tt: converting {src}: reading the weights, then packing and writing {args.dst} "
               "(the writing has no progress bar)", file=sys.stderr)
-    dst = convert_checkpoint(src, args.dst, force=args.force, progress=not args.quiet)
+    with terminate_cleanly():  # a killed conversion removes its partial folder
+        dst = convert_checkpoint(src, args.dst, force=args.force, progress=not args.quiet)
     print(f"converted to {dst} in {time.perf_counter() - started:.1f} s", file=sys.stderr)
     return 0
 
@@ -417,18 +474,21 @@ def is_hub_id(text: str) -> bool:
 
 def describe_hub_model(repo_id: str) -> dict:
     """What a hub model holds, from its config.json and safetensors index only (no weights are downloaded)."""
-    from .checkpoint import INDEX_FILE, SINGLE_FILE
-    from .config import ModelConfig, read_config_json
+    from .checkpoint import INDEX_FILE, SINGLE_FILE, SafetensorsIndex
+    from .config import ModelConfig, read_config_json, read_json_object, validate_schema
+    from .errors import CheckpointError
 
     config_path = hub_file(repo_id, "config.json")
     raw = read_config_json(config_path.parent)
     config = ModelConfig.from_hf_dict(raw, str(config_path))
     try:
-        index = json.loads(hub_file(repo_id, INDEX_FILE).read_text(encoding="utf-8"))
-        weight_map = index.get("weight_map") or {}
-        weight_files, tensors = sorted(set(weight_map.values())), len(weight_map)
-    except (BitNetError, json.JSONDecodeError, AttributeError):  # no index: one weights file
+        index_path = hub_file(repo_id, INDEX_FILE)
+    except BitNetError:  # no index: one weights file
         weight_files, tensors = [SINGLE_FILE], None
+    else:
+        raw_index = read_json_object(index_path, CheckpointError) or {}
+        weight_map = validate_schema(SafetensorsIndex, raw_index, str(index_path), CheckpointError).weight_map
+        weight_files, tensors = sorted(set(weight_map.values())), len(weight_map)
     return {"hub_id": repo_id, "config": config.to_dict(), "quantization_config": raw.get("quantization_config"),
             "weight_files": weight_files, "tensors": tensors}
 
@@ -446,11 +506,15 @@ def hub_file(repo_id: str, name: str) -> Path:
 def cmd_demo(args) -> int:
     from .sampling import SamplingParams
 
-    with open_llm(args, model_folder(args, announce=False)) as llm:
-        if not args.model:
+    trained = not args.model and (TRAINED_MODEL / "model.safetensors").is_file()
+    with open_llm(args, TRAINED_MODEL if trained else model_folder(args, announce=False)) as llm:
+        if trained:
+            print("demo: a 1.2 M-parameter BitNet trained for minutes on Python's documentation: expect fluent-looking "
+                  "but often wrong sentences; pass --model for a real model.", file=sys.stderr)
+        elif not args.model:
             print("demo: random weights, so the text is gibberish; pass --model for a real model.", file=sys.stderr)
         params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=0.8, top_p=0.95, seed=0)
-        for prompt in DEMO_PROMPTS:
+        for prompt in TRAINED_PROMPTS if trained else DEMO_PROMPTS:
             request = llm.submit(prompt, params)
             sys.stdout.write(prompt)
             stream_to_terminal(llm, request)
@@ -460,10 +524,11 @@ def cmd_demo(args) -> int:
 
 def cmd_serve(args) -> int:
     try:
-        from .server import serve
+        from .server import Limits, check_api_key, serve
     except ImportError as exc:
         raise BitNetError(f"serve needs the 'server' extra: pip install -e '.[server]' ({exc})") from None
-    api_key = args.api_key or os.environ.get("BITNET_TT_API_KEY") or None
+    api_key = args.api_key if args.api_key is not None else os.environ.get("BITNET_TT_API_KEY")
+    check_api_key(api_key)
     check_port_free(args.host, args.port)
     with open_llm(args, model_folder(args)) as llm:
         name = args.model_name or args.model or "bitnet-tt-demo"
@@ -471,8 +536,9 @@ def cmd_serve(args) -> int:
         print(f"bitnet-tt serve: model {name} ({llm.folder}) on the {args.backend} backend, "
               f"{backend.max_slots} slots x {backend.max_context} tokens of context; "
               f"OpenAI API at http://{url_host(args.host)}:{args.port}/v1", file=sys.stderr)
-        serve(llm.engine, name, host=args.host, port=args.port, api_key=api_key, max_queue=args.max_queue,
-              quiet=args.quiet)
+        limits = Limits(max_queue=args.max_queue, read_timeout=args.read_timeout, max_connections=args.max_connections)
+        serve(llm.engine, name, host=args.host, port=args.port, api_key=api_key, limits=limits,
+              public_metrics=args.public_metrics, quiet=args.quiet)
     return 0
 
 
@@ -519,6 +585,58 @@ def cmd_verify(args) -> int:
         report = verify(candidate.backend, reference.backend, args.greedy_tokens)
     print_report(report, f"{args.backend} {args.dtype if args.backend == 'torch' else ''}".strip(), "torch float32")
     return 0 if report["passed"] else 1
+
+
+def cmd_eval(args) -> int:
+    from .eval import evaluate, print_table
+
+    folder = Path(args.model) if args.model else TRAINED_MODEL
+    text = read_text(args.text or folder / "heldout.txt")
+    compare = args.reference_backend or args.reference_dtype
+    reference_backend, reference_dtype = args.reference_backend or "torch", args.reference_dtype or "float32"
+    with open_llm(args, args.model or folder) as candidate:
+        tokens = candidate.engine.tokenizer.encode(text)[: args.max_tokens]
+        context = args.context or candidate.backend.max_context
+        stride = args.stride or max(context // 2, 1)
+        if compare:
+            with open_llm(args, args.model or folder, backend=reference_backend, dtype=reference_dtype,
+                          tt_options=None) as reference:
+                report = evaluate(candidate.backend, tokens, context, stride, reference.backend,
+                                  args.greedy_prompts, args.greedy_tokens)
+        else:
+            report = evaluate(candidate.backend, tokens, context, stride)
+    names = (run_name(args.backend, args.dtype, tt_options(args) if args.backend == "ttnn" else None),
+             run_name(reference_backend, reference_dtype) if compare else None)
+    if args.json:
+        print(json.dumps({"model": str(folder), "candidate": names[0], "reference": names[1], **report}))
+    else:
+        print_table(report, names[0], names[1], str(args.text or folder / "heldout.txt"))
+    return 0
+
+
+def run_name(backend: str, dtype: str, options=None) -> str:
+    """How a run is named in eval's table: the torch dtype, or the ttnn weight and LM-head dtypes."""
+    if backend != "ttnn":
+        return f"torch {dtype}"
+    from .backends.ttnn.config import TTOptions
+
+    options = options or TTOptions()
+    quant = ", int8 activations" if options.activation_quant else ""
+    return f"ttnn {options.weight_dtype} weights, {options.lm_head_dtype} head{quant}"
+
+
+def read_text(path: Path) -> str:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise BitNetError(f"{path}: no such file") from None
+    except UnicodeDecodeError:
+        raise BitNetError(f"{path}: not UTF-8 text") from None
+    except OSError as exc:
+        raise BitNetError(f"{path}: cannot read ({exc.strerror})") from None
+    if not text.strip():
+        raise BitNetError(f"{path}: the text is empty")
+    return text
 
 
 def parse_sizes(text: str, option: str) -> list[int]:

@@ -5,10 +5,93 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from typing_extensions import TypedDict
 
 from .errors import ConfigError
 
 SUPPORTED_LINEAR_CLASSES = ("autobitlinear", "bitlinear")
+
+# Upper bounds far above any released model; beyond them a config is damaged, not large.
+MAX_VOCAB = 1 << 22
+MAX_WIDTH = 1 << 18
+MAX_LAYERS = 1024
+MAX_HEADS = 1024
+MAX_POSITIONS = 1 << 20
+
+
+def _bounded_int(high: int):
+    return Annotated[int, Field(ge=1, le=high)]
+
+
+def _as_list(value):
+    """eos_token_id may be one id or a list of ids."""
+    return [] if value is None else value if isinstance(value, list) else [value]
+
+
+TokenId = Annotated[int, Field(ge=0, le=MAX_VOCAB)]
+TokenIds = Annotated[list[TokenId], BeforeValidator(_as_list)]
+RopeTheta = Annotated[float, Field(gt=1, le=1e12, allow_inf_nan=False)]
+
+
+class _RopeParameters(TypedDict, total=False):
+    rope_type: str
+    type: str  # the older spelling of rope_type
+    rope_theta: RopeTheta
+
+
+class _QuantizationConfig(TypedDict, total=False):
+    linear_class: Literal[SUPPORTED_LINEAR_CLASSES]
+    use_rms_norm: Literal[False]
+
+
+class HFConfigSchema(BaseModel):
+    """The fields of config.json that bitnet-tt reads, with their types and ranges; other fields pass unchecked."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+
+    hidden_act: Literal["relu2"] = "relu2"
+    attention_bias: Literal[False] = False
+    mlp_bias: Literal[False] = False
+    vocab_size: _bounded_int(MAX_VOCAB)
+    hidden_size: _bounded_int(MAX_WIDTH)
+    intermediate_size: _bounded_int(MAX_WIDTH)
+    num_hidden_layers: _bounded_int(MAX_LAYERS)
+    num_attention_heads: _bounded_int(MAX_HEADS)
+    num_key_value_heads: _bounded_int(MAX_HEADS) | None = None
+    head_dim: _bounded_int(MAX_WIDTH) | None = None
+    rms_norm_eps: Annotated[float, Field(gt=0, lt=1, allow_inf_nan=False)] = 1e-6
+    rope_theta: RopeTheta = 10000.0
+    rope_parameters: _RopeParameters | None = None  # transformers 5
+    rope_scaling: _RopeParameters | None = None  # transformers 4.x
+    max_position_embeddings: _bounded_int(MAX_POSITIONS) = 2048
+    tie_word_embeddings: bool = False
+    bos_token_id: TokenId | None = None
+    eos_token_id: TokenIds = []
+    quantization_config: _QuantizationConfig | None = None
+
+
+def validate_schema(schema: type[BaseModel], raw: dict, source: str, error: type[Exception] = ConfigError):
+    """`raw` checked against a pydantic schema; the first problem as a one-line `error`."""
+    try:
+        return schema.model_validate(raw)
+    except ValidationError as exc:
+        raise error(f"{source}: {describe_problems(exc)}") from None
+
+
+def describe_problems(error: ValidationError) -> str:
+    problems = error.errors(include_url=False)
+    first = problems[0]
+    where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in first["loc"]).lstrip(".")
+    if first["type"] == "missing":
+        text = f"missing required field '{where}'"
+    else:
+        got = repr(first["input"])
+        got = got if len(got) <= 60 else got[:57] + "..."
+        text = f"{where} {first['msg'].removeprefix('Input ').removeprefix('Value error, ')}, got {got}"
+    return text + (f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else "")
 
 
 @dataclass(frozen=True)
@@ -67,56 +150,37 @@ class ModelConfig:
     @classmethod
     def from_hf_dict(cls, raw: dict, source: str = "config.json") -> ModelConfig:
         """Build from the contents of a Hugging Face BitNet config.json; raise ConfigError if unsupported."""
-
-        def need(key: str):
-            if key not in raw:
-                raise ConfigError(f"{source}: missing required field '{key}'")
-            return raw[key]
-
         model_type = raw.get("model_type")
         if model_type != "bitnet":
             raise ConfigError(f"{source}: model_type is {model_type!r}, not 'bitnet'; this is not a BitNet b1.58 model")
-        act = raw.get("hidden_act", "relu2")
-        if act != "relu2":
-            raise ConfigError(f"{source}: hidden_act {act!r} is not supported (BitNet b1.58 uses 'relu2')")
-        if raw.get("attention_bias") or raw.get("mlp_bias"):
-            raise ConfigError(f"{source}: biases are not supported (BitNet b1.58 has none)")
-
-        hidden = _positive_int(need("hidden_size"), "hidden_size", source)
-        heads = _positive_int(need("num_attention_heads"), "num_attention_heads", source)
-        kv_heads = _positive_int(raw.get("num_key_value_heads", heads), "num_key_value_heads", source)
-        head_dim = _positive_int(raw.get("head_dim") or hidden // heads, "head_dim", source)
+        c = validate_schema(HFConfigSchema, raw, source)
+        heads = c.num_attention_heads
+        kv_heads = c.num_key_value_heads or heads
+        head_dim = c.head_dim or c.hidden_size // heads
+        if not head_dim:
+            raise ConfigError(f"{source}: hidden_size {c.hidden_size} is smaller than num_attention_heads {heads}")
         if heads % kv_heads:
             raise ConfigError(f"{source}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
         if head_dim % 2:
             raise ConfigError(f"{source}: head_dim {head_dim} must be even for RoPE")
-
-        quant = raw.get("quantization_config") or {}
-        linear_class = quant.get("linear_class", "autobitlinear")
-        if linear_class not in SUPPORTED_LINEAR_CLASSES:
-            raise ConfigError(f"{source}: quantization_config.linear_class {linear_class!r} is not supported")
-        if quant.get("use_rms_norm"):
-            raise ConfigError(f"{source}: quantization_config.use_rms_norm is not supported")
-
-        eos = raw.get("eos_token_id")
-        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+        for name, token_id in [("bos_token_id", c.bos_token_id), *(("eos_token_id", e) for e in c.eos_token_id)]:
+            if token_id is not None and token_id >= c.vocab_size:
+                raise ConfigError(f"{source}: {name} {token_id} is outside the vocabulary of {c.vocab_size} tokens")
         return cls(
-            vocab_size=_positive_int(need("vocab_size"), "vocab_size", source),
-            hidden_size=hidden,
-            intermediate_size=_positive_int(need("intermediate_size"), "intermediate_size", source),
-            num_layers=_positive_int(need("num_hidden_layers"), "num_hidden_layers", source),
+            vocab_size=c.vocab_size,
+            hidden_size=c.hidden_size,
+            intermediate_size=c.intermediate_size,
+            num_layers=c.num_hidden_layers,
             num_heads=heads,
             num_kv_heads=kv_heads,
             head_dim=head_dim,
-            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
-            rope_theta=_rope_theta(raw, source),
-            max_position_embeddings=_positive_int(
-                raw.get("max_position_embeddings", 2048), "max_position_embeddings", source
-            ),
-            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-            bos_token_id=raw.get("bos_token_id"),
-            eos_token_ids=tuple(int(e) for e in eos_ids),
-            linear_class=linear_class,
+            rms_norm_eps=c.rms_norm_eps,
+            rope_theta=_rope_theta(c, source),
+            max_position_embeddings=c.max_position_embeddings,
+            tie_word_embeddings=c.tie_word_embeddings,
+            bos_token_id=c.bos_token_id,
+            eos_token_ids=tuple(c.eos_token_id),
+            linear_class=(c.quantization_config or {}).get("linear_class", "autobitlinear"),
         )
 
     @classmethod
@@ -129,27 +193,42 @@ class ModelConfig:
 
 def read_config_json(folder: Path) -> dict:
     path = Path(folder) / "config.json"
-    if not path.is_file():
+    raw = read_json_object(path)
+    if raw is None:
         raise ConfigError(f"{path}: not found; a model folder needs a config.json")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a JSON object")
     return raw
 
 
-def _positive_int(value, name: str, source: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ConfigError(f"{source}: {name} must be a positive integer, got {value!r}")
-    return value
+def read_json_object(path: Path, error: type[Exception] = ConfigError) -> dict | None:
+    """The JSON object in `path`, or None when there is no such file; anything else unreadable raises `error`."""
+    text = read_text(path, error)
+    if text is None:
+        return None
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise error(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(raw, dict):
+        raise error(f"{path}: expected a JSON object")
+    return raw
 
 
-def _rope_theta(raw: dict, source: str) -> float:
+def read_text(path: Path, error: type[Exception] = ConfigError) -> str | None:
+    """The UTF-8 text of `path`, or None when there is no such file; anything else unreadable raises `error`."""
+    try:
+        return Path(path).read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        return None
+    except OSError as exc:  # permission denied, a folder, an I/O error
+        raise error(f"{path}: cannot read it ({exc.strerror or exc})") from None
+    except UnicodeDecodeError as exc:
+        raise error(f"{path}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+
+
+def _rope_theta(c: HFConfigSchema, source: str) -> float:
     """transformers 5 writes rope_parameters; 4.x and the official repos write rope_theta."""
-    params = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+    params = c.rope_parameters or c.rope_scaling or {}
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type != "default":
         raise ConfigError(f"{source}: RoPE type {rope_type!r} is not supported (only 'default')")
-    return float(params.get("rope_theta", raw.get("rope_theta", 10000.0)))
+    return params.get("rope_theta", c.rope_theta)

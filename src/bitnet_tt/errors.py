@@ -25,3 +25,9 @@ class CapacityError(BitNetError):
 
 class RequestError(BitNetError):
     """A generation request has invalid parameters."""
+
+
+class GenerationError(BitNetError):
+    """Generating one request failed (e.g. the model produced non-finite logits); other requests go on."""
+
+    exit_code = 1

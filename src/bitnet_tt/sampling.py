@@ -7,9 +7,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import RequestError
+from .errors import GenerationError, RequestError
 
 MAX_TOP_LOGPROBS = 20
+MAX_STOP_STRINGS = 16  # as many as vLLM's and llama.cpp's clients commonly send; OpenAI takes 4
+MAX_STOP_CHARS = 1000  # per stop string: bounds the text a request holds back while a stop string may start
 
 
 @dataclass(frozen=True)
@@ -40,7 +42,9 @@ class SamplingParams:
             (-2.0 <= self.presence_penalty <= 2.0, "presence_penalty must be in [-2, 2]"),
             (-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty must be in [-2, 2]"),
             (0 <= self.top_logprobs <= MAX_TOP_LOGPROBS, f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}]"),
-            (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),
+            (len(self.stop) <= MAX_STOP_STRINGS, f"at most {MAX_STOP_STRINGS} stop strings are accepted"),
+            (all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in self.stop),
+             f"stop strings must be non-empty strings of at most {MAX_STOP_CHARS} characters"),
             (self.seed is None or 0 <= self.seed < 2**63, "seed must be a non-negative integer"),
         ]
         for ok, message in checks:
@@ -63,6 +67,11 @@ class SamplingParams:
         return self.greedy and self.raw_logits_suffice
 
 
+# The device sampler takes 1/temperature and top_p in bf16; below this floor they could round to inf or 0
+# there (not verified on a card), so such requests are sampled on the host.
+DEVICE_SAMPLER_FLOOR = 0.01
+
+
 @dataclass(frozen=True)
 class DeviceDraw:
     """One slot's draw for a backend that samples on its device: softmax(logits / temperature) over the
@@ -79,8 +88,12 @@ class DeviceDraw:
 def device_sampleable(params: SamplingParams, top_k_limit: int) -> bool:
     """Whether a device sampler limited to top_k_limit candidates draws from the same distribution as
     `sample_token` (up to the device's bf16 top_p and 1/temperature): no penalties, min-p or log-probs,
-    and greedy or a top_k within the limit."""
-    return params.raw_logits_suffice and params.min_p == 0.0 and (params.greedy or 0 < params.top_k <= top_k_limit)
+    and greedy or a top_k within the limit. Temperatures and top_p below DEVICE_SAMPLER_FLOOR are drawn on the
+    host, whose float64 sampler is exact for any accepted value."""
+    if params.greedy:
+        return params.raw_logits_suffice
+    return (params.raw_logits_suffice and params.min_p == 0.0 and 0 < params.top_k <= top_k_limit
+            and min(params.temperature, params.top_p) >= DEVICE_SAMPLER_FLOOR)
 
 
 def device_draw(params: SamplingParams, generator: torch.Generator | None) -> DeviceDraw:
@@ -99,6 +112,8 @@ class TokenChoice:
 
 
 def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt_ids, output_ids) -> torch.Tensor:
+    """The penalties, in place; the result stays finite (a penalty as small as 5e-324 would overflow even
+    float64: such logits are held at the dtype's largest value, which keeps them first)."""
     if params.repetition_penalty != 1.0:
         seen = torch.tensor(sorted(set(prompt_ids) | set(output_ids)), dtype=torch.long)
         if len(seen):
@@ -110,20 +125,24 @@ def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt_ids, ou
         ids = torch.tensor(list(counts), dtype=torch.long)
         freq = torch.tensor(list(counts.values()), dtype=logits.dtype)
         logits[ids] -= params.presence_penalty + params.frequency_penalty * freq
-    return logits
+    largest = torch.finfo(logits.dtype).max
+    return logits.clamp_(-largest, largest)
 
 
 def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Temperature, then top-k, top-p and min-p: removed tokens get -inf."""
-    logits = logits / params.temperature
+    """Temperature, then top-k, top-p and min-p: removed tokens get -inf. Finite logits give finite or -inf
+    results for every accepted setting: the largest logit is subtracted before the division, so the top token
+    scales to exactly 0 and a tiny temperature sends the others to -inf, never to NaN."""
+    logits = (logits - logits.max()) / params.temperature
     if 0 < params.top_k < logits.numel():
         kth = torch.topk(logits, params.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if params.top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True)
         probs = sorted_logits.softmax(-1)
-        # keep the smallest prefix whose mass reaches top_p (the first token always stays)
+        # keep the smallest prefix whose mass reaches top_p; the most likely token stays however small top_p is
         drop = (probs.cumsum(-1) - probs) >= params.top_p
+        drop[0] = False
         logits = logits.index_fill(0, order[drop], float("-inf"))
     if params.min_p > 0.0:
         probs = logits.softmax(-1)
@@ -131,12 +150,23 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return logits
 
 
+NON_FINITE_LOGITS = "the model produced non-finite logits (NaN or infinity) for this request"
+
+
+def check_finite(logits: torch.Tensor) -> None:
+    if not bool(torch.isfinite(logits).all()):
+        raise GenerationError(NON_FINITE_LOGITS)
+
+
 def sample_token(
     logits: torch.Tensor, params: SamplingParams, prompt_ids, output_ids, generator: torch.Generator | None
 ) -> TokenChoice:
-    """Pick the next token from fp32 logits [vocab] for one request."""
+    """Pick the next token from logits [vocab] for one request. The sampler works in float64, where the
+    smallest accepted top_p, temperature and penalty (down to 5e-324) are representable; fp32 rounds them
+    to 0. Non-finite logits raise GenerationError."""
+    check_finite(logits)
     raw = logits
-    logits = apply_penalties(logits.clone(), params, prompt_ids, output_ids)
+    logits = apply_penalties(logits.to(torch.float64, copy=True), params, prompt_ids, output_ids)
     if params.greedy:
         token = int(logits.argmax())
     else:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import functools
-import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
-from .config import ModelConfig
+from pydantic import BaseModel, BeforeValidator, ConfigDict
+
+from .config import ModelConfig, TokenIds, read_json_object, read_text, validate_schema
 from .errors import ConfigError, RequestError
 
 EOT_TOKEN = "<|eot_id|>"
@@ -20,21 +22,34 @@ class ChatMessage:
     content: str
 
 
+def _token_content(value):
+    """tokenizer_config.json stores special tokens as strings or as {"content": ...} objects."""
+    return value.get("content") if isinstance(value, dict) else value
+
+
+class TokenizerSettings(BaseModel):
+    """The fields of tokenizer_config.json that bitnet-tt reads."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+    bos_token: Annotated[str | None, BeforeValidator(_token_content)] = None
+
+
+class GenerationSettings(BaseModel):
+    """The fields of generation_config.json that bitnet-tt reads."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+    eos_token_id: TokenIds = []
+
+
 class Tokenizer:
     def __init__(self, folder: Path, config: ModelConfig):
-        from tokenizers import Tokenizer as HFTokenizer
-
         folder = Path(folder)
-        path = folder / "tokenizer.json"
-        if not path.is_file():
-            raise ConfigError(f"{path}: not found; the model folder has no tokenizer")
-        try:
-            self._tok = HFTokenizer.from_file(str(path))
-        except Exception as exc:  # tokenizers raises a bare Exception on malformed files
-            raise ConfigError(f"{path}: not a valid tokenizer ({exc})") from None
+        self._tok = _load_tokenizer(folder / "tokenizer.json")
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
-        settings = _read_json(folder / "tokenizer_config.json")
-        bos_text = _token_text(settings.get("bos_token"))
+        if self.vocab_size > config.vocab_size:
+            raise ConfigError(f"{folder / 'tokenizer.json'}: {self.vocab_size} tokens, more than the model's "
+                              f"vocabulary of {config.vocab_size}; the tokenizer belongs to another model")
+        bos_text = _read_settings(folder / "tokenizer_config.json", TokenizerSettings).bos_token
         self.bos_id = self._tok.token_to_id(bos_text) if bos_text else config.bos_token_id
         self.bos_text = bos_text or (self._tok.id_to_token(self.bos_id) if self.bos_id is not None else None)
         self.eot_id = self._tok.token_to_id(EOT_TOKEN)
@@ -43,8 +58,7 @@ class Tokenizer:
     def _stop_ids(self, folder: Path, config: ModelConfig) -> frozenset[int]:
         """End ids from config.json and generation_config.json, plus <|eot_id|>, which ends a chat turn."""
         ids = set(config.eos_token_ids)
-        eos = _read_json(folder / "generation_config.json").get("eos_token_id")
-        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        ids.update(_read_settings(folder / "generation_config.json", GenerationSettings).eos_token_id)
         if self.eot_id is not None:
             ids.add(self.eot_id)
         return frozenset(ids)
@@ -136,18 +150,18 @@ def _byte_level_decoding() -> dict[str, int]:
     return table
 
 
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        return {}
+def _load_tokenizer(path: Path):
+    from tokenizers import Tokenizer as HFTokenizer
+
+    text = read_text(path)
+    if text is None:
+        raise ConfigError(f"{path}: not found; the model folder has no tokenizer")
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: not valid JSON ({exc})") from None
-    return raw if isinstance(raw, dict) else {}
+        return HFTokenizer.from_str(text)
+    except Exception as exc:  # tokenizers raises a bare Exception on malformed files
+        raise ConfigError(f"{path}: not a valid tokenizer ({exc})") from None
 
 
-def _token_text(value) -> str | None:
-    """tokenizer_config.json stores special tokens as strings or as {"content": ...} objects."""
-    if isinstance(value, dict):
-        return value.get("content")
-    return value
+def _read_settings(path: Path, schema: type[BaseModel]):
+    """An optional settings file checked against its schema; defaults when the file is absent."""
+    return validate_schema(schema, read_json_object(path) or {}, str(path))

@@ -7,6 +7,12 @@ backend makes, with ttnn's observable semantics:
 - tensors keep a logical shape, a dtype with its rounding (bf16 here; bfloat8_b/bfloat4_b through
   ttnn's real host conversion when `block_float` is given), a layout and a memory config; sharded
   configs are checked against the tensor they hold; deallocated tensors cannot be used;
+- placement: a sharded tensor knows which core holds each shard. Each op writes its output on the
+  cores the real op uses (ttnn 0.81.1, as the mock device reports them), and the ops whose kernels read
+  shards by core position read them that way (see PLACEMENT below): a layout the kernel would misread
+  gives wrong numbers (NaN where the kernel would read memory no shard owns), as it would on a card;
+- the program cache: an op run with a new signature while a trace exists compiles a program whose
+  buffers may land in memory the trace uses, so replaying that trace afterwards raises;
 - ops compute in fp32 and round their output to the output dtype, as the device does;
 - trace capture records the op sequence without effect on device state and rejects allocations;
   replay re-runs it on the current contents of the input tensors.
@@ -19,7 +25,7 @@ from __future__ import annotations
 import itertools
 import types
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -41,10 +47,14 @@ class MemoryConfig:
     shard_shape: tuple[int, int] | None = None
     cores: int | None = None
     grid: tuple[int, int] | None = None  # (x, y) of a rectangular core grid, where one was given
+    placement: tuple[tuple[int, int], ...] | None = None  # the core (x, y) of each shard, in shard order
 
     @property
     def sharded(self) -> bool:
         return self.layout != "INTERLEAVED"
+
+    def placed(self, placement) -> MemoryConfig:
+        return replace(self, placement=tuple(placement), cores=len(placement))
 
 
 @dataclass(frozen=True)
@@ -79,10 +89,43 @@ class CoreRange:
     def num_cores(self) -> int:
         return (self.end.x - self.start.x + 1) * (self.end.y - self.start.y + 1)
 
+    @property
+    def cores(self) -> list[tuple[int, int]]:
+        return [(x, y) for y in range(self.start.y, self.end.y + 1) for x in range(self.start.x, self.end.x + 1)]
+
+
+def core_range_set(ranges) -> tuple[CoreRange, ...]:
+    """A CoreRangeSet: its ranges in (y, x) order of their first core, as ttnn orders them."""
+    return tuple(sorted(ranges, key=lambda r: (r.start.y, r.start.x)))
+
+
+def cores_of(ranges) -> tuple[tuple[int, int], ...]:
+    """Shard order over a CoreRangeSet (ROW_MAJOR orientation): range by range, each row by row."""
+    return tuple(core for r in core_range_set(ranges) for core in r.cores)
+
+
+def rectangle(x: int, y: int) -> tuple[tuple[int, int], ...]:
+    return tuple((i % x, i // x) for i in range(x * y))
+
+
+def row_major(count: int, grid: tuple[int, int]) -> tuple[tuple[int, int], ...]:
+    """ttnn.num_cores_to_corerangeset(count, grid, row_wise=True): the first `count` cores, row by row."""
+    if count > grid[0] * grid[1]:
+        raise RuntimeError(f"{count} cores do not fit a {grid[0]}x{grid[1]} grid")
+    return tuple((i % grid[0], i // grid[0]) for i in range(count))
+
+
+def is_rectangle(placement) -> bool:
+    """Cores forming a full rectangle, in row-major order (the only layout a bounding-box walk reads right)."""
+    xs, ys = [c[0] for c in placement], [c[1] for c in placement]
+    x0, y0 = min(xs), min(ys)
+    width, height = max(xs) - x0 + 1, max(ys) - y0 + 1
+    return tuple(placement) == tuple((x0 + i % width, y0 + i // width) for i in range(width * height))
+
 
 @dataclass(frozen=True)
 class ShardSpec:
-    grid: frozenset
+    grid: tuple
     shape: tuple
     orientation: str = "ROW_MAJOR"
 
@@ -143,10 +186,13 @@ class HostTT:
         self.exact, self.block_float = exact, block_float
         self.grid, self.dram_banks, self.l1_bank = grid, dram_banks, l1_bank
         self._traces: dict[int, list] = {}
+        self._stale_traces: set[int] = set()
+        self._programs: set[tuple] = set()  # signatures of the ops run so far (ttnn's program cache)
         self._capturing: list | None = None
         self._ids = itertools.count()
         self._live: weakref.WeakSet[HostTensor] = weakref.WeakSet()  # device tensors, for the memory view
         self.ops_run = 0
+        self.warnings: list[str] = []  # what ttnn would log as a warning ("Mismatch between computed MemoryConfig")
         self._prng: dict[int, torch.Generator] = {}  # per sampling core (user), as ttnn.manual_seed sets them
 
         for name in FLOAT_DTYPES + INT_DTYPES:
@@ -164,10 +210,9 @@ class HostTT:
         self.TensorMemoryLayout = types.SimpleNamespace(
             INTERLEAVED="INTERLEAVED", HEIGHT_SHARDED="HEIGHT_SHARDED", WIDTH_SHARDED="WIDTH_SHARDED")
         self.ShardOrientation = types.SimpleNamespace(ROW_MAJOR="ROW_MAJOR")
-        self.CoreRange, self.CoreRangeSet = CoreRange, frozenset
-        self.ShardSpec = lambda grid, shape, orientation="ROW_MAJOR": ShardSpec(frozenset(grid), tuple(shape), orientation)
-        self.MemoryConfig = lambda layout, buffer, shard_spec=None: MemoryConfig(
-            buffer, layout, shard_spec.shape if shard_spec else None, shard_spec.num_cores if shard_spec else None)
+        self.CoreRange, self.CoreRangeSet = CoreRange, core_range_set
+        self.ShardSpec = lambda grid, shape, orientation="ROW_MAJOR": ShardSpec(core_range_set(grid), tuple(shape), orientation)
+        self.MemoryConfig = self._memory_config
         for name in ("WormholeComputeKernelConfig", "SDPAProgramConfig", "LayerNormShardedMultiCoreProgramConfig",
                      "MatmulMultiCoreReuseMultiCastDRAMShardedProgramConfig"):
             setattr(self, name, _config_class(name))
@@ -249,12 +294,23 @@ class HostTT:
         tensor.deallocated = True
 
     def num_cores_to_corerangeset(self, cores, grid, row_wise=True):
-        if cores > grid.x * grid.y:
-            raise RuntimeError(f"{cores} cores do not fit a {grid.x}x{grid.y} grid")
-        return frozenset(CoreRange(CoreCoord(i % grid.x, i // grid.x), CoreCoord(i % grid.x, i // grid.x)) for i in range(cores))
+        placement = row_major(cores, (grid.x, grid.y))
+        full_rows, rest = divmod(cores, grid.x)
+        ranges = [CoreRange(CoreCoord(0, 0), CoreCoord(grid.x - 1, full_rows - 1))] if full_rows else []
+        if rest:
+            ranges.append(CoreRange(CoreCoord(0, full_rows), CoreCoord(rest - 1, full_rows)))
+        assert cores_of(ranges) == placement
+        return core_range_set(ranges)
 
     def create_sharded_memory_config(self, shape, core_grid, strategy, use_height_and_width_as_shard_shape=True, **_):
-        return MemoryConfig("L1", strategy, tuple(shape), core_grid.num_cores, (core_grid.x, core_grid.y))
+        return MemoryConfig("L1", strategy, tuple(shape), core_grid.num_cores, (core_grid.x, core_grid.y),
+                            rectangle(core_grid.x, core_grid.y))
+
+    def _memory_config(self, layout, buffer, shard_spec=None):
+        if shard_spec is None:
+            return MemoryConfig(buffer, layout)
+        placement = cores_of(shard_spec.grid) if buffer == "L1" else None
+        return MemoryConfig(buffer, layout, shard_spec.shape, shard_spec.num_cores, placement=placement)
 
     # -- device facts ---------------------------------------------------------------------------------
 
@@ -270,7 +326,8 @@ class HostTT:
 
     def device(self):
         grid = types.SimpleNamespace(x=self.grid[0], y=self.grid[1])
-        return types.SimpleNamespace(compute_with_storage_grid_size=lambda: grid, arch=lambda: "Arch.HOST_STAND_IN")
+        return types.SimpleNamespace(compute_with_storage_grid_size=lambda: grid, arch=lambda: "Arch.HOST_STAND_IN",
+                                     num_program_cache_entries=lambda: len(self._programs))
 
     # -- trace ------------------------------------------------------------------------------------------
 
@@ -291,6 +348,10 @@ class HostTT:
         self._traces[trace_id] = recorded
 
     def execute_trace(self, device, trace_id, cq_id=None, blocking=True):
+        if trace_id in self._stale_traces:
+            raise RuntimeError(f"trace {trace_id} replayed after new programs were compiled while it was live: their "
+                               "buffers may lie where the trace writes (ttnn: 'Allocating device buffers is "
+                               "potentially unsafe due to the existence of an active trace')")
         for fn, args, kwargs, outputs, _ in self._traces[trace_id]:
             result = fn(*args, **kwargs)
             for out, new in zip(outputs, _as_tuple(result)):
@@ -301,6 +362,18 @@ class HostTT:
 
     def release_trace(self, device, trace_id):
         del self._traces[trace_id]
+        self._stale_traces.discard(trace_id)
+
+    def _compile(self, name: str, args, kwargs) -> None:
+        """The program cache: an op with a new signature builds a program (and may allocate buffers kept
+        with it), which a trace capture rejects and which makes every live trace unsafe to replay."""
+        signature = (name, *(_signature(a) for a in args), *((k, _signature(v)) for k, v in sorted(kwargs.items())))
+        if signature in self._programs:
+            return
+        if self._capturing is not None:
+            raise RuntimeError(f"{name}: a new program is compiled inside a trace capture (run it once before capturing)")
+        self._programs.add(signature)
+        self._stale_traces.update(self._traces)
 
     def _op(self, fn, in_place: bool = False):
         """Wrap an op: check its tensor arguments, and record it while a trace is being captured."""
@@ -312,6 +385,7 @@ class HostTT:
                     raise RuntimeError(f"{fn.__name__[1:]}: operand is not on the device")
                 t.data  # raises if deallocated  # noqa: B018
             restore = [(args[0], args[0].data.clone())] if in_place and self._capturing is not None else []
+            self._compile(run.__name__, args, kwargs)
             result = fn(*args, **kwargs)
             self.ops_run += 1
             if self._capturing is not None:
@@ -323,9 +397,16 @@ class HostTT:
 
     # -- elementwise and reductions ---------------------------------------------------------------------------
 
+    def _computed(self, op: str, asked: MemoryConfig | None, placement) -> MemoryConfig:
+        """The output config an op computes; like ttnn, warn when it differs from the one asked for."""
+        if asked.placement is not None and asked.placement != tuple(placement):
+            self.warnings.append(f"{op}: Mismatch between computed MemoryConfig (shards on {tuple(placement)}) "
+                                 f"and the one asked for (on {asked.placement})")
+        return asked.placed(placement)
+
     def _binary(self, a, b, op, memory_config=None):
         if isinstance(b, HostTensor) and a.memory_config().sharded and b.memory_config().sharded \
-                and a.memory_config() != b.memory_config():
+                and _shard_layout(a.memory_config()) != _shard_layout(b.memory_config()):
             raise RuntimeError(f"binary op on differently sharded operands: {a.memory_config()} and {b.memory_config()}")
         if memory_config is not None:
             _check_shard(a, memory_config)
@@ -475,6 +556,8 @@ class HostTT:
             raise RuntimeError(f"linear: a_shape[-1] ({a.shape[-1]}) != b_shape[-2] ({b.shape[-2]})")
         if type(program_config).__name__ == "MatmulMultiCoreReuseMultiCastDRAMShardedProgramConfig":
             _check_dram_sharded_matmul(a, b, memory_config)
+            # the output shards go to the first cores of the whole grid, row by row, whatever grid was asked for
+            memory_config = self._computed("linear", memory_config, row_major(memory_config.cores, self.grid))
         return self._new(a.data @ b.data, "bfloat16", "TILE", memory_config)
 
     def _rms_norm(self, x, epsilon=1e-12, weight=None, memory_config=None, program_config=None, **_):
@@ -484,29 +567,45 @@ class HostTT:
         y = data * torch.rsqrt(data.pow(2).mean(-1, keepdim=True) + epsilon)
         if weight is not None:
             y = y * weight.data.reshape(-1)
+        if program_config is not None and x.memory_config().sharded:
+            # the sharded norm reads each shard from the L1 of its own program core
+            grid = program_config.kwargs["compute_with_storage_grid_size"]
+            if x.memory_config().placement != rectangle(grid.x, grid.y):
+                self.warnings.append(f"rms_norm: input shards on {x.memory_config().placement}, program on {grid}")
+                y = torch.full_like(y, float("nan"))
         return self._like(x, y, memory_config or x.memory_config())
 
     # -- attention pieces -----------------------------------------------------------------------------------
 
-    def _nlp_create_qkv_heads_decode(self, qkv, num_heads, num_kv_heads, memory_config=None, **_):
-        # [1, 1, B, (H + 2K) D] (sharded) -> q [1, B, H, D], k and v [1, B, K, D] (heads padded to 32 rows)
-        if not qkv.memory_config().sharded:
-            raise RuntimeError("nlp_create_qkv_heads_decode needs a sharded input")
+    def _nlp_create_qkv_heads_decode(self, qkv, num_heads, num_kv_heads, memory_config=None, overlap_qk_coregrid=True, **_):
+        # [1, 1, B, (H + 2K) D] (width-sharded or interleaved) -> q [1, B, H, D], k and v [1, B, K, D]
+        # (heads padded to 32 rows), height-sharded one user per core
         users = qkv.shape[2]
         head_dim = qkv.shape[3] // (num_heads + 2 * num_kv_heads)
-        parts = qkv.data[0, 0].view(users, num_heads + 2 * num_kv_heads, head_dim)
-        config = MemoryConfig("L1", "HEIGHT_SHARDED", (TILE, head_dim), users)
-        q, k, v = parts.split([num_heads, num_kv_heads, num_kv_heads], dim=1)
+        if not overlap_qk_coregrid:
+            raise RuntimeError("nlp_create_qkv_heads_decode: the stand-in reads only with overlap_qk_coregrid")
+        if qkv.memory_config().sharded:
+            q, k, v = _qkv_heads_bounding_box_walk(qkv, num_heads, num_kv_heads, head_dim)
+        else:
+            parts = qkv.data[0, 0].view(users, num_heads + 2 * num_kv_heads, head_dim)
+            q, k, v = parts.split([num_heads, num_kv_heads, num_kv_heads], dim=1)
+        asked = memory_config.placement if memory_config is not None else None
+        if asked is not None and len(asked) != users:
+            raise RuntimeError(f"nlp_create_qkv_heads_decode: {len(asked)} output cores for {users} users")
+        config = MemoryConfig("L1", "HEIGHT_SHARDED", (TILE, head_dim)).placed(asked or row_major(users, self.grid))
         return tuple(self._like(qkv, t[None].clone(), config) for t in (q, k, v))
 
     def _nlp_concat_heads_decode(self, x, num_heads, **_):
         # [1, B, H, D] height-sharded -> [1, 1, 32, H*D]: the device always writes 32 user rows
         if x.memory_config().layout != "HEIGHT_SHARDED":
             raise RuntimeError("nlp_concat_heads_decode needs a height-sharded input")
+        if not is_rectangle(x.memory_config().placement):  # the mock fails with "bad optional access"
+            raise RuntimeError(f"nlp_concat_heads_decode: input cores {x.memory_config().placement} are not a rectangle")
         users, heads, dim = x.shape[1:]
         out = torch.zeros(1, 1, TILE, num_heads * dim)
         out[0, 0, :users] = x.data[0, :, :num_heads].reshape(users, num_heads * dim)
-        return self._like(x, out, MemoryConfig("L1", "WIDTH_SHARDED", (TILE, dim), num_heads))
+        config = MemoryConfig("L1", "WIDTH_SHARDED", (TILE, dim)).placed(row_major(num_heads, self.grid))
+        return self._like(x, out, config)
 
     def _nlp_create_qkv_heads(self, qkv, num_heads, num_kv_heads, transpose_k_heads=True, memory_config=None, **_):
         # [1, 1, S, (H + 2K) D] -> q [1, H, S, D], k [1, K, S, D] (or [1, K, D, S]), v [1, K, S, D]
@@ -532,7 +631,11 @@ class HostTT:
         half = x.shape[-1] // 2
         data = x.data
         rotated = torch.cat((-data[..., half:], data[..., :half]), dim=-1)
-        return self._like(x, data * cos.data + rotated * sin.data)
+        if is_decode_mode:  # each core rotates its user's heads with the cos/sin rows held in its own L1
+            cos_data, sin_data = (_on_cores_of(t, x.memory_config().placement, dim=1) for t in (cos, sin))
+        else:
+            cos_data, sin_data = cos.data, sin.data
+        return self._like(x, data * cos_data + rotated * sin_data)
 
     def _paged_update_cache(self, cache, x, update_idxs_tensor=None, **_):
         # cache [B, K, S, D]; x [1, B, K, D]; each user b writes its K heads at position update_idxs[b]
@@ -557,17 +660,29 @@ class HostTT:
                                              enable_gqa=heads != kv_heads)
         return self._like(q, out)
 
-    def _sdpa_decode(self, q, k, v, cur_pos_tensor=None, scale=None, memory_config=None, **_):
+    def _sdpa_decode(self, q, k, v, cur_pos_tensor=None, scale=None, memory_config=None, program_config=None, **_):
         # q [1, B, H, D]; cache k/v [B, K, S, D]; user b attends to positions 0..cur_pos[b]
         positions = cur_pos_tensor.data.long()
-        heads = q.shape[2]
-        if heads % k.shape[1]:
-            raise RuntimeError(f"GQA expects Q to have a multiple of K heads, but got {heads} and {k.shape[1]}")
+        users, heads = q.shape[1], q.shape[2]
+        kv_heads = k.shape[1]
+        if heads % kv_heads:
+            raise RuntimeError(f"GQA expects Q to have a multiple of K heads, but got {heads} and {kv_heads}")
+        grid = program_config.kwargs["compute_with_storage_grid_size"] if program_config else CoreCoord(*self.grid)
+        query = q.data[0]
+        if q.memory_config().sharded:  # user b's Q is read from the L1 of user b's output core
+            query = _on_cores_of(q, row_major(users, (grid.x, grid.y)), dim=1)[0]
         mask = torch.arange(k.shape[2])[None, :] <= positions[:, None]  # [B, S]
-        query = q.data[0][:, :, None]  # [B, H, 1, D]
-        out = F.scaled_dot_product_attention(query, k.data, v.data, attn_mask=mask[:, None, None, :], scale=scale,
-                                             enable_gqa=True)
-        return self._like(q, out[:, :, 0][None], memory_config)
+        out = F.scaled_dot_product_attention(query[:, :, None], k.data, v.data, attn_mask=mask[:, None, None, :],
+                                             scale=scale, enable_gqa=True)[:, :, 0]
+        max_cores = program_config.kwargs.get("max_cores_per_head_batch", 16) if program_config else 16
+        computed = sdpa_decode_computed_heads(users, kv_heads, grid.x * grid.y, max_cores)
+        if computed is None:  # a core works on a user or head past the end: nothing it wrote can be trusted
+            out = torch.full_like(out, float("nan"))
+        else:
+            group = heads // kv_heads
+            for user, kv_head in set(itertools.product(range(users), range(kv_heads))) - computed:
+                out[user, kv_head * group:(kv_head + 1) * group] = float("nan")
+        return self._like(q, out[None], memory_config)
 
 
 def real_block_float(ttnn):
@@ -580,10 +695,91 @@ def real_block_float(ttnn):
     return convert
 
 
+def _signature(value):
+    """What a program is compiled for: tensor shapes, dtypes, layouts and memory configs, and other arguments."""
+    if isinstance(value, HostTensor):
+        return tuple(value.shape), value.dtype, value.layout, value.memory_config()
+    if isinstance(value, (list, tuple)):
+        return tuple(_signature(v) for v in value)
+    return "device" if isinstance(value, types.SimpleNamespace) else repr(value)
+
+
 def _as_tuple(result):
     if result is None:
         return ()
     return result if isinstance(result, tuple) else (result,)
+
+
+# --- PLACEMENT: how the kernels find their shards (ttnn 0.81.1) -----------------------------------------------
+
+
+def _shard_at(x: HostTensor, core) -> int | None:
+    placement = x.memory_config().placement or ()
+    return placement.index(core) if core in placement else None
+
+
+def _on_cores_of(x: HostTensor, cores, dim: int) -> torch.Tensor:
+    """What each core in `cores` finds in its own L1 at x's address: the shard x keeps there (one user per
+    shard along `dim`), or NaN where x has no shard (stale L1)."""
+    if not x.memory_config().sharded:
+        raise RuntimeError("expected a height-sharded tensor, one user per core")
+    parts = []
+    for core in cores:
+        index = _shard_at(x, core)
+        part = x.data.select(dim, index) if index is not None else torch.full_like(x.data.select(dim, 0), float("nan"))
+        parts.append(part)
+    return torch.stack(parts, dim=dim)
+
+
+def _qkv_heads_bounding_box_walk(qkv: HostTensor, num_heads: int, num_kv_heads: int, head_dim: int):
+    """nlp_create_qkv_heads_decode's sharded reader (overlap_qk_coregrid, the default): it walks the cores
+    from (0, 0) to the far corner of the input's shard grid, row by row, and takes tiles(width) / (those
+    cores) tiles from each core's L1 for Q, then K, then V, whether or not a shard of the input lives
+    there (reader_tm_tile_layout_nlp_create_qkv_heads_decode.cpp; num_x, num_y from the bounding box in
+    its sharded program factory)."""
+    placement = qkv.memory_config().placement
+    users, width = qkv.shape[2], qkv.shape[3]
+    shard_tiles = qkv.memory_config().shard_shape[1] // TILE
+    box_x, box_y = max(c[0] for c in placement) + 1, max(c[1] for c in placement) + 1
+    box = rectangle(box_x, box_y)
+    per_core = (width // TILE) // len(box)
+    tiles = qkv.data[0, 0].reshape(users, width // TILE, TILE)
+    stale = torch.full((users, TILE), float("nan"))
+    walk, core, offset = [], 0, 0
+    for _ in range(width // TILE):
+        index = placement.index(box[core]) if core < len(box) and box[core] in placement else None
+        walk.append(tiles[:, index * shard_tiles + offset] if index is not None and offset < shard_tiles else stale)
+        offset += 1
+        if offset == per_core:
+            core, offset = core + 1, 0
+    heads = torch.stack(walk, dim=1).reshape(users, -1, head_dim)
+    return heads.split([num_heads, num_kv_heads, num_kv_heads], dim=1)
+
+
+def sdpa_decode_computed_heads(users: int, kv_heads: int, cores: int, max_cores_per_head: int):
+    """The (user, KV head) pairs SDPA decode computes completely on `cores` cores: its program factory gives
+    each user cores // users cores, splits them over the KV heads (several heads per core when too few),
+    and reduces each head over its group of cores. None when an active core is handed a user or head past
+    the end (it reads and writes out of bounds)."""
+    per_user = min(cores, max_cores_per_head * users * kv_heads) // users
+    if per_user == 0:
+        raise RuntimeError(f"Cores available ({cores}) must be >= batch size ({users})")
+    per_head = max(1, per_user // kv_heads)
+    heads_per_core = max(1, -(-kv_heads // per_user))
+    active = per_head * kv_heads * users // heads_per_core
+    groups: dict[tuple[int, int], set[int]] = {}
+    for core in range(active):
+        user, group = core // per_user, core % per_user // per_head
+        if user >= users or group * heads_per_core >= kv_heads:
+            return None
+        groups.setdefault((user, group), set()).add(core % per_head)
+    return {(user, head) for (user, group), members in groups.items() if len(members) == per_head
+            for head in range(group * heads_per_core, min(kv_heads, (group + 1) * heads_per_core))}
+
+
+def _shard_layout(config: MemoryConfig) -> tuple:
+    """How a sharded tensor is cut, wherever its shards lie (binary ops reshard a misplaced operand)."""
+    return config.buffer, config.layout, config.shard_shape, config.cores
 
 
 def _check_dram_sharded_matmul(a: HostTensor, b: HostTensor, out: MemoryConfig | None) -> None:
@@ -594,8 +790,8 @@ def _check_dram_sharded_matmul(a: HostTensor, b: HostTensor, out: MemoryConfig |
         raise RuntimeError(f"DRAM-sharded matmul: input {x} does not split k={a.shape[-1]} over its cores")
     if w.layout != "WIDTH_SHARDED" or w.buffer != "DRAM":
         raise RuntimeError(f"DRAM-sharded matmul: weight {w} is not width-sharded in DRAM")
-    if out is None or out.layout != "WIDTH_SHARDED" or out.grid != x.grid:
-        raise RuntimeError(f"DRAM-sharded matmul: output {out} is not width-sharded on the input's grid {x.grid}")
+    if out is None or out.layout != "WIDTH_SHARDED" or out.cores != x.cores:
+        raise RuntimeError(f"DRAM-sharded matmul: output {out} is not width-sharded over as many cores as its input {x}")
 
 
 def _check_shard(x: HostTensor, config: MemoryConfig) -> None:

@@ -43,8 +43,10 @@ class Backend(ABC):
 
     def decode_greedy(self, slots: Sequence[int], token_ids: Sequence[int]) -> list[int]:
         """Like decode, but return each slot's most likely next token; a device backend picks it on the
-        device and sends back token ids instead of logits."""
-        return self.decode(slots, token_ids).argmax(-1).tolist()
+        device and sends back token ids instead of logits. -1 marks a slot whose logits are not finite
+        (the engine fails its request); a device pick cannot tell (not checked on a card)."""
+        logits = self.decode(slots, token_ids)
+        return logits.argmax(-1).masked_fill(~torch.isfinite(logits).all(-1), -1).tolist()
 
     def decode_sampled(self, slots: Sequence[int], token_ids: Sequence[int], draws: Sequence[DeviceDraw]) -> list[int]:
         """Like decode, but draw each slot's next token on the device (only when device_top_k_limit > 0)."""

@@ -8,15 +8,16 @@ import logging
 import random
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from ..backends.base import Backend
-from ..errors import CapacityError, RequestError
+from ..errors import BitNetError, CapacityError, GenerationError, RequestError
 from ..sampling import (
+    NON_FINITE_LOGITS,
     DeviceDraw,
     SamplingParams,
     TokenChoice,
@@ -28,9 +29,13 @@ from ..tokenizer import ChatMessage, StreamDecoder, Tokenizer
 from .request import Request, RequestOutput, RequestStatus
 from .scheduler import PrefillChunk, Scheduler, StepPlan
 from .slots import SlotPool
+from .stops import StopScanner
 
 logger = logging.getLogger("bitnet_tt.engine")
 PROMPT_OVERFLOW = ("error", "truncate")  # what to do with a prompt that does not fit the context
+# Failures of one backend method (prefill, decode, ...) with no success of it between them, before the engine
+# gives up (raises BackendBroken from step()) instead of failing request after request on a broken backend.
+MAX_BACKEND_FAILURES_IN_A_ROW = 3
 # Prompt tokens prefilled per step (the rest wait for later steps, between decodes); see README, "Serving".
 DEFAULT_PREFILL_CHUNK = 64
 
@@ -51,10 +56,15 @@ class EngineStats:
 
 @dataclass
 class _TextState:
-    """Per-request streaming state: the detokeniser and text held back as a possible stop-string start."""
+    """Per-request streaming state: the detokeniser and the stop-string scanner (it holds back text that may
+    start a stop string)."""
 
     decoder: StreamDecoder
-    pending: str = ""
+    stops: StopScanner
+
+
+class BackendBroken(Exception):
+    """A backend method failed MAX_BACKEND_FAILURES_IN_A_ROW calls in a row: the engine cannot go on."""
 
 
 class Engine:
@@ -77,6 +87,7 @@ class Engine:
         self.slots = SlotPool(backend.max_slots)
         self.scheduler = Scheduler(self.slots, prefill_chunk, chunked=backend.supports_prefix_prefill)
         self.last_plan = StepPlan()  # what the latest step ran (tests and benchmarks read it)
+        self._backend_failures: Counter = Counter()  # per backend method: failures since its last success
 
     # -- submitting ------------------------------------------------------------------------------
 
@@ -94,7 +105,7 @@ class Engine:
             generator=torch.Generator().manual_seed(seed),
         )
         with self._lock:
-            self._text[request.id] = _TextState(StreamDecoder(self.tokenizer))
+            self._text[request.id] = _TextState(StreamDecoder(self.tokenizer), StopScanner(params.stop))
             self._waiting.append(request)
         return request
 
@@ -135,7 +146,11 @@ class Engine:
         return len(self._running)
 
     def step(self) -> list[RequestOutput]:
-        """Decode every decoding slot once and prefill the next prompt chunks (admitting waiting requests)."""
+        """Decode every decoding slot once and prefill the next prompt chunks (admitting waiting requests).
+
+        An error fails the requests it concerns (a sampling error its request, a failed backend call the
+        requests of that call), never the others; when one backend method has failed
+        MAX_BACKEND_FAILURES_IN_A_ROW times in a row it raises BackendBroken."""
         started = time.perf_counter()
         outputs: list[RequestOutput] = []
         self._apply_cancellations(outputs)
@@ -145,37 +160,66 @@ class Engine:
             self._running[request.slot] = request
             self.backend.keep_prefix(request.slot, request.cached_tokens)
         for chunk in plan.prefill:
-            self._prefill(chunk, outputs)
+            if not chunk.request.finished:
+                self._prefill(chunk, outputs)
         if plan.decode:
             self._decode(plan.decode, outputs)
         self.last_plan = plan
         self.stats.steps += 1
         self.stats.step_seconds += time.perf_counter() - started
         self._deliver(outputs)
+        method, failures = max(self._backend_failures.items(), key=lambda item: item[1], default=(None, 0))
+        if failures >= MAX_BACKEND_FAILURES_IN_A_ROW:
+            raise BackendBroken(f"the backend's {method.__name__} failed {failures} times in a row")
         return outputs
 
     def _prefill(self, chunk: PrefillChunk, outputs: list[RequestOutput]) -> None:
         request = chunk.request
         if chunk.start == request.cached_tokens:
             request.stats.prefill_started = time.perf_counter()
-        logits = self._timed(self.backend.prefill, request.slot, request.prompt_ids[chunk.start : chunk.stop])
+        tokens = request.prompt_ids[chunk.start : chunk.stop]
+        logits = self._backend_call([request], outputs, self.backend.prefill, request.slot, tokens)
+        if logits is None:
+            return
         request.prefilled = chunk.stop
         if chunk.completes_prompt:
-            self._accept(request, logits, outputs)
+            self._contained([request], outputs, self._accept, request, logits, outputs)
 
     def _decode(self, decoding: list[Request], outputs: list[RequestOutput]) -> None:
         """One batched decode call for every slot whose prompt was prefilled in an earlier step."""
         started = time.perf_counter()
         slots, last = [r.slot for r in decoding], [r.output_ids[-1] for r in decoding]
         if all(r.params.plain_greedy for r in decoding):  # no logits needed: the backend picks the tokens
-            self._accept_tokens(decoding, self._timed(self.backend.decode_greedy, slots, last), outputs)
+            call, args, accept = self.backend.decode_greedy, (slots, last), self._accept_token
         elif draws := self._device_draws(decoding):  # the backend samples on its device
-            self._accept_tokens(decoding, self._timed(self.backend.decode_sampled, slots, last, draws), outputs)
+            call, args, accept = self.backend.decode_sampled, (slots, last, draws), self._accept_token
         else:
-            logits = self._timed(self.backend.decode, slots, last)
-            for request, row in zip(decoding, logits):
-                self._accept(request, row, outputs)
+            call, args, accept = self.backend.decode, (slots, last), self._accept
+        rows = self._backend_call(decoding, outputs, call, *args)
+        for request, row in zip(decoding, [] if rows is None else rows):
+            self._contained([request], outputs, accept, request, row, outputs)
         self.stats.decode_step_seconds.append(time.perf_counter() - started)
+
+    def _backend_call(self, requests: list[Request], outputs: list[RequestOutput], fn, *args):
+        """fn(*args), timed; if it raises, the requests it served fail (they hold slots of unknown state)."""
+        result = self._contained(requests, outputs, self._timed, fn, *args)
+        self._backend_failures[fn] = 0 if result is not None else self._backend_failures[fn] + 1
+        return result
+
+    def _contained(self, requests: list[Request], outputs: list[RequestOutput], fn, *args):
+        """fn(*args), or None after failing `requests` with the error it raised."""
+        try:
+            return fn(*args)
+        except Exception as exc:
+            if isinstance(exc, BitNetError):
+                message = str(exc)
+            else:
+                logger.error("generating %s failed", ", ".join(r.id for r in requests), exc_info=exc)
+                message = "internal error while generating (details are in the log)"
+            for request in requests:
+                if not request.finished:
+                    self._finish(request, "error", outputs, error=message)
+            return None
 
     def _device_draws(self, decoding: list[Request]) -> list[DeviceDraw] | None:
         """Each request's draw for the backend's device sampler, or None when any of them needs the logits."""
@@ -184,9 +228,11 @@ class Engine:
             return None
         return [device_draw(r.params, r.generator) for r in decoding]
 
-    def _accept_tokens(self, decoding: list[Request], tokens: list[int], outputs: list[RequestOutput]) -> None:
-        for request, token in zip(decoding, tokens):
-            self._accept_choice(request, TokenChoice(int(token)), outputs)
+    def _accept_token(self, request: Request, token: int, outputs: list[RequestOutput]) -> None:
+        """A token the backend picked; -1 where its logits were not finite (Backend.decode_greedy)."""
+        if not 0 <= token < self.backend.config.vocab_size:
+            raise GenerationError(NON_FINITE_LOGITS if token == -1 else f"the backend picked token id {token}")
+        self._accept_choice(request, TokenChoice(int(token)), outputs)
 
     @staticmethod
     def _deliver(outputs: list[RequestOutput]) -> None:
@@ -248,12 +294,12 @@ class Engine:
         self.stats.generated_tokens += 1
         state = self._text[request.id]
         if choice.token_id in self.tokenizer.stop_ids and not params.ignore_eos:  # an end id: its text is not shown
-            text, _ = self._release_text(state, state.decoder.flush(), params.stop, final=True)
+            text, _ = state.stops.feed(state.decoder.flush(), final=True)
             self._finish(request, "stop", outputs, [choice.token_id], text)
             return
-        text, hit_stop = self._release_text(state, state.decoder.add(choice.token_id), params.stop)
+        text, hit_stop = state.stops.feed(state.decoder.add(choice.token_id))
         if not hit_stop and (len(request.output_ids) >= params.max_new_tokens or self._context_full(request)):
-            tail, hit_stop = self._release_text(state, state.decoder.flush(), params.stop, final=True)
+            tail, hit_stop = state.stops.feed(state.decoder.flush(), final=True)
             text += tail
             if not hit_stop:
                 self._finish(request, "length", outputs, [choice.token_id], text)
@@ -268,23 +314,13 @@ class Engine:
         # The sampled token still has to be written by the next decode step.
         return self.backend.slot_length(request.slot) + 1 > self.backend.max_context
 
-    @staticmethod
-    def _release_text(state: _TextState, new_text: str, stops: tuple[str, ...], final: bool = False):
-        """Return (text safe to show, whether a stop string ended it); hold back a possible stop prefix."""
-        pending = state.pending + new_text
-        hits = [i for i in (pending.find(s) for s in stops) if i >= 0]
-        if hits:
-            state.pending = ""
-            return pending[: min(hits)], True
-        hold = 0 if final else max((k for s in stops for k in range(1, len(s)) if pending.endswith(s[:k])), default=0)
-        state.pending = pending[len(pending) - hold :]
-        return pending[: len(pending) - hold], False
-
-    def _finish(self, request: Request, reason: str, outputs, token_ids=(), text: str = "") -> None:
-        """End a request with its last text piece, free its slot, and report it."""
+    def _finish(self, request: Request, reason: str, outputs, token_ids=(), text: str = "",
+                error: str | None = None) -> None:
+        """End a request with its last text piece (or an error), free its slot, and report it."""
         self._text.pop(request.id, None)
         request.text += text
         request.finish_reason = reason
+        request.error = error
         request.status = RequestStatus.FINISHED
         request.stats.finished = time.perf_counter()
         if request.slot is not None and self._running.get(request.slot) is request:
@@ -293,9 +329,10 @@ class Engine:
         outputs.append(RequestOutput(request, text, list(token_ids), True))
 
     def _release_slot(self, request: Request) -> None:
-        """Return the request's slot to the pool, its KV cache kept for later prompts unless it opted out."""
+        """Return the request's slot to the pool, its KV cache kept for later prompts unless it opted out or
+        failed (a failed backend call leaves the slot in an unknown state)."""
         kept = []
-        if self.scheduler.chunked and request.params.cache_prompt:
+        if self.scheduler.chunked and request.params.cache_prompt and request.finish_reason != "error":
             fed = request.prompt_ids + request.output_ids  # the order the tokens went into the slot
             kept = fed[: self.backend.slot_length(request.slot)]
         if not kept:

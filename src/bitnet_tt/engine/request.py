@@ -72,7 +72,8 @@ class Request:
     output_ids: list[int] = field(default_factory=list)
     text: str = ""
     choices: list[TokenChoice] = field(default_factory=list)
-    finish_reason: str | None = None  # "stop", "length", "cancelled"
+    finish_reason: str | None = None  # "stop", "length", "cancelled", "error"
+    error: str | None = None  # with finish_reason "error": what went wrong, in one line
     stats: RequestStats = field(default_factory=RequestStats)
     generator: torch.Generator | None = None
 

@@ -1,5 +1,6 @@
 """An OpenAI-compatible HTTP server over the engine (FastAPI + uvicorn): `bitnet-tt serve`."""
 
-from .app import create_app, serve
+from .app import EngineStopped, Limits, create_app, serve
+from .guard import check_api_key
 
-__all__ = ["create_app", "serve"]
+__all__ = ["EngineStopped", "Limits", "check_api_key", "create_app", "serve"]

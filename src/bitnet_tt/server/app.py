@@ -1,40 +1,63 @@
 """The HTTP server: FastAPI routes over one engine, whose steps run in a single background thread.
 
 Threads: uvicorn's event loop parses requests, submits them to the engine (thread-safe) and streams what
-comes back; the engine thread is the only one that calls `engine.step()`. Each request's outputs cross
-from the engine thread to its handler through an asyncio queue (`call_soon_threadsafe`).
+comes back; request bodies are parsed and tokenised in worker threads, so that a long prompt does not hold up
+the loop; the engine thread is the only one that calls `engine.step()`. Each request's outputs cross from the
+engine thread to its handler through a bounded asyncio queue (`call_soon_threadsafe`).
+
+Failures: an error while generating fails the requests it concerns (the engine contains it). If the engine
+itself stops (its backend keeps failing), every request fails, /health answers 503 and `serve` stops the
+server and raises EngineStopped, so that the process exits non-zero and a supervisor can restart it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import bisect
-import hmac
+import functools
 import itertools
 import json
 import logging
 import threading
 import time
+import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
-from fastapi import APIRouter, Depends, FastAPI, Request as HTTPRequest
+from fastapi import APIRouter, FastAPI, Request as HTTPRequest
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from ..engine import Engine, Request, RequestOutput, RequestStatus
 from ..errors import BitNetError, CapacityError
 from ..sampling import SamplingParams
+from .guard import Gatekeeper, GuardedH11, QueryStringsHidden, check_api_key, loopback_hosts
 from .protocol import (
     APIError, ApiFormat, ChatFormat, CompletionFormat, Reply, completion_budget, new_request_id, parse_body,
 )
 
 logger = logging.getLogger("bitnet_tt.server")
 
-DEFAULT_MAX_QUEUE = 64  # waiting requests (beyond the engine's slots) before new ones get a 429
-DEFAULT_MAX_BODY_BYTES = 1 << 20
+
+@dataclass(frozen=True)
+class Limits:
+    """What one client may take of the server."""
+
+    max_queue: int = 64  # waiting requests (beyond the engine's slots) before new ones get a 429
+    max_body_bytes: int = 1 << 20
+    read_timeout: float = 20.0  # seconds for a request's headers, and again for its body, to arrive
+    max_connections: int = 256  # open connections before new requests get a 503 (uvicorn's limit_concurrency)
+    max_buffered_outputs: int = 512  # outputs a stream may hold unread (its client is slow) before it is cancelled
+
+
+class EngineStopped(BitNetError):
+    """The engine could not go on; the server stopped so that a supervisor can restart it."""
+
+    exit_code = 1
+
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
@@ -152,8 +175,8 @@ class _Live:
 class EngineLoop:
     """Owns the one thread that steps the engine; submits with a bound on waiting requests; keeps the gauges."""
 
-    def __init__(self, engine: Engine, metrics: Metrics, max_waiting: int):
-        self.engine, self.metrics, self.max_waiting = engine, metrics, max_waiting
+    def __init__(self, engine: Engine, metrics: Metrics, max_waiting: int, on_failure: Callable[[], None]):
+        self.engine, self.metrics, self.max_waiting, self.on_failure = engine, metrics, max_waiting, on_failure
         self._lock = threading.Lock()  # guards _live and _failure; never held while stepping
         self._live: dict[str, _Live] = {}
         self._failure: APIError | None = None  # set once the loop has stopped; later requests get it
@@ -173,6 +196,10 @@ class EngineLoop:
     @property
     def healthy(self) -> bool:
         return self._failure is None and self._thread.is_alive()
+
+    @property
+    def failed(self) -> bool:
+        return self._failure is not None and self._failure.status == 500
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
                deliver: Callable[[RequestOutput | APIError], None]) -> Request:
@@ -218,9 +245,11 @@ class EngineLoop:
                 self.engine.step()
                 self.slots_in_use = self.engine.slots_in_use
             self._fail_all(APIError(503, "the server is shutting down", type="server_error"))
-        except Exception as exc:
-            logger.exception("the engine failed; failing every request")
-            self._fail_all(APIError(500, f"the engine failed: {exc.__class__.__name__}: {exc}", type="server_error"))
+        except Exception:
+            logger.exception("the engine stopped; failing every request and stopping the server")
+            self._fail_all(APIError(500, "the engine stopped (details are in the server's log); the server is "
+                                         "stopping", type="server_error"))
+            self.on_failure()
 
     def _on_output(self, output: RequestOutput) -> None:
         """Called by engine.step() in this thread for every output."""
@@ -250,24 +279,43 @@ class EngineLoop:
 
 
 class Generation:
-    """A submitted request: its outputs arrive on an asyncio queue, fed from the engine thread."""
+    """A submitted request: its outputs arrive on a bounded asyncio queue, fed from the engine thread. A
+    client that does not read them fast enough (its stream's buffers are full) has its request cancelled."""
 
-    def __init__(self, engine_loop: EngineLoop, prompt_ids: list[int], params: SamplingParams, request_id: str):
+    def __init__(self, engine_loop: EngineLoop, prompt_ids: list[int], params: SamplingParams, request_id: str,
+                 max_buffered: int):
         self._engine_loop = engine_loop
-        self._queue: asyncio.Queue[RequestOutput | APIError] = asyncio.Queue()
+        self._queue: asyncio.Queue[RequestOutput | APIError] = asyncio.Queue(max_buffered)
+        self._overflowed = False
         event_loop = asyncio.get_running_loop()
 
         def deliver(item: RequestOutput | APIError) -> None:
             if not event_loop.is_closed():  # the server may already have stopped
-                event_loop.call_soon_threadsafe(self._queue.put_nowait, item)
+                event_loop.call_soon_threadsafe(self._put, item)
 
         self.request = engine_loop.submit(prompt_ids, params, request_id, deliver)
+
+    def _put(self, item: RequestOutput | APIError) -> None:
+        if self._overflowed:
+            return
+        try:
+            self._queue.put_nowait(item)
+        except asyncio.QueueFull:
+            self._overflowed = True
+            self.cancel()
+            while not self._queue.empty():
+                self._queue.get_nowait()
+            self._queue.put_nowait(APIError(503, f"the client read too slowly: over {self._queue.maxsize} outputs "
+                                                 "were waiting to be sent; the request was cancelled",
+                                            type="server_error", code="client_too_slow"))
 
     async def outputs(self) -> AsyncIterator[RequestOutput]:
         while True:
             item = await self._queue.get()
             if isinstance(item, APIError):
                 raise item
+            if item.finished and item.request.finish_reason == "error":
+                raise APIError(500, f"{item.request.error} (request id {item.request.id})", type="server_error")
             yield item
             if item.finished:
                 return
@@ -293,7 +341,9 @@ class EventStream(StreamingResponse):
 
 
 def sse(data: dict | str) -> str:
-    payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    # allow_nan=False: a NaN would be invalid JSON; it raises instead (the sampler never lets one through)
+    payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"),
+                                                            allow_nan=False)
     return f"data: {payload}\n\n"
 
 
@@ -323,10 +373,13 @@ async def read_body(http_request: HTTPRequest, limit: int) -> bytes:
     if int(http_request.headers.get("content-length") or 0) > limit:
         raise too_large
     body = bytearray()
-    async for chunk in http_request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise too_large
+    try:
+        async for chunk in http_request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise too_large
+    except ClientDisconnect:  # nobody reads the answer; it shows in the metrics
+        raise APIError(499, "the client closed the connection before sending its whole body") from None
     return bytes(body)
 
 
@@ -350,12 +403,17 @@ async def unless_disconnected(http_request: HTTPRequest, work: Awaitable[dict]) 
 # The application
 
 
-def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_queue: int = DEFAULT_MAX_QUEUE,
-               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
-    """An OpenAI-compatible app over `engine`; the engine thread runs while the app does (its lifespan)."""
+def create_app(engine: Engine, model_name: str, api_key: str | None = None, limits: Limits = Limits(),
+               allowed_hosts: frozenset[str] | None = None, public_metrics: bool = False,
+               on_engine_failure: Callable[[], None] = lambda: None) -> FastAPI:
+    """An OpenAI-compatible app over `engine`; the engine thread runs while the app does (its lifespan).
+    With `api_key`, every path but /health (and /metrics if `public_metrics`) needs it; `allowed_hosts`: the
+    Host headers accepted (None: any); `on_engine_failure` is called (in the engine thread) if the engine stops."""
+    check_api_key(api_key)
     metrics = Metrics()
-    engine_loop = EngineLoop(engine, metrics, max_queue)
+    engine_loop = EngineLoop(engine, metrics, limits.max_queue, on_engine_failure)
     started = int(time.time())
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         engine_loop.start()
@@ -364,23 +422,16 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
         finally:
             engine_loop.stop()
 
-    def check_api_key(http_request: HTTPRequest) -> None:
-        if api_key is None:
-            return
-        scheme, _, token = http_request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
-            raise APIError(401, "Incorrect or missing API key: send the header 'Authorization: Bearer <key>'",
-                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
-
     async def complete(http_request: HTTPRequest, api: ApiFormat) -> Response:
         """Chat and text completions, streamed or not: one path."""
-        body = parse_body(api.request_model, await read_body(http_request, max_body_bytes))
+        raw = await read_body(http_request, limits.max_body_bytes)
+        body, prompt_ids = await asyncio.to_thread(parse_and_tokenise, api, raw, engine)  # off the event loop
         if body.model != model_name:
             raise APIError(404, f"The model '{body.model}' does not exist; this server serves '{model_name}'",
                            param="model", code="model_not_found")
-        prompt_ids = api.prompt_ids(body, engine.tokenizer)
         max_new = completion_budget(len(prompt_ids), body.requested_max_tokens(), engine.backend.max_context)
-        generation = Generation(engine_loop, prompt_ids, body.sampling_params(max_new), new_request_id(api))
+        generation = Generation(engine_loop, prompt_ids, body.sampling_params(max_new), new_request_id(api),
+                                limits.max_buffered_outputs)
         reply = Reply(api, generation.request, model_name, engine.tokenizer.token_text)
         if body.stream:
             return EventStream(generation, stream_events(generation, reply, body.include_usage))
@@ -392,8 +443,11 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
         return JSONResponse(completion) if completion is not None else Response(status_code=499)
 
     app = FastAPI(title="bitnet-tt", lifespan=lifespan)
-    app.add_middleware(CountResponses, metrics=metrics)
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_api_key)])
+    app.state.engine_loop = engine_loop
+    app.add_middleware(Gatekeeper, api_key=api_key, allowed_hosts=allowed_hosts, public_metrics=public_metrics,
+                       body_timeout=limits.read_timeout)
+    app.add_middleware(CountResponses, metrics=metrics)  # outermost: it counts the gatekeeper's refusals too
+    v1 = APIRouter(prefix="/v1")
 
     @v1.post("/chat/completions")
     async def chat_completions(http_request: HTTPRequest) -> Response:
@@ -424,8 +478,14 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
     return app
 
 
+def parse_and_tokenise(api: ApiFormat, raw: bytes, engine: Engine):
+    body = parse_body(api.request_model, raw)
+    return body, api.prompt_ids(body, engine.tokenizer)
+
+
 def add_error_handlers(app: FastAPI) -> None:
-    """Every error leaves as OpenAI's JSON error body."""
+    """Every error leaves as OpenAI's JSON error body; an unexpected one as a generic message and an id that
+    finds its traceback in the log."""
 
     def answer(error: APIError) -> JSONResponse:
         return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
@@ -443,19 +503,36 @@ def add_error_handlers(app: FastAPI) -> None:
     async def http_error(_, exc: StarletteHTTPException):
         return answer(APIError(exc.status_code, str(exc.detail), headers=exc.headers))
 
-    @app.exception_handler(Exception)  # Starlette logs the traceback itself
-    async def internal_error(_, exc: Exception):
-        return answer(APIError(500, "internal server error", type="server_error"))
+    @app.exception_handler(Exception)
+    async def internal_error(http_request: HTTPRequest, exc: Exception):
+        error_id = uuid.uuid4().hex
+        logger.error("error %s answering %s %s", error_id, http_request.method, http_request.url.path, exc_info=exc)
+        return answer(APIError(500, f"internal server error (error id {error_id}: the details are in the server's "
+                                    "log)", type="server_error"))
 
 
 def serve(engine: Engine, model_name: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          max_queue: int = DEFAULT_MAX_QUEUE, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-          quiet: bool = False) -> None:
-    """Run the server until interrupted. The API key is never logged."""
+          limits: Limits = Limits(), public_metrics: bool = False, quiet: bool = False) -> None:
+    """Run the server until interrupted; raise EngineStopped if it stopped because the engine did. The API
+    key is never logged, nor any query string (a client may put its key there)."""
     import uvicorn
 
+    check_api_key(api_key)
     if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("bitnet-tt: listening on %s without an API key: anyone who can reach it can use it", host)
-    app = create_app(engine, model_name, api_key=api_key, max_queue=max_queue, max_body_bytes=max_body_bytes)
-    uvicorn.run(app, host=host, port=port, log_level="warning" if quiet else "info", access_log=not quiet,
-                timeout_graceful_shutdown=5)
+    server: uvicorn.Server | None = None
+
+    def stop_server() -> None:
+        server.should_exit = True
+
+    app = create_app(engine, model_name, api_key=api_key, limits=limits, allowed_hosts=loopback_hosts(host, port),
+                     public_metrics=public_metrics, on_engine_failure=stop_server)
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning" if quiet else "info",
+                            access_log=not quiet, timeout_graceful_shutdown=5, limit_concurrency=limits.max_connections,
+                            http=functools.partial(GuardedH11, header_timeout=limits.read_timeout))
+    logging.getLogger("uvicorn.access").addFilter(QueryStringsHidden())
+    server = uvicorn.Server(config)
+    server.run()
+    if app.state.engine_loop.failed:
+        raise EngineStopped("the engine stopped after repeated backend failures (see the log above); exiting so "
+                            "that a supervisor can restart the server")

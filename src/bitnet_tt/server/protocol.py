@@ -17,7 +17,6 @@ from ..engine import Request, RequestOutput
 from ..sampling import SamplingParams
 from ..tokenizer import ChatMessage, Tokenizer
 
-MAX_STOP_STRINGS = 16
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
 
 
@@ -101,7 +100,7 @@ class _GenerationRequest(_Strict):
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     seed: int | None = None
-    stop: str | list[str] | None = Field(None, max_length=MAX_STOP_STRINGS)
+    stop: str | list[str] | None = None  # how many and how long: SamplingParams checks
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None

@@ -50,13 +50,14 @@ class TTNNBackend(Backend):
     def _allocate_kv_cache(self):
         tt, m = self.tt, self.config
         # One spare position past the context: rows that do not decode in a step still write somewhere harmless.
-        shape = [self.max_slots, m.num_kv_heads, self.plan.cache_context, m.head_dim]
+        # One row per decode row: rows past max_slots pad the head grid to a rectangle and hold no user.
+        shape = [self.plan.decode_rows, m.num_kv_heads, self.plan.cache_context, m.head_dim]
         return [tuple(tt.zeros(shape, dtype=tt.bfloat16, layout=tt.TILE_LAYOUT, device=self.device,
                                memory_config=tt.DRAM_MEMORY_CONFIG) for _ in range(2)) for _ in range(m.num_layers)]
 
     def _allocate_decode_inputs(self) -> dict:
         """Device tensors that every decode step overwrites in place (a trace replays on them)."""
-        tt, users = self.tt, self.max_slots
+        tt, users = self.tt, self.plan.decode_rows
 
         def rows(shape, dtype):
             return tt.allocate_tensor_on_device(tt.Shape(shape), dtype, tt.ROW_MAJOR_LAYOUT, self.device)
@@ -81,7 +82,7 @@ class TTNNBackend(Backend):
         padded[0, : len(token_ids)] = torch.as_tensor(list(token_ids), dtype=torch.int32)
         tokens = tt.from_torch(padded, dtype=tt.uint32, layout=tt.ROW_MAJOR_LAYOUT, device=self.device)
         last = len(token_ids) - 1
-        logits = self.model.forward_prefill(tokens, slot, last)
+        logits = self.steps.op_by_op(lambda: self.model.forward_prefill(tokens, slot, last))
         self._advance(slot, len(token_ids))
         return self._to_host(logits)[0, 0, last % TILE].float()
 
@@ -125,11 +126,13 @@ class TTNNBackend(Backend):
             raise ValueError("decode needs one token for each of distinct slots")
         for s in slots:
             self._reserve(s, 1)
-        tokens = torch.zeros(1, self.max_slots, dtype=torch.int32)
+        rows = self.plan.decode_rows
+        tokens = torch.zeros(1, rows, dtype=torch.int32)
         tokens[0, list(slots)] = torch.as_tensor(list(token_ids), dtype=torch.int32)
         # Every row writes its cache at its own length: rows that are not decoding write past their
         # context, where their next real token will overwrite it before anything reads it.
-        positions = torch.tensor(self._lengths, dtype=torch.int32)
+        positions = torch.zeros(rows, dtype=torch.int32)
+        positions[: self.max_slots] = torch.tensor(self._lengths, dtype=torch.int32)
         tt = self.tt
         self._copy_inputs({
             "tokens": tt.from_torch(tokens, dtype=tt.uint32, layout=tt.ROW_MAJOR_LAYOUT),
@@ -147,7 +150,7 @@ class TTNNBackend(Backend):
     def _draw_inputs(self, slots: Sequence[int], draws: Sequence[DeviceDraw]) -> dict:
         """Host tensors of the sampling settings per row (rows without a request take top_k 1): the
         fresh seeds, and whichever settings changed since the last sampling step."""
-        tt, users = self.tt, self.max_slots
+        tt, users = self.tt, self.plan.decode_rows
         top_k, top_p = torch.ones(users, dtype=torch.int32), torch.ones(users)
         inv_temperature, seeds = torch.ones(users), torch.zeros(users, dtype=torch.int32)
         for slot, draw in zip(slots, draws):

@@ -17,6 +17,8 @@ BYTES_PER_ELEMENT = {"bfloat16": 2.0, "bfloat8_b": 1088 / 1024, "bfloat4_b": 576
 WEIGHT_DTYPES = ("bfloat4_b", "bfloat8_b", "bfloat16")  # ternary codes are exact in all three
 HEAD_DTYPES = ("bfloat16", "bfloat8_b", "bfloat4_b")  # the LM head; the embedding table is always bf16
 MAX_USERS = 32  # decode rows are one tile high
+HEAD_GRID_WIDTH = 8  # cores per row of the one-user-per-core head grid (tt_transformers' CoreGrid(y=4, x=8))
+SDPA_MAX_CORES_PER_HEAD = 16  # SDPAProgramConfig's max_cores_per_head_batch default
 SAMPLING_TOP_K = 32  # candidates per user that ttnn.topk hands to ttnn.sampling
 # Output tiles per core of a DRAM-sharded matmul: its circular buffers take about 64 KB per output tile
 # on each core (mock allocator: 101 tiles asked for 6.5 MB), and a core has 1.5 MB of L1.
@@ -114,16 +116,46 @@ class TTPlan:
         """The KV cache's sequence length: the context plus one spare position, in whole tiles."""
         return round_up(self.max_context + 1, TILE)
 
-    def qkv_shard_cores(self) -> int:
-        """Cores for the width-sharded QKV input of nlp_create_qkv_heads_decode: a divisor of its tiles."""
-        return largest_divisor(tiles(self.qkv_width), min(8, self.device.grid_x))
+    @property
+    def decode_rows(self) -> int:
+        """User rows of a decode step on the device: the users, rounded up to whole rows of the head grid
+        past one row, so that one user per core always fills a rectangle (17 users take 24 rows)."""
+        users = self.max_users
+        return users if users <= HEAD_GRID_WIDTH else round_up(users, HEAD_GRID_WIDTH)
 
     def head_grid(self) -> tuple[int, int]:
-        """(x, y) of a rectangular grid with one core per user for height-sharded heads (a non-rectangular
-        set cut from a 13-wide Blackhole row fails in nlp_concat_heads_decode)."""
-        users = self.max_users
-        x = largest_divisor(users, self.device.grid_x)
-        return x, users // x
+        """(x, y) of the rectangle holding one user per core for the height-sharded heads, cos/sin rows and
+        SDPA's Q: at most 8 wide, as tt_transformers lays them out on every board. rotary_embedding_hf reads
+        cos/sin from the L1 of q's cores and SDPA decode reads user b's Q from its output core b (row-major
+        over its own grid), so all three must share this one layout."""
+        rows = self.decode_rows
+        x = min(rows, HEAD_GRID_WIDTH)
+        return x, rows // x
+
+    def sdpa_decode_grid(self) -> tuple[int, int]:
+        """(x, y) of SDPA decode's program grid: 8 wide, so that its output core b (b % 8, b // 8) is the core
+        that holds user b's Q; as tall as helps, among the heights whose cores the program factory can
+        divide: it gives each user cores // users cores and splits them over the KV heads, and only a
+        split into whole heads (or whole groups of heads) covers every (user, KV head) exactly."""
+        rows, kv = self.decode_rows, self.model.num_kv_heads
+        x = HEAD_GRID_WIDTH
+        best = None
+        for y in range(-(-rows // x), min(8, self.device.grid_y) + 1):
+            busy = sdpa_decode_busy_cores(rows, kv, x * y)
+            if busy and (best is None or busy > best[0]):
+                best = busy, (x, y)
+        if best is None:
+            raise ConfigError(f"no SDPA decode grid divides {rows} users x {kv} KV heads on this device")
+        return best[1]
+
+    def output_cores(self, spec: DramShardedMatmul) -> tuple[int, int] | None:
+        """(x, y) of the rectangle a DRAM-sharded matmul writes its output shards on, or None when they are
+        not a rectangle: the op puts them on the first cores of the whole grid, row by row (the mock
+        device reports {[0-0 - 12-2],[0-3 - 0-3]} for 40 shards on a 13-wide grid)."""
+        width = self.device.grid_x
+        if spec.cores <= width:
+            return spec.cores, 1
+        return (width, spec.cores // width) if spec.cores % width == 0 else None
 
     def interleaved_norm(self, width: int) -> str:
         """How a prefill RMSNorm of this row width runs: rms_norm keeps whole rows in circular buffers,
@@ -167,16 +199,20 @@ class TTPlan:
     @property
     def residual_sharded(self) -> bool:
         """The decode residual stream stays width-sharded on the grid of the matmuls that read the hidden
-        state (QKV, gate/up), when o_proj writes its output in exactly that layout: the two norms that
-        read the stream and the add after attention then need no reshard."""
+        state (QKV, gate/up), when o_proj writes its output shards on exactly that rectangle: the two
+        norms that read the stream and the add after attention then need no reshard (Wormhole's 8-wide
+        grid; on a wider Blackhole grid o_proj's 40 shards are not a rectangle)."""
         reads, writes = self.decode_matmuls()["wqkv"], self.decode_matmuls()["wo"]
-        return self.keeps_output_sharded("wo") and (reads.grid_x, reads.grid_y) == (writes.grid_x, writes.grid_y)
+        return self.evenly_sharded_output("wo") and self.output_cores(writes) == (reads.grid_x, reads.grid_y)
 
     def keeps_output_sharded(self, name: str) -> bool:
-        """Decode matmuls whose even output shards are used where they lie: the fused QKV by
-        nlp_create_qkv_heads_decode (its reader walks the input cores row by row, tiles(qkv) / cores
-        from each), o_proj's by the residual add."""
-        return name in ("wqkv", "wo") and self.evenly_sharded_output(name)
+        """Decode matmuls whose even output shards are used where they lie: o_proj's by the residual add
+        (residual_sharded), the fused QKV's by nlp_create_qkv_heads_decode when they form a rectangle (its
+        reader walks the bounding box of the input cores row by row, tiles(qkv) / box cores from each;
+        otherwise it gets interleaved rows, as in tt_transformers)."""
+        if name == "wo":
+            return self.residual_sharded
+        return name == "wqkv" and self.evenly_sharded_output(name) and self.output_cores(self.decode_matmuls()[name]) is not None
 
     def decode_norm_layout(self, width: int, feeds: str | None = None) -> tuple[int, int, int]:
         """(x, y, tiles per core) of a decode norm; `feeds` names the decode matmul that reads its output."""
@@ -193,11 +229,6 @@ class TTPlan:
         return DramShardedMatmul(k, n, n_padded, x, y, largest_divisor(tiles(k) // cores, 8),
                                  -(-tiles(n_padded) // cores))
 
-    def sdpa_decode_grid(self) -> tuple[int, int]:
-        """At most 8x8 cores: SDPA decode splits each (user, KV head) over the grid, and its tree
-        reduction allows 64 cores per head (a whole 13x10 Blackhole grid fails at batch 1)."""
-        return min(8, self.device.grid_x), min(8, self.device.grid_y)
-
     @property
     def sampling_top_k(self) -> int:
         """The largest top_k drawn on the device; 0 when the vocabulary does not fill whole tiles, since
@@ -205,8 +236,10 @@ class TTPlan:
         return SAMPLING_TOP_K if self.model.vocab_size % TILE == 0 else 0
 
     def prefill_length(self, tokens: int) -> int:
-        """Prompts are padded to whole tiles; causal attention keeps the padding from touching real tokens."""
-        return round_up(tokens, TILE)
+        """Prompts are padded to a power-of-two number of tiles (at most the cache): few lengths, so few
+        programs to compile, and each compile with a live trace costs a recapture (trace.py). Causal
+        attention keeps the padding from touching real tokens."""
+        return min(TILE * 2 ** (tiles(tokens) - 1).bit_length(), self.cache_context)
 
     # -- memory ----------------------------------------------------------------------------------
 
@@ -270,7 +303,7 @@ class TTPlan:
         return 2 * m.num_layers * m.num_kv_heads * m.head_dim * 2
 
     def kv_cache_bytes(self) -> int:
-        return self.kv_bytes_per_token * self.max_users * self.cache_context
+        return self.kv_bytes_per_token * self.decode_rows * self.cache_context
 
     def activation_bytes(self) -> int:
         """The largest prefill intermediates (gate/up and the LM-head tile) with a factor for temporaries."""
@@ -290,6 +323,18 @@ class TTPlan:
                 f"activations {self.activation_bytes() / 2**30:.2f} GiB > {have / 2**30:.2f} GiB of DRAM; "
                 f"lower --max-batch or --max-context"
             )
+
+
+def sdpa_decode_busy_cores(users: int, kv_heads: int, cores: int) -> int:
+    """Cores SDPA decode computes on with `cores` in its grid, or 0 when its split misses a (user, KV head):
+    each user gets cores // users cores (at most 16 per head), split into groups of cores per head, or into
+    groups of heads per core when there are fewer cores than heads (sdpa_decode_program_factory.cpp)."""
+    per_user = min(cores, SDPA_MAX_CORES_PER_HEAD * users * kv_heads) // users
+    if per_user == 0:
+        return 0
+    if per_user >= kv_heads and (users == 1 or per_user % kv_heads == 0):
+        return per_user // kv_heads * kv_heads * users  # whole groups of cores per head
+    return per_user * users if kv_heads % per_user == 0 else 0  # whole groups of heads per core
 
 
 def make_plan(model: ModelConfig, device: DeviceFacts, options: TTOptions, max_users: int, max_context: int) -> TTPlan:

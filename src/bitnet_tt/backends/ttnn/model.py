@@ -35,12 +35,10 @@ class TTModel:
             compute_with_storage_grid_size=tt.CoreCoord(sdpa_x, sdpa_y), q_chunk_size=0, k_chunk_size=0)
         # ttnn.sampling draws each user's token on its own core; manual_seed must seed the same cores
         self.sampling_cores = tt.num_cores_to_corerangeset(
-            plan.max_users, tt.CoreCoord(plan.device.grid_x, plan.device.grid_y), row_wise=True)
+            plan.decode_rows, tt.CoreCoord(plan.device.grid_x, plan.device.grid_y), row_wise=True)
         # decode's residual stream: rows in L1, or width-sharded where the matmuls around it allow (plan.residual_sharded)
         self.residual_memcfg = (self._decode_matmul_configs(plan.decode_matmuls()["wqkv"])[0]  # QKV's input layout
                                 if plan.residual_sharded else tt.L1_MEMORY_CONFIG)
-        cores = plan.qkv_shard_cores()
-        self.qkv_memcfg = self._width_sharded(plan.qkv_width // cores, cores, 1)
 
     # -- shared pieces ------------------------------------------------------------------------------
 
@@ -84,6 +82,14 @@ class TTModel:
         return tt.create_sharded_memory_config(shape=(TILE, shard_width), core_grid=tt.CoreGrid(y=y, x=x),
                                                strategy=tt.ShardStrategy.WIDTH, use_height_and_width_as_shard_shape=True)
 
+    def _width_sharded_row_major(self, shard_width: int, cores: int):
+        """One 32-row tile split by width over the first `cores` cores of the grid, row by row: where a
+        DRAM-sharded matmul writes its output, whatever grid its input is on."""
+        tt, device = self.tt, self.plan.device
+        grid = tt.num_cores_to_corerangeset(cores, tt.CoreCoord(device.grid_x, device.grid_y), row_wise=True)
+        return tt.MemoryConfig(tt.TensorMemoryLayout.WIDTH_SHARDED, tt.BufferType.L1,
+                               tt.ShardSpec(grid, [TILE, shard_width], tt.ShardOrientation.ROW_MAJOR))
+
     def matmul_decode(self, x_11BK, weight, spec, sharded_input: bool, memory_config=None, keep_sharded: bool = False):
         """One tile of rows times a DRAM width-sharded weight: x split over a core grid (already, when a norm
         feeds it), the output back to interleaved rows (and the bank padding of the output width sliced
@@ -105,7 +111,7 @@ class TTModel:
         if spec not in self._matmul_configs:
             tt = self.tt
             in0 = self._width_sharded(spec.k // spec.cores, spec.grid_x, spec.grid_y)
-            out = self._width_sharded(spec.per_core_n * TILE, spec.grid_x, spec.grid_y)
+            out = self._width_sharded_row_major(spec.per_core_n * TILE, spec.cores)
             program = tt.MatmulMultiCoreReuseMultiCastDRAMShardedProgramConfig(
                 in0_block_w=spec.in0_block_w, per_core_M=1, per_core_N=spec.per_core_n, fused_activation=None)
             self._matmul_configs[spec] = in0, out, program
@@ -212,11 +218,10 @@ class TTModel:
     def attention_decode(self, x_11BH, layer: LayerOnDevice, index: int, cos_1B1D, sin_1B1D, positions_B):
         tt = self.tt
         keys, values = self.kv_cache[index]
+        # rectangular output shards (plan.keeps_output_sharded), else interleaved L1 rows
         qkv_11BQ = self.bitlinear(x_11BH, layer, "wqkv", True)
-        if not self.plan.keeps_output_sharded("wqkv"):
-            qkv_11BQ = tt.to_memory_config(qkv_11BQ, self.qkv_memcfg)
         q_1BHD, k_1BKD, v_1BKD = tt.experimental.nlp_create_qkv_heads_decode(
-            qkv_11BQ, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, memory_config=tt.L1_HEIGHT_SHARDED_MEMORY_CONFIG)
+            qkv_11BQ, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, memory_config=self.heads_memcfg)
         q_1BHD = tt.experimental.rotary_embedding_hf(q_1BHD, cos_1B1D, sin_1B1D, is_decode_mode=True)
         k_1BKD = tt.experimental.rotary_embedding_hf(k_1BKD, cos_1B1D, sin_1B1D, is_decode_mode=True)
         tt.experimental.paged_update_cache(keys, k_1BKD, update_idxs_tensor=positions_B)
@@ -227,7 +232,7 @@ class TTModel:
         # SDPA decode cannot write sharded output with GQA: the heads are resharded one user per core
         attn_11BQ = tt.experimental.nlp_concat_heads_decode(
             tt.to_memory_config(attn_1BHD, self.heads_memcfg), num_heads=self.num_heads)
-        users = self.plan.max_users
+        users = self.plan.decode_rows
         if list(attn_11BQ.shape)[2] != users:  # nlp_concat_heads_decode always yields 32 user rows
             attn_11BQ = tt.to_memory_config(attn_11BQ, tt.L1_MEMORY_CONFIG)
             attn_11BQ = tt.slice(attn_11BQ, [0, 0, 0, 0], [1, 1, users, self.plan.model.q_size])

@@ -4,6 +4,11 @@ A decode step is several named pieces (the forward pass to logits, then a token 
 sampling), each traced on its own so that every request mix replays the same forward trace. A piece's
 first run compiles its programs and makes the first-call host writes that a capture would reject; its
 ttnn calls are counted then. Traces are released explicitly (`release`), before the device closes.
+
+No buffer may be allocated while a trace is live: a program compiled then (a prefill of a new length,
+a picker's first run) may keep device buffers where the trace writes, and the next replay would
+overwrite them. So every op-by-op run (`op_by_op`: prefills, first runs) that grows the program cache
+releases every trace right after it; the next step captures them again around the buffers now in use.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ class TracedSteps:
         """Run `step` (ttnn calls through self.model) and return its device outputs. A captured step
         returns the outputs it was captured with, which every replay overwrites."""
         if name not in self.calls:
-            return self._counted(name, step)
+            return self.op_by_op(lambda: self._counted(name, step))
         if not self.use_trace:
             return step()
         if name not in self._traces:
@@ -29,6 +34,15 @@ class TracedSteps:
         trace_id, outputs = self._traces[name]
         self.tt.execute_trace(self.device, trace_id, cq_id=0, blocking=False)
         return outputs
+
+    def op_by_op(self, step: Callable[[], object]):
+        """Run `step` without a trace; if it compiled new programs, release every trace (see above)."""
+        before = self.device.num_program_cache_entries()
+        try:
+            return step()
+        finally:
+            if self._traces and self.device.num_program_cache_entries() != before:
+                self.release()
 
     def _capture(self, step: Callable[[], object]) -> tuple[object, object]:
         trace_id = self.tt.begin_trace_capture(self.device, cq_id=0)
