@@ -11,7 +11,8 @@ What is measured, and how (greedy, ignore_eos, random token-id prompts; the engi
   prompt prefilled in chunks of C with nobody decoding. It picks the default --prefill-chunk.
 - interference: 8 users decode; a 2,048-token prompt arrives. Inter-token latency (ITL) p99 of the 8
   streams from its arrival until its first token, over their p99 in as many steps just before it (goal
-  <= 2x), with chunked prefill (--prefill-chunk) and with whole-prompt prefill (today's behaviour).
+  <= 2x), with chunked prefill (--prefill-chunk) and with whole-prompt prefill (today's behaviour); and
+  the arriving prompt's own time to first token (median).
 - prefix: a chat's second turn over a 1,500-token history (the first turn's prompt and reply, then a new
   30-token message): time to first token without the prefix cache (cache_prompt false) over with it
   (goal >= 5x).
@@ -99,8 +100,8 @@ class Bench:
                          SWEEP_ALONE / alone))
         return rows
 
-    def interference(self, chunk: int) -> tuple[list[float], list[float]]:
-        """ITL gaps (s) of the running users before and while a long prompt arrives."""
+    def interference(self, chunk: int) -> tuple[list[float], list[float], float]:
+        """ITL gaps (s) of the running users before and while a long prompt arrives, and its TTFT (s)."""
         engine = self.engine(chunk)
         users = self.start_users(engine)
         steps = -(-ARRIVING_PROMPT // chunk)
@@ -115,7 +116,7 @@ class Bench:
         engine.step()  # the users' first token after the prefill ends closes their last gap
         during = gaps_since(users, marks)
         self.stop(engine, users)
-        return before, during
+        return before, during, arriving.stats.first_token - arriving.stats.submitted
 
     def second_turn_ttft(self, engine: Engine, cache_prompt: bool) -> float:
         history = self.prompt(HISTORY - 16)
@@ -201,11 +202,14 @@ def main(argv=None) -> None:
     if "interference" in sections:
         runs = {c: [bench.interference(c) for _ in range(args.rounds)] for c in (chunk, whole)}
         print(f"\ninterference: ITL of {USERS} streams while a {ARRIVING_PROMPT}-token prompt arrives ({args.rounds} rounds)")
-        print(f"{'prefill':>16} {'p99 before ms':>14} {'p99 during ms':>14} {'ratio':>7}  (goal <= 2x)")
+        print(f"{'prefill':>16} {'p99 before ms':>14} {'p99 during ms':>14} {'ratio':>7}  (goal <= 2x)"
+              f" {'its TTFT s':>11}")
         for c, label in ((chunk, f"chunks of {chunk}"), (whole, "whole prompt")):
-            before = percentile([g for b, _ in runs[c] for g in b], 99)
-            during = percentile([g for _, d in runs[c] for g in d], 99)
-            print(f"{label:>16} {1000 * before:>14.1f} {1000 * during:>14.1f} {during / before:>6.2f}x")
+            before = percentile([g for b, _, _ in runs[c] for g in b], 99)
+            during = percentile([g for _, d, _ in runs[c] for g in d], 99)
+            ttft = statistics.median(t for _, _, t in runs[c])
+            print(f"{label:>16} {1000 * before:>14.1f} {1000 * during:>14.1f} {during / before:>6.2f}x"
+                  f"               {ttft:>11.1f}")
 
     if "prefix" in sections:
         engine = bench.engine(chunk)
