@@ -85,7 +85,7 @@ class Engine:
         self._cancelled: set[str] = set()
         self._ids = itertools.count()
         self.slots = SlotPool(backend.max_slots)
-        self.scheduler = Scheduler(self.slots, prefill_chunk, chunked=backend.supports_prefix_prefill)
+        self.scheduler = Scheduler(self.slots, prefill_chunk, prefix_prefill=backend.supports_prefix_prefill)
         self.last_plan = StepPlan()  # what the latest step ran (tests and benchmarks read it)
         self._backend_failures: Counter = Counter()  # per backend method: failures since its last success
 
@@ -160,8 +160,7 @@ class Engine:
             self._running[request.slot] = request
             self.backend.keep_prefix(request.slot, request.cached_tokens)
         for chunk in plan.prefill:
-            if not chunk.request.finished:
-                self._prefill(chunk, outputs)
+            self._prefill(chunk, outputs)
         if plan.decode:
             self._decode(plan.decode, outputs)
         self.last_plan = plan
@@ -332,7 +331,7 @@ class Engine:
         """Return the request's slot to the pool, its KV cache kept for later prompts unless it opted out or
         failed (a failed backend call leaves the slot in an unknown state)."""
         kept = []
-        if self.scheduler.chunked and request.params.cache_prompt and request.finish_reason != "error":
+        if self.scheduler.prefix_prefill and request.params.cache_prompt and request.finish_reason != "error":
             fed = request.prompt_ids + request.output_ids  # the order the tokens went into the slot
             kept = fed[: self.backend.slot_length(request.slot)]
         if not kept:

@@ -46,10 +46,9 @@ class StepPlan:
 
 
 class Scheduler:
-    def __init__(self, slots: SlotPool, prefill_chunk: int, chunked: bool):
-        if prefill_chunk < 1:
-            raise ValueError("prefill_chunk must be at least 1")
-        self.slots, self.prefill_chunk, self.chunked = slots, prefill_chunk, chunked
+    def __init__(self, slots: SlotPool, prefill_chunk: int, prefix_prefill: bool):
+        """prefix_prefill: the backend prefills into a slot that holds context (chunks, prefix reuse)."""
+        self.slots, self.prefill_chunk, self.prefix_prefill = slots, prefill_chunk, prefix_prefill
 
     def plan(self, waiting: deque[Request], running: Iterable[Request]) -> StepPlan:
         """Plan one step; admitted requests leave `waiting` (running: in admission order)."""
@@ -62,7 +61,7 @@ class Scheduler:
                 plan.decode.append(request)
         while waiting and budget > 0 and self.slots.has_free:
             request = waiting.popleft()
-            reuse = self.chunked and request.params.cache_prompt
+            reuse = self.prefix_prefill and request.params.cache_prompt
             request.slot, request.cached_tokens = self.slots.acquire(request.prompt_ids, reuse)
             request.prefilled = request.cached_tokens
             request.status = RequestStatus.RUNNING
@@ -75,6 +74,6 @@ class Scheduler:
         if budget <= 0:
             return budget
         remaining = len(request.prompt_ids) - request.prefilled
-        count = min(remaining, budget) if self.chunked else remaining
+        count = min(remaining, budget) if self.prefix_prefill else remaining
         plan.prefill.append(PrefillChunk(request, request.prefilled, request.prefilled + count))
         return budget - count
