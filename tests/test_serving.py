@@ -273,16 +273,6 @@ def test_prefill_chunk_and_cache_prompt_options_are_checked(tiny):
     assert ChatCompletionRequest.model_validate({**body, "cache_prompt": True}).sampling_params(4).cache_prompt
 
 
-def test_serve_prefills_in_smaller_chunks_than_the_single_user_commands():
-    from bitnet_tt.cli import SERVE_PREFILL_CHUNK, build_parser
-    from bitnet_tt.engine.engine import DEFAULT_PREFILL_CHUNK
-
-    parser = build_parser()
-    assert parser.parse_args(["serve"]).prefill_chunk == SERVE_PREFILL_CHUNK < DEFAULT_PREFILL_CHUNK
-    assert parser.parse_args(["generate", "x"]).prefill_chunk == DEFAULT_PREFILL_CHUNK
-    assert parser.parse_args(["serve", "--prefill-chunk", "100"]).prefill_chunk == 100
-
-
 def test_a_bad_prefill_chunk_is_a_one_line_error(tiny):
     import subprocess
     import sys

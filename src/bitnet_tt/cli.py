@@ -26,9 +26,6 @@ DEMO_PROMPTS = ["BitNet b1.58 is", "User: Hello! How are you today?"]
 TRAINED_MODEL = Path(__file__).resolve().parents[2] / "models" / "tiny-bitnet"
 TRAINED_PROMPTS = ["Return the number of", "This module provides", "The default value of"]
 DEFAULT_SLOTS = 8  # concurrent users for generate (one prompt file) and serve
-# serve's prefill chunk: running streams wait about 2x their decode step while a prompt arrives (README,
-# "Serving many users"); the other commands keep DEFAULT_PREFILL_CHUNK, at which one prompt prefills as fast as whole.
-SERVE_PREFILL_CHUNK = 16
 
 class OneLineParser(argparse.ArgumentParser):
     def __init__(self, *args, **kwargs):
@@ -147,8 +144,8 @@ def add_model_options(parser: argparse.ArgumentParser, slots: int | None = None)
     tt.add_argument("--tt-no-trace", action="store_true", help="run decode op by op instead of replaying a trace")
 
 
-def add_engine_options(parser: argparse.ArgumentParser, prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> None:
-    parser.add_argument("--prefill-chunk", type=positive_int, default=prefill_chunk,
+def add_engine_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--prefill-chunk", type=positive_int, default=DEFAULT_PREFILL_CHUNK,
                         help="prompt tokens prefilled per step, between the decode steps of running users; "
                              "a prompt up to this length is prefilled whole (default: %(default)s)")
 
@@ -211,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--read-timeout", type=positive_float, default=20.0,
                    help="seconds a client has to send a request's headers, and again its body")
     p.add_argument("--public-metrics", action="store_true", help="answer /metrics without the API key (for a scraper)")
-    add_engine_options(p, SERVE_PREFILL_CHUNK)
+    add_engine_options(p)
 
     p = command(sub, "bench", cmd_bench, "throughput and latency at several batch sizes")
     p.add_argument("--max-batch", type=positive_int, help="KV-cache slots (default: the largest of --batch-sizes)")
