@@ -26,6 +26,8 @@ class Backend(ABC):
     # Whether prefill appends to a slot that already holds context (chunked prefill, prefix reuse); when
     # false the engine only prefills whole prompts into empty slots.
     supports_prefix_prefill: bool = True
+    # Whether copy_slot works: requests with the same prompt then share one prefill.
+    copies_slots: bool = False
 
     def __init__(self, config: ModelConfig, max_slots: int, max_context: int):
         self.config = config
@@ -51,6 +53,11 @@ class Backend(ABC):
     def decode_sampled(self, slots: Sequence[int], token_ids: Sequence[int], draws: Sequence[DeviceDraw]) -> list[int]:
         """Like decode, but draw each slot's next token on the device (only when device_top_k_limit > 0)."""
         raise NotImplementedError(f"{type(self).__name__} has no device sampler (device_top_k_limit is 0)")
+
+    def copy_slot(self, source: int, target: int, length: int) -> None:
+        """Make the empty `target` slot's context the first `length` positions of `source`'s (only when
+        copies_slots): the same state a prefill of those tokens into `target` would leave."""
+        raise NotImplementedError(f"{type(self).__name__} cannot copy slots (copies_slots is False)")
 
     def free(self, slot: int) -> None:
         """Forget the slot's context so that it can serve another request."""

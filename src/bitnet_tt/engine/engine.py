@@ -16,6 +16,7 @@ import torch
 
 from ..backends.base import Backend
 from ..errors import BitNetError, CapacityError, GenerationError, RequestError
+from ..grammar import GrammarCompiler, TokenConstraint
 from ..sampling import (
     NON_FINITE_LOGITS,
     DeviceDraw,
@@ -85,9 +86,12 @@ class Engine:
         self._cancelled: set[str] = set()
         self._ids = itertools.count()
         self.slots = SlotPool(backend.max_slots)
-        self.scheduler = Scheduler(self.slots, prefill_chunk, prefix_prefill=backend.supports_prefix_prefill)
+        self.scheduler = Scheduler(self.slots, prefill_chunk, prefix_prefill=backend.supports_prefix_prefill,
+                                   copies_slots=backend.copies_slots)
         self.last_plan = StepPlan()  # what the latest step ran (tests and benchmarks read it)
         self._backend_failures: Counter = Counter()  # per backend method: failures since its last success
+        self._grammar: GrammarCompiler | None = None  # built on first use (about 1 s for a 128k vocabulary)
+        self._grammar_lock = threading.Lock()  # not self._lock: the engine thread need not wait for the build
 
     # -- submitting ------------------------------------------------------------------------------
 
@@ -99,10 +103,11 @@ class Engine:
         params = params or SamplingParams()
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
         ids = self._fit_prompt(ids)
+        self._check_token_ids(params)
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         request = Request(
             id=request_id or f"req-{next(self._ids)}", prompt_ids=ids, params=params, on_output=on_output,
-            generator=torch.Generator().manual_seed(seed),
+            generator=torch.Generator().manual_seed(seed), constraint=self._constraint(params),
         )
         with self._lock:
             self._text[request.id] = _TextState(StreamDecoder(self.tokenizer), StopScanner(params.stop))
@@ -117,6 +122,19 @@ class Engine:
         Thread-safe."""
         with self._lock:
             self._cancelled.add(request_id)
+
+    def _constraint(self, params: SamplingParams) -> TokenConstraint | None:
+        if params.json_schema is None:
+            return None
+        with self._grammar_lock:
+            if self._grammar is None:
+                self._grammar = GrammarCompiler(self.tokenizer, self.backend.config.vocab_size)
+        return self._grammar.constraint(params.json_schema)
+
+    def _check_token_ids(self, params: SamplingParams) -> None:
+        vocab = self.backend.config.vocab_size
+        if any(token >= vocab for token, _ in params.logit_bias):
+            raise RequestError(f"logit_bias token ids must be in [0, {vocab})")
 
     def _fit_prompt(self, ids: list[int]) -> list[int]:
         if not ids:
@@ -159,8 +177,11 @@ class Engine:
         for request in plan.admitted:
             self._running[request.slot] = request
             self.backend.keep_prefix(request.slot, request.cached_tokens)
-        for chunk in plan.prefill:
-            self._prefill(chunk, outputs)
+        completed = [(c.request, logits) for c in plan.prefill if (logits := self._prefill(c, outputs)) is not None]
+        completed += self._copy_prefills(plan.copies, completed, outputs)
+        # Every prompt is in its slot before any first token is accepted: one that ends at once frees its slot.
+        for request, logits in completed:
+            self._contained([request], outputs, self._accept, request, logits, outputs)
         if plan.decode:
             self._decode(plan.decode, outputs)
         self.last_plan = plan
@@ -172,17 +193,37 @@ class Engine:
             raise BackendBroken(f"the backend's {method.__name__} failed {failures} times in a row")
         return outputs
 
-    def _prefill(self, chunk: PrefillChunk, outputs: list[RequestOutput]) -> None:
+    def _prefill(self, chunk: PrefillChunk, outputs: list[RequestOutput]) -> torch.Tensor | None:
+        """Append the chunk to its request's slot; return the first token's logits when the prompt is complete
+        (None otherwise, or when the prefill failed, and so has the request)."""
         request = chunk.request
         if chunk.start == request.cached_tokens:
             request.stats.prefill_started = time.perf_counter()
         tokens = request.prompt_ids[chunk.start : chunk.stop]
         logits = self._backend_call([request], outputs, self.backend.prefill, request.slot, tokens)
         if logits is None:
-            return
+            return None
         request.prefilled = chunk.stop
-        if chunk.completes_prompt:
-            self._contained([request], outputs, self._accept, request, logits, outputs)
+        return logits if chunk.completes_prompt else None
+
+    def _copy_prefills(self, copies, completed, outputs) -> list[tuple[Request, torch.Tensor]]:
+        """Requests with the same prompt as one prefilled in this step (the choices of an n > 1 request) get a
+        copy of its slot's context and its logits; a copy whose source failed is prefilled in later steps."""
+        logits_of = {id(request): logits for request, logits in completed}
+        copied = []
+        for source, target in copies:
+            if id(source) in logits_of:
+                target.stats.prefill_started = time.perf_counter()
+                logits = self._backend_call([target], outputs, self._copy_prefill, source, target, logits_of[id(source)])
+                if logits is not None:
+                    target.prefilled = len(target.prompt_ids)
+                    copied.append((target, logits))
+        return copied
+
+    def _copy_prefill(self, source: Request, target: Request, logits: torch.Tensor) -> torch.Tensor:
+        """Give `target` the context `source`'s prefill left in its slot; return that prefill's logits."""
+        self.backend.copy_slot(source.slot, target.slot, len(target.prompt_ids))
+        return logits
 
     def _decode(self, decoding: list[Request], outputs: list[RequestOutput]) -> None:
         """One batched decode call for every slot whose prompt was prefilled in an earlier step."""
@@ -280,7 +321,12 @@ class Engine:
     # -- one sampled token --------------------------------------------------------------------------
 
     def _accept(self, request: Request, logits: torch.Tensor, outputs: list[RequestOutput]) -> None:
-        choice = sample_token(logits, request.params, request.prompt_ids, request.output_ids, request.generator)
+        constraint = request.constraint
+        allowed = constraint.allowed() if constraint else None
+        choice = sample_token(logits, request.params, request.prompt_ids, request.output_ids, request.generator,
+                              allowed)
+        if constraint:
+            constraint.accept(choice.token_id)
         self._accept_choice(request, choice, outputs)
 
     def _accept_choice(self, request: Request, choice: TokenChoice, outputs: list[RequestOutput]) -> None:
@@ -297,11 +343,13 @@ class Engine:
             self._finish(request, "stop", outputs, [choice.token_id], text)
             return
         text, hit_stop = state.stops.feed(state.decoder.add(choice.token_id))
-        if not hit_stop and (len(request.output_ids) >= params.max_new_tokens or self._context_full(request)):
+        complete = request.constraint is not None and request.constraint.complete  # the grammar's output is whole
+        if not hit_stop and (complete or len(request.output_ids) >= params.max_new_tokens
+                             or self._context_full(request)):
             tail, hit_stop = state.stops.feed(state.decoder.flush(), final=True)
             text += tail
             if not hit_stop:
-                self._finish(request, "length", outputs, [choice.token_id], text)
+                self._finish(request, "stop" if complete else "length", outputs, [choice.token_id], text)
                 return
         if hit_stop:
             self._finish(request, "stop", outputs, [choice.token_id], text)

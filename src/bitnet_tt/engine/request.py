@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..grammar import TokenConstraint
 from ..sampling import SamplingParams, TokenChoice
 
 
@@ -76,6 +77,7 @@ class Request:
     error: str | None = None  # with finish_reason "error": what went wrong, in one line
     stats: RequestStats = field(default_factory=RequestStats)
     generator: torch.Generator | None = None
+    constraint: TokenConstraint | None = None  # the grammar its output must follow (response_format)
 
     @property
     def finished(self) -> bool:

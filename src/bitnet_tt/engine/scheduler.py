@@ -7,7 +7,9 @@ reaches them. So the head of the queue is admitted once the prompts ahead of it 
 is free: within (their remaining prompt tokens) / prefill_chunk + 1 steps.
 
 A backend that cannot prefill into a slot that already holds context (`supports_prefix_prefill` false)
-gets whole prompts, as many as fit the budget and always at least one, and no prefix reuse.
+gets whole prompts, as many as fit the budget and always at least one, and no prefix reuse. A backend that
+copies slots gives a request whose prompt equals one completed in the same step (the choices of an n > 1
+request) a copy of that slot instead of a prefill, outside the budget.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ class PrefillChunk:
 class StepPlan:
     admitted: list[Request] = field(default_factory=list)  # given a slot in this step (slot, cached_tokens set)
     prefill: list[PrefillChunk] = field(default_factory=list)
+    copies: list[tuple[Request, Request]] = field(default_factory=list)  # (source, target): same prompt, one prefill
     decode: list[Request] = field(default_factory=list)
 
     @property
@@ -46,9 +49,11 @@ class StepPlan:
 
 
 class Scheduler:
-    def __init__(self, slots: SlotPool, prefill_chunk: int, prefix_prefill: bool):
-        """prefix_prefill: the backend prefills into a slot that holds context (chunks, prefix reuse)."""
-        self.slots, self.prefill_chunk, self.prefix_prefill = slots, prefill_chunk, prefix_prefill
+    def __init__(self, slots: SlotPool, prefill_chunk: int, prefix_prefill: bool, copies_slots: bool):
+        """prefix_prefill: the backend prefills into a slot that holds context (chunks, prefix reuse);
+        copies_slots: it copies one slot's context into another."""
+        self.slots, self.prefill_chunk = slots, prefill_chunk
+        self.prefix_prefill, self.copies_slots = prefix_prefill, copies_slots
 
     def plan(self, waiting: deque[Request], running: Iterable[Request]) -> StepPlan:
         """Plan one step; admitted requests leave `waiting` (running: in admission order)."""
@@ -59,15 +64,28 @@ class Scheduler:
                 budget = self._take_chunk(plan, request, budget)
             else:
                 plan.decode.append(request)
-        while waiting and budget > 0 and self.slots.has_free:
+        while waiting and self.slots.has_free:
+            source = self._completed_twin(plan, waiting[0])
+            if source is None and budget <= 0:
+                break
             request = waiting.popleft()
-            reuse = self.prefix_prefill and request.params.cache_prompt
+            reuse = source is None and self.prefix_prefill and request.params.cache_prompt
             request.slot, request.cached_tokens = self.slots.acquire(request.prompt_ids, reuse)
             request.prefilled = request.cached_tokens
             request.status = RequestStatus.RUNNING
             plan.admitted.append(request)
-            budget = self._take_chunk(plan, request, budget)
+            if source is None:
+                budget = self._take_chunk(plan, request, budget)
+            else:
+                plan.copies.append((source, request))
         return plan
+
+    def _completed_twin(self, plan: StepPlan, request: Request) -> Request | None:
+        """A request whose prefill of the same prompt completes in this plan, if the backend copies slots."""
+        if not self.copies_slots:
+            return None
+        return next((c.request for c in plan.prefill
+                     if c.completes_prompt and c.request.prompt_ids == request.prompt_ids), None)
 
     def _take_chunk(self, plan: StepPlan, request: Request, budget: int) -> int:
         """Plan the request's next prompt tokens within `budget`; return the budget left."""
