@@ -162,6 +162,21 @@ def test_cancelling_midway_through_a_prompt_frees_the_slot_for_the_next_request(
     assert queued.finish_reason == "length" and not engine.has_work()
 
 
+def test_requests_with_one_prompt_share_its_chunked_prefill(tiny, tokenizer):
+    """n > 1 choices: the first request's prompt is prefilled in chunks, the others copy its slot when it completes."""
+    engine = make_engine(tiny, tokenizer, slots=3, chunk=16)
+    prefilled = record_prefill_logits(engine)
+    prompt = random_prompt(100, 0)
+    requests = [engine.submit(prompt, greedy(5)) for _ in range(3)]
+    plans = steps_until(engine, lambda: all(r.output_ids for r in requests))
+    assert len(plans) == math.ceil(100 / 16) and all(p.prefill_tokens <= 16 for p in plans)
+    assert [(s.id, t.id) for s, t in plans[-1].copies] == [(requests[0].id, r.id) for r in requests[1:]]
+    assert list(prefilled) == [requests[0].slot]  # one prefill, in chunks
+    engine.run()
+    [alone] = make_engine(tiny, tokenizer, slots=1).generate([prompt], greedy(5))
+    assert [r.output_ids for r in requests] == [alone.output_ids] * 3
+
+
 class WholePromptBackend(TorchBackend):
     """The ttnn backend's contract: a prompt is prefilled whole, into an empty slot."""
 
