@@ -124,10 +124,11 @@ def port_number(text: str) -> int:
     return value
 
 
-def add_model_options(parser: argparse.ArgumentParser, slots: int | None = None) -> None:
+def add_model_options(parser: argparse.ArgumentParser, slots: int | None = None,
+                      default_model: str = "the random-weight demo model") -> None:
     """--model and how to load it; `slots`: the --max-batch default (None: the command has no --max-batch)."""
     group = parser.add_argument_group("model")
-    group.add_argument("--model", help="model folder or Hugging Face hub id (default: the random-weight demo model)")
+    group.add_argument("--model", help=f"model folder or Hugging Face hub id (default: {default_model})")
     group.add_argument("--backend", default="torch", help="torch (any machine) or ttnn (Tenstorrent card)")
     group.add_argument("--device", default="cpu", help="torch device: cpu or cuda")
     group.add_argument("--dtype", default="bfloat16", help="compute dtype: bfloat16, float32, or float64 (the verification reference: slow)")
@@ -142,6 +143,7 @@ def add_model_options(parser: argparse.ArgumentParser, slots: int | None = None)
     tt.add_argument("--tt-one-weight-copy", action="store_true",
                     help="no DRAM-sharded decode copy of the weights: less device memory, slower decode")
     tt.add_argument("--tt-no-trace", action="store_true", help="run decode op by op instead of replaying a trace")
+    tt.add_argument("--tt-debug", action="store_true", help="show ttnn's warnings (e.g. an op placing its output elsewhere than asked)")
 
 
 def add_engine_options(parser: argparse.ArgumentParser) -> None:
@@ -169,11 +171,11 @@ def add_sampling_options(parser: argparse.ArgumentParser, command_defaults: dict
 
 
 def command(sub, name: str, run, help: str, model: bool = True, slots: int | None = None,
-            sampling: dict | None = None) -> argparse.ArgumentParser:
+            sampling: dict | None = None, default_model: str | None = None) -> argparse.ArgumentParser:
     parser = sub.add_parser(name, help=help, description=help)
     parser.set_defaults(run=run)  # `run` is the one default every command sets; no option shares it
     if model:
-        add_model_options(parser, slots)
+        add_model_options(parser, slots, *([default_model] if default_model else []))
     if sampling is not None:
         add_sampling_options(parser, sampling)
     return parser
@@ -223,11 +225,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=non_negative_int, default=0, help="with --temperature; up to 32 samples on a Tenstorrent device")
     add_engine_options(p)
 
-    p = command(sub, "verify", cmd_verify, "compare a backend's logits and greedy tokens with the PyTorch backend in fp32")
+    p = command(sub, "verify", cmd_verify, "compare a backend's logits and greedy tokens with the PyTorch backend in fp32",
+                slots=1)  # --max-batch sets the ttnn decode layout that --per-op checks
     p.add_argument("--greedy-tokens", type=positive_int, default=128, help="greedy tokens to compare")
+    p.add_argument("--per-op", action="store_true",
+                   help="ttnn only: one prefill and one decode step op by op against the host stand-in fed the same "
+                        "inputs; names the first op that disagrees (needs the repository's tools/ folder)")
 
     p = command(sub, "eval", cmd_eval, "perplexity of a text; with a reference: KL divergence, top-1 and greedy agreement",
-                slots=DEFAULT_SLOTS)
+                slots=DEFAULT_SLOTS, default_model="the shipped models/tiny-bitnet")
     p.add_argument("--text", type=Path, help="UTF-8 text file (default: heldout.txt in the model folder, as the shipped model has)")
     p.add_argument("--reference-backend", help="compare with this backend on the same windows (torch or ttnn)")
     p.add_argument("--reference-dtype", help="the reference's torch dtype (default float32; implies --reference-backend torch)")
@@ -247,7 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = command(sub, "info", cmd_info, "what a model folder (or hub id: config and index only) holds", model=False)
     p.add_argument("model", help="model folder or hub id")
 
-    p = command(sub, "demo", cmd_demo, "generate with the small shipped model trained on Python's documentation (offline)")
+    p = command(sub, "demo", cmd_demo, "generate with the small shipped model trained on Python's documentation (offline)",
+                default_model="the shipped models/tiny-bitnet, else a random-weight model")
     p.add_argument("--max-new-tokens", type=positive_int, default=48, help="tokens per demo prompt")
     add_engine_options(p)
     return parser
@@ -296,7 +303,8 @@ def tt_options(args):
 
     chosen = {"weight_dtype": args.tt_weight_dtype, "lm_head_dtype": args.tt_lm_head_dtype}
     return TTOptions(**{k: v for k, v in chosen.items() if v is not None}, activation_quant=args.tt_activation_quant,
-                     dram_sharded_decode=not args.tt_one_weight_copy, use_trace=not args.tt_no_trace)
+                     dram_sharded_decode=not args.tt_one_weight_copy, use_trace=not args.tt_no_trace,
+                     debug_log=args.tt_debug)
 
 
 def synthetic_model(kind: str, progress: bool = True) -> Path:
@@ -580,11 +588,24 @@ def cmd_verify(args) -> int:
     from .verify import print_report, verify
 
     folder = model_folder(args)
+    if args.per_op:
+        return verify_ttnn_per_op(args, folder)
     with open_llm(args, folder) as candidate, open_llm(args, folder, backend="torch", dtype="float32",
                                                          tt_options=None) as reference:
         report = verify(candidate.backend, reference.backend, args.greedy_tokens)
     print_report(report, f"{args.backend} {args.dtype if args.backend == 'torch' else ''}".strip(), "torch float32")
     return 0 if report["passed"] else 1
+
+
+def verify_ttnn_per_op(args, folder) -> int:
+    from .verify import per_op_report
+
+    if args.backend != "ttnn":
+        raise BitNetError("--per-op compares the ttnn backend op by op with its host stand-in: add --backend ttnn")
+    with open_llm(args, folder) as candidate:  # a fresh backend: its first decode step runs op by op
+        lines, agree = per_op_report(candidate.backend, folder)
+    print("\n".join(lines))
+    return 0 if agree else 1
 
 
 def cmd_eval(args) -> int:

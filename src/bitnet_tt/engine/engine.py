@@ -90,7 +90,7 @@ class Engine:
                                    copies_slots=backend.copies_slots)
         self.last_plan = StepPlan()  # what the latest step ran (tests and benchmarks read it)
         self._backend_failures: Counter = Counter()  # per backend method: failures since its last success
-        self._grammar: GrammarCompiler | None = None  # built on first use (about 1 s for a 128k vocabulary)
+        self._grammar: GrammarCompiler | None = None  # built on first use (it converts the tokenizer)
         self._grammar_lock = threading.Lock()  # not self._lock: the engine thread need not wait for the build
 
     # -- submitting ------------------------------------------------------------------------------
