@@ -209,7 +209,7 @@ class EngineLoop:
                           lambda: self._locked_count(RequestStatus.WAITING))
         metrics.add_gauge("bitnet_tt_requests_running", "Requests holding a slot.",
                           lambda: self._locked_count(RequestStatus.RUNNING))
-        metrics.add_gauge("bitnet_tt_slots_in_use", "KV-cache slots holding a context, as the backend reports.",
+        metrics.add_gauge("bitnet_tt_slots_in_use", "KV-cache slots serving a request.",
                           lambda: self.slots_in_use)
 
     def _locked_count(self, status: RequestStatus) -> int:
@@ -227,8 +227,7 @@ class EngineLoop:
                     self._wake.clear()  # cleared before has_work() is asked again, so no submission is missed
                     continue
                 self.engine.step()
-                backend = self.engine.backend
-                self.slots_in_use = sum(1 for s in range(backend.max_slots) if backend.slot_length(s) > 0)
+                self.slots_in_use = self.engine.slots_in_use
             self._fail_all(APIError(503, "the server is shutting down", type="server_error"))
         except Exception:
             logger.exception("the engine stopped; failing every request and stopping the server")
