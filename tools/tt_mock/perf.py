@@ -12,7 +12,8 @@ Each op is classified and costed as issue 14 proposes:
 
 W: weight bytes; BW: DRAM bandwidth; MACs on 32-row tiles (decode pads to 32 rows), times the math
 fidelity's phases (LoFi 1 .. HiFi4 4); 2048 multiply-accumulates per core per cycle (an 8x16 by 16x16
-tile product); f: the clock. A DRAM-sharded matmul computes on one core per DRAM bank (its program
+tile product); f: the clock. Every ttnn call the step makes counts as one op (a call that launches no device program, e.g. a
+reshape that is a view, is costed too: an upper bound). A DRAM-sharded matmul computes on one core per DRAM bank (its program
 factory sets per_core_N_compute = div_up(N, num_dram_banks)); 1D and 2D matmuls on their grid.
 t_user is a per-user cost per step that matmuls do not have (the batch-32 figures need it).
 
@@ -214,13 +215,13 @@ def fidelity_phases(call) -> int:
     return PHASES[str(fidelity).split(".")[-1]] if fidelity is not None else PHASES["LoFi"]
 
 
-def classify(name: str, call, board: Board) -> Op:
-    """One recorded ttnn call as an Op."""
+def classify(name: str, call, board: Board, context: int, users: int) -> Op:
+    """One recorded ttnn call as an Op; SDPA decode reads `context` positions of K and V for each user."""
     short = name.split(".")[-1]
     if short in ("linear", "matmul"):
         a, w = call.args[0], call.args[1]
         k, n = w.padded_shape[-2], w.padded_shape[-1]
-        rows = math.prod(a.padded_shape[:-1])
+        rows = math.prod(list(a.padded_shape)[:-1])
         program = call.kwargs.get("program_config")
         kind = type(program).__name__
         if "DRAMSharded" in kind:
@@ -234,9 +235,8 @@ def classify(name: str, call, board: Board) -> Op:
         return Op("norm", short)
     if short == "scaled_dot_product_attention_decode":
         k_cache = call.args[1]
-        positions = call.kwargs.get("cur_pos") or [k_cache.shape[2]]
         per_position = k_cache.shape[1] * k_cache.shape[3] * BYTES_PER_ELEMENT[str(k_cache.dtype).split(".")[-1]]
-        return Op("attention", short, 2 * per_position * sum(p + 1 for p in positions))
+        return Op("attention", short, 2 * per_position * context * users)
     if any(part in short for part in ("qkv_heads", "concat_heads", "rotary", "update_cache", "scaled_dot")):
         return Op("attention", short)
     if any(part in short for part in ("topk", "argmax", "sampling", "softmax")):
@@ -244,9 +244,10 @@ def classify(name: str, call, board: Board) -> Op:
     return Op("data movement", short)
 
 
-def record_step(board_name: str, users: int, layers: int, context: int) -> list[tuple[str, object]]:
-    """The ttnn calls of one greedy decode step of 2B-4T (with `layers` decoder layers) on the mock,
-    every user's context filled to `context` - 1 tokens."""
+def record_step(board: Board, users: int, layers: int, context: int) -> list[Op]:
+    """The ttnn calls, as Ops, of one greedy decode step of 2B-4T (with `layers` decoder layers) on the mock, with
+    a KV cache of `context` positions (each user holds one token: the mock computes nothing, so the ops
+    do not depend on how full the cache is; SDPA's reads are costed for a full one)."""
     import ttnn
 
     from bitnet_tt.backends.ttnn.backend import TTNNBackend
@@ -258,14 +259,14 @@ def record_step(board_name: str, users: int, layers: int, context: int) -> list[
 
     config = replace(model_config("2b4t", 0), num_layers=layers)
     device = record_step.device = getattr(record_step, "device", None) or open_tt_device(ttnn, allow_mock=True)
-    backend = TTNNBackend(config, None, ttnn, device, users, context + 32, TTOptions(use_trace=False))
+    backend = TTNNBackend(config, None, ttnn, device, users, context, TTOptions(use_trace=False))
     slots = list(range(users))
     for slot in slots:
-        backend.prefill(slot, [1] * (context - 1))
-    calls = []
+        backend.prefill(slot, [1])
+    ops = []
 
-    def record(name, call):
-        calls.append((name, call))
+    def record(name, call):  # classified at once: holding the calls would keep their L1 tensors alive
+        ops.append(classify(name, call, board, context, users))
         return call()
 
     real = backend.steps.tt
@@ -277,13 +278,12 @@ def record_step(board_name: str, users: int, layers: int, context: int) -> list[
     backend.close()
     del backend
     gc.collect()
-    return calls
+    return ops
 
 
-def bitnet_step(board_name: str, users: int, context: int, layers: int = 30) -> list[Op]:
+def bitnet_step(board: Board, users: int, context: int, layers: int = 30) -> list[Op]:
     """The recorded op list of one layer and of two, extended to `layers`: per-step ops + layers x per-layer ops."""
-    board = BOARDS[board_name.split("-")[0]]
-    one, two = ([classify(name, call, board) for name, call in record_step(board_name, users, n, context)] for n in (1, 2))
+    one, two = (record_step(board, users, n, context) for n in (1, 2))
     per_layer = list((collections.Counter(two) - collections.Counter(one)).elements())
     fixed = list((collections.Counter(one) - collections.Counter(per_layer)).elements())
     return fixed + per_layer * layers
@@ -307,6 +307,8 @@ def report(ops: list[Op], board: Board, users: int, k: Constants) -> list[str]:
     for category in CATEGORIES + ("host",):
         lines.append(f"{category:<24}{result['ops'].get(category, ''):>6}{result['ms'].get(category, 0.0):>16.2f}")
     lines.append(f"{'step':<24}{len(ops):>6}{result['step_ms']:>16.2f}")
+    names = collections.Counter(op.name for op in ops if op.category == "data movement")
+    lines.append("data movement by call: " + ", ".join(f"{name} {n}" for name, n in names.most_common()))
     lines.append(f"predicted: {result['tps_per_user']:.1f} t/s per user, {result['tps']:.0f} t/s in all")
     return lines
 
@@ -322,7 +324,7 @@ def main(argv=None) -> int:
     print("\n".join(fit_table(k)))
     print(f"constants: {k}")
     os.environ.update(mock_env("p150-11x10" if args.board == "p150" else args.board))
-    ops = bitnet_step(args.board, args.users, args.context)
+    ops = bitnet_step(BOARDS[args.board], args.users, args.context)
     print("\n".join(report(ops, BOARDS[args.board], args.users, k)))
     return 0
 
