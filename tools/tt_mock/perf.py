@@ -68,6 +68,7 @@ class Op:
     macs: float = 0.0
     phases: int = 1
     cores: int = 1
+    dtype: str = ""  # matmuls: the weight's
 
 
 @dataclass(frozen=True)
@@ -103,7 +104,7 @@ def predict(ops: list[Op], board: Board, users: int, k: Constants) -> dict:
 
 
 def matmul(name, k, n, dtype, fidelity, cores, *, rows=TILE, category="matmul (DRAM-sharded)"):
-    return Op(category, name, k * n * BYTES_PER_ELEMENT[dtype], rows * k * n, PHASES[fidelity], cores)
+    return Op(category, name, k * n * BYTES_PER_ELEMENT[dtype], rows * k * n, PHASES[fidelity], cores, dtype)
 
 
 def kv_read(layers_users_ctx, kv_heads, head_dim, dtype):
@@ -230,7 +231,7 @@ def classify(name: str, call, board: Board, context: int, users: int) -> Op:
             grid = getattr(program, "compute_with_storage_grid_size", None)
             category, cores = "matmul (1D/2D)", grid.x * grid.y if grid else board.grid[0] * board.grid[1]
         dtype = str(w.dtype).split(".")[-1]
-        return Op(category, short, k * n * BYTES_PER_ELEMENT[dtype], rows * k * n, fidelity_phases(call), cores)
+        return Op(category, short, k * n * BYTES_PER_ELEMENT[dtype], rows * k * n, fidelity_phases(call), cores, dtype)
     if "norm" in short:
         return Op("norm", short)
     if short == "scaled_dot_product_attention_decode":
@@ -266,8 +267,12 @@ def record_step(board: Board, users: int, layers: int, context: int) -> list[Op]
     ops = []
 
     def record(name, call):  # classified at once: holding the calls would keep their L1 tensors alive
-        ops.append(classify(name, call, board, context, users))
-        return call()
+        op = classify(name, call, board, context, users)
+        result = call()
+        outputs = result if isinstance(result, (tuple, list)) else (result,)
+        if any(isinstance(output, ttnn.Tensor) for output in outputs):  # not a host helper (memory configs, core sets)
+            ops.append(op)
+        return result
 
     real = backend.steps.tt
     backend.steps.tt = backend.model.tt = TTCallHook(real, record)
@@ -287,6 +292,44 @@ def bitnet_step(board: Board, users: int, context: int, layers: int = 30) -> lis
     per_layer = list((collections.Counter(two) - collections.Counter(one)).elements())
     fixed = list((collections.Counter(one) - collections.Counter(per_layer)).elements())
     return fixed + per_layer * layers
+
+
+# -- levers: the same step with one change, as the model predicts it ------------------------------------
+
+
+def is_ternary(op: Op) -> bool:
+    return op.category.startswith("matmul") and op.dtype == "BFLOAT4_B"
+
+
+def is_lm_head(op: Op) -> bool:
+    return op.category.startswith("matmul") and op.dtype != "BFLOAT4_B"
+
+
+def on_grid(op: Op, board: Board) -> Op:
+    return replace(op, category="matmul (1D/2D)", cores=board.grid[0] * board.grid[1])
+
+
+def without(ops: list[Op], category: str, count: int) -> list[Op]:
+    dropped = 0
+    kept = []
+    for op in ops:
+        if op.category == category and dropped < count:
+            dropped += 1
+        else:
+            kept.append(op)
+    return kept
+
+
+def levers(ops: list[Op], board: Board) -> dict:
+    """The step's op list after each lever issue 14 names (what the model says, not what a card does)."""
+    return {
+        "LoFi for the bfloat4_b ternary weights": [replace(op, phases=1) if is_ternary(op) else op for op in ops],
+        "BitLinears as 1D matmuls on the whole grid": [on_grid(op, board) if is_ternary(op) else op for op in ops],
+        "LM head as a 1D matmul on the whole grid": [on_grid(op, board) if is_lm_head(op) else op for op in ops],
+        "150 fewer data-movement ops": without(ops, "data movement", 150),
+        "all four": without([on_grid(replace(op, phases=1), board) if op.category.startswith("matmul") and
+                             (is_ternary(op) or is_lm_head(op)) else op for op in ops], "data movement", 150),
+    }
 
 
 # -- the command ------------------------------------------------------------------------------------------
@@ -310,6 +353,10 @@ def report(ops: list[Op], board: Board, users: int, k: Constants) -> list[str]:
     names = collections.Counter(op.name for op in ops if op.category == "data movement")
     lines.append("data movement by call: " + ", ".join(f"{name} {n}" for name, n in names.most_common()))
     lines.append(f"predicted: {result['tps_per_user']:.1f} t/s per user, {result['tps']:.0f} t/s in all")
+    lines.append("levers, ranked (predicted step ms, t/s per user, gain):")
+    changed = {name: predict(changed, board, users, k)["step_ms"] for name, changed in levers(ops, board).items()}
+    for name, step in sorted(changed.items(), key=lambda kv: kv[1]):
+        lines.append(f"  {name:<44}{step:>7.2f} ms{1e3 / step:>7.1f} t/s{100 * (result['step_ms'] / step - 1):>+7.0f}%")
     return lines
 
 
