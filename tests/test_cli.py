@@ -130,6 +130,7 @@ def test_ttnn_backend_without_a_card(model, tmp_path):
     # a --tt-* option at its default value is still a --tt-* option
     (["verify", "--model", "{model}", "--tt-weight-dtype", "bfloat4_b"], "the --tt-* options apply to --backend ttnn only"),
     (["chat", "--model", "{model}", "--tt-activation-quant"], "the --tt-* options apply to --backend ttnn only"),
+    (["verify", "--model", "{model}", "--per-op"], "--per-op compares the ttnn backend op by op with its host stand-in"),
     (["generate", "--model", "{model}", "--device", "meta", "hi"], "device 'meta' holds no data"),
     (["generate", "--model", "{model}", "--device", "warp-drive", "hi"], "unknown torch device"),
     (["generate", "--model", "{model}", b"caf\xe9 \xff"], "the prompt is not valid UTF-8"),

@@ -143,6 +143,7 @@ def add_model_options(parser: argparse.ArgumentParser, slots: int | None = None,
     tt.add_argument("--tt-one-weight-copy", action="store_true",
                     help="no DRAM-sharded decode copy of the weights: less device memory, slower decode")
     tt.add_argument("--tt-no-trace", action="store_true", help="run decode op by op instead of replaying a trace")
+    tt.add_argument("--tt-debug", action="store_true", help="show ttnn's warnings (e.g. an op placing its output elsewhere than asked)")
 
 
 def add_sampling_options(parser: argparse.ArgumentParser, command_defaults: dict) -> None:
@@ -214,8 +215,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="sample instead of picking greedily (0: greedy)")
     p.add_argument("--top-k", type=non_negative_int, default=0, help="with --temperature; up to 32 samples on a Tenstorrent device")
 
-    p = command(sub, "verify", cmd_verify, "compare a backend's logits and greedy tokens with the PyTorch backend in fp32")
+    p = command(sub, "verify", cmd_verify, "compare a backend's logits and greedy tokens with the PyTorch backend in fp32",
+                slots=1)  # --max-batch sets the ttnn decode layout that --per-op checks
     p.add_argument("--greedy-tokens", type=positive_int, default=128, help="greedy tokens to compare")
+    p.add_argument("--per-op", action="store_true",
+                   help="ttnn only: one prefill and one decode step op by op against the host stand-in fed the same "
+                        "inputs; names the first op that disagrees (needs the repository's tools/ folder)")
 
     p = command(sub, "eval", cmd_eval, "perplexity of a text; with a reference: KL divergence, top-1 and greedy agreement",
                 slots=DEFAULT_SLOTS, default_model="the shipped models/tiny-bitnet")
@@ -286,7 +291,8 @@ def tt_options(args):
 
     chosen = {"weight_dtype": args.tt_weight_dtype, "lm_head_dtype": args.tt_lm_head_dtype}
     return TTOptions(**{k: v for k, v in chosen.items() if v is not None}, activation_quant=args.tt_activation_quant,
-                     dram_sharded_decode=not args.tt_one_weight_copy, use_trace=not args.tt_no_trace)
+                     dram_sharded_decode=not args.tt_one_weight_copy, use_trace=not args.tt_no_trace,
+                     debug_log=args.tt_debug)
 
 
 def synthetic_model(kind: str, progress: bool = True) -> Path:
@@ -570,11 +576,24 @@ def cmd_verify(args) -> int:
     from .verify import print_report, verify
 
     folder = model_folder(args)
+    if args.per_op:
+        return verify_ttnn_per_op(args, folder)
     with open_llm(args, folder) as candidate, open_llm(args, folder, backend="torch", dtype="float32",
                                                          tt_options=None) as reference:
         report = verify(candidate.backend, reference.backend, args.greedy_tokens)
     print_report(report, f"{args.backend} {args.dtype if args.backend == 'torch' else ''}".strip(), "torch float32")
     return 0 if report["passed"] else 1
+
+
+def verify_ttnn_per_op(args, folder) -> int:
+    from .verify import per_op_report
+
+    if args.backend != "ttnn":
+        raise BitNetError("--per-op compares the ttnn backend op by op with its host stand-in: add --backend ttnn")
+    with open_llm(args, folder) as candidate:  # a fresh backend: its first decode step runs op by op
+        lines, agree = per_op_report(candidate.backend, folder)
+    print("\n".join(lines))
+    return 0 if agree else 1
 
 
 def cmd_eval(args) -> int:

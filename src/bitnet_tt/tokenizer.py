@@ -96,7 +96,9 @@ class Tokenizer:
         return frozenset(ids)
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
-        ids = self._tok.encode(text, add_special_tokens=False).ids
+        # encode_batch releases the GIL while it works (encode holds it: a 400 KB prompt stopped every other
+        # thread, the server's event loop included, for over a second); the ids are the same.
+        ids = self._tok.encode_batch([text], add_special_tokens=False)[0].ids
         if add_bos and self.bos_id is not None and (not ids or ids[0] != self.bos_id):
             ids = [self.bos_id] + ids
         return ids

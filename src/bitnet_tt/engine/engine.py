@@ -79,7 +79,7 @@ class Engine:
         self._ids = itertools.count()
         self._free_slots = list(range(backend.max_slots))
         self._backend_failures: Counter = Counter()  # per backend method: failures since its last success
-        self._grammar: GrammarCompiler | None = None  # built on first use (about 1 s for a 128k vocabulary)
+        self._grammar: GrammarCompiler | None = None  # built on first use (it converts the tokenizer)
         self._grammar_lock = threading.Lock()  # not self._lock: the engine thread need not wait for the build
 
     # -- submitting ------------------------------------------------------------------------------
