@@ -128,3 +128,26 @@ def test_ttnn_default_dtypes_against_torch(heldout, host_ttnn):
     assert ref["kl_mean"] < 2e-3 and ref["kl_p99"] < 1e-2 and ref["top1_agreement"] > 0.95
     assert report["perplexity"] == pytest.approx(ref["perplexity"], rel=0.01)
     assert sum(ref["greedy"]["matched"]) >= ref["greedy"]["steps"]  # a quarter of the 4 x 64 tokens at least
+
+
+@pytest.mark.slow
+def test_training_is_reproducible_and_rebuilds_the_shipped_corpus(tmp_path):
+    """Two short runs of tools/train_tiny.py write identical files; on the Python that trained the shipped
+    model, the corpus split and the tokenizer are the shipped ones."""
+    import sys
+
+    from tools.train_tiny import main
+
+    runs, threads = [tmp_path / "a", tmp_path / "b"], torch.get_num_threads()
+    try:
+        for out in runs:
+            assert main(["--out", str(out), "--steps", "2", "--batch", "2"]) == 0
+    finally:
+        torch.set_num_threads(threads)  # the script sets its own
+    for name in ("model.safetensors", "master/model.safetensors", "tokenizer.json", "heldout.txt"):
+        assert (runs[0] / name).read_bytes() == (runs[1] / name).read_bytes(), name
+    shipped = json.loads((TRAINED_MODEL / "training.json").read_text())
+    if sys.version.split()[0] == shipped["python"]:
+        for name in ("tokenizer.json", "heldout.txt"):
+            assert (runs[0] / name).read_bytes() == (TRAINED_MODEL / name).read_bytes(), name
+        assert json.loads((runs[0] / "training.json").read_text())["train_text_sha256"] == shipped["train_text_sha256"]
