@@ -88,7 +88,7 @@ def test_heldout_perplexity_equals_hf_within_a_thousandth(variant, heldout, our_
 # Measured on the shipped model (float32, windows of 256 every 128): held-out perplexity 130.5; the first
 # 2,048 tokens under random weights of the same shapes and tokenizer: 1.9e22 (their logits are huge);
 # uniform: 4,096 (the vocabulary).
-def random_twin(tmp_path) -> str:
+def random_twin(tmp_path):
     folder = tmp_path / "random"
     config = ModelConfig.from_folder(TRAINED_MODEL)
     write_random_model(folder, json.loads((TRAINED_MODEL / "config.json").read_text()), tokenizer=False)
@@ -100,8 +100,8 @@ def random_twin(tmp_path) -> str:
 
 def test_heldout_perplexity_is_far_below_uniform_and_random(our_heldout_report, heldout, tmp_path):
     trained = our_heldout_report["perplexity"]
-    random = load_torch_backend(random_twin(tmp_path), max_slots=8, dtype="float32", progress=False)
-    random_ppl = evaluate(random, heldout[:2048], CONTEXT, STRIDE)["perplexity"]
+    random_model = load_torch_backend(random_twin(tmp_path), max_slots=8, dtype="float32", progress=False)
+    random_ppl = evaluate(random_model, heldout[:2048], CONTEXT, STRIDE)["perplexity"]
     vocab = ModelConfig.from_folder(TRAINED_MODEL).vocab_size
     print(f"held-out perplexity: trained {trained:.1f}, random {random_ppl:.1f}, uniform {vocab}")
     assert trained < vocab / 20 and trained < random_ppl / 1000
