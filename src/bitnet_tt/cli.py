@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -309,6 +310,7 @@ def tt_options(args):
 
 def synthetic_model(kind: str, progress: bool = True) -> Path:
     """A random-weight model kept in the user's cache; written atomically on first use."""
+    from .folders import partial_folder, publish, remove_stale_partials
     from .synthetic import config_2b4t, hf_config, write_random_model
 
     cache = Path(os.environ.get("BITNET_TT_CACHE", Path.home() / ".cache" / "bitnet-tt"))
@@ -321,9 +323,15 @@ def synthetic_model(kind: str, progress: bool = True) -> Path:
         vocab_size=323, hidden_size=256, intermediate_size=640, num_hidden_layers=4,
         num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=1024,
     )
-    partial = cache / f".{folder.name}.partial-{os.getpid()}"
-    write_random_model(partial, config, fmt="packed", seed=0)
-    partial.rename(folder)
+    remove_stale_partials(folder)
+    partial = partial_folder(folder)
+    try:
+        write_random_model(partial, config, fmt="packed", seed=0)
+        publish(partial, folder)
+    except FileExistsError:
+        pass  # another process wrote it first: the same model, from the same seed
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
     return folder
 
 

@@ -35,7 +35,7 @@ from .. import __version__
 from ..engine import Engine, Request, RequestOutput, RequestStatus
 from ..errors import BitNetError, CapacityError
 from ..sampling import SamplingParams
-from .guard import Gatekeeper, GuardedH11, QueryStringsHidden, check_api_key, loopback_hosts
+from .guard import Gatekeeper, GuardedH11, QueryStringsHidden, check_api_key, is_loopback, loopback_hosts
 from .protocol import (
     APIError, ApiFormat, ChatCompletionRequest, ChatFormat, CompletionFormat, CompletionRequest, DetokenizeRequest,
     Reply, TokenizeRequest, completion_budget, new_request_id, parse_body,
@@ -560,7 +560,7 @@ def serve(engine: Engine, model_name: str, host: str = "127.0.0.1", port: int = 
     import uvicorn
 
     check_api_key(api_key)
-    if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
+    if api_key is None and not is_loopback(host):
         logger.warning("bitnet-tt: listening on %s without an API key: anyone who can reach it can use it", host)
     server: uvicorn.Server | None = None
 
