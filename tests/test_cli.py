@@ -239,6 +239,26 @@ def test_the_demo_model_is_announced_once(tmp_path):
     assert with_model.returncode == 0 and "no --model given" not in with_model.stderr
 
 
+def test_the_demo_model_survives_a_race_and_a_killed_writer(tmp_path, monkeypatch):
+    """Another process publishes the demo model while this one writes it; a killed writer left a partial folder."""
+    import bitnet_tt.synthetic as synthetic
+    from bitnet_tt.cli import synthetic_model
+
+    monkeypatch.setenv("BITNET_TT_CACHE", str(tmp_path))
+    (tmp_path / ".synthetic-tiny.partial-0-999999999-1").mkdir()  # its owner is gone
+    write = synthetic.write_random_model
+
+    def another_process_finishes_first(folder, *args, **kwargs):
+        write(tmp_path / "other", *args, **kwargs)
+        (tmp_path / "other").rename(tmp_path / "synthetic-tiny")
+        return write(folder, *args, **kwargs)
+
+    monkeypatch.setattr(synthetic, "write_random_model", another_process_finishes_first)
+    folder = synthetic_model("tiny", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["synthetic-tiny"]
+    assert (folder / "model.safetensors").is_file()
+
+
 def test_generate_json_logprobs_list_token_text_and_alternatives(model):
     result = run_cli("generate", "--model", model, "--json", "--logprobs", "3", "--max-new-tokens", "6", "--quiet",
                      "The quick brown fox")

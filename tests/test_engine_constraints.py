@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -46,3 +49,24 @@ def test_a_schema_llguidance_rejects_is_a_request_error(engine):
             engine.submit("Hi", SamplingParams(json_schema=schema))
     with pytest.raises(RequestError, match="logit_bias"):
         engine.submit("Hi", SamplingParams(logit_bias={10**6: 1.0}))
+
+
+def test_a_constraint_starts_without_torch_compile(model_factory):
+    """llguidance.torch wraps a kernel in torch.compile: importing it cost ~10 s on the first constrained request
+    (here, outside the tests' TORCHDYNAMO_DISABLE). The masks are unpacked without it."""
+    folder = model_factory("packed")
+    script = (
+        "import json, sys\n"
+        "from bitnet_tt.config import ModelConfig\n"
+        "from bitnet_tt.grammar import GrammarCompiler\n"
+        "from bitnet_tt.tokenizer import Tokenizer\n"
+        f"folder = {str(folder)!r}\n"
+        "config = ModelConfig.from_folder(folder)\n"
+        "constraint = GrammarCompiler(Tokenizer(folder, config), config.vocab_size).constraint('{\"type\": \"object\"}')\n"
+        "assert constraint.allowed().sum() >= 1\n"
+        "print(sorted(m for m in ('llguidance.torch', 'torch._dynamo') if m in sys.modules))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TORCHDYNAMO_DISABLE"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"

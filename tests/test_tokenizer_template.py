@@ -34,6 +34,12 @@ ALTERNATING = (
     "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
     "{% else %}{{ message['content'] + eos_token }}{% endif %}{% endfor %}"
 )
+# Assistant turns marked with transformers' {% generation %} tag (for training masks), as some templates do.
+GENERATION_TAG = (
+    "{% for message in messages %}{% if message['role'] == 'assistant' %}{{ 'A: ' }}{% generation %}"
+    "{{ message['content'] + eos_token }}{% endgeneration %}{% else %}{{ message['role'][0] | upper + ': ' "
+    "+ message['content'] + '\n' }}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'A: ' }}{% endif %}"
+)
 CONVERSATIONS = [
     [("user", "Hi")],
     [("system", "Be brief."), ("user", "Hello there!")],
@@ -42,7 +48,7 @@ CONVERSATIONS = [
 ]
 
 
-@pytest.fixture(scope="module", params=["synthetic", "llama3_style", "alternating", "jinja_file"])
+@pytest.fixture(scope="module", params=["synthetic", "llama3_style", "alternating", "generation_tag", "jinja_file"])
 def folder(request, model_factory, tmp_path_factory):
     """A model folder whose template is the synthetic checkpoint's own, or one written here."""
     source = model_factory("packed")
@@ -55,7 +61,8 @@ def folder(request, model_factory, tmp_path_factory):
     if request.param == "jinja_file":  # the file wins over tokenizer_config.json, as in transformers
         (folder / "chat_template.jinja").write_text(LLAMA3_STYLE.replace("You are helpful.", "From the file."))
     else:
-        settings["chat_template"] = LLAMA3_STYLE if request.param == "llama3_style" else ALTERNATING
+        settings["chat_template"] = {"llama3_style": LLAMA3_STYLE, "alternating": ALTERNATING,
+                                     "generation_tag": GENERATION_TAG}[request.param]
     (folder / "tokenizer_config.json").write_text(json.dumps(settings))
     return folder
 

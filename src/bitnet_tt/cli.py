@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -18,7 +19,7 @@ import time
 from pathlib import Path
 
 from . import __version__
-from .api import CHAT_SAMPLING, GENERATE_SAMPLING, LLM, SAMPLING_DEFAULTS, check_utf8
+from .api import CHAT_SAMPLING, DEFAULT_PREFILL_CHUNK, GENERATE_SAMPLING, LLM, SAMPLING_DEFAULTS, check_utf8
 from .errors import BitNetError
 
 DEMO_PROMPTS = ["BitNet b1.58 is", "User: Hello! How are you today?"]
@@ -146,6 +147,12 @@ def add_model_options(parser: argparse.ArgumentParser, slots: int | None = None,
     tt.add_argument("--tt-debug", action="store_true", help="show ttnn's warnings (e.g. an op placing its output elsewhere than asked)")
 
 
+def add_engine_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--prefill-chunk", type=positive_int, default=DEFAULT_PREFILL_CHUNK,
+                        help="prompt tokens prefilled per step, between the decode steps of running users; "
+                             "a prompt up to this length is prefilled whole (default: %(default)s)")
+
+
 def add_sampling_options(parser: argparse.ArgumentParser, command_defaults: dict) -> None:
     """The sampling options, with defaults from SamplingParams overridden by the command's own (api.py)."""
     default = {**SAMPLING_DEFAULTS, **command_defaults}
@@ -186,9 +193,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts-file", type=Path, help="one prompt per line (instead of PROMPT)")
     p.add_argument("--chat", action="store_true", help="wrap each prompt as a user message in the chat format")
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt instead of streaming")
+    add_engine_options(p)
 
     p = command(sub, "chat", cmd_chat, "interactive multi-turn chat", sampling=CHAT_SAMPLING)
     p.add_argument("--system", help="system message")
+    add_engine_options(p)
 
     p = command(sub, "serve", cmd_serve, "OpenAI-compatible HTTP server (chat, completions, metrics)",
                 slots=DEFAULT_SLOTS)
@@ -202,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--read-timeout", type=positive_float, default=20.0,
                    help="seconds a client has to send a request's headers, and again its body")
     p.add_argument("--public-metrics", action="store_true", help="answer /metrics without the API key (for a scraper)")
+    add_engine_options(p)
 
     p = command(sub, "bench", cmd_bench, "throughput and latency at several batch sizes")
     p.add_argument("--max-batch", type=positive_int, help="KV-cache slots (default: the largest of --batch-sizes)")
@@ -214,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ttft-prompts", default="128,2048", help="prompt lengths for time to first token")
     p.add_argument("--temperature", type=float, default=0.0, help="sample instead of picking greedily (0: greedy)")
     p.add_argument("--top-k", type=non_negative_int, default=0, help="with --temperature; up to 32 samples on a Tenstorrent device")
+    add_engine_options(p)
 
     p = command(sub, "verify", cmd_verify, "compare a backend's logits and greedy tokens with the PyTorch backend in fp32",
                 slots=1)  # --max-batch sets the ttnn decode layout that --per-op checks
@@ -246,6 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command(sub, "demo", cmd_demo, "generate with the small shipped model trained on Python's documentation (offline)",
                 default_model="the shipped models/tiny-bitnet, else a random-weight model")
     p.add_argument("--max-new-tokens", type=positive_int, default=48, help="tokens per demo prompt")
+    add_engine_options(p)
     return parser
 
 
@@ -275,6 +287,7 @@ def open_llm(args, folder: Path | str, **overrides) -> LLM:
     check_tt_options(args)
     options = {"max_batch": getattr(args, "max_batch", 1), "max_context": args.max_context, "dtype": args.dtype,
                "device": args.device, "progress": not args.quiet,
+               "prefill_chunk": getattr(args, "prefill_chunk", DEFAULT_PREFILL_CHUNK),
                "tt_options": tt_options(args) if args.backend == "ttnn" else None}
     return LLM(folder, overrides.pop("backend", args.backend), **{**options, **overrides})
 
@@ -297,6 +310,7 @@ def tt_options(args):
 
 def synthetic_model(kind: str, progress: bool = True) -> Path:
     """A random-weight model kept in the user's cache; written atomically on first use."""
+    from .folders import partial_folder, publish, remove_stale_partials
     from .synthetic import config_2b4t, hf_config, write_random_model
 
     cache = Path(os.environ.get("BITNET_TT_CACHE", Path.home() / ".cache" / "bitnet-tt"))
@@ -309,9 +323,15 @@ def synthetic_model(kind: str, progress: bool = True) -> Path:
         vocab_size=323, hidden_size=256, intermediate_size=640, num_hidden_layers=4,
         num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=1024,
     )
-    partial = cache / f".{folder.name}.partial-{os.getpid()}"
-    write_random_model(partial, config, fmt="packed", seed=0)
-    partial.rename(folder)
+    remove_stale_partials(folder)
+    partial = partial_folder(folder)
+    try:
+        write_random_model(partial, config, fmt="packed", seed=0)
+        publish(partial, folder)
+    except FileExistsError:
+        pass  # another process wrote it first: the same model, from the same seed
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
     return folder
 
 

@@ -50,20 +50,16 @@ class TokenConstraint:
     """One request's position in its grammar: the tokens allowed next, advanced by each accepted token."""
 
     def __init__(self, matcher, vocab_size: int):
-        import llguidance.torch
-
         self._matcher = matcher
-        self._bitmask = llguidance.torch.allocate_token_bitmask(1, vocab_size)
-        self._bits = torch.arange(32, dtype=torch.int32)
         self._vocab_size = vocab_size
+        self._bit = torch.arange(8, dtype=torch.uint8)
 
     def allowed(self) -> torch.Tensor:
         """A bool mask [vocab]: True where the token keeps the output on the grammar (end ids once complete)."""
-        import llguidance.torch
-
-        llguidance.torch.fill_next_token_bitmask(self._matcher, self._bitmask, 0)
-        words = self._bitmask[0].unsqueeze(1)  # 32 tokens per int32 word, lowest bit first
-        return ((words >> self._bits) & 1).flatten()[: self._vocab_size].bool()
+        # llguidance's bitmask: 32-bit little-endian words, token i at bit i % 8 of byte i // 8. (Its
+        # llguidance.torch helpers would import torch.compile, seconds of start-up for what this line does.)
+        mask = torch.frombuffer(bytearray(self._matcher.compute_bitmask()), dtype=torch.uint8)
+        return ((mask.unsqueeze(1) >> self._bit) & 1).flatten()[: self._vocab_size].bool()
 
     def accept(self, token_id: int) -> None:
         if not self._matcher.consume_token(token_id):

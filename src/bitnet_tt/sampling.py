@@ -30,6 +30,7 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0
     ignore_eos: bool = False  # keep generating past end ids (benchmarks)
+    cache_prompt: bool = True  # reuse a cached prompt prefix and leave this one for later requests (llama.cpp's name)
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit); a mapping is accepted too
     json_schema: str | None = None  # the output must be JSON matching this schema (JSON text); see grammar.py
 

@@ -156,7 +156,8 @@ class ChatTemplate:
         from jinja2.ext import loopcontrols
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=[loopcontrols, _generation_tag()])
         env.filters["tojson"] = _tojson
         env.globals.update(raise_exception=_raise_template_error, strftime_now=lambda f: datetime.now().strftime(f))
         try:
@@ -225,6 +226,21 @@ def _chat_template_source(folder: Path, settings: TokenizerSettings) -> str | No
     """chat_template.jinja if the folder has one, else tokenizer_config.json's chat_template, as transformers
     reads them."""
     return read_text(folder / "chat_template.jinja") or settings.default_chat_template()
+
+
+def _generation_tag():
+    """transformers' {% generation %}...{% endgeneration %} (it marks the assistant's tokens for training masks):
+    rendered as its body."""
+    from jinja2.ext import Extension
+
+    class GenerationTag(Extension):
+        tags = {"generation"}
+
+        def parse(self, parser):
+            next(parser.stream)
+            return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+    return GenerationTag
 
 
 def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:

@@ -23,6 +23,9 @@ class Backend(ABC):
     max_context: int
     # The largest top_k that decode_sampled draws from on the device; 0: this backend has no device sampler.
     device_top_k_limit: int = 0
+    # Whether prefill appends to a slot that already holds context (chunked prefill, prefix reuse); when
+    # false the engine only prefills whole prompts into empty slots.
+    supports_prefix_prefill: bool = True
     # Whether copy_slot works: requests with the same prompt then share one prefill.
     copies_slots: bool = False
 
@@ -60,6 +63,13 @@ class Backend(ABC):
         """Forget the slot's context so that it can serve another request."""
         self._check_slot(slot)
         self._lengths[slot] = 0
+
+    def keep_prefix(self, slot: int, length: int) -> None:
+        """Forget all but the first `length` positions of the slot's context (a prompt reuses them)."""
+        self._check_slot(slot)
+        if not 0 <= length <= self._lengths[slot]:
+            raise ValueError(f"slot {slot} holds {self._lengths[slot]} positions, cannot keep {length}")
+        self._lengths[slot] = length
 
     def slot_length(self, slot: int) -> int:
         """Tokens currently held in the slot's context."""

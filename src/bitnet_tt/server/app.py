@@ -35,7 +35,7 @@ from .. import __version__
 from ..engine import Engine, Request, RequestOutput, RequestStatus
 from ..errors import BitNetError, CapacityError
 from ..sampling import SamplingParams
-from .guard import Gatekeeper, GuardedH11, QueryStringsHidden, check_api_key, loopback_hosts
+from .guard import Gatekeeper, GuardedH11, QueryStringsHidden, check_api_key, is_loopback, loopback_hosts
 from .protocol import (
     APIError, ApiFormat, ChatCompletionRequest, ChatFormat, CompletionFormat, CompletionRequest, DetokenizeRequest,
     Reply, TokenizeRequest, completion_budget, new_request_id, parse_body,
@@ -209,7 +209,7 @@ class EngineLoop:
                           lambda: self._locked_count(RequestStatus.WAITING))
         metrics.add_gauge("bitnet_tt_requests_running", "Requests holding a slot.",
                           lambda: self._locked_count(RequestStatus.RUNNING))
-        metrics.add_gauge("bitnet_tt_slots_in_use", "KV-cache slots holding a context, as the backend reports.",
+        metrics.add_gauge("bitnet_tt_slots_in_use", "KV-cache slots serving a request.",
                           lambda: self.slots_in_use)
 
     def _locked_count(self, status: RequestStatus) -> int:
@@ -227,8 +227,7 @@ class EngineLoop:
                     self._wake.clear()  # cleared before has_work() is asked again, so no submission is missed
                     continue
                 self.engine.step()
-                backend = self.engine.backend
-                self.slots_in_use = sum(1 for s in range(backend.max_slots) if backend.slot_length(s) > 0)
+                self.slots_in_use = self.engine.slots_in_use
             self._fail_all(APIError(503, "the server is shutting down", type="server_error"))
         except Exception:
             logger.exception("the engine stopped; failing every request and stopping the server")
@@ -561,7 +560,7 @@ def serve(engine: Engine, model_name: str, host: str = "127.0.0.1", port: int = 
     import uvicorn
 
     check_api_key(api_key)
-    if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
+    if api_key is None and not is_loopback(host):
         logger.warning("bitnet-tt: listening on %s without an API key: anyone who can reach it can use it", host)
     server: uvicorn.Server | None = None
 

@@ -200,6 +200,7 @@ class _GenerationRequest(_Body):
     min_p: float = 0.0
     repetition_penalty: float = 1.0
     ignore_eos: bool = False
+    cache_prompt: bool = True  # llama.cpp's name: false prefills the whole prompt and keeps nothing for later
     logit_bias: dict[str, float] | None = None  # token id (a JSON key, so a string) -> bias
     response_format: ResponseFormat | None = None
 
@@ -236,7 +237,7 @@ class _GenerationRequest(_Body):
             max_new_tokens=max_new_tokens, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
             min_p=self.min_p, repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty, seed=self.seed, stop=stop, logprobs=logprobs,
-            top_logprobs=top_logprobs, ignore_eos=self.ignore_eos,
+            top_logprobs=top_logprobs, ignore_eos=self.ignore_eos, cache_prompt=self.cache_prompt,
             logit_bias={int(token): bias for token, bias in (self.logit_bias or {}).items()},
             json_schema=self.response_format.schema_text() if self.response_format else None,
         )

@@ -27,6 +27,9 @@ from .weights import Placer, place_model
 
 
 class TTNNBackend(Backend):
+    # Prefill writes a whole prompt from position 0: reading a cached prefix needs chunked SDPA, not built yet.
+    supports_prefix_prefill = False
+
     def __init__(
         self, config: ModelConfig, weights: BitNetWeights | None, tt, device, max_slots: int = 1,
         max_context: int | None = None, options: TTOptions | None = None, cache_dir: Path | None = None,
