@@ -396,7 +396,7 @@ prefill = TorchBackend.prefill
 
 def poisoned(self, slot, token_ids):
     logits = prefill(self, slot, token_ids)
-    return torch.full_like(logits, float("nan")) if len(token_ids) > 100 else logits
+    return torch.full_like(logits, float("nan")) if self.slot_length(slot) > 100 else logits  # prefilled in chunks
 
 TorchBackend.prefill = poisoned
 """)
