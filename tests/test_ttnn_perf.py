@@ -90,3 +90,23 @@ def test_2b4t_prediction_printed_with_op_counts():
     steps = [float(re.search(r"([\d.]+) ms", line)[1]) for line in levers]
     assert steps == sorted(steps) and all(s <= step_ms for s in steps)
     assert "all four" in levers[0]  # the levers add up
+
+
+@pytest.mark.parametrize("fidelity", ["HiFi2", "HiFi4"])
+def test_lofi_is_exact_for_ternary_weights(host_ttnn, fidelity):
+    """LoFi drops SrcA's (the weights') mantissa bits below the top four: ternary codes in bfloat4_b, as
+    ttnn converts them, have none, so LoFi gives HiFi2's result bit for bit. HiFi3/4 add the activations'
+    low bits, so only HiFi2 is matched; a weight with more mantissa bits shows the check has teeth."""
+    import torch
+
+    torch.manual_seed(0)
+    codes = torch.randint(-1, 2, (256, 96)).float()
+    codes[:, :16] = 0  # whole zero blocks share an exponent too
+    ternary = host_ttnn.to_torch(host_ttnn.from_torch(codes, dtype=host_ttnn.bfloat4_b, layout=host_ttnn.TILE_LAYOUT))
+    assert torch.equal(ternary.float(), codes)
+    x = torch.randn(32, 256).bfloat16()
+    lofi = perf.fidelity_matmul(x, ternary, "LoFi")
+    assert torch.equal(lofi, perf.fidelity_matmul(x, ternary, "HiFi2"))
+    assert not torch.equal(lofi, perf.fidelity_matmul(x, ternary, "HiFi4"))  # the activations' lowest bit
+    dense = torch.randn(256, 96).bfloat16()
+    assert not torch.equal(perf.fidelity_matmul(x, dense, "LoFi"), perf.fidelity_matmul(x, dense, fidelity))
