@@ -7,15 +7,17 @@ The 2B-4T step's op list is recorded on the MOCK device (op, shapes, dtypes, pro
 fidelity), one decoder layer and two, and extended to every layer (each layer runs the same ops).
 Each op is classified and costed as issue 14 proposes:
 
-    t = t_host + users * t_user + sum over matmuls of max(W / (eta * BW), MACs * phases / (u * cores * 2048 * f))
+    t = t_host + users * t_user
+        + sum over matmuls of max(W / (eta * BW), MACs * phases / (u * cores * 2048 * f))
         + (other ops) * c + (KV cache bytes SDPA reads) / (eta * BW)
 
 W: weight bytes; BW: DRAM bandwidth; MACs on 32-row tiles (decode pads to 32 rows), times the math
 fidelity's phases (LoFi 1 .. HiFi4 4); 2048 multiply-accumulates per core per cycle (an 8x16 by 16x16
-tile product); f: the clock. Every ttnn call the step makes counts as one op (a call that launches no device program, e.g. a
-reshape that is a view, is costed too: an upper bound). A DRAM-sharded matmul computes on one core per DRAM bank (its program
-factory sets per_core_N_compute = div_up(N, num_dram_banks)); 1D and 2D matmuls on their grid.
-t_user is a per-user cost per step that matmuls do not have (the batch-32 figures need it).
+tile product, tt-metal tech_reports/matrix_engine); f: the clock. A DRAM-sharded matmul computes on one
+core per DRAM bank (its program factory sets per_core_N_compute = div_up(N, num_dram_banks)); 1D and 2D
+matmuls on their grid. Every ttnn call that returns a tensor counts as one op (a reshape that is a view
+is costed too: an upper bound). t_user is a per-user cost per step that matmuls do not have (the
+batch-32 figures need it).
 
 The constants are fitted (least max relative error) to published figures, FIT_TARGETS, whose op lists
 are modelled from the models' dimensions in `llama_step` and `prior_art_step`: an approximation of the
@@ -148,9 +150,9 @@ def prior_art_step(board: Board) -> list[Op]:
 
 
 LLAMA = {  # Hugging Face configs of meta-llama/*
-    "Llama-3.2-1B": {"dim": 2048, "ffn": 8192, "head_dim": 64, "heads": 32, "kv_heads": 8, "layers": 16, "vocab": 128256},
-    "Llama-3.2-3B": {"dim": 3072, "ffn": 8192, "head_dim": 128, "heads": 24, "kv_heads": 8, "layers": 28, "vocab": 128256},
-    "Llama-3.1-8B": {"dim": 4096, "ffn": 14336, "head_dim": 128, "heads": 32, "kv_heads": 8, "layers": 32, "vocab": 128256},
+    "Llama-3.2-1B": dict(dim=2048, ffn=8192, head_dim=64, heads=32, kv_heads=8, layers=16, vocab=128256),
+    "Llama-3.2-3B": dict(dim=3072, ffn=8192, head_dim=128, heads=24, kv_heads=8, layers=28, vocab=128256),
+    "Llama-3.1-8B": dict(dim=4096, ffn=14336, head_dim=128, heads=32, kv_heads=8, layers=32, vocab=128256),
 }
 PERF_CONTEXT = 128 + 100  # PERF.md: 128-token prefill, 200 decode steps; the mean context of a step
 
@@ -189,8 +191,8 @@ def fit(seed: int = 0, rounds: int = 2000) -> Constants:
     rng = random.Random(seed)
 
     def constants(p):
-        return Constants({"blackhole": p["eta_bh"], "wormhole": p["eta_wh"]}, {"blackhole": p["u_bh"], "wormhole": p["u_wh"]},
-                         {"blackhole": p["c_bh"], "wormhole": p["c_wh"]}, p["host"], p["user"])
+        per_arch = {name: {"blackhole": p[f"{name}_bh"], "wormhole": p[f"{name}_wh"]} for name in ("eta", "u", "c")}
+        return Constants(per_arch["eta"], per_arch["u"], per_arch["c"], p["host"], p["user"])
 
     def worst(p):
         return max(abs(e) for e in fit_error(constants(p)))
@@ -362,7 +364,8 @@ def fit_table(k: Constants) -> list[str]:
     lines = ["fit: published decode t/s/u vs PREDICTED", f"{'model':<18}{'board':<7}{'users':>6}{'published':>11}"
              f"{'predicted':>11}{'error %':>9}"]
     for (model, board, users, published), error in zip(FIT_TARGETS, fit_error(k)):
-        lines.append(f"{model:<18}{board:<7}{users:>6}{published:>11.1f}{published * (1 + error):>11.1f}{100 * error:>+9.1f}")
+        predicted = published * (1 + error)
+        lines.append(f"{model:<18}{board:<7}{users:>6}{published:>11.1f}{predicted:>11.1f}{100 * error:>+9.1f}")
     return lines
 
 
