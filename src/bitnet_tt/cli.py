@@ -620,6 +620,8 @@ def cmd_eval(args) -> int:
     from .eval import evaluate, print_table
 
     folder = Path(args.model) if args.model else TRAINED_MODEL
+    if not args.model and not TRAINED_MODEL.is_dir():
+        raise BitNetError("no --model given, and the shipped models/tiny-bitnet comes only with a clone of the repository")
     text = read_text(args.text or folder / "heldout.txt")
     compare = args.reference_backend or args.reference_dtype
     reference_backend, reference_dtype = args.reference_backend or "torch", args.reference_dtype or "float32"
