@@ -93,6 +93,19 @@ def test_batched_decode_and_slots_equal_single_runs(model_factory):
     assert torch.allclose(fast.prefill(1, [7, 8]), single.prefill(0, [7, 8]), rtol=0, atol=1e-5)
 
 
+def test_copied_slot_and_kept_prefix_continue_like_a_fresh_prefill(model_factory):
+    fast, _ = backends(model_factory("packed"), slots=3)
+    prompt = list(range(3, 30))
+    fast.prefill(0, prompt)
+    fast.copy_slot(0, 1, 20)
+    fast.prefill(2, prompt[:20])
+    assert torch.equal(fast.prefill(1, prompt[20:]), fast.prefill(2, prompt[20:]))
+    fast.keep_prefix(1, 10)
+    fast.free(2)
+    fast.prefill(2, prompt[:10])
+    assert torch.equal(fast.decode([1], [7]), fast.decode([2], [7]))
+
+
 def test_long_prompt_runs_in_chunks(model_factory):
     fast, golden = backends(model_factory("packed"))
     prompt = [int(t) for t in torch.randint(0, 297, (300,), generator=torch.Generator().manual_seed(0))]

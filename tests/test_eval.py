@@ -100,3 +100,11 @@ def test_cli_bad_input_is_one_line(model_factory, tmp_path, content, args, messa
         text.write_bytes(content)
     result = run_cli("eval", "--model", model_factory("packed"), "--text", text, "--quiet", *args)
     assert_one_line_error(result, message)
+
+
+def test_eval_without_a_model_outside_a_clone(monkeypatch, tmp_path, capsys):
+    from bitnet_tt import cli
+
+    monkeypatch.setattr(cli, "TRAINED_MODEL", tmp_path / "absent")
+    assert cli.main(["eval", "--quiet"]) == 2
+    assert "comes only with a clone of the repository" in capsys.readouterr().err

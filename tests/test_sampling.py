@@ -21,9 +21,10 @@ from bitnet_tt.sampling import (
 LOGITS = torch.tensor([3.0, 2.5, 2.0, 1.0, 0.5, 0.0, -1.0, -2.0])
 
 
-def draw(params: SamplingParams, n: int = 2000, logits=LOGITS, output_ids=(), prompt_ids=()) -> torch.Tensor:
+def draw(params: SamplingParams, n: int = 2000, logits=LOGITS, output_ids=(), prompt_ids=(), allowed=None):
     gen = torch.Generator().manual_seed(1234)
-    return torch.tensor([sample_token(logits, params, list(prompt_ids), list(output_ids), gen).token_id for _ in range(n)])
+    return torch.tensor([sample_token(logits, params, list(prompt_ids), list(output_ids), gen, allowed).token_id
+                         for _ in range(n)])
 
 
 def test_temperature_zero_is_greedy():
@@ -82,6 +83,24 @@ def test_penalties_push_away_repeated_tokens():
     assert draw(rep, n=1, logits=negative, prompt_ids=[0])[0] == 1  # -1.5 < -1.2
 
 
+def test_logit_bias_adds_to_the_logits_before_sampling():
+    assert draw(SamplingParams(temperature=0.0, logit_bias={0: -100.0}), n=1)[0] == 1  # the argmax is banned
+    assert draw(SamplingParams(temperature=0.0, logit_bias={7: 4.5}), n=1)[0] == 0  # -2 + 4.5 < 3
+    assert draw(SamplingParams(temperature=0.0, logit_bias={7: 5.5}), n=1)[0] == 7  # -2 + 5.5 > 3
+    sampled = draw(SamplingParams(temperature=1.0, logit_bias={5: 100.0, 6: 100.0}), n=500)
+    assert set(sampled.tolist()) == {5, 6}  # +100 leaves only the biased tokens a chance
+    gen = torch.Generator().manual_seed(0)
+    choice = sample_token(LOGITS, SamplingParams(temperature=0.0, logprobs=True, logit_bias={3: 50.0}), [], [], gen)
+    assert choice.token_id == 3 and math.isclose(choice.logprob, float(LOGITS.log_softmax(-1)[3]), rel_tol=1e-6)
+
+
+def test_a_token_mask_leaves_only_the_allowed_tokens():
+    allowed = torch.zeros(len(LOGITS), dtype=torch.bool)
+    allowed[[4, 6]] = True
+    assert draw(SamplingParams(temperature=0.0), n=1, allowed=allowed)[0] == 4
+    assert set(draw(SamplingParams(temperature=2.0), n=300, allowed=allowed).tolist()) == {4, 6}
+
+
 def test_logprobs_are_the_model_distribution():
     gen = torch.Generator().manual_seed(0)
     choice = sample_token(LOGITS, SamplingParams(temperature=0.0, logprobs=True, top_logprobs=3), [], [], gen)
@@ -99,7 +118,7 @@ def test_filter_marks_removed_tokens_minus_inf():
     {"temperature": -1}, {"top_p": 0.0}, {"top_p": 1.5}, {"top_k": -2}, {"min_p": 2.0},
     {"max_new_tokens": 0}, {"repetition_penalty": 0}, {"presence_penalty": 5}, {"top_logprobs": 100},
     {"stop": ("",)}, {"seed": -1}, {"stop": ("x",) * (MAX_STOP_STRINGS + 1)}, {"stop": ("x" * (MAX_STOP_CHARS + 1),)},
-    {"stop": ("x" * 1_040_000,)},
+    {"stop": ("x" * 1_040_000,)}, {"logit_bias": {3: 100.5}}, {"logit_bias": {-1: 1.0}},
 ])
 def test_invalid_parameters_are_rejected(kwargs):
     with pytest.raises(RequestError):
@@ -111,7 +130,9 @@ def test_device_sampleable_only_where_a_32_candidate_sampler_is_exact():
     assert device_sampleable(SamplingParams(temperature=0.7, top_k=32, top_p=0.9), 32)
     for params in (SamplingParams(temperature=0.7), SamplingParams(temperature=0.7, top_k=33),
                    SamplingParams(temperature=0.7, top_k=5, min_p=0.1), SamplingParams(temperature=0.0, logprobs=True),
-                   SamplingParams(temperature=0.7, top_k=5, presence_penalty=0.5)):
+                   SamplingParams(temperature=0.7, top_k=5, presence_penalty=0.5),
+                   SamplingParams(temperature=0.0, logit_bias={3: 1.0}),
+                   SamplingParams(temperature=0.0, json_schema='{"type": "object"}')):
         assert not device_sampleable(params, 32), params
     assert not device_sampleable(SamplingParams(temperature=0.7, top_k=5), 0)
 

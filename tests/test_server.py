@@ -331,14 +331,15 @@ OK_TEXT = {"model": MODEL, "prompt": "Hi", "max_tokens": 2}
     ("/v1/chat/completions", {**OK_CHAT, "top_p": 0}, 400, None, None),
     ("/v1/chat/completions", {**OK_CHAT, "top_logprobs": 1000}, 400, None, None),
     ("/v1/chat/completions", {**OK_CHAT, "seed": -1}, 400, None, None),
-    ("/v1/chat/completions", {**OK_CHAT, "n": 2}, 400, "n", None),
+    ("/v1/chat/completions", {**OK_CHAT, "n": 0}, 400, "n", None),
+    ("/v1/chat/completions", {**OK_CHAT, "n": 1000}, 400, "n", None),
     ("/v1/chat/completions", {**OK_CHAT, "stop": [""]}, 400, None, None),
     ("/v1/chat/completions", {**OK_CHAT, "stop": 7}, 400, "stop", None),
     ("/v1/chat/completions", {**OK_CHAT, "stream": "yes"}, 400, "stream", None),
     ("/v1/chat/completions", {**OK_CHAT, "logit_bias": "lots"}, 400, "logit_bias", None),
     ("/v1/chat/completions", {**OK_CHAT, "messages": "Hi"}, 400, "messages", None),
     ("/v1/chat/completions", {**OK_CHAT, "messages": []}, 400, "messages", None),
-    ("/v1/chat/completions", {**OK_CHAT, "messages": [{"role": "robot", "content": "Hi"}]}, 400, None, None),
+    ("/v1/chat/completions", {**OK_CHAT, "messages": [{"role": "robot", "content": "Hi"}]}, 400, "messages", None),
     ("/v1/chat/completions", {**OK_CHAT, "model": "gpt-4"}, 404, "model", "model_not_found"),
     ("/v1/completions", {**OK_TEXT, "prompt": "word " * (CONTEXT + 100)}, 400, None, "context_length_exceeded"),
     ("/v1/completions", {**OK_TEXT, "prompt": [1, 10**9]}, 400, None, None),
@@ -358,7 +359,7 @@ def test_bad_input_gets_an_openai_error(server, path, body, status, param, code)
 
 def test_metrics_exposition(server, client):
     client.completions.create(model=MODEL, prompt="count me", max_tokens=3, **GREEDY)
-    server.post("/v1/completions", json={**OK_TEXT, "n": 3})
+    server.post("/v1/completions", json={**OK_TEXT, "n": 0})
     metrics = server.wait_idle()
     assert metrics['bitnet_tt_requests_total{endpoint="/v1/completions",status="200"}'] >= 1
     assert metrics['bitnet_tt_requests_total{endpoint="/v1/completions",status="400"}'] >= 1
@@ -370,18 +371,57 @@ def test_metrics_exposition(server, client):
 
 # --- faults: one request's failure is its own; a dead engine ends the process ------------------------------
 
-# The CLI with every TorchBackend decode failing: prefill works, so the first token goes out before the failure.
-BROKEN_CLI = [sys.executable, "-c", """
-import sys
-from bitnet_tt.backends.torch.backend import TorchBackend
-from bitnet_tt.cli import main
+def refuse_non_finite(name: str):
+    raise AssertionError(f"bare {name} in JSON output")
 
+
+def cli_with_backend(patch: str) -> list[str]:
+    """The CLI in a process whose TorchBackend is changed by `patch` (Python defining `TorchBackend` methods)."""
+    return [sys.executable, "-c", "import sys\nfrom bitnet_tt.backends.torch.backend import TorchBackend\n"
+            "from bitnet_tt.cli import main\n" + patch + "\nsys.exit(main(sys.argv[1:]))\n"]
+
+
+# Every decode fails: prefill works, so the first token goes out before the failure.
+BROKEN_CLI = cli_with_backend("""
 def lose_the_device(*args):
     raise RuntimeError("device lost: internal detail")
 
 TorchBackend.decode = lose_the_device
-sys.exit(main(sys.argv[1:]))
-"""]
+""")
+
+# A prompt of over 100 tokens gets NaN logits from its prefill (a numerical fault in one request).
+POISONED_CLI = cli_with_backend("""
+import torch
+prefill = TorchBackend.prefill
+
+def poisoned(self, slot, token_ids):
+    logits = prefill(self, slot, token_ids)
+    return torch.full_like(logits, float("nan")) if self.slot_length(slot) > 100 else logits  # prefilled in chunks
+
+TorchBackend.prefill = poisoned
+""")
+
+
+def test_non_finite_logits_fail_their_request_while_the_others_go_on(model, tmp_path):
+    server = ServerProcess(model, tmp_path / "log", "--max-batch", "2", command=POISONED_CLI)
+    try:
+        server.wait_healthy()
+        normal = {**OK_TEXT, "max_tokens": 24, "temperature": 0, "ignore_eos": True}
+        alone = server.post("/v1/completions", json=normal).json()["choices"][0]["text"]
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            poisoned = [pool.submit(server.post, "/v1/completions", json={**OK_TEXT, "prompt": "word " * 150,
+                                                                          "stream": stream}) for stream in (False, True)]
+            together = pool.submit(server.post, "/v1/completions", json=normal)
+            plain, streamed = (future.result(timeout=120) for future in poisoned)
+            assert together.result(timeout=120).json()["choices"][0]["text"] == alone
+        assert plain.status_code == 500, plain.text
+        assert "non-finite logits" in plain.json()["error"]["message"]
+        assert streamed.status_code == 200 and "non-finite logits" in streamed.text and "[DONE]" not in streamed.text
+        for payload in [plain.text] + [line[6:] for line in streamed.text.splitlines() if line.startswith("data: ")]:
+            json.loads(payload, parse_constant=refuse_non_finite)  # no bare NaN or Infinity
+        assert server.get("/health").status_code == 200 and server.wait_idle()
+    finally:
+        server.stop()
 
 
 def test_a_backend_that_keeps_failing_fails_its_requests_and_ends_the_process(model, tmp_path):
@@ -471,7 +511,8 @@ def test_tiny_sampling_settings_are_served(server, setting):
     assert server.post("/v1/chat/completions", json=body).status_code == 200
     streamed = server.post("/v1/chat/completions", json={**body, "stream": True, "logprobs": True, "top_logprobs": 2})
     assert streamed.status_code == 200 and streamed.text.endswith("data: [DONE]\n\n")
-    assert "NaN" not in streamed.text and "Infinity" not in streamed.text
+    for payload in [line[6:] for line in streamed.text.splitlines() if line.startswith("data: {")]:
+        json.loads(payload, parse_constant=refuse_non_finite)
     assert server.get("/health").status_code == 200
     assert server.post("/v1/completions", json=OK_TEXT).status_code == 200
 
@@ -688,3 +729,12 @@ def test_soak_with_bad_requests_and_disconnects_leaves_the_server_as_new(model, 
         assert server.post("/v1/completions", json=greedy).json()["choices"][0]["text"] == when_new
     finally:
         server.stop()
+
+
+def test_serve_defaults_are_the_servers_limits():
+    from bitnet_tt.cli import build_parser
+    from bitnet_tt.server import Limits
+
+    args, limits = build_parser().parse_args(["serve"]), Limits()
+    assert (args.max_queue, args.read_timeout, args.max_connections) == (
+        limits.max_queue, limits.read_timeout, limits.max_connections)

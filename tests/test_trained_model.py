@@ -85,9 +85,10 @@ def test_heldout_perplexity_equals_hf_within_a_thousandth(variant, heldout, our_
     assert our_heldout_report["perplexity"] == pytest.approx(hf_perplexity(VARIANTS[variant], heldout), rel=1e-3)
 
 
-# Measured on the shipped model (float32, windows of 256 every 128): held-out perplexity PPL_TRAINED, the
-# same text under random weights of the same shapes and tokenizer PPL_RANDOM, uniform = 4096 (the vocabulary).
-def random_twin(tmp_path) -> str:
+# Measured on the shipped model (float32, windows of 256 every 128): held-out perplexity 130.5; the first
+# 2,048 tokens under random weights of the same shapes and tokenizer: 1.9e22 (their logits are huge);
+# uniform: 4,096 (the vocabulary).
+def random_twin(tmp_path):
     folder = tmp_path / "random"
     config = ModelConfig.from_folder(TRAINED_MODEL)
     write_random_model(folder, json.loads((TRAINED_MODEL / "config.json").read_text()), tokenizer=False)
@@ -99,11 +100,11 @@ def random_twin(tmp_path) -> str:
 
 def test_heldout_perplexity_is_far_below_uniform_and_random(our_heldout_report, heldout, tmp_path):
     trained = our_heldout_report["perplexity"]
-    random = load_torch_backend(random_twin(tmp_path), max_slots=8, dtype="float32", progress=False)
-    random_ppl = evaluate(random, heldout[:2048], CONTEXT, STRIDE)["perplexity"]
+    random_model = load_torch_backend(random_twin(tmp_path), max_slots=8, dtype="float32", progress=False)
+    random_ppl = evaluate(random_model, heldout[:2048], CONTEXT, STRIDE)["perplexity"]
     vocab = ModelConfig.from_folder(TRAINED_MODEL).vocab_size
     print(f"held-out perplexity: trained {trained:.1f}, random {random_ppl:.1f}, uniform {vocab}")
-    assert trained < vocab / 20 and trained < random_ppl / 20
+    assert trained < vocab / 20 and trained < random_ppl / 1000
 
 
 @pytest.mark.tt_host
@@ -120,7 +121,33 @@ def test_ttnn_default_dtypes_against_torch(heldout, host_ttnn):
     reference = load_torch_backend(TRAINED_MODEL, max_slots=8, dtype="float32", progress=False)
     report = evaluate(tt, heldout[:1024], CONTEXT, STRIDE, reference, greedy_prompts=4, greedy_tokens=64)
     print_table(report, "ttnn defaults (host stand-in)", "torch float32", "held-out text")
+    # Measured here: KL mean 2.1e-4, p99 7.4e-4, top-1 98.7%, greedy 50+64+3+64 of 4 x 64 (the PyTorch
+    # backend's own bf16 run: 1.7e-4, 7.8e-4, 98.4%). The bounds leave about 10x on KL and still fail a
+    # bfloat4_b LM head (KL 1.2e-2, p99 4e-2, top-1 90%, greedy 6 of 256: benchmarks/eval_dtypes.py).
     ref = report["reference"]
-    assert ref["kl_mean"] < 0.02 and ref["kl_p99"] < 0.2 and ref["top1_agreement"] > 0.95
-    assert report["perplexity"] == pytest.approx(ref["perplexity"], rel=0.02)
-    assert sum(m == ref["greedy"]["steps"] for m in ref["greedy"]["matched"]) >= 2
+    assert ref["kl_mean"] < 2e-3 and ref["kl_p99"] < 1e-2 and ref["top1_agreement"] > 0.95
+    assert report["perplexity"] == pytest.approx(ref["perplexity"], rel=0.01)
+    assert sum(ref["greedy"]["matched"]) >= ref["greedy"]["steps"]  # a quarter of the 4 x 64 tokens at least
+
+
+@pytest.mark.slow
+def test_training_is_reproducible_and_rebuilds_the_shipped_corpus(tmp_path):
+    """Two short runs of tools/train_tiny.py write identical files; on the Python that trained the shipped
+    model, the corpus split and the tokenizer are the shipped ones."""
+    import sys
+
+    from tools.train_tiny import main
+
+    runs, threads = [tmp_path / "a", tmp_path / "b"], torch.get_num_threads()
+    try:
+        for out in runs:
+            assert main(["--out", str(out), "--steps", "2", "--batch", "2"]) == 0
+    finally:
+        torch.set_num_threads(threads)  # the script sets its own
+    for name in ("model.safetensors", "master/model.safetensors", "tokenizer.json", "heldout.txt"):
+        assert (runs[0] / name).read_bytes() == (runs[1] / name).read_bytes(), name
+    shipped = json.loads((TRAINED_MODEL / "training.json").read_text())
+    if sys.version.split()[0] == shipped["python"]:
+        for name in ("tokenizer.json", "heldout.txt"):
+            assert (runs[0] / name).read_bytes() == (TRAINED_MODEL / name).read_bytes(), name
+        assert json.loads((runs[0] / "training.json").read_text())["train_text_sha256"] == shipped["train_text_sha256"]

@@ -336,3 +336,24 @@ def test_plan_sdpa_decode_grids_are_split_completely_by_the_op():
                 complete = computed == {(u, h) for u in range(users) for h in range(kv)}
                 if sdpa_decode_busy_cores(users, kv, cores):
                     assert complete, (users, kv, cores)
+
+
+@pytest.mark.parametrize("grid", [(13, 10), (12, 10), (11, 10), (8, 8)])
+def test_plan_places_heads_cos_sin_and_sdpa_q_on_the_same_cores_for_every_user_count(grid):
+    """2B-4T's decode layouts at 1-32 users on Blackhole (unharvested and harvested) and Wormhole grids:
+    the head grid fits, SDPA decode's output core b is the core holding user b, and its split is complete
+    (main b79e45c asked for a 1x17 head grid at 17 users and an 8x8 SDPA grid at 32)."""
+    from bitnet_tt.backends.ttnn.config import DeviceFacts, TTOptions, make_plan
+    from bitnet_tt.config import ModelConfig
+    from bitnet_tt.synthetic import config_2b4t
+
+    model = ModelConfig.from_hf_dict(config_2b4t())
+    device = DeviceFacts("test", grid[0], grid[1], 8, 4_277_141_376, 1_461_120)
+    for users in range(1, 33):
+        plan = make_plan(model, device, TTOptions(), users, 256)
+        (hx, hy), (sx, sy) = plan.head_grid(), plan.sdpa_decode_grid()
+        rows = plan.decode_rows
+        assert users <= rows == hx * hy and hx <= grid[0] and hy <= grid[1] and sx <= grid[0] and sy <= grid[1]
+        assert rectangle(hx, hy)[:rows] == row_major(rows, (sx, sy)), users
+        computed = sdpa_decode_computed_heads(rows, model.num_kv_heads, sx * sy, 16)
+        assert computed == {(u, h) for u in range(rows) for h in range(model.num_kv_heads)}, users

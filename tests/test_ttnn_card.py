@@ -9,10 +9,12 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 pytestmark = pytest.mark.tt_card
+ROOT = Path(__file__).resolve().parents[1]  # verify --per-op imports the stand-in from tools/
 
 # A small model the ttnn backend takes whole: tile-sized dimensions, 4:1 GQA, a vocabulary of whole
 # tiles (so sampling runs on the device).
@@ -36,6 +38,16 @@ def card():
 def cli(*args: str):
     return subprocess.run([sys.executable, "-m", "bitnet_tt.cli", *map(str, args)], capture_output=True, text=True,
                           env=card_env(), timeout=1800)
+
+
+@pytest.mark.parametrize("users", [1, 32])
+def test_every_op_agrees_with_the_host_stand_in(card, model_factory, users):
+    """The bring-up check: run first on a new card; on failure it names the first wrong op."""
+    folder = model_factory("packed", **CARD_MODEL)
+    result = subprocess.run([sys.executable, "-m", "bitnet_tt.cli", "verify", "--per-op", "--backend", "ttnn", "--model",
+                             str(folder), "--max-batch", str(users), "--max-context", "256", "--quiet"],
+                            capture_output=True, text=True, env=card_env(), timeout=1800, cwd=ROOT)
+    assert result.returncode == 0 and "all ops agree" in result.stdout, result.stdout + result.stderr
 
 
 def test_verify_against_the_pytorch_backend(card, model_factory):

@@ -220,6 +220,25 @@ def test_a_prefill_that_compiles_new_programs_releases_the_traces(model_factory,
     assert tt.steps.captured == ["forward"]
 
 
+@pytest.mark.parametrize("bug", [None, layout_of_b79e45c])
+def test_per_op_check_names_the_first_wrong_op(model_factory, bug):
+    """`verify --per-op` on the stand-in as the device: every op agrees with the stand-in's meaning of it, fed
+    the same inputs; with b79e45c's layout the first op that disagrees is decode's RoPE (cos/sin read on
+    other users' cores)."""
+    from tools.tt_host.per_op import compare_per_op, describe, stand_in_twin
+
+    folder = model_factory("packed", **CONFIGS["gqa4-head32"])
+    candidate, _ = backends(folder, replace(EXACT, use_trace=False), users=32, exact=True, patch=bug)
+    report = compare_per_op(candidate, stand_in_twin(candidate, load_weights(folder, progress=False)), prompt(40, 5))
+    lines = describe(report)
+    assert len(report.ops) > 20 * candidate.config.num_layers
+    if bug is None:
+        assert report.first_wrong is None and lines[0].startswith("all ops agree"), lines
+    else:
+        assert report.first_wrong.name == "experimental.rotary_embedding_hf", lines
+        assert "first op below PCC" in lines[0] and "shards on" in lines[1]
+
+
 def test_verify_report_and_benchmark_facts(folder):
     from bitnet_tt.verify import verify
 

@@ -37,7 +37,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from bitnet_tt.config import ModelConfig
-from bitnet_tt.synthetic import CHAT_TEMPLATE, SPECIAL_TOKENS, hf_config
+from bitnet_tt.synthetic import SPECIAL_TOKENS, hf_config, train_tokenizer
 from bitnet_tt.ternary import pack_hf, ternarize_absmean
 
 SKIPPED_PACKAGES = {"test", "idlelib", "lib2to3", "turtledemo", "site-packages", "encodings", "ensurepip",
@@ -85,32 +85,6 @@ def split_corpus(docs: list[str]) -> tuple[list[str], list[str]]:
     held = [d for i, d in enumerate(docs) if i % HELD_OUT_EVERY == HELD_OUT_EVERY - 1]
     train = [d for i, d in enumerate(docs) if i % HELD_OUT_EVERY != HELD_OUT_EVERY - 1]
     return train, held
-
-
-# ---------------------------------------------------------------------------------------------
-# Tokenizer
-
-
-def train_tokenizer(train_docs: list[str], vocab_size: int, folder: Path):
-    """Byte-level BPE over the training documents; special tokens last, as the synthetic models have them."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(SPECIAL_TOKENS), show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(train_docs, trainer=trainer)
-    tok.add_special_tokens(SPECIAL_TOKENS)
-    if tok.get_vocab_size() != vocab_size:
-        raise SystemExit(f"tokenizer has {tok.get_vocab_size()} tokens, wanted {vocab_size}")
-    tok.save(str(folder / "tokenizer.json"))
-    bos, eos, _ = SPECIAL_TOKENS
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "bos_token": bos, "eos_token": eos, "add_bos_token": True,
-        "chat_template": CHAT_TEMPLATE, "tokenizer_class": "PreTrainedTokenizerFast",
-    }, indent=2) + "\n")
-    return tok
 
 
 def token_stream(tok, docs: list[str]) -> torch.Tensor:
@@ -323,6 +297,8 @@ def main(argv=None) -> int:
         f"{len(heldout_text) / 1e3:.0f} K held out; Python {sys.version.split()[0]}")
 
     tok = train_tokenizer(train_docs, ARCH["vocab_size"], out)
+    if tok.get_vocab_size() != ARCH["vocab_size"]:
+        raise SystemExit(f"the tokenizer has {tok.get_vocab_size()} tokens, not {ARCH['vocab_size']}")
     config = model_config(tok)
     stream = token_stream(tok, train_docs)
     log(f"training stream: {len(stream)} tokens")

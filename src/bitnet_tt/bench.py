@@ -16,6 +16,8 @@ def run_engine_bench(engine: Engine, batch_sizes: list[int], prompt_tokens: int,
     temperature and top_k), print one row per batch size.
 
     Overhead is the share of a decode step spent outside the backend (scheduling, sampling, detokenising).
+    Prefill runs until every user has its first token, the engine's prefill chunk per step: when the batch's
+    prompts exceed one chunk, the first users already decode in those steps.
     """
     config = engine.backend.config
     params = SamplingParams(max_new_tokens=new_tokens, temperature=temperature, top_k=top_k, seed=0, ignore_eos=True)
@@ -31,7 +33,8 @@ def run_engine_bench(engine: Engine, batch_sizes: list[int], prompt_tokens: int,
         requests = [engine.submit(p, params) for p in prompts]
         stats = engine.stats
         prefill_started = time.perf_counter()
-        engine.step()  # admits and prefills every request (batch <= slots)
+        while not all(r.output_ids for r in requests):  # admit and prefill every request (batch <= slots)
+            engine.step()
         prefill_s = time.perf_counter() - prefill_started
         steps_before, step_s_before, backend_s_before = stats.steps, stats.step_seconds, stats.backend_seconds
         decode_started = time.perf_counter()

@@ -408,9 +408,9 @@ def convert_checkpoint(src: Path, dst: Path, force: bool = False, progress: bool
         finally:
             shutil.rmtree(partial, ignore_errors=True)  # the new model if it was not published, else the old one
     except FileExistsError:
-        raise CheckpointError(f"{dst}: already exists (another conversion finished first?); pass --force to "
-                              "replace an earlier conversion" if not force else
-                              f"{dst}: exists and is not a converted model; refusing to replace it") from None
+        problem = ("exists and is not a converted model; refusing to replace it" if force else
+                   "already exists (another conversion finished first?); pass --force to replace an earlier conversion")
+        raise CheckpointError(f"{dst}: {problem}") from None
     except OSError as exc:
         raise CheckpointError(f"{dst}: cannot write the converted model ({exc.strerror or exc})") from None
     return dst

@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -18,7 +19,7 @@ import time
 from pathlib import Path
 
 from . import __version__
-from .api import CHAT_SAMPLING, GENERATE_SAMPLING, LLM, SAMPLING_DEFAULTS, check_utf8
+from .api import CHAT_SAMPLING, DEFAULT_PREFILL_CHUNK, GENERATE_SAMPLING, LLM, SAMPLING_DEFAULTS, check_utf8
 from .errors import BitNetError
 
 DEMO_PROMPTS = ["BitNet b1.58 is", "User: Hello! How are you today?"]
@@ -124,10 +125,11 @@ def port_number(text: str) -> int:
     return value
 
 
-def add_model_options(parser: argparse.ArgumentParser, slots: int | None = None) -> None:
+def add_model_options(parser: argparse.ArgumentParser, slots: int | None = None,
+                      default_model: str = "the random-weight demo model") -> None:
     """--model and how to load it; `slots`: the --max-batch default (None: the command has no --max-batch)."""
     group = parser.add_argument_group("model")
-    group.add_argument("--model", help="model folder or Hugging Face hub id (default: the random-weight demo model)")
+    group.add_argument("--model", help=f"model folder or Hugging Face hub id (default: {default_model})")
     group.add_argument("--backend", help="cpu (native kernels; the default on the CPU), torch (the golden model, "
                                          "any machine; the default with --device cuda or a --dtype other than "
                                          "float32) or ttnn (Tenstorrent card)")
@@ -149,6 +151,13 @@ def add_model_options(parser: argparse.ArgumentParser, slots: int | None = None)
     tt.add_argument("--tt-one-weight-copy", action="store_true",
                     help="no DRAM-sharded decode copy of the weights: less device memory, slower decode")
     tt.add_argument("--tt-no-trace", action="store_true", help="run decode op by op instead of replaying a trace")
+    tt.add_argument("--tt-debug", action="store_true", help="show ttnn's warnings (e.g. an op placing its output elsewhere than asked)")
+
+
+def add_engine_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--prefill-chunk", type=positive_int, default=DEFAULT_PREFILL_CHUNK,
+                        help="prompt tokens prefilled per step, between the decode steps of running users; "
+                             "a prompt up to this length is prefilled whole (default: %(default)s)")
 
 
 def add_sampling_options(parser: argparse.ArgumentParser, command_defaults: dict) -> None:
@@ -170,11 +179,11 @@ def add_sampling_options(parser: argparse.ArgumentParser, command_defaults: dict
 
 
 def command(sub, name: str, run, help: str, model: bool = True, slots: int | None = None,
-            sampling: dict | None = None) -> argparse.ArgumentParser:
+            sampling: dict | None = None, default_model: str | None = None) -> argparse.ArgumentParser:
     parser = sub.add_parser(name, help=help, description=help)
     parser.set_defaults(run=run)  # `run` is the one default every command sets; no option shares it
     if model:
-        add_model_options(parser, slots)
+        add_model_options(parser, slots, *([default_model] if default_model else []))
     if sampling is not None:
         add_sampling_options(parser, sampling)
     return parser
@@ -191,9 +200,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts-file", type=Path, help="one prompt per line (instead of PROMPT)")
     p.add_argument("--chat", action="store_true", help="wrap each prompt as a user message in the chat format")
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt instead of streaming")
+    add_engine_options(p)
 
     p = command(sub, "chat", cmd_chat, "interactive multi-turn chat", sampling=CHAT_SAMPLING)
     p.add_argument("--system", help="system message")
+    add_engine_options(p)
 
     p = command(sub, "serve", cmd_serve, "OpenAI-compatible HTTP server (chat, completions, metrics)",
                 slots=DEFAULT_SLOTS)
@@ -207,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--read-timeout", type=positive_float, default=20.0,
                    help="seconds a client has to send a request's headers, and again its body")
     p.add_argument("--public-metrics", action="store_true", help="answer /metrics without the API key (for a scraper)")
+    add_engine_options(p)
 
     p = command(sub, "bench", cmd_bench, "throughput and latency at several batch sizes")
     p.add_argument("--max-batch", type=positive_int, help="KV-cache slots (default: the largest of --batch-sizes)")
@@ -218,12 +230,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ttft-prompts", default="128,2048", help="prompt lengths for time to first token")
     p.add_argument("--temperature", type=float, default=0.0, help="sample instead of picking greedily (0: greedy)")
     p.add_argument("--top-k", type=non_negative_int, default=0, help="with --temperature; up to 32 samples on a Tenstorrent device")
+    add_engine_options(p)
 
-    p = command(sub, "verify", cmd_verify, "compare a backend's logits and greedy tokens with the PyTorch backend in fp32")
+    p = command(sub, "verify", cmd_verify, "compare a backend's logits and greedy tokens with the PyTorch backend in fp32",
+                slots=1)  # --max-batch sets the ttnn decode layout that --per-op checks
     p.add_argument("--greedy-tokens", type=positive_int, default=128, help="greedy tokens to compare")
+    p.add_argument("--per-op", action="store_true",
+                   help="ttnn only: one prefill and one decode step op by op against the host stand-in fed the same "
+                        "inputs; names the first op that disagrees (needs the repository's tools/ folder)")
 
     p = command(sub, "eval", cmd_eval, "perplexity of a text; with a reference: KL divergence, top-1 and greedy agreement",
-                slots=DEFAULT_SLOTS)
+                slots=DEFAULT_SLOTS, default_model="the shipped models/tiny-bitnet")
     p.add_argument("--text", type=Path, help="UTF-8 text file (default: heldout.txt in the model folder, as the shipped model has)")
     p.add_argument("--reference-backend", help="compare with this backend on the same windows (torch or ttnn)")
     p.add_argument("--reference-dtype", help="the reference's torch dtype (default float32; implies --reference-backend torch)")
@@ -243,8 +260,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = command(sub, "info", cmd_info, "what a model folder (or hub id: config and index only) holds", model=False)
     p.add_argument("model", help="model folder or hub id")
 
-    p = command(sub, "demo", cmd_demo, "generate with the small shipped model trained on Python's documentation (offline)")
+    p = command(sub, "demo", cmd_demo, "generate with the small shipped model trained on Python's documentation (offline)",
+                default_model="the shipped models/tiny-bitnet, else a random-weight model")
     p.add_argument("--max-new-tokens", type=positive_int, default=48, help="tokens per demo prompt")
+    add_engine_options(p)
     return parser
 
 
@@ -284,6 +303,7 @@ def open_llm(args, folder: Path | str, **overrides) -> LLM:
         torch.set_num_threads(args.threads)
     options = {"max_batch": getattr(args, "max_batch", 1), "max_context": args.max_context, "dtype": args.dtype,
                "device": args.device, "progress": not args.quiet,
+               "prefill_chunk": getattr(args, "prefill_chunk", DEFAULT_PREFILL_CHUNK),
                "tt_options": tt_options(args) if backend == "ttnn" else None,
                "cpu_options": cpu_options(args) if backend == "cpu" else None}
     return LLM(folder, backend, **{**options, **overrides})
@@ -307,11 +327,13 @@ def tt_options(args):
 
     chosen = {"weight_dtype": args.tt_weight_dtype, "lm_head_dtype": args.tt_lm_head_dtype}
     return TTOptions(**{k: v for k, v in chosen.items() if v is not None}, activation_quant=args.tt_activation_quant,
-                     dram_sharded_decode=not args.tt_one_weight_copy, use_trace=not args.tt_no_trace)
+                     dram_sharded_decode=not args.tt_one_weight_copy, use_trace=not args.tt_no_trace,
+                     debug_log=args.tt_debug)
 
 
 def synthetic_model(kind: str, progress: bool = True) -> Path:
     """A random-weight model kept in the user's cache; written atomically on first use."""
+    from .folders import partial_folder, publish, remove_stale_partials
     from .synthetic import config_2b4t, hf_config, write_random_model
 
     cache = Path(os.environ.get("BITNET_TT_CACHE", Path.home() / ".cache" / "bitnet-tt"))
@@ -324,9 +346,15 @@ def synthetic_model(kind: str, progress: bool = True) -> Path:
         vocab_size=323, hidden_size=256, intermediate_size=640, num_hidden_layers=4,
         num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=1024,
     )
-    partial = cache / f".{folder.name}.partial-{os.getpid()}"
-    write_random_model(partial, config, fmt="packed", seed=0)
-    partial.rename(folder)
+    remove_stale_partials(folder)
+    partial = partial_folder(folder)
+    try:
+        write_random_model(partial, config, fmt="packed", seed=0)
+        publish(partial, folder)
+    except FileExistsError:
+        pass  # another process wrote it first: the same model, from the same seed
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
     return folder
 
 
@@ -587,6 +615,8 @@ def cmd_verify(args) -> int:
     from .verify import print_report, verify
 
     folder = model_folder(args)
+    if args.per_op:
+        return verify_ttnn_per_op(args, folder)
     with open_llm(args, folder) as candidate, open_llm(args, folder, backend="torch", dtype="float32",
                                                          tt_options=None) as reference:
         report = verify(candidate.backend, reference.backend, args.greedy_tokens)
@@ -595,10 +625,23 @@ def cmd_verify(args) -> int:
     return 0 if report["passed"] else 1
 
 
+def verify_ttnn_per_op(args, folder) -> int:
+    from .verify import per_op_report
+
+    if args.backend != "ttnn":
+        raise BitNetError("--per-op compares the ttnn backend op by op with its host stand-in: add --backend ttnn")
+    with open_llm(args, folder) as candidate:  # a fresh backend: its first decode step runs op by op
+        lines, agree = per_op_report(candidate.backend, folder)
+    print("\n".join(lines))
+    return 0 if agree else 1
+
+
 def cmd_eval(args) -> int:
     from .eval import evaluate, print_table
 
     folder = Path(args.model) if args.model else TRAINED_MODEL
+    if not args.model and not TRAINED_MODEL.is_dir():
+        raise BitNetError("no --model given, and the shipped models/tiny-bitnet comes only with a clone of the repository")
     text = read_text(args.text or folder / "heldout.txt")
     compare = args.reference_backend or args.reference_dtype
     reference_backend, reference_dtype = args.reference_backend or "torch", args.reference_dtype or "float32"

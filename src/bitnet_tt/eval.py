@@ -46,7 +46,8 @@ def windows(n_tokens: int, context: int, stride: int) -> list[Window]:
     return result
 
 
-def next_token_logits(backend: Backend, tokens: Sequence[int], batch: Sequence[Window]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def next_token_logits(backend: Backend, tokens: Sequence[int],
+                      batch: Sequence[Window]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(logits [k, vocab], targets [k]) step by step for a batch of windows, one slot each."""
     for slot, w in enumerate(batch):
         backend.free(slot)

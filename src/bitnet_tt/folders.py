@@ -19,6 +19,7 @@ import fcntl
 import os
 import re
 import shutil
+import signal
 from collections.abc import Callable
 from pathlib import Path
 
@@ -112,13 +113,25 @@ def publish(partial: Path, dst: Path, replaceable: Callable[[Path], bool] | None
     then holds the old folder, for the caller to remove.
     """
     sync_folder(partial)
-    try:
-        _publish_with_renameat2(partial, dst, replaceable)
-    except OSError as exc:
-        if exc.errno not in NO_RENAMEAT2:
-            raise
-        _publish_under_lock(partial, dst, replaceable)
+    with _signals_held():
+        try:
+            _publish_with_renameat2(partial, dst, replaceable)
+        except OSError as exc:
+            if exc.errno not in NO_RENAMEAT2:
+                raise
+            _publish_under_lock(partial, dst, replaceable)
     sync_folder(dst.parent, files=False)
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """Ctrl-C, SIGTERM and SIGHUP wait until the renames are done: none lands between a swap and its undo."""
+    held = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _publish_with_renameat2(partial: Path, dst: Path, replaceable) -> None:

@@ -10,6 +10,7 @@ import torch
 from .errors import GenerationError, RequestError
 
 MAX_TOP_LOGPROBS = 20
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range: -100 bans a token, +100 all but forces it
 MAX_STOP_STRINGS = 16  # as many as vLLM's and llama.cpp's clients commonly send; OpenAI takes 4
 MAX_STOP_CHARS = 1000  # per stop string: bounds the text a request holds back while a stop string may start
 
@@ -29,8 +30,13 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0
     ignore_eos: bool = False  # keep generating past end ids (benchmarks)
+    cache_prompt: bool = True  # reuse a cached prompt prefix and leave this one for later requests (llama.cpp's name)
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit); a mapping is accepted too
+    json_schema: str | None = None  # the output must be JSON matching this schema (JSON text); see grammar.py
 
     def __post_init__(self):
+        if isinstance(self.logit_bias, dict):
+            object.__setattr__(self, "logit_bias", tuple(sorted(self.logit_bias.items())))
         checks = [
             (self.max_new_tokens >= 1, "max_new_tokens must be at least 1"),
             (0.0 <= self.temperature <= 100.0, "temperature must be between 0 and 100"),
@@ -45,6 +51,9 @@ class SamplingParams:
             (all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in self.stop),
              f"stop strings must be non-empty strings of at most {MAX_STOP_CHARS} characters"),
             (self.seed is None or 0 <= self.seed < 2**63, "seed must be a non-negative integer"),
+            (all(isinstance(t, int) and t >= 0 and -MAX_LOGIT_BIAS <= b <= MAX_LOGIT_BIAS
+                 for t, b in self.logit_bias),
+             f"logit_bias maps token ids to biases in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]"),
         ]
         for ok, message in checks:
             if not ok:
@@ -56,9 +65,10 @@ class SamplingParams:
 
     @property
     def raw_logits_suffice(self) -> bool:
-        """No penalties reshape the logits and no log-probs are reported: the raw logits decide the token."""
-        return (not (self.logprobs or self.top_logprobs) and self.repetition_penalty == 1.0
-                and self.presence_penalty == 0.0 and self.frequency_penalty == 0.0)
+        """No penalties, biases or grammar reshape the logits and no log-probs are reported: the raw logits decide
+        the token."""
+        return (not (self.logprobs or self.top_logprobs or self.logit_bias) and self.json_schema is None
+                and self.repetition_penalty == 1.0 and self.presence_penalty == 0.0 and self.frequency_penalty == 0.0)
 
     @property
     def plain_greedy(self) -> bool:
@@ -111,8 +121,8 @@ class TokenChoice:
 
 
 def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt_ids, output_ids) -> torch.Tensor:
-    """The penalties, in place; the result stays finite (a penalty as small as 5e-324 would overflow even
-    float64: such logits are held at the dtype's largest value, which keeps them first)."""
+    """The penalties and the logit bias, in place; the result stays finite (a penalty as small as 5e-324 would
+    overflow even float64: such logits are held at the dtype's largest value, which keeps them first)."""
     if params.repetition_penalty != 1.0:
         seen = torch.tensor(sorted(set(prompt_ids) | set(output_ids)), dtype=torch.long)
         if len(seen):
@@ -124,6 +134,9 @@ def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt_ids, ou
         ids = torch.tensor(list(counts), dtype=torch.long)
         freq = torch.tensor(list(counts.values()), dtype=logits.dtype)
         logits[ids] -= params.presence_penalty + params.frequency_penalty * freq
+    if params.logit_bias:
+        ids, biases = zip(*params.logit_bias)
+        logits[list(ids)] += torch.tensor(biases, dtype=logits.dtype)
     largest = torch.finfo(logits.dtype).max
     return logits.clamp_(-largest, largest)
 
@@ -158,14 +171,18 @@ def check_finite(logits: torch.Tensor) -> None:
 
 
 def sample_token(
-    logits: torch.Tensor, params: SamplingParams, prompt_ids, output_ids, generator: torch.Generator | None
+    logits: torch.Tensor, params: SamplingParams, prompt_ids, output_ids, generator: torch.Generator | None,
+    allowed: torch.Tensor | None = None,
 ) -> TokenChoice:
-    """Pick the next token from logits [vocab] for one request. The sampler works in float64, where the
-    smallest accepted top_p, temperature and penalty (down to 5e-324) are representable; fp32 rounds them
-    to 0. Non-finite logits raise GenerationError."""
+    """Pick the next token from logits [vocab] for one request; only where `allowed` (bool [vocab]) is True when
+    given (a grammar's mask). The sampler works in float64, where the smallest accepted top_p, temperature and
+    penalty (down to 5e-324) are representable; fp32 rounds them to 0. Non-finite logits raise GenerationError.
+    Log-probs stay those of the model's own distribution."""
     check_finite(logits)
     raw = logits
     logits = apply_penalties(logits.to(torch.float64, copy=True), params, prompt_ids, output_ids)
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, float("-inf"))
     if params.greedy:
         token = int(logits.argmax())
     else:

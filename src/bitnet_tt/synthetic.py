@@ -118,17 +118,23 @@ def write_tokenizer(folder: Path, max_vocab: int) -> int:
 
     Returns its vocabulary size (at most `max_vocab`); special ids are size-3, size-2, size-1.
     """
+    size = min(max_vocab, 256 + 64 + len(SPECIAL_TOKENS))
+    return train_tokenizer([_CORPUS] * 4, size, folder).get_vocab_size()
+
+
+def train_tokenizer(texts: list[str], vocab_size: int, folder: Path):
+    """Byte-level BPE of at most `vocab_size` tokens (the 2B-4T special tokens last) trained on `texts`,
+    written as tokenizer.json and tokenizer_config.json; returns the `tokenizers.Tokenizer`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    size = min(max_vocab, 256 + 64 + len(SPECIAL_TOKENS))
     trainer = trainers.BpeTrainer(
-        vocab_size=size - len(SPECIAL_TOKENS), initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        vocab_size=vocab_size - len(SPECIAL_TOKENS), initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator([_CORPUS] * 4, trainer=trainer)
+    tok.train_from_iterator(texts, trainer=trainer)
     tok.add_special_tokens(SPECIAL_TOKENS)
     tok.save(str(folder / "tokenizer.json"))
     bos, eos, eot = SPECIAL_TOKENS
@@ -136,4 +142,4 @@ def write_tokenizer(folder: Path, max_vocab: int) -> int:
         "bos_token": bos, "eos_token": eos, "add_bos_token": True,
         "chat_template": CHAT_TEMPLATE, "tokenizer_class": "PreTrainedTokenizerFast",
     }, indent=2) + "\n")
-    return tok.get_vocab_size()
+    return tok

@@ -75,6 +75,22 @@ def verify(candidate: Backend, reference: Backend, greedy_tokens: int = 128) -> 
     }
 
 
+def per_op_report(candidate: Backend, folder) -> tuple[list[str], bool]:
+    """The ttnn backend's first prefill and decode step, op by op, against the host stand-in fed the same
+    inputs (tools/tt_host/per_op.py, in a clone of the repository): report lines, and whether all agree."""
+    from .checkpoint import load_weights
+    from .errors import BitNetError
+
+    try:
+        from tools.tt_host.per_op import compare_per_op, describe, stand_in_twin
+    except ImportError:
+        raise BitNetError("--per-op needs the host stand-in in tools/ of a clone of bitnet-tt: run it from the "
+                          "repository root") from None
+    prompt = fixed_prompts(candidate.config.vocab_size, candidate.max_context)[2]
+    report = compare_per_op(candidate, stand_in_twin(candidate, load_weights(folder, progress=False)), prompt)
+    return describe(report), report.first_wrong is None
+
+
 def print_report(report: dict, candidate: str, reference: str) -> None:
     print(f"comparing {candidate} (candidate) with {reference} (reference)")
     print(f"{'prompt tokens':>13} {'PCC':>9} {'top-1':>6} {'top-5':>6}")

@@ -18,6 +18,8 @@ backend makes, with ttnn's observable semantics:
   replay re-runs it on the current contents of the input tensors.
 
 `exact=True` turns all rounding off (every float tensor stays fp32): the "fp32-equivalent" setting.
+`kernel_placement=False` computes what each op means, wherever its shards lie: the reference that a
+device's (or this stand-in's) op outputs are compared with, op by op (tools/tt_host/per_op.py).
 """
 
 from __future__ import annotations
@@ -182,8 +184,9 @@ class HostTensor:
 class HostTT:
     """Drop-in for the parts of `ttnn` the backend uses. One instance per test: it holds the trace state."""
 
-    def __init__(self, exact: bool = False, block_float=None, grid=(13, 10), dram_banks=(8, 4_277_141_376), l1_bank=1_461_120):
-        self.exact, self.block_float = exact, block_float
+    def __init__(self, exact: bool = False, block_float=None, grid=(13, 10), dram_banks=(8, 4_277_141_376), l1_bank=1_461_120,
+                 kernel_placement: bool = True):
+        self.exact, self.block_float, self.kernel_placement = exact, block_float, kernel_placement
         self.grid, self.dram_banks, self.l1_bank = grid, dram_banks, l1_bank
         self._traces: dict[int, list] = {}
         self._stale_traces: set[int] = set()
@@ -555,9 +558,11 @@ class HostTT:
         if a.shape[-1] != b.shape[-2]:
             raise RuntimeError(f"linear: a_shape[-1] ({a.shape[-1]}) != b_shape[-2] ({b.shape[-2]})")
         if type(program_config).__name__ == "MatmulMultiCoreReuseMultiCastDRAMShardedProgramConfig":
-            _check_dram_sharded_matmul(a, b, memory_config)
-            # the output shards go to the first cores of the whole grid, row by row, whatever grid was asked for
-            memory_config = self._computed("linear", memory_config, row_major(memory_config.cores, self.grid))
+            # per_core_N tiles per output shard, on the first cores of the whole grid, row by row (whatever
+            # grid was asked for, and however many cores the input is on)
+            shards = -(-b.shape[-1] // (TILE * program_config.kwargs["per_core_N"]))
+            _check_dram_sharded_matmul(a, b, memory_config, shards)
+            memory_config = self._computed("linear", memory_config, row_major(shards, self.grid))
         return self._new(a.data @ b.data, "bfloat16", "TILE", memory_config)
 
     def _rms_norm(self, x, epsilon=1e-12, weight=None, memory_config=None, program_config=None, **_):
@@ -567,7 +572,7 @@ class HostTT:
         y = data * torch.rsqrt(data.pow(2).mean(-1, keepdim=True) + epsilon)
         if weight is not None:
             y = y * weight.data.reshape(-1)
-        if program_config is not None and x.memory_config().sharded:
+        if self.kernel_placement and program_config is not None and x.memory_config().sharded:
             # the sharded norm reads each shard from the L1 of its own program core
             grid = program_config.kwargs["compute_with_storage_grid_size"]
             if x.memory_config().placement != rectangle(grid.x, grid.y):
@@ -584,7 +589,7 @@ class HostTT:
         head_dim = qkv.shape[3] // (num_heads + 2 * num_kv_heads)
         if not overlap_qk_coregrid:
             raise RuntimeError("nlp_create_qkv_heads_decode: the stand-in reads only with overlap_qk_coregrid")
-        if qkv.memory_config().sharded:
+        if self.kernel_placement and qkv.memory_config().sharded:
             q, k, v = _qkv_heads_bounding_box_walk(qkv, num_heads, num_kv_heads, head_dim)
         else:
             parts = qkv.data[0, 0].view(users, num_heads + 2 * num_kv_heads, head_dim)
@@ -599,7 +604,7 @@ class HostTT:
         # [1, B, H, D] height-sharded -> [1, 1, 32, H*D]: the device always writes 32 user rows
         if x.memory_config().layout != "HEIGHT_SHARDED":
             raise RuntimeError("nlp_concat_heads_decode needs a height-sharded input")
-        if not is_rectangle(x.memory_config().placement):  # the mock fails with "bad optional access"
+        if self.kernel_placement and not is_rectangle(x.memory_config().placement):  # the mock: "bad optional access"
             raise RuntimeError(f"nlp_concat_heads_decode: input cores {x.memory_config().placement} are not a rectangle")
         users, heads, dim = x.shape[1:]
         out = torch.zeros(1, 1, TILE, num_heads * dim)
@@ -631,7 +636,7 @@ class HostTT:
         half = x.shape[-1] // 2
         data = x.data
         rotated = torch.cat((-data[..., half:], data[..., :half]), dim=-1)
-        if is_decode_mode:  # each core rotates its user's heads with the cos/sin rows held in its own L1
+        if is_decode_mode and self.kernel_placement:  # each core rotates its user's heads with the cos/sin in its L1
             cos_data, sin_data = (_on_cores_of(t, x.memory_config().placement, dim=1) for t in (cos, sin))
         else:
             cos_data, sin_data = cos.data, sin.data
@@ -669,19 +674,14 @@ class HostTT:
             raise RuntimeError(f"GQA expects Q to have a multiple of K heads, but got {heads} and {kv_heads}")
         grid = program_config.kwargs["compute_with_storage_grid_size"] if program_config else CoreCoord(*self.grid)
         query = q.data[0]
-        if q.memory_config().sharded:  # user b's Q is read from the L1 of user b's output core
+        if self.kernel_placement and q.memory_config().sharded:  # user b's Q is read from the L1 of its output core b
             query = _on_cores_of(q, row_major(users, (grid.x, grid.y)), dim=1)[0]
         mask = torch.arange(k.shape[2])[None, :] <= positions[:, None]  # [B, S]
         out = F.scaled_dot_product_attention(query[:, :, None], k.data, v.data, attn_mask=mask[:, None, None, :],
                                              scale=scale, enable_gqa=True)[:, :, 0]
-        max_cores = program_config.kwargs.get("max_cores_per_head_batch", 16) if program_config else 16
-        computed = sdpa_decode_computed_heads(users, kv_heads, grid.x * grid.y, max_cores)
-        if computed is None:  # a core works on a user or head past the end: nothing it wrote can be trusted
-            out = torch.full_like(out, float("nan"))
-        else:
-            group = heads // kv_heads
-            for user, kv_head in set(itertools.product(range(users), range(kv_heads))) - computed:
-                out[user, kv_head * group:(kv_head + 1) * group] = float("nan")
+        if self.kernel_placement:
+            max_cores = program_config.kwargs.get("max_cores_per_head_batch", 16) if program_config else 16
+            _blank_uncomputed_heads(out, kv_heads, sdpa_decode_computed_heads(users, kv_heads, grid.x * grid.y, max_cores))
         return self._like(q, out[None], memory_config)
 
 
@@ -756,6 +756,17 @@ def _qkv_heads_bounding_box_walk(qkv: HostTensor, num_heads: int, num_kv_heads: 
     return heads.split([num_heads, num_kv_heads, num_kv_heads], dim=1)
 
 
+def _blank_uncomputed_heads(out: torch.Tensor, kv_heads: int, computed) -> None:
+    """NaN where SDPA decode computes nothing (out [users, heads, dim]); all of it when a core strays past the end."""
+    if computed is None:
+        out.fill_(float("nan"))
+        return
+    group = out.shape[1] // kv_heads
+    for user, head in itertools.product(range(out.shape[0]), range(kv_heads)):
+        if (user, head) not in computed:
+            out[user, head * group:(head + 1) * group] = float("nan")
+
+
 def sdpa_decode_computed_heads(users: int, kv_heads: int, cores: int, max_cores_per_head: int):
     """The (user, KV head) pairs SDPA decode computes completely on `cores` cores: its program factory gives
     each user cores // users cores, splits them over the KV heads (several heads per core when too few),
@@ -782,7 +793,7 @@ def _shard_layout(config: MemoryConfig) -> tuple:
     return config.buffer, config.layout, config.shard_shape, config.cores
 
 
-def _check_dram_sharded_matmul(a: HostTensor, b: HostTensor, out: MemoryConfig | None) -> None:
+def _check_dram_sharded_matmul(a: HostTensor, b: HostTensor, out: MemoryConfig | None, shards: int) -> None:
     """The DRAM-sharded matmul reads x width-sharded in L1 (whole rows of k split over the cores) and the
     weight width-sharded over the DRAM banks, and writes on x's grid."""
     x, w = a.memory_config(), b.memory_config()
@@ -790,8 +801,8 @@ def _check_dram_sharded_matmul(a: HostTensor, b: HostTensor, out: MemoryConfig |
         raise RuntimeError(f"DRAM-sharded matmul: input {x} does not split k={a.shape[-1]} over its cores")
     if w.layout != "WIDTH_SHARDED" or w.buffer != "DRAM":
         raise RuntimeError(f"DRAM-sharded matmul: weight {w} is not width-sharded in DRAM")
-    if out is None or out.layout != "WIDTH_SHARDED" or out.cores != x.cores:
-        raise RuntimeError(f"DRAM-sharded matmul: output {out} is not width-sharded over as many cores as its input {x}")
+    if out is None or out.layout != "WIDTH_SHARDED" or out.cores != shards:
+        raise RuntimeError(f"DRAM-sharded matmul: output {out} is not width-sharded in {shards} shards")
 
 
 def _check_shard(x: HostTensor, config: MemoryConfig) -> None:

@@ -26,7 +26,7 @@ SHAPES = ("tiny", "2b4t")
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--board", default="p150", choices=["p150", "n150"])
+    parser.add_argument("--board", default="p150", choices=["p150", "p150-12x10", "p150-11x10", "n150"])
     parser.add_argument("--shapes", default="tiny", choices=SHAPES)
     parser.add_argument("--users", type=int, default=1)
     parser.add_argument("--context", type=int, default=256)

@@ -25,7 +25,8 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BOARDS = {"p150": "blackhole_p150.yaml", "n150": "wormhole_n150.yaml", "n300": "wormhole_n300.yaml"}
+BOARDS = {"p150": "blackhole_p150.yaml", "p150-12x10": "blackhole_p150_12x10.yaml",
+          "p150-11x10": "blackhole_p150_11x10.yaml", "n150": "wormhole_n150.yaml", "n300": "wormhole_n300.yaml"}
 MARK = "# bitnet-tt mock-only stand-in compiler"
 
 

@@ -23,6 +23,11 @@ class Backend(ABC):
     max_context: int
     # The largest top_k that decode_sampled draws from on the device; 0: this backend has no device sampler.
     device_top_k_limit: int = 0
+    # Whether prefill appends to a slot that already holds context (chunked prefill, prefix reuse); when
+    # false the engine only prefills whole prompts into empty slots.
+    supports_prefix_prefill: bool = True
+    # Whether copy_slot works: requests with the same prompt then share one prefill.
+    copies_slots: bool = False
 
     def __init__(self, config: ModelConfig, max_slots: int, max_context: int):
         self.config = config
@@ -49,10 +54,22 @@ class Backend(ABC):
         """Like decode, but draw each slot's next token on the device (only when device_top_k_limit > 0)."""
         raise NotImplementedError(f"{type(self).__name__} has no device sampler (device_top_k_limit is 0)")
 
+    def copy_slot(self, source: int, target: int, length: int) -> None:
+        """Make the empty `target` slot's context the first `length` positions of `source`'s (only when
+        copies_slots): the same state a prefill of those tokens into `target` would leave."""
+        raise NotImplementedError(f"{type(self).__name__} cannot copy slots (copies_slots is False)")
+
     def free(self, slot: int) -> None:
         """Forget the slot's context so that it can serve another request."""
         self._check_slot(slot)
         self._lengths[slot] = 0
+
+    def keep_prefix(self, slot: int, length: int) -> None:
+        """Forget all but the first `length` positions of the slot's context (a prompt reuses them)."""
+        self._check_slot(slot)
+        if not 0 <= length <= self._lengths[slot]:
+            raise ValueError(f"slot {slot} holds {self._lengths[slot]} positions, cannot keep {length}")
+        self._lengths[slot] = length
 
     def slot_length(self, slot: int) -> int:
         """Tokens currently held in the slot's context."""

@@ -1,4 +1,5 @@
-"""Continuous batching over a backend's slots: admit, prefill, decode all active slots in one call, stream."""
+"""Continuous batching over a backend's slots: each step decodes every running slot in one call and prefills
+the next prompt chunks (scheduler.py), reusing cached prompt prefixes (slots.py); it streams text and cancels."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch
 
 from ..backends.base import Backend
 from ..errors import BitNetError, CapacityError, GenerationError, RequestError
+from ..grammar import GrammarCompiler, TokenConstraint
 from ..sampling import (
     NON_FINITE_LOGITS,
     DeviceDraw,
@@ -26,6 +28,8 @@ from ..sampling import (
 )
 from ..tokenizer import ChatMessage, StreamDecoder, Tokenizer
 from .request import Request, RequestOutput, RequestStatus
+from .scheduler import PrefillChunk, Scheduler, StepPlan
+from .slots import SlotPool
 from .stops import StopScanner
 
 logger = logging.getLogger("bitnet_tt.engine")
@@ -33,6 +37,8 @@ PROMPT_OVERFLOW = ("error", "truncate")  # what to do with a prompt that does no
 # Failures of one backend method (prefill, decode, ...) with no success of it between them, before the engine
 # gives up (raises BackendBroken from step()) instead of failing request after request on a broken backend.
 MAX_BACKEND_FAILURES_IN_A_ROW = 3
+# Prompt tokens prefilled per step (the rest wait for later steps, between decodes); see README, "Serving".
+DEFAULT_PREFILL_CHUNK = 64
 
 
 @dataclass
@@ -63,21 +69,29 @@ class BackendBroken(Exception):
 
 
 class Engine:
-    def __init__(self, backend: Backend, tokenizer: Tokenizer, prompt_overflow: str = "error"):
+    def __init__(self, backend: Backend, tokenizer: Tokenizer, prompt_overflow: str = "error",
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK):
         if prompt_overflow not in PROMPT_OVERFLOW:
             raise RequestError(f"prompt_overflow must be one of {PROMPT_OVERFLOW}")
+        if not isinstance(prefill_chunk, int) or prefill_chunk < 1:
+            raise RequestError(f"prefill_chunk must be a positive number of tokens, got {prefill_chunk!r}")
         self.backend = backend
         self.tokenizer = tokenizer
         self.prompt_overflow = prompt_overflow
         self.stats = EngineStats()
         self._lock = threading.Lock()
         self._waiting: deque[Request] = deque()
-        self._running: dict[int, Request] = {}  # slot -> request
+        self._running: dict[int, Request] = {}  # slot -> request, in admission order
         self._text: dict[str, _TextState] = {}
         self._cancelled: set[str] = set()
         self._ids = itertools.count()
-        self._free_slots = list(range(backend.max_slots))
+        self.slots = SlotPool(backend.max_slots)
+        self.scheduler = Scheduler(self.slots, prefill_chunk, prefix_prefill=backend.supports_prefix_prefill,
+                                   copies_slots=backend.copies_slots)
+        self.last_plan = StepPlan()  # what the latest step ran (tests and benchmarks read it)
         self._backend_failures: Counter = Counter()  # per backend method: failures since its last success
+        self._grammar: GrammarCompiler | None = None  # built on first use (it converts the tokenizer)
+        self._grammar_lock = threading.Lock()  # not self._lock: the engine thread need not wait for the build
 
     # -- submitting ------------------------------------------------------------------------------
 
@@ -89,10 +103,11 @@ class Engine:
         params = params or SamplingParams()
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
         ids = self._fit_prompt(ids)
+        self._check_token_ids(params)
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         request = Request(
             id=request_id or f"req-{next(self._ids)}", prompt_ids=ids, params=params, on_output=on_output,
-            generator=torch.Generator().manual_seed(seed),
+            generator=torch.Generator().manual_seed(seed), constraint=self._constraint(params),
         )
         with self._lock:
             self._text[request.id] = _TextState(StreamDecoder(self.tokenizer), StopScanner(params.stop))
@@ -103,9 +118,23 @@ class Engine:
         return self.submit(self.tokenizer.encode_chat(list(messages)), params, **kwargs)
 
     def cancel(self, request_id: str) -> None:
-        """Stop a request; its slot is freed at the start of the next step. Thread-safe."""
+        """Stop a request (also midway through its prompt); its slot is freed at the start of the next step.
+        Thread-safe."""
         with self._lock:
             self._cancelled.add(request_id)
+
+    def _constraint(self, params: SamplingParams) -> TokenConstraint | None:
+        if params.json_schema is None:
+            return None
+        with self._grammar_lock:
+            if self._grammar is None:
+                self._grammar = GrammarCompiler(self.tokenizer, self.backend.config.vocab_size)
+        return self._grammar.constraint(params.json_schema)
+
+    def _check_token_ids(self, params: SamplingParams) -> None:
+        vocab = self.backend.config.vocab_size
+        if any(token >= vocab for token, _ in params.logit_bias):
+            raise RequestError(f"logit_bias token ids must be in [0, {vocab})")
 
     def _fit_prompt(self, ids: list[int]) -> list[int]:
         if not ids:
@@ -129,8 +158,13 @@ class Engine:
         with self._lock:
             return bool(self._waiting or self._running)
 
+    @property
+    def slots_in_use(self) -> int:
+        """Slots serving a request (free slots may still hold a cached prompt)."""
+        return len(self._running)
+
     def step(self) -> list[RequestOutput]:
-        """Admit waiting requests into free slots and prefill them, then decode every other active slot once.
+        """Decode every decoding slot once and prefill the next prompt chunks (admitting waiting requests).
 
         An error fails the requests it concerns (a sampling error its request, a failed backend call the
         requests of that call), never the others; when one backend method has failed
@@ -138,15 +172,19 @@ class Engine:
         started = time.perf_counter()
         outputs: list[RequestOutput] = []
         self._apply_cancellations(outputs)
-        admitted = self._admit()
-        for request in admitted:
-            request.stats.prefill_started = time.perf_counter()
-            logits = self._backend_call([request], outputs, self.backend.prefill, request.slot, request.prompt_ids)
-            if logits is not None:
-                self._contained([request], outputs, self._accept, request, logits, outputs)
-        decoding = [r for r in self._running.values() if r not in admitted]
-        if decoding:
-            self._decode(decoding, outputs)
+        with self._lock:
+            plan = self.scheduler.plan(self._waiting, list(self._running.values()))
+        for request in plan.admitted:
+            self._running[request.slot] = request
+            self.backend.keep_prefix(request.slot, request.cached_tokens)
+        completed = [(c.request, logits) for c in plan.prefill if (logits := self._prefill(c, outputs)) is not None]
+        completed += self._copy_prefills(plan.copies, completed, outputs)
+        # Every prompt is in its slot before any first token is accepted: one that ends at once frees its slot.
+        for request, logits in completed:
+            self._contained([request], outputs, self._accept, request, logits, outputs)
+        if plan.decode:
+            self._decode(plan.decode, outputs)
+        self.last_plan = plan
         self.stats.steps += 1
         self.stats.step_seconds += time.perf_counter() - started
         self._deliver(outputs)
@@ -155,8 +193,40 @@ class Engine:
             raise BackendBroken(f"the backend's {method.__name__} failed {failures} times in a row")
         return outputs
 
+    def _prefill(self, chunk: PrefillChunk, outputs: list[RequestOutput]) -> torch.Tensor | None:
+        """Append the chunk to its request's slot; return the first token's logits when the prompt is complete
+        (None otherwise, or when the prefill failed, and so has the request)."""
+        request = chunk.request
+        if chunk.start == request.cached_tokens:
+            request.stats.prefill_started = time.perf_counter()
+        tokens = request.prompt_ids[chunk.start : chunk.stop]
+        logits = self._backend_call([request], outputs, self.backend.prefill, request.slot, tokens)
+        if logits is None:
+            return None
+        request.prefilled = chunk.stop
+        return logits if chunk.completes_prompt else None
+
+    def _copy_prefills(self, copies, completed, outputs) -> list[tuple[Request, torch.Tensor]]:
+        """Requests with the same prompt as one prefilled in this step (the choices of an n > 1 request) get a
+        copy of its slot's context and its logits; a copy whose source failed is prefilled in later steps."""
+        logits_of = {id(request): logits for request, logits in completed}
+        copied = []
+        for source, target in copies:
+            if id(source) in logits_of:
+                target.stats.prefill_started = time.perf_counter()
+                logits = self._backend_call([target], outputs, self._copy_prefill, source, target, logits_of[id(source)])
+                if logits is not None:
+                    target.prefilled = len(target.prompt_ids)
+                    copied.append((target, logits))
+        return copied
+
+    def _copy_prefill(self, source: Request, target: Request, logits: torch.Tensor) -> torch.Tensor:
+        """Give `target` the context `source`'s prefill left in its slot; return that prefill's logits."""
+        self.backend.copy_slot(source.slot, target.slot, len(target.prompt_ids))
+        return logits
+
     def _decode(self, decoding: list[Request], outputs: list[RequestOutput]) -> None:
-        """One batched decode call for every active slot that was not prefilled in this step."""
+        """One batched decode call for every slot whose prompt was prefilled in an earlier step."""
         started = time.perf_counter()
         slots, last = [r.slot for r in decoding], [r.output_ids[-1] for r in decoding]
         if all(r.params.plain_greedy for r in decoding):  # no logits needed: the backend picks the tokens
@@ -248,21 +318,15 @@ class Engine:
         for request in waiting + [r for r in self._running.values() if r.id in cancelled]:
             self._finish(request, "cancelled", outputs)
 
-    def _admit(self) -> list[Request]:
-        admitted = []
-        with self._lock:
-            while self._waiting and self._free_slots:
-                request = self._waiting.popleft()
-                request.slot = self._free_slots.pop(0)
-                request.status = RequestStatus.RUNNING
-                self._running[request.slot] = request
-                admitted.append(request)
-        return admitted
-
     # -- one sampled token --------------------------------------------------------------------------
 
     def _accept(self, request: Request, logits: torch.Tensor, outputs: list[RequestOutput]) -> None:
-        choice = sample_token(logits, request.params, request.prompt_ids, request.output_ids, request.generator)
+        constraint = request.constraint
+        allowed = constraint.allowed() if constraint else None
+        choice = sample_token(logits, request.params, request.prompt_ids, request.output_ids, request.generator,
+                              allowed)
+        if constraint:
+            constraint.accept(choice.token_id)
         self._accept_choice(request, choice, outputs)
 
     def _accept_choice(self, request: Request, choice: TokenChoice, outputs: list[RequestOutput]) -> None:
@@ -279,11 +343,13 @@ class Engine:
             self._finish(request, "stop", outputs, [choice.token_id], text)
             return
         text, hit_stop = state.stops.feed(state.decoder.add(choice.token_id))
-        if not hit_stop and (len(request.output_ids) >= params.max_new_tokens or self._context_full(request)):
+        complete = request.constraint is not None and request.constraint.complete  # the grammar's output is whole
+        if not hit_stop and (complete or len(request.output_ids) >= params.max_new_tokens
+                             or self._context_full(request)):
             tail, hit_stop = state.stops.feed(state.decoder.flush(), final=True)
             text += tail
             if not hit_stop:
-                self._finish(request, "length", outputs, [choice.token_id], text)
+                self._finish(request, "stop" if complete else "length", outputs, [choice.token_id], text)
                 return
         if hit_stop:
             self._finish(request, "stop", outputs, [choice.token_id], text)
@@ -306,8 +372,16 @@ class Engine:
         request.stats.finished = time.perf_counter()
         if request.slot is not None and self._running.get(request.slot) is request:
             del self._running[request.slot]
-            self.backend.free(request.slot)
-            with self._lock:
-                self._free_slots.append(request.slot)
-                self._free_slots.sort()
+            self._release_slot(request)
         outputs.append(RequestOutput(request, text, list(token_ids), True))
+
+    def _release_slot(self, request: Request) -> None:
+        """Return the request's slot to the pool, its KV cache kept for later prompts unless it opted out or
+        failed (a failed backend call leaves the slot in an unknown state)."""
+        kept = []
+        if self.scheduler.prefix_prefill and request.params.cache_prompt and request.finish_reason != "error":
+            fed = request.prompt_ids + request.output_ids  # the order the tokens went into the slot
+            kept = fed[: self.backend.slot_length(request.slot)]
+        if not kept:
+            self.backend.free(request.slot)
+        self.slots.release(request.slot, kept)

@@ -10,12 +10,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..grammar import TokenConstraint
 from ..sampling import SamplingParams, TokenChoice
 
 
 class RequestStatus(enum.Enum):
     WAITING = "waiting"  # queued for a free slot
-    RUNNING = "running"  # holds a slot: prefilled, decoding
+    RUNNING = "running"  # holds a slot: prefilling its prompt chunk by chunk, then decoding
     FINISHED = "finished"
 
 
@@ -67,6 +68,8 @@ class Request:
     on_output: Callable[[RequestOutput], None] | None = None
     status: RequestStatus = RequestStatus.WAITING
     slot: int | None = None
+    cached_tokens: int = 0  # leading prompt tokens whose KV the slot already held (prefix cache)
+    prefilled: int = 0  # prompt tokens in the slot so far, cached ones included
     output_ids: list[int] = field(default_factory=list)
     text: str = ""
     choices: list[TokenChoice] = field(default_factory=list)
@@ -74,10 +77,15 @@ class Request:
     error: str | None = None  # with finish_reason "error": what went wrong, in one line
     stats: RequestStats = field(default_factory=RequestStats)
     generator: torch.Generator | None = None
+    constraint: TokenConstraint | None = None  # the grammar its output must follow (response_format)
 
     @property
     def finished(self) -> bool:
         return self.status is RequestStatus.FINISHED
+
+    @property
+    def prefilling(self) -> bool:
+        return self.prefilled < len(self.prompt_ids)
 
     def result(self) -> dict:
         return {
@@ -86,6 +94,7 @@ class Request:
             "prompt_token_ids": self.prompt_ids,
             "token_ids": self.output_ids,
             "finish_reason": self.finish_reason,
+            "cached_prompt_tokens": self.cached_tokens,
             "logprobs": [c.logprob for c in self.choices] if self.params.logprobs else None,
-            "stats": self.stats.summary(len(self.prompt_ids)),
+            "stats": self.stats.summary(len(self.prompt_ids) - self.cached_tokens),  # the tokens prefilled
         }

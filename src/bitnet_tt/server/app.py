@@ -13,30 +13,32 @@ server and raises EngineStopped, so that the process exits non-zero and a superv
 from __future__ import annotations
 
 import asyncio
-import bisect
 import functools
-import itertools
 import json
 import logging
 import threading
 import time
 import uuid
-from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
+import prometheus_client
 from fastapi import APIRouter, FastAPI, Request as HTTPRequest
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from .. import __version__
 from ..engine import Engine, Request, RequestOutput, RequestStatus
 from ..errors import BitNetError, CapacityError
 from ..sampling import SamplingParams
-from .guard import Gatekeeper, GuardedH11, QueryStringsHidden, check_api_key, loopback_hosts
+from .guard import Gatekeeper, GuardedH11, QueryStringsHidden, check_api_key, is_loopback, loopback_hosts
 from .protocol import (
-    APIError, ApiFormat, ChatFormat, CompletionFormat, Reply, completion_budget, new_request_id, parse_body,
+    APIError, ApiFormat, ChatCompletionRequest, ChatFormat, CompletionFormat, CompletionRequest, DetokenizeRequest,
+    Reply, TokenizeRequest, completion_budget, new_request_id, parse_body,
 )
 
 logger = logging.getLogger("bitnet_tt.server")
@@ -63,68 +65,43 @@ ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5
 
 
 # ---------------------------------------------------------------------------------------------
-# Metrics, in the Prometheus text exposition format
-
-
-class Histogram:
-    def __init__(self, name: str, help: str, buckets: tuple[float, ...]):
-        self.name, self.help, self.buckets = name, help, buckets
-        self.counts = [0] * (len(buckets) + 1)  # per bucket, not cumulative; the last is +Inf
-        self.sum = 0.0
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.buckets, value)] += 1
-        self.sum += value
-
-    def render(self) -> list[str]:
-        bounds = [repr(b) for b in self.buckets] + ["+Inf"]
-        lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} histogram"]
-        lines += [f'{self.name}_bucket{{le="{le}"}} {n}' for le, n in zip(bounds, itertools.accumulate(self.counts))]
-        return lines + [f"{self.name}_sum {self.sum!r}", f"{self.name}_count {sum(self.counts)}"]
+# Metrics
 
 
 class Metrics:
-    """Counters and histograms, updated from the event loop and the engine thread."""
+    """The server's Prometheus metrics, in a registry of the app's own; updated from the event loop and the
+    engine thread (prometheus_client is thread-safe)."""
 
     def __init__(self):
-        self._lock = threading.Lock()
-        self.responses: Counter[tuple[str, int]] = Counter()  # (endpoint, status) -> count
-        self.prompt_tokens = 0
-        self.generated_tokens = 0
-        self.ttft = Histogram("bitnet_tt_time_to_first_token_seconds", "From submission to the first token.",
-                              TTFT_BUCKETS)
-        self.itl = Histogram("bitnet_tt_inter_token_latency_seconds", "Between consecutive tokens of a request.",
-                             ITL_BUCKETS)
+        self.registry = prometheus_client.CollectorRegistry()
+        where = dict(registry=self.registry)
+        self.responses = prometheus_client.Counter("bitnet_tt_requests", "HTTP responses by endpoint and status.",
+                                                   ["endpoint", "status"], **where)
+        self.prompt_tokens = prometheus_client.Counter("bitnet_tt_prompt_tokens", "Prompt tokens prefilled.", **where)
+        self.generated_tokens = prometheus_client.Counter("bitnet_tt_generation_tokens", "Tokens generated.", **where)
+        self.ttft = prometheus_client.Histogram("bitnet_tt_time_to_first_token_seconds",
+                                                "From submission to the first token.", buckets=TTFT_BUCKETS, **where)
+        self.itl = prometheus_client.Histogram("bitnet_tt_inter_token_latency_seconds",
+                                               "Between consecutive tokens of a request.", buckets=ITL_BUCKETS, **where)
 
     def count_response(self, endpoint: str, status: int) -> None:
-        with self._lock:
-            self.responses[endpoint, status] += 1
+        self.responses.labels(endpoint, str(status)).inc()
 
     def record_token(self, latency: float, first: bool, prompt_tokens: int) -> None:
         """A token delivered `latency` seconds after submission (first) or after the request's previous token."""
-        with self._lock:
-            self.generated_tokens += 1
-            if first:
-                self.prompt_tokens += prompt_tokens
-                self.ttft.observe(latency)
-            else:
-                self.itl.observe(latency)
+        self.generated_tokens.inc()
+        if first:
+            self.prompt_tokens.inc(prompt_tokens)
+            self.ttft.observe(latency)
+        else:
+            self.itl.observe(latency)
 
-    def render(self, gauges: dict[str, tuple[str, int]]) -> str:
-        with self._lock:
-            lines = ["# HELP bitnet_tt_requests_total HTTP responses by endpoint and status.",
-                     "# TYPE bitnet_tt_requests_total counter"]
-            lines += [f'bitnet_tt_requests_total{{endpoint="{endpoint}",status="{status}"}} {n}'
-                      for (endpoint, status), n in sorted(self.responses.items())]
-            for name, help, value in [
-                ("bitnet_tt_prompt_tokens_total", "Prompt tokens prefilled.", self.prompt_tokens),
-                ("bitnet_tt_generation_tokens_total", "Tokens generated.", self.generated_tokens),
-            ]:
-                lines += [f"# HELP {name} {help}", f"# TYPE {name} counter", f"{name} {value}"]
-            for name, (help, value) in gauges.items():
-                lines += [f"# HELP {name} {help}", f"# TYPE {name} gauge", f"{name} {value}"]
-            lines += self.ttft.render() + self.itl.render()
-        return "\n".join(lines) + "\n"
+    def add_gauge(self, name: str, help: str, read: Callable[[], float]) -> None:
+        """A gauge whose value is read when the metrics are scraped."""
+        prometheus_client.Gauge(name, help, registry=self.registry).set_function(read)
+
+    def render(self) -> bytes:
+        return prometheus_client.generate_latest(self.registry)
 
 
 class CountResponses:
@@ -184,6 +161,7 @@ class EngineLoop:
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="bitnet-tt-engine", daemon=True)
         self.slots_in_use = 0
+        self._add_gauges(metrics)
 
     def start(self) -> None:
         self._thread.start()
@@ -201,9 +179,10 @@ class EngineLoop:
     def failed(self) -> bool:
         return self._failure is not None and self._failure.status == 500
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
-               deliver: Callable[[RequestOutput | APIError], None]) -> Request:
-        """Queue a request whose outputs go to `deliver` (called in the engine thread); 429 when too many wait."""
+    def submit(self, prompt_ids: list[int], choice_params: list[SamplingParams], reply_id: str,
+               deliver: Callable[[RequestOutput | APIError], None]) -> list[Request]:
+        """Queue one request per choice, whose outputs go to `deliver` (called in the engine thread); 429 when
+        the queue is full (a request with several choices is let in whole while it is not)."""
         # Holding the lock makes the check and the submission one step, and keeps _on_output (which takes
         # the lock) from seeing the request's outputs before it is registered in _live.
         with self._lock:
@@ -214,23 +193,28 @@ class EngineLoop:
                 raise APIError(429, f"the server is busy: {waiting} requests are waiting for a slot; retry later",
                                type="rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
             submitted = time.perf_counter()
-            request = self.engine.submit(prompt_ids, params, on_output=self._on_output, request_id=request_id)
-            self._live[request_id] = _Live(request, deliver, submitted)
+            requests = [self.engine.submit(prompt_ids, params, on_output=self._on_output, request_id=f"{reply_id}-{i}")
+                        for i, params in enumerate(choice_params)]
+            for request in requests:
+                self._live[request.id] = _Live(request, deliver, submitted)
         self._wake.set()
-        return request
+        return requests
 
     def cancel(self, request_id: str) -> None:
         self.engine.cancel(request_id)
         self._wake.set()
 
-    def gauges(self) -> dict[str, tuple[str, int]]:
+    def _add_gauges(self, metrics: Metrics) -> None:
+        metrics.add_gauge("bitnet_tt_requests_waiting", "Requests queued for a slot.",
+                          lambda: self._locked_count(RequestStatus.WAITING))
+        metrics.add_gauge("bitnet_tt_requests_running", "Requests holding a slot.",
+                          lambda: self._locked_count(RequestStatus.RUNNING))
+        metrics.add_gauge("bitnet_tt_slots_in_use", "KV-cache slots serving a request.",
+                          lambda: self.slots_in_use)
+
+    def _locked_count(self, status: RequestStatus) -> int:
         with self._lock:
-            waiting, running = self._count(RequestStatus.WAITING), self._count(RequestStatus.RUNNING)
-        return {
-            "bitnet_tt_requests_waiting": ("Requests queued for a slot.", waiting),
-            "bitnet_tt_requests_running": ("Requests holding a slot.", running),
-            "bitnet_tt_slots_in_use": ("KV-cache slots holding a context, as the backend reports.", self.slots_in_use),
-        }
+            return self._count(status)
 
     def _count(self, status: RequestStatus) -> int:
         return sum(1 for live in self._live.values() if live.request.status is status)
@@ -243,8 +227,7 @@ class EngineLoop:
                     self._wake.clear()  # cleared before has_work() is asked again, so no submission is missed
                     continue
                 self.engine.step()
-                backend = self.engine.backend
-                self.slots_in_use = sum(1 for s in range(backend.max_slots) if backend.slot_length(s) > 0)
+                self.slots_in_use = self.engine.slots_in_use
             self._fail_all(APIError(503, "the server is shutting down", type="server_error"))
         except Exception:
             logger.exception("the engine stopped; failing every request and stopping the server")
@@ -280,13 +263,14 @@ class EngineLoop:
 
 
 class Generation:
-    """A submitted request: its outputs arrive on a bounded asyncio queue, fed from the engine thread. A
-    client that does not read them fast enough (its stream's buffers are full) has its request cancelled."""
+    """A submitted request (one engine request per choice): their outputs arrive on one bounded asyncio queue,
+    fed from the engine thread. A client that does not read them fast enough (its stream's buffers are full)
+    has its request cancelled."""
 
-    def __init__(self, engine_loop: EngineLoop, prompt_ids: list[int], params: SamplingParams, request_id: str,
-                 max_buffered: int):
+    def __init__(self, engine_loop: EngineLoop, prompt_ids: list[int], choice_params: list[SamplingParams],
+                 reply_id: str, max_buffered: int):
         self._engine_loop = engine_loop
-        self._queue: asyncio.Queue[RequestOutput | APIError] = asyncio.Queue(max_buffered)
+        self._queue: asyncio.Queue[RequestOutput | APIError] = asyncio.Queue(max_buffered * len(choice_params))
         self._overflowed = False
         event_loop = asyncio.get_running_loop()
 
@@ -294,7 +278,7 @@ class Generation:
             if not event_loop.is_closed():  # the server may already have stopped
                 event_loop.call_soon_threadsafe(self._put, item)
 
-        self.request = engine_loop.submit(prompt_ids, params, request_id, deliver)
+        self.requests = engine_loop.submit(prompt_ids, choice_params, reply_id, deliver)
 
     def _put(self, item: RequestOutput | APIError) -> None:
         if self._overflowed:
@@ -311,24 +295,28 @@ class Generation:
                                             type="server_error", code="client_too_slow"))
 
     async def outputs(self) -> AsyncIterator[RequestOutput]:
-        while True:
+        """Every choice's outputs, in the order they come, until the last choice has finished."""
+        unfinished = len(self.requests)
+        while unfinished:
             item = await self._queue.get()
             if isinstance(item, APIError):
                 raise item
             if item.finished and item.request.finish_reason == "error":
                 raise APIError(500, f"{item.request.error} (request id {item.request.id})", type="server_error")
             yield item
-            if item.finished:
-                return
+            unfinished -= item.finished
 
     def cancel(self) -> None:
-        """Free the request's slot at the engine's next step, unless it has finished already."""
-        if not self.request.finished:
-            self._engine_loop.cancel(self.request.id)
+        """Free the slots of the choices that have not finished, at the engine's next step."""
+        for request in self.requests:
+            if not request.finished:
+                self._engine_loop.cancel(request.id)
 
 
 class EventStream(StreamingResponse):
-    """A server-sent-events response that cancels its request however it ends: done, client gone, error."""
+    """A server-sent-events response that cancels its request however it ends: done, client gone, error.
+    Hand-written rather than sse-starlette's: each event is one line of JSON, so the framing is one f-string,
+    and sse-starlette took 1.6-2x the time per event here (its per-send cancel scopes and event encoding)."""
 
     def __init__(self, generation: Generation, events: AsyncIterator[str]):
         super().__init__(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
@@ -423,17 +411,22 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, limi
         finally:
             engine_loop.stop()
 
+    def check_model(body: BaseModel) -> None:
+        """A model other than the one served is a 404 (the tokenizer routes may leave it out)."""
+        if body.model is not None and body.model != model_name:
+            raise APIError(404, f"The model '{body.model}' does not exist; this server serves '{model_name}'",
+                           param="model", code="model_not_found")
+
     async def complete(http_request: HTTPRequest, api: ApiFormat) -> Response:
         """Chat and text completions, streamed or not: one path."""
         raw = await read_body(http_request, limits.max_body_bytes)
         body, prompt_ids = await asyncio.to_thread(parse_and_tokenise, api, raw, engine)  # off the event loop
-        if body.model != model_name:
-            raise APIError(404, f"The model '{body.model}' does not exist; this server serves '{model_name}'",
-                           param="model", code="model_not_found")
+        check_model(body)
         max_new = completion_budget(len(prompt_ids), body.requested_max_tokens(), engine.backend.max_context)
-        generation = Generation(engine_loop, prompt_ids, body.sampling_params(max_new), new_request_id(api),
+        reply_id = new_request_id(api)
+        generation = Generation(engine_loop, prompt_ids, body.choice_params(max_new), reply_id,
                                 limits.max_buffered_outputs)
-        reply = Reply(api, generation.request, model_name, engine.tokenizer.token_text)
+        reply = Reply(api, reply_id, generation.requests, model_name, engine.tokenizer.token_text)
         if body.stream:
             return EventStream(generation, stream_events(generation, reply, body.include_usage))
         try:
@@ -450,11 +443,11 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, limi
     app.add_middleware(CountResponses, metrics=metrics)  # outermost: it counts the gatekeeper's refusals too
     v1 = APIRouter(prefix="/v1")
 
-    @v1.post("/chat/completions")
+    @v1.post("/chat/completions", openapi_extra=request_schema(ChatCompletionRequest))
     async def chat_completions(http_request: HTTPRequest) -> Response:
         return await complete(http_request, ChatFormat)
 
-    @v1.post("/completions")
+    @v1.post("/completions", openapi_extra=request_schema(CompletionRequest))
     async def completions(http_request: HTTPRequest) -> Response:
         return await complete(http_request, CompletionFormat)
 
@@ -466,6 +459,24 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, limi
 
     app.include_router(v1)
 
+    # Beside /v1, where vLLM and llama.cpp's server have them.
+    @app.post("/tokenize", openapi_extra=request_schema(TokenizeRequest))
+    async def tokenize(http_request: HTTPRequest) -> dict:
+        raw = await read_body(http_request, limits.max_body_bytes)
+        body, ids = await asyncio.to_thread(parse_tokenize_request, raw, engine)  # off the event loop
+        check_model(body)
+        return body.response(ids, engine.tokenizer, engine.backend.max_context)
+
+    @app.post("/detokenize", openapi_extra=request_schema(DetokenizeRequest))
+    async def detokenize(http_request: HTTPRequest) -> dict:
+        body = parse_body(DetokenizeRequest, await read_body(http_request, limits.max_body_bytes))
+        check_model(body)
+        return await asyncio.to_thread(body.response, engine.tokenizer)
+
+    @app.get("/version")
+    async def version() -> dict:
+        return {"version": __version__}
+
     @app.get("/health")
     async def health() -> Response:
         healthy = engine_loop.healthy
@@ -473,15 +484,45 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, limi
 
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:
-        return PlainTextResponse(metrics.render(engine_loop.gauges()), media_type="text/plain; version=0.0.4")
+        return Response(metrics.render(), media_type=prometheus_client.CONTENT_TYPE_LATEST)
 
     add_error_handlers(app)
+    document_request_schemas(app)
     return app
 
 
 def parse_and_tokenise(api: ApiFormat, raw: bytes, engine: Engine):
     body = parse_body(api.request_model, raw)
     return body, api.prompt_ids(body, engine.tokenizer)
+
+
+def parse_tokenize_request(raw: bytes, engine: Engine) -> tuple[TokenizeRequest, list[int]]:
+    body = parse_body(TokenizeRequest, raw)
+    return body, body.token_ids(engine.tokenizer)
+
+
+REQUEST_MODELS = (ChatCompletionRequest, CompletionRequest, TokenizeRequest, DetokenizeRequest)
+SCHEMA_REF = "#/components/schemas/{model}"
+
+
+def request_schema(model: type[BaseModel]) -> dict:
+    """The OpenAPI requestBody of a route that validates its body itself (so that a bad body is OpenAI's 400)."""
+    ref = {"$ref": SCHEMA_REF.format(model=model.__name__)}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
+
+
+def document_request_schemas(app: FastAPI) -> None:
+    """Put the request models, and the models they use, into /docs' components."""
+    generate = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = generate()
+            _, definitions = models_json_schema([(m, "validation") for m in REQUEST_MODELS], ref_template=SCHEMA_REF)
+            schema.setdefault("components", {}).setdefault("schemas", {}).update(definitions["$defs"])
+        return app.openapi_schema
+
+    app.openapi = openapi
 
 
 def add_error_handlers(app: FastAPI) -> None:
@@ -519,7 +560,7 @@ def serve(engine: Engine, model_name: str, host: str = "127.0.0.1", port: int = 
     import uvicorn
 
     check_api_key(api_key)
-    if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
+    if api_key is None and not is_loopback(host):
         logger.warning("bitnet-tt: listening on %s without an API key: anyone who can reach it can use it", host)
     server: uvicorn.Server | None = None
 

@@ -32,6 +32,8 @@ class CPUOptions:
 
 
 class CPUBackend(Backend):
+    copies_slots = True
+
     def __init__(self, folder: Path, max_slots: int = 1, max_context: int | None = None,
                  options: CPUOptions | None = None, progress: bool = True):
         options = options or CPUOptions()
@@ -62,6 +64,13 @@ class CPUBackend(Backend):
             logits = self.model.forward(chunk, [Segment(slot, start + offset, len(chunk))])
         self._advance(slot, len(token_ids))
         return torch.from_numpy(logits[0])
+
+    def copy_slot(self, source: int, target: int, length: int) -> None:
+        if not 0 < length <= self.slot_length(source) or self.slot_length(target) != 0 or source == target:
+            raise CapacityError(f"cannot copy {length} positions of slot {source} into slot {target}")
+        cache = self.model.cache  # [layer, slot, key/value, kv head, position, head dim]
+        cache[:, target, :, :, :length] = cache[:, source, :, :, :length]
+        self._advance(target, length)
 
     def decode(self, slots: Sequence[int], token_ids: Sequence[int]) -> torch.Tensor:
         if len(slots) != len(token_ids) or len(set(slots)) != len(slots) or not slots:

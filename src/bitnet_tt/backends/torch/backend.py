@@ -19,6 +19,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch
 
 
 class TorchBackend(Backend):
+    copies_slots = True
+
     def __init__(
         self,
         weights: BitNetWeights,
@@ -61,6 +63,12 @@ class TorchBackend(Backend):
             logits = self.model(chunk[None], slots, starts)
         self._advance(slot, len(tokens))
         return logits[0].cpu()
+
+    def copy_slot(self, source: int, target: int, length: int) -> None:
+        if not 0 < length <= self.slot_length(source) or self.slot_length(target) != 0 or source == target:
+            raise CapacityError(f"cannot copy {length} positions of slot {source} into slot {target}")
+        self.model.cache.copy(source, target, length)
+        self._advance(target, length)
 
     def decode(self, slots: Sequence[int], token_ids: Sequence[int]) -> torch.Tensor:
         if len(slots) != len(token_ids) or len(set(slots)) != len(slots) or not slots:

@@ -28,3 +28,8 @@ class KVCache:
             rows = slice(first, first + slots.numel())
             return self.keys[layer, rows, :, :length], self.values[layer, rows, :, :length]
         return self.keys[layer][slots, :, :length], self.values[layer][slots, :, :length]
+
+    def copy(self, source: int, target: int, length: int) -> None:
+        """Copy the first `length` positions of slot `source` into slot `target`, in every layer."""
+        self.keys[:, target, :, :length] = self.keys[:, source, :, :length]
+        self.values[:, target, :, :length] = self.values[:, source, :, :length]

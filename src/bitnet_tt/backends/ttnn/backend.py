@@ -27,6 +27,9 @@ from .weights import Placer, place_model
 
 
 class TTNNBackend(Backend):
+    # Prefill writes a whole prompt from position 0: reading a cached prefix needs chunked SDPA, not built yet.
+    supports_prefix_prefill = False
+
     def __init__(
         self, config: ModelConfig, weights: BitNetWeights | None, tt, device, max_slots: int = 1,
         max_context: int | None = None, options: TTOptions | None = None, cache_dir: Path | None = None,
@@ -215,8 +218,8 @@ def weight_cache_dir(folder: Path, options: TTOptions, device: DeviceFacts) -> P
 def load_ttnn_backend(folder: Path, max_slots: int = 1, max_context: int | None = None, progress: bool = True,
                       options: TTOptions | None = None) -> TTNNBackend:
     """Open the first Tenstorrent card and load a model folder onto it. Needs a card: not run here."""
-    tt = import_ttnn()
     options = options or TTOptions()
+    tt = import_ttnn(options.debug_log)
     device = open_tt_device(tt)
     weights = load_weights(folder, progress=progress)
     cache = weight_cache_dir(folder, options, device_facts(tt, device))

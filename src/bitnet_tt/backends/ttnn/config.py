@@ -6,7 +6,7 @@ same code serves Blackhole p150a, Wormhole n150 and any smaller BitNet config.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ...config import ModelConfig
 from ...errors import CapacityError, ConfigError
@@ -19,6 +19,10 @@ HEAD_DTYPES = ("bfloat16", "bfloat8_b", "bfloat4_b")  # the LM head; the embeddi
 MAX_USERS = 32  # decode rows are one tile high
 HEAD_GRID_WIDTH = 8  # cores per row of the one-user-per-core head grid (tt_transformers' CoreGrid(y=4, x=8))
 SDPA_MAX_CORES_PER_HEAD = 16  # SDPAProgramConfig's max_cores_per_head_batch default
+# DRAM kept for the captured decode traces (the forward pass, about 30 ops per layer, and the pickers).
+# tt_transformers' Llama-8B needs 25-38 MB; the prior art's BitNet 2B-4T decode, about 1000 ops on a p150a,
+# needed 200 MB; 64 MB was a guess. A capture that outgrows it stops with a CapacityError (trace.py).
+TRACE_REGION_BYTES = 256 * 2**20
 SAMPLING_TOP_K = 32  # candidates per user that ttnn.topk hands to ttnn.sampling
 # Output tiles per core of a DRAM-sharded matmul: its circular buffers take about 64 KB per output tile
 # on each core (mock allocator: 101 tiles asked for 6.5 MB), and a core has 1.5 MB of L1.
@@ -43,6 +47,9 @@ class TTOptions:
     # Prefill cannot read that layout in ttnn 0.81.1 (the DRAM-sharded matmul takes one tile of rows),
     # so the ternary weights are held twice.
     dram_sharded_decode: bool = True
+    # ttnn's and tt-metal's warnings on stderr (silenced otherwise), among them "Mismatch between computed
+    # MemoryConfig": an op placing its output elsewhere than asked. Not part of the weight cache key.
+    debug_log: bool = field(default=False, repr=False, compare=False)
 
     def __post_init__(self):
         if self.weight_dtype not in WEIGHT_DTYPES:
@@ -95,6 +102,11 @@ class DramShardedMatmul:
     @property
     def cores(self) -> int:
         return self.grid_x * self.grid_y
+
+    @property
+    def output_shards(self) -> int:
+        """The op writes per_core_n tiles per output shard, on as many cores as that takes (not its input's)."""
+        return -(-tiles(self.n_padded) // self.per_core_n)
 
 
 @dataclass(frozen=True)
@@ -152,10 +164,10 @@ class TTPlan:
         """(x, y) of the rectangle a DRAM-sharded matmul writes its output shards on, or None when they are
         not a rectangle: the op puts them on the first cores of the whole grid, row by row (the mock
         device reports {[0-0 - 12-2],[0-3 - 0-3]} for 40 shards on a 13-wide grid)."""
-        width = self.device.grid_x
-        if spec.cores <= width:
-            return spec.cores, 1
-        return (width, spec.cores // width) if spec.cores % width == 0 else None
+        width, shards = self.device.grid_x, spec.output_shards
+        if shards <= width:
+            return shards, 1
+        return (width, shards // width) if shards % width == 0 else None
 
     def interleaved_norm(self, width: int) -> str:
         """How a prefill RMSNorm of this row width runs: rms_norm keeps whole rows in circular buffers,
@@ -194,7 +206,7 @@ class TTPlan:
         """Whether decode matmul `name` leaves exactly its output width in equal whole-tile shards: then its
         output can be used where it lies instead of being gathered back into rows."""
         spec = self.decode_matmuls()[name]
-        return self.norms_feed_matmuls and spec.n_padded == spec.n and spec.per_core_n * spec.cores == tiles(spec.n)
+        return self.norms_feed_matmuls and spec.n_padded == spec.n and spec.per_core_n * spec.output_shards == tiles(spec.n)
 
     @property
     def residual_sharded(self) -> bool:
@@ -314,13 +326,14 @@ class TTPlan:
         return 4 * (gate_up + scores + TILE * m.vocab_size * 2)
 
     def check_memory(self) -> None:
-        need = self.weight_bytes() + self.kv_cache_bytes() + self.activation_bytes()
+        need = self.weight_bytes() + self.kv_cache_bytes() + self.activation_bytes() + TRACE_REGION_BYTES
         have = self.device.dram_bytes
         if need > have:
             raise CapacityError(
                 f"{self.max_users} users x {self.max_context} tokens do not fit on this {self.device.arch} device: "
                 f"weights {self.weight_bytes() / 2**30:.2f} GiB + KV cache {self.kv_cache_bytes() / 2**30:.2f} GiB + "
-                f"activations {self.activation_bytes() / 2**30:.2f} GiB > {have / 2**30:.2f} GiB of DRAM; "
+                f"activations {self.activation_bytes() / 2**30:.2f} GiB + trace region {TRACE_REGION_BYTES / 2**30:.2f} GiB "
+                f"> {have / 2**30:.2f} GiB of DRAM; "
                 f"lower --max-batch or --max-context"
             )
 

@@ -6,15 +6,16 @@ import atexit
 import os
 
 from ...errors import BitNetError
-from .config import DeviceFacts
+from .config import TRACE_REGION_BYTES, DeviceFacts
 
-# Decode trace plus persistent inputs; tt_transformers' Llama-8B uses 25-38 MB, the prior art 200 MB.
-TRACE_REGION_BYTES = 64 * 2**20
 L1_SMALL_BYTES = 32 * 1024  # used by ops that keep small buffers (conv-style, sampling)
 
 
-def import_ttnn():
-    # ttnn and tt-metal log every step otherwise (to stderr and stdout); errors reach the user as BitNetError.
+def import_ttnn(debug: bool = False):
+    """ttnn, quiet: it and tt-metal log every step otherwise, and errors reach the user as BitNetError.
+    `debug` lets their warnings through (TTOptions.debug_log)."""
+    if debug:
+        os.environ["TT_LOGGER_LEVEL"] = "warning"
     os.environ.setdefault("TT_LOGGER_LEVEL", "off")
     os.environ.setdefault("LOGURU_LEVEL", "WARNING")
     try:

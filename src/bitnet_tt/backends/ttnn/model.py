@@ -33,9 +33,9 @@ class TTModel:
         sdpa_x, sdpa_y = plan.sdpa_decode_grid()
         self.sdpa_decode_config = tt.SDPAProgramConfig(
             compute_with_storage_grid_size=tt.CoreCoord(sdpa_x, sdpa_y), q_chunk_size=0, k_chunk_size=0)
-        # ttnn.sampling draws each user's token on its own core; manual_seed must seed the same cores
-        self.sampling_cores = tt.num_cores_to_corerangeset(
-            plan.decode_rows, tt.CoreCoord(plan.device.grid_x, plan.device.grid_y), row_wise=True)
+        # ttnn.sampling draws each user's token on its own core of this rectangle (the head grid's; the
+        # first cores of a 13-wide grid, row by row, are not one); manual_seed must seed the same cores
+        self.sampling_cores = tt.CoreRangeSet({tt.CoreRange(tt.CoreCoord(0, 0), tt.CoreCoord(gx - 1, gy - 1))})
         # decode's residual stream: rows in L1, or width-sharded where the matmuls around it allow (plan.residual_sharded)
         self.residual_memcfg = (self._decode_matmul_configs(plan.decode_matmuls()["wqkv"])[0]  # QKV's input layout
                                 if plan.residual_sharded else tt.L1_MEMORY_CONFIG)
@@ -111,7 +111,7 @@ class TTModel:
         if spec not in self._matmul_configs:
             tt = self.tt
             in0 = self._width_sharded(spec.k // spec.cores, spec.grid_x, spec.grid_y)
-            out = self._width_sharded_row_major(spec.per_core_n * TILE, spec.cores)
+            out = self._width_sharded_row_major(spec.per_core_n * TILE, spec.output_shards)
             program = tt.MatmulMultiCoreReuseMultiCastDRAMShardedProgramConfig(
                 in0_block_w=spec.in0_block_w, per_core_M=1, per_core_N=spec.per_core_n, fused_activation=None)
             self._matmul_configs[spec] = in0, out, program

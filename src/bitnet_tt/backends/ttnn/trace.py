@@ -15,6 +15,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from ...errors import CapacityError
+from .config import TRACE_REGION_BYTES
+
 
 class TracedSteps:
     def __init__(self, tt, device, model, use_trace: bool):
@@ -49,7 +52,13 @@ class TracedSteps:
         try:
             outputs = step()
         finally:  # a failed step must not leave the device capturing
-            self.tt.end_trace_capture(self.device, trace_id, cq_id=0)
+            try:
+                self.tt.end_trace_capture(self.device, trace_id, cq_id=0)
+            except RuntimeError as exc:  # tt-metal: "... but only N B is allocated for trace region"
+                if "trace region" not in str(exc):
+                    raise
+                raise CapacityError(f"the decode trace does not fit the {TRACE_REGION_BYTES // 2**20} MB trace region "
+                                    f"opened with the device; run with --tt-no-trace") from None
         return trace_id, outputs
 
     def _counted(self, name: str, step: Callable[[], object]):
@@ -73,9 +82,20 @@ class TracedSteps:
         self._traces.clear()
 
 
+class TTCall:
+    """One ttnn call held for a hook: `call()` makes it; its arguments stay readable (placement audits,
+    per-op comparisons)."""
+
+    def __init__(self, function, args, kwargs):
+        self.function, self.args, self.kwargs = function, args, kwargs
+
+    def __call__(self):
+        return self.function(*self.args, **self.kwargs)
+
+
 class TTCallHook:
-    """Stands in for the ttnn module and passes every call through `around(name, call)`: for counting
-    or inspecting the calls of one step without touching the model's code."""
+    """Stands in for the ttnn module and passes every call through `around(name, call)` (a TTCall): for
+    counting or inspecting the calls of one step without touching the model's code."""
 
     SUBMODULES = ("experimental", "transformer")
 
@@ -88,4 +108,4 @@ class TTCallHook:
             return TTCallHook(attr, self._around, f"{self._prefix}{name}.")
         if not callable(attr) or isinstance(attr, type) or name.startswith("graph"):
             return attr
-        return lambda *args, **kwargs: self._around(f"{self._prefix}{name}", lambda: attr(*args, **kwargs))
+        return lambda *args, **kwargs: self._around(f"{self._prefix}{name}", TTCall(attr, args, kwargs))

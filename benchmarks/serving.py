@@ -1,0 +1,238 @@
+"""Serving many users on the PyTorch backend: chunked prefill and the prefix cache, as ratios side by side.
+
+What is measured, and how (greedy, ignore_eos, random token-id prompts; the engine in-process):
+- Model: random weights at the 2B-4T layer shapes (hidden 2560, MLP 6912, 20 query and 5 KV heads) with
+  --layers of its 30 layers and the vocabulary cut in the same proportion, so that a decode step and a
+  prefill chunk keep about the real model's cost ratio while a run takes minutes on a small CPU. Written
+  once to the bitnet-tt cache ($BITNET_TT_CACHE or ~/.cache/bitnet-tt), or --model.
+- sweep: 8 users decode; pairs of steps alternate a step that also prefills a C-token prompt and a
+  decode-only step. Printed per C: median(mixed step) / median(decode-only step), the bound a chunk of C
+  puts on inter-token latency, the prompt tokens/s of those steps, and the prompt tokens/s of a 512-token
+  prompt prefilled in chunks of C with nobody decoding. It picks the default --prefill-chunk.
+- interference: 8 users decode; a 2,048-token prompt arrives. Inter-token latency (ITL) p99 of the 8
+  streams from its arrival until its first token, over their p99 in as many steps just before it (goal
+  <= 2x), with chunked prefill (--prefill-chunk) and with whole-prompt prefill (today's behaviour); and
+  the arriving prompt's own time to first token (median).
+- prefix: a chat's second turn over a 1,500-token history (the first turn's prompt and reply, then a new
+  30-token message): time to first token without the prefix cache (cache_prompt false) over with it
+  (goal >= 5x).
+- throughput: 8 users, each sending 3 requests one after the other (128-token prompts, 64 tokens each),
+  so that prompts arrive while the others decode: every generated token over the wall time, chunked over
+  whole-prompt prefill (goal: 1x within noise).
+Sections other than sweep run --rounds times, alternating the two settings; ratios use pooled figures.
+The machine may be shared: read ratios, not absolute times. Figures are printed, never asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from bitnet_tt.backends.torch.backend import load_torch_backend
+from bitnet_tt.config import ModelConfig
+from bitnet_tt.engine import Engine
+from bitnet_tt.engine.engine import DEFAULT_PREFILL_CHUNK
+from bitnet_tt.engine.request import percentile
+from bitnet_tt.sampling import SamplingParams
+from bitnet_tt.synthetic import config_2b4t, write_random_model
+from bitnet_tt.tokenizer import Tokenizer
+
+USERS = 8
+ARRIVING_PROMPT = 2048
+HISTORY = 1500
+NEW_MESSAGE = 30
+THROUGHPUT_PROMPT, THROUGHPUT_TOKENS, THROUGHPUT_REQUESTS = 128, 64, 3  # per request; requests per user
+SWEEP_ALONE = 512  # prompt tokens prefilled with nobody decoding, in chunks
+FULL_LAYERS, FULL_VOCAB = 30, 128256
+
+
+def greedy(max_new_tokens: int, cache_prompt: bool = True) -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens, ignore_eos=True, cache_prompt=cache_prompt)
+
+
+class Bench:
+    def __init__(self, backend, tokenizer: Tokenizer):
+        self.backend, self.tokenizer = backend, tokenizer
+        self.gen = torch.Generator().manual_seed(0)
+
+    def engine(self, chunk: int) -> Engine:
+        """A fresh engine on the shared backend (its slot pool starts empty: nothing cached)."""
+        return Engine(self.backend, self.tokenizer, prefill_chunk=chunk)
+
+    def prompt(self, length: int) -> list[int]:
+        return torch.randint(0, self.backend.config.vocab_size - 3, (length,), generator=self.gen).tolist()
+
+    def start_users(self, engine: Engine, max_new_tokens: int = 100_000) -> list:
+        users = [engine.submit(self.prompt(16), greedy(max_new_tokens)) for _ in range(USERS)]
+        while not all(u.output_ids for u in users):
+            engine.step()
+        engine.step()
+        return users
+
+    @staticmethod
+    def stop(engine: Engine, requests) -> None:
+        for request in requests:
+            engine.cancel(request.id)
+        engine.run()
+
+    # -- sections ----------------------------------------------------------------------------------
+
+    def sweep(self, chunks: list[int], pairs: int) -> list[tuple[int, float, float, float]]:
+        rows = []
+        for chunk in chunks:
+            engine = self.engine(chunk)
+            alone = timed(lambda: engine.generate([self.prompt(SWEEP_ALONE)], greedy(1, cache_prompt=False)))
+            users = self.start_users(engine)
+            mixed, plain = [], []
+            for _ in range(pairs):
+                engine.submit(self.prompt(chunk), greedy(1, cache_prompt=False))  # done at its prefill
+                mixed.append(timed(engine.step))
+                plain.append(timed(engine.step))
+            self.stop(engine, users)
+            extra = statistics.median(mixed) - statistics.median(plain)
+            rows.append((chunk, statistics.median(mixed) / statistics.median(plain), chunk / extra if extra > 0 else 0,
+                         SWEEP_ALONE / alone))
+        return rows
+
+    def interference(self, chunk: int) -> tuple[list[float], list[float], float]:
+        """ITL gaps (s) of the running users before and while a long prompt arrives, and its TTFT (s)."""
+        engine = self.engine(chunk)
+        users = self.start_users(engine)
+        steps = -(-ARRIVING_PROMPT // chunk)
+        marks = [len(u.stats.token_times) for u in users]
+        for _ in range(max(steps, 16)):
+            engine.step()
+        before = gaps_since(users, marks)
+        marks = [len(u.stats.token_times) for u in users]
+        arriving = engine.submit(self.prompt(ARRIVING_PROMPT), greedy(1, cache_prompt=False))
+        while not arriving.output_ids:
+            engine.step()
+        engine.step()  # the users' first token after the prefill ends closes their last gap
+        during = gaps_since(users, marks)
+        self.stop(engine, users)
+        return before, during, arriving.stats.first_token - arriving.stats.submitted
+
+    def second_turn_ttft(self, engine: Engine, cache_prompt: bool) -> float:
+        history = self.prompt(HISTORY - 16)
+        [first] = engine.generate([history], greedy(16))
+        second = engine.submit(history + first.output_ids + self.prompt(NEW_MESSAGE), greedy(1, cache_prompt))
+        engine.run()
+        return second.stats.first_token - second.stats.submitted
+
+    def throughput(self, chunk: int) -> float:
+        """Every generated token over the wall time: 8 users, each sending its next request when one ends."""
+        engine = self.engine(chunk)
+        started = time.perf_counter()
+        current = [engine.submit(self.prompt(THROUGHPUT_PROMPT), greedy(THROUGHPUT_TOKENS)) for _ in range(USERS)]
+        sent = USERS
+        while engine.has_work():
+            engine.step()
+            for i, request in enumerate(current):
+                if request.finished and sent < USERS * THROUGHPUT_REQUESTS:
+                    current[i] = engine.submit(self.prompt(THROUGHPUT_PROMPT), greedy(THROUGHPUT_TOKENS))
+                    sent += 1
+        return USERS * THROUGHPUT_REQUESTS * THROUGHPUT_TOKENS / (time.perf_counter() - started)
+
+
+def timed(fn) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
+def gaps_since(users, marks: list[int]) -> list[float]:
+    """Each user's gaps between tokens from its token number `mark` - 1 (the last one before the window) on."""
+    return [b - a for u, m in zip(users, marks) for a, b in zip(u.stats.token_times[m - 1:], u.stats.token_times[m:])]
+
+
+def bench_model(layers: int) -> Path:
+    cache = Path(os.environ.get("BITNET_TT_CACHE", Path.home() / ".cache" / "bitnet-tt"))
+    folder = cache / f"synthetic-2b4t-{layers}-layers"
+    if not (folder / "model.safetensors").is_file():
+        vocab = round(FULL_VOCAB * layers / FULL_LAYERS / 256) * 256
+        print(f"writing a random {layers}-layer model at the 2B-4T shapes (vocab {vocab}) to {folder} (once)")
+        partial = cache / f".{folder.name}.partial-{os.getpid()}"
+        write_random_model(partial, {**config_2b4t(), "num_hidden_layers": layers, "vocab_size": vocab}, seed=0)
+        partial.rename(folder)
+    return folder
+
+
+def print_header(args, config: ModelConfig) -> None:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    print(f"model: {config.num_layers} layers, hidden {config.hidden_size}, MLP {config.intermediate_size}, "
+          f"vocab {config.vocab_size}, {args.dtype}; CPU {cpu}, {os.cpu_count()} cores, torch threads "
+          f"{torch.get_num_threads()}; load average {os.getloadavg()[0]:.1f}")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", type=Path, help="model folder (default: the random model described above)")
+    p.add_argument("--layers", type=int, default=2, help="layers of the random model")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK, help="the chunk compared with whole prompts")
+    p.add_argument("--sweep", default="16,32,64,128,256", help="chunk sizes for the sweep (empty: skip it)")
+    p.add_argument("--pairs", type=int, default=5, help="mixed/decode-only step pairs per chunk size in the sweep")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--sections", default="sweep,interference,prefix,throughput")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    folder = args.model or bench_model(args.layers)
+    context = HISTORY + NEW_MESSAGE + 64 + max(ARRIVING_PROMPT, 2 * USERS)
+    backend = load_torch_backend(folder, max_slots=USERS + 1, max_context=context, dtype=args.dtype, progress=False)
+    bench = Bench(backend, Tokenizer(folder, backend.config))
+    sections = set(args.sections.split(","))
+    whole = context  # a chunk no prompt exceeds: whole-prompt prefill
+    print_header(args, backend.config)
+
+    if "sweep" in sections and args.sweep:
+        print(f"\nsweep: {USERS} users decoding, one step with a C-token prefill vs one without ({args.pairs} pairs)")
+        print(f"{'C':>6} {'step ratio':>11} {'prefill tok/s':>14} {'alone tok/s':>12}")
+        for chunk, ratio, rate, alone in bench.sweep([int(c) for c in args.sweep.split(",")], args.pairs):
+            print(f"{chunk:>6} {ratio:>10.2f}x {rate:>14.1f} {alone:>12.1f}")
+
+    chunk = args.prefill_chunk
+    if "interference" in sections:
+        runs = {c: [bench.interference(c) for _ in range(args.rounds)] for c in (chunk, whole)}
+        print(f"\ninterference: ITL of {USERS} streams while a {ARRIVING_PROMPT}-token prompt arrives ({args.rounds} rounds)")
+        print(f"{'prefill':>16} {'p99 before ms':>14} {'p99 during ms':>14} {'ratio':>7}  (goal <= 2x)"
+              f" {'its TTFT s':>11}")
+        for c, label in ((chunk, f"chunks of {chunk}"), (whole, "whole prompt")):
+            before = percentile([g for b, _, _ in runs[c] for g in b], 99)
+            during = percentile([g for _, d, _ in runs[c] for g in d], 99)
+            ttft = statistics.median(t for _, _, t in runs[c])
+            print(f"{label:>16} {1000 * before:>14.1f} {1000 * during:>14.1f} {during / before:>6.2f}x"
+                  f"               {ttft:>11.1f}")
+
+    if "prefix" in sections:
+        engine = bench.engine(chunk)
+        ttft = {False: [], True: []}
+        for _ in range(args.rounds):
+            for cache in (False, True):
+                ttft[cache].append(bench.second_turn_ttft(engine, cache))
+        off, on = statistics.median(ttft[False]), statistics.median(ttft[True])
+        print(f"\nprefix: second chat turn over a {HISTORY}-token history, time to first token (median of {args.rounds})")
+        print(f"without the prefix cache {1000 * off:.1f} ms, with it {1000 * on:.1f} ms: {off / on:.1f}x faster (goal >= 5x)")
+
+    if "throughput" in sections:
+        figures = {chunk: [], whole: []}
+        for _ in range(args.rounds):
+            for c in (chunk, whole):
+                figures[c].append(bench.throughput(c))
+        chunked, whole_prompts = statistics.median(figures[chunk]), statistics.median(figures[whole])
+        print(f"\nthroughput: {USERS} users, {THROUGHPUT_REQUESTS} requests each, one after the other "
+              f"({THROUGHPUT_PROMPT}-token prompts, {THROUGHPUT_TOKENS} tokens; median of {args.rounds})")
+        print(f"chunks of {chunk} {chunked:.1f} tokens/s, whole prompts {whole_prompts:.1f} tokens/s: "
+              f"{chunked / whole_prompts:.2f}x (goal: 1x within noise)")
+
+
+if __name__ == "__main__":
+    main()
