@@ -11,8 +11,13 @@ import sys
 import pytest
 
 
+# An earlier test may have set the mock device's variable in this process (tools.tt_mock.harness); the CLI
+# runs as a user's would, without it unless a test passes it.
+MOCK_DEVICE_VARIABLE = "TT_METAL_MOCK_CLUSTER_DESC_PATH"
+
+
 def run_cli(*args, stdin: str | None = None, env_extra: dict | None = None, cwd=None):
-    env = {**os.environ, **(env_extra or {})}
+    env = {k: v for k, v in os.environ.items() if k != MOCK_DEVICE_VARIABLE} | (env_extra or {})
     argv = [a if isinstance(a, bytes) else str(a) for a in args]  # bytes: arguments that are not UTF-8
     return subprocess.run([sys.executable, "-m", "bitnet_tt.cli", *argv], input=stdin, capture_output=True,
                           text=True, env=env, cwd=cwd, timeout=300)
@@ -101,7 +106,7 @@ def test_demo_runs_offline(tmp_path):
 def test_ttnn_backend_without_a_card(model, tmp_path):
     assert_one_line_error(run_cli("generate", "--model", model, "--backend", "ttnn", "hi"), "the ttnn backend")
     mocked = run_cli("generate", "--model", model, "--backend", "ttnn", "hi",
-                     env_extra={"TT_METAL_MOCK_CLUSTER_DESC_PATH": str(tmp_path / "x.yaml")})
+                     env_extra={MOCK_DEVICE_VARIABLE: str(tmp_path / "x.yaml")})
     if "needs the 'tt' extra" not in mocked.stderr:  # with ttnn installed, a mock is never taken for a card
         assert_one_line_error(mocked, "selects a mock device, which computes nothing")
 
