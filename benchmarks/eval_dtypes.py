@@ -3,7 +3,8 @@ PyTorch backend in fp32: `bitnet-tt eval`'s figures for each row.
 
     python benchmarks/eval_dtypes.py [--tokens 1024] [--weight-dtypes bfloat4_b] [--model M]
 
-Rows: the PyTorch backend in bf16, then the ttnn backend on the host stand-in for ttnn (tools.tt_host:
+Rows: the PyTorch backend in bf16, the CPU fast path (native kernels) with a bf16 and an int8 LM head, then the
+ttnn backend on the host stand-in for ttnn (tools.tt_host:
 bf16 activations as on the device, bfloat8_b/bfloat4_b rounding through ttnn's real host conversion) for
 each LM-head dtype x activation quantisation on/off. The ternary weights are exact in every weight dtype,
 so one weight dtype is enough unless --weight-dtypes asks for more. The card's kernels are not run: its
@@ -20,6 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bitnet_tt.backends.cpu.backend import LM_HEAD_DTYPES, CPUOptions, load_cpu_backend  # noqa: E402
 from bitnet_tt.backends.torch.backend import load_torch_backend  # noqa: E402
 from bitnet_tt.backends.ttnn.backend import TTNNBackend  # noqa: E402
 from bitnet_tt.backends.ttnn.config import HEAD_DTYPES, TTOptions  # noqa: E402
@@ -55,6 +57,9 @@ def main() -> int:
     block_float = real_block_float(host_ttnn())
     rows = [("torch bfloat16", lambda: load_torch_backend(args.model, max_slots=SLOTS, max_context=CONTEXT,
                                                            dtype="bfloat16", progress=False))]
+    for head in LM_HEAD_DTYPES:  # the CPU fast path (native kernels) with each LM-head dtype
+        rows.append((f"cpu, {head} head", lambda h=head: load_cpu_backend(args.model, SLOTS, CONTEXT, CPUOptions(lm_head=h),
+                                                                           progress=False)))
     for weight, head, quant in itertools.product(args.weight_dtypes.split(","), HEAD_DTYPES, (False, True)):
         options = TTOptions(weight_dtype=weight, lm_head_dtype=head, activation_quant=quant)
         rows.append((run_name("ttnn", "", options), lambda o=options: ttnn_backend(args.model, o, block_float)))
