@@ -133,11 +133,22 @@ def test_an_untouched_rewrite_is_byte_identical_and_loads(copy):
     assert load_weights(copy, progress=False).source_format == "converted"
 
 
+def load_cpu(folder, progress=False):
+    from bitnet_tt.backends.cpu.weights import load_cpu_weights
+
+    return load_cpu_weights(folder, progress=progress)
+
+
+# Both loaders: the golden one reads every tensor, the CPU fast path maps the embedding and head from the file.
+LOADERS = pytest.mark.parametrize("load", [load_weights, load_cpu], ids=["golden", "cpu"])
+
+
+@LOADERS
 @pytest.mark.parametrize("tamper, message", TAMPERS.values(), ids=TAMPERS.keys())
-def test_a_tampered_converted_model_does_not_load(copy, tamper, message):
+def test_a_tampered_converted_model_does_not_load(copy, tamper, message, load):
     tamper(copy)
     with pytest.raises(CheckpointError) as error:
-        load_weights(copy, progress=False)
+        load(copy, progress=False)
     assert message in str(error.value) and "\n" not in str(error.value)
 
 
@@ -175,10 +186,11 @@ def packed_value(name, value):
     (lambda t: t.update(extra=torch.zeros(3)), {}, "holds tensors this model does not have: extra"),
 ], ids=["NaN scale", "-inf scale", "negative scale", "zero scale", "bitlinear tiny scale", "NaN embedding",
         "infinite norm", "code 3", "extra tensor"])
-def test_bad_values_in_a_packed_model_do_not_load(model_factory, tmp_path, change, config, message):
+@LOADERS
+def test_bad_values_in_a_packed_model_do_not_load(model_factory, tmp_path, change, config, message, load):
     folder = packed_with(model_factory, tmp_path, change, **config)
     with pytest.raises(CheckpointError) as error:
-        load_weights(folder, progress=False)
+        load(folder, progress=False)
     assert message in str(error.value)
 
 

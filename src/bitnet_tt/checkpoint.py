@@ -182,6 +182,29 @@ class TensorFiles:
             raise CheckpointError(f"{path}: tensor '{name}' holds NaN or infinite values")
         return tensor
 
+    def check_stored(self, name: str, chunk_bytes: int = 1 << 26) -> None:
+        """The checks get() makes (recorded checksum, finite values), for a tensor that is used straight from
+        the file (memory-mapped) instead of read: plain chunked reads, so its pages never count as ours."""
+        path = self.file_of[name]
+        self._open(path)
+        data_start, header = self._headers[path]
+        entry = header[name]
+        dtype = STORED_DTYPES.get(entry["dtype"])
+        start, end = entry["data_offsets"]
+        digest, finite = hashlib.sha256(), True
+        with open(path, "rb") as f:
+            f.seek(data_start + start)
+            for offset in range(start, end, chunk_bytes):  # a multiple of every element size
+                chunk = f.read(min(chunk_bytes, end - offset))
+                digest.update(chunk)
+                finite = finite and (not dtype.is_floating_point or all_finite(torch.frombuffer(bytearray(chunk), dtype=dtype)))
+        self.read_names.add(name)
+        if self.expected_sha256 is not None and digest.hexdigest() != self.expected_sha256.get(name):
+            raise CheckpointError(f"{path}: tensor '{name}' does not match the checksum recorded when it was "
+                                  "converted; the file has been modified")
+        if not finite:
+            raise CheckpointError(f"{path}: tensor '{name}' holds NaN or infinite values")
+
     def check_all_read(self) -> None:
         """Tensors nobody asked for mean a different model (or a damaged one): refuse them."""
         unread = sorted(set(self.file_of) - self.read_names)
@@ -292,10 +315,13 @@ def load_weights(folder: Path, progress: bool = True) -> BitNetWeights:
 
 
 def _checked_scale(files: TensorFiles, name: str, weight: TernaryWeight) -> TernaryWeight:
-    scale = float(weight.scale)
+    check_scale(files, name, float(weight.scale))
+    return weight
+
+
+def check_scale(files: TensorFiles, name: str, scale: float) -> None:
     if not (math.isfinite(scale) and scale > 0):
         raise CheckpointError(f"{files.folder}: '{name}' has the scale {scale}; a scale must be finite and positive")
-    return weight
 
 
 Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]

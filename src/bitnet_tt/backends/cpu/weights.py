@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ...checkpoint import PROJECTION_READERS, TensorFiles, detect_format, read_header, verify_recorded_files
+from ...checkpoint import (PROJECTION_READERS, TensorFiles, check_scale, detect_format, read_header,
+                           verify_recorded_files)
 from ...config import ModelConfig
 from ...errors import BitNetError, CheckpointError, ModelNotFoundError
 from .kernels import PackedTernary, quantize_head
@@ -64,7 +65,7 @@ def load_cpu_weights(folder: Path, lm_head: str = "bf16", progress: bool = True,
     config = ModelConfig.from_folder(folder)
     files = TensorFiles(folder)
     fmt = detect_format(files)
-    if fmt == "converted":  # every tensor read is checked against its recorded checksum (not the mapped ones)
+    if fmt == "converted":  # every tensor read or mapped is checked against its recorded checksum
         files.expected_sha256 = verify_recorded_files(files)
     shape = (config.vocab_size, config.hidden_size)
     embed = mapped_table(files, "model.embed_tokens.weight", shape)
@@ -81,6 +82,7 @@ def load_cpu_weights(folder: Path, lm_head: str = "bf16", progress: bool = True,
                   leave=False):
         layers.append(read_layer(files, fmt, config, f"model.layers.{i}.", threads))
     final_norm = float_vector(files.get("model.norm.weight", (config.hidden_size,)))
+    files.check_all_read()
     return CPUWeights(config, embed, head, head_scales, final_norm, layers)
 
 
@@ -98,6 +100,8 @@ def read_layer(files: TensorFiles, fmt: str, config: ModelConfig, prefix: str, t
             read = [PROJECTION_READERS[fmt](files, prefix + n, shapes[n], config) for n in names]
             scales = [w.scale for w in read]
             weight = PackedTernary.from_codes(torch.cat([w.codes for w in read]).numpy(), threads)
+        for n, s in zip(names, scales):
+            check_scale(files, prefix + n, float(s))
         rows = [shapes[n][0] for n in names]
         scale = np.concatenate([np.full(r, float(s.float()), dtype=np.float32) for r, s in zip(rows, scales)])
         projections[key] = Projection(weight, scale)
@@ -122,6 +126,7 @@ def mapped_table(files: TensorFiles, name: str, shape: tuple[int, int]) -> np.nd
     begin, end = entry["data_offsets"]
     if list(entry["shape"]) != list(shape) or end - begin != shape[0] * shape[1] * np.dtype(dtype).itemsize:
         raise CheckpointError(f"{path}: tensor '{name}' has shape {entry['shape']}, expected {list(shape)}")
+    files.check_stored(name)
     with open(path, "rb") as f:
         mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     mapping.madvise(mmap.MADV_RANDOM)
