@@ -29,7 +29,14 @@ class Backend(ABC):
     # Whether copy_slot works: requests with the same prompt then share one prefill.
     copies_slots: bool = False
 
-    def __init__(self, config: ModelConfig, max_slots: int, max_context: int):
+    def __init__(self, config: ModelConfig, max_slots: int, max_context: int | None):
+        """max_context None: the model's maximum."""
+        max_context = max_context or config.max_position_embeddings
+        if max_slots < 1 or not 1 <= max_context <= config.max_position_embeddings:
+            raise CapacityError(
+                f"need at least 1 slot and a context between 1 and the model's "
+                f"{config.max_position_embeddings} positions (got {max_slots} slots, context {max_context})"
+            )
         self.config = config
         self.max_slots = max_slots
         self.max_context = max_context

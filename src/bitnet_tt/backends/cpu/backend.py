@@ -42,17 +42,11 @@ class CPUBackend(Backend):
         threads = options.threads or physical_cores()
         weights = load_cpu_weights(folder, options.lm_head, progress, threads)
         config = weights.config
-        max_context = max_context or config.max_position_embeddings
-        if max_slots < 1 or not 1 <= max_context <= config.max_position_embeddings:
-            raise CapacityError(
-                f"need at least 1 slot and a context between 1 and the model's "
-                f"{config.max_position_embeddings} positions (got {max_slots} slots, context {max_context})"
-            )
         super().__init__(config, max_slots, max_context)
         self.options = options
         self.threads = threads
         self.path_name = kernels.paths()[0] if options.path is None else options.path
-        self.model = CPUModel(weights, max_slots, max_context, max(PREFILL_CHUNK, max_slots), path, self.threads)
+        self.model = CPUModel(weights, max_slots, self.max_context, max(PREFILL_CHUNK, max_slots), path, self.threads)
 
     def prefill(self, slot: int, token_ids: Sequence[int]) -> torch.Tensor:
         if len(token_ids) == 0:

@@ -31,12 +31,6 @@ class TorchBackend(Backend):
         prefill_chunk: int = 256,
     ):
         config = weights.config
-        max_context = max_context or config.max_position_embeddings
-        if max_slots < 1 or not 1 <= max_context <= config.max_position_embeddings:
-            raise CapacityError(
-                f"need at least 1 slot and a context between 1 and the model's "
-                f"{config.max_position_embeddings} positions (got {max_slots} slots, context {max_context})"
-            )
         super().__init__(config, max_slots, max_context)
         if dtype not in DTYPES:
             raise BitNetError(f"unsupported dtype {dtype!r} (choose from {', '.join(DTYPES)})")
@@ -47,7 +41,7 @@ class TorchBackend(Backend):
             raise BitNetError(f"device {device!r} is not usable here ({str(exc).splitlines()[0]})") from None
         self.dtype = DTYPES[dtype]
         self.prefill_chunk = prefill_chunk
-        cache = KVCache(config, max_slots, max_context, self.dtype, self.device)
+        cache = KVCache(config, max_slots, self.max_context, self.dtype, self.device)
         self.model = BitNetModel(weights, cache, self.dtype, self.device)
         release_freed_memory()
 

@@ -36,10 +36,9 @@ class TTNNBackend(Backend):
         progress: bool = False,
     ):
         """`weights=None` allocates the weights without values: for contract runs on a mock device."""
-        max_context = max_context or config.max_position_embeddings
         super().__init__(config, max_slots, max_context)
         self.tt, self.device = tt, device
-        self.plan = make_plan(config, device_facts(tt, device), options or TTOptions(), max_slots, max_context)
+        self.plan = make_plan(config, device_facts(tt, device), options or TTOptions(), max_slots, self.max_context)
         on_device = place_model(self.plan, weights, Placer(tt, device, cache_dir, allocate_only=weights is None), progress)
         self.model = TTModel(tt, device, self.plan, on_device, self._allocate_kv_cache())
         self.inputs = self._allocate_decode_inputs()
