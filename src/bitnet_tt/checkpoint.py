@@ -278,12 +278,9 @@ def detect_format(files: TensorFiles) -> str:
     return "bf16-master"
 
 
-def load_weights(folder: Path, progress: bool = True) -> BitNetWeights:
-    """Read a BitNet model folder in any supported format into ternary weights.
-
-    Every value is checked (finite floats, positive scales, codes in range, no tensor too many or too few);
-    a converted model must also match the checksums recorded when it was written.
-    """
+def open_model(folder: Path) -> tuple[ModelConfig, TensorFiles, str]:
+    """A model folder's config, tensors and format; a converted model's files are checked against their
+    recorded checksums here, and its tensors as they are read."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ModelNotFoundError(f"{folder}: no such model folder")
@@ -292,6 +289,16 @@ def load_weights(folder: Path, progress: bool = True) -> BitNetWeights:
     fmt = detect_format(files)
     if fmt == "converted":
         files.expected_sha256 = verify_recorded_files(files)
+    return config, files, fmt
+
+
+def load_weights(folder: Path, progress: bool = True) -> BitNetWeights:
+    """Read a BitNet model folder in any supported format into ternary weights.
+
+    Every value is checked (finite floats, positive scales, codes in range, no tensor too many or too few);
+    a converted model must also match the checksums recorded when it was written.
+    """
+    config, files, fmt = open_model(folder)
     read_projection = PROJECTION_READERS[fmt]
 
     h, vocab = config.hidden_size, config.vocab_size

@@ -15,10 +15,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ...checkpoint import (PROJECTION_READERS, TensorFiles, check_scale, detect_format, read_header,
-                           verify_recorded_files)
+from ...checkpoint import PROJECTION_READERS, TensorFiles, check_scale, open_model, read_header
 from ...config import ModelConfig
-from ...errors import BitNetError, CheckpointError, ModelNotFoundError
+from ...errors import BitNetError, CheckpointError
 from .kernels import PackedTernary, quantize_head
 
 LM_HEAD_DTYPES = ("bf16", "int8")
@@ -59,14 +58,7 @@ class CPUWeights:
 def load_cpu_weights(folder: Path, lm_head: str = "bf16", progress: bool = True, threads: int = 1) -> CPUWeights:
     if lm_head not in LM_HEAD_DTYPES:
         raise BitNetError(f"unknown LM head dtype {lm_head!r} (choose from {', '.join(LM_HEAD_DTYPES)})")
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ModelNotFoundError(f"{folder}: no such model folder")
-    config = ModelConfig.from_folder(folder)
-    files = TensorFiles(folder)
-    fmt = detect_format(files)
-    if fmt == "converted":  # every tensor read or mapped is checked against its recorded checksum
-        files.expected_sha256 = verify_recorded_files(files)
+    config, files, fmt = open_model(folder)  # every tensor read or mapped is checked (check_stored)
     shape = (config.vocab_size, config.hidden_size)
     embed = mapped_table(files, "model.embed_tokens.weight", shape)
     head = embed if "lm_head.weight" not in files and config.tie_word_embeddings else None
