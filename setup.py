@@ -28,7 +28,8 @@ def isa_units() -> list[tuple[str, str, list[str]]]:
         avx2 = ["-mavx2", "-mfma"]
         avx512 = avx2 + ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mprefer-vector-width=512"]
         units += [("avx2", "tile_avx2.c", avx2), ("avx2", "float_ops.c", avx2 + ["-DISA_SUFFIX=_avx2"]),
-                  ("avx512", "tile_avx512.c", avx512), ("avx512", "float_ops.c", avx512 + ["-DISA_SUFFIX=_avx512"])]
+                  ("avx512", "tile_avx512.c", avx512), ("avx512", "gemm_avx512.c", avx512),
+                  ("avx512", "float_ops.c", avx512 + ["-DISA_SUFFIX=_avx512"])]
     elif machine in ("aarch64", "arm64"):
         units += [("neon", "tile_neon.c", ["-DTILE_NAME=tile_neon"]),
                   ("neondot", "tile_neon.c", ["-march=armv8.2-a+dotprod", "-DTILE_NAME=tile_neondot"])]
@@ -45,7 +46,7 @@ class BuildKernels(build_ext):
             for variant, source, flags in isa_units():
                 ext.extra_objects += self.compiler.compile(
                     [os.path.join(CSRC, source)], output_dir=os.path.join(self.build_temp, variant),
-                    extra_postargs=COMMON_FLAGS + flags, depends=[os.path.join(CSRC, n) for n in ("kernels.h", "float_ops.h")],
+                    extra_postargs=COMMON_FLAGS + flags, depends=[os.path.join(CSRC, n) for n in ("kernels.h", "float_ops.h", "gemm.h")],
                 )
             super().build_extension(ext)
         except (CCompilerError, DistutilsExecError, DistutilsPlatformError) as exc:

@@ -18,13 +18,12 @@
 #endif
 
 #include "float_ops.h"
+#include "gemm.h"
 #include "kernels.h"
 #include "pool.h"
 
 enum path { PATH_SCALAR, PATH_AVX2, PATH_AVX512, PATH_NEON, PATH_NEONDOT, PATH_COUNT };
 static const char *PATH_NAMES[PATH_COUNT] = {"scalar", "avx2", "avx512", "neon", "neondot"};
-
-enum matmul_mode { MATMUL_INT32 = 0, MATMUL_STORE = 1, MATMUL_ADD = 2 };
 
 static int path_available(int path) {
     switch (path) {
@@ -41,6 +40,15 @@ static int path_available(int path) {
 #endif
     default: return 0;
     }
+}
+
+/* The many-token GEMM of a path, or NULL where the tile kernel serves every token count. */
+static gemm_part_fn gemm_for(int path) {
+#if defined(__x86_64__)
+    if (path == PATH_AVX512) return gemm_avx512;
+#endif
+    (void)path;
+    return NULL;
 }
 
 static tile_kernel tile_for(int path) {
@@ -235,24 +243,19 @@ static PyObject *py_pack(PyObject *self, PyObject *args) {
  * Ternary matmul */
 
 struct matmul_job {
-    const uint8_t *packed;
-    const int8_t *x;
-    const int32_t *x_sum;
-    const float *x_scale, *w_scale;
-    void *out;
-    size_t x_stride;
-    int n, m, blocks, mode;
+    struct gemm_job args;
     tile_kernel tile;
 };
 
 static void matmul_part(void *ctx, int group_begin, int group_end) {
-    const struct matmul_job *job = ctx;
+    const struct gemm_job *job = &((const struct matmul_job *)ctx)->args;
+    tile_kernel tile = ((const struct matmul_job *)ctx)->tile;
     size_t group_bytes = (size_t)job->blocks * GROUP_BLOCK_BYTES;
     int32_t raw[MAX_TILE_TOKENS * ROWS_PER_GROUP];
     for (int g = group_begin; g < group_end; g++) {
         for (int m0 = 0; m0 < job->m; m0 += MAX_TILE_TOKENS) {
             int tokens = job->m - m0 < MAX_TILE_TOKENS ? job->m - m0 : MAX_TILE_TOKENS;
-            job->tile(job->packed + g * group_bytes, job->blocks, job->x + m0 * job->x_stride, job->x_stride, tokens, raw);
+            tile(job->packed + g * group_bytes, job->blocks, job->x + m0 * job->x_stride, job->x_stride, tokens, raw);
             for (int t = 0; t < tokens; t++)
                 for (int r = 0; r < ROWS_PER_GROUP; r++) {
                     int row = g * ROWS_PER_GROUP + r, token = m0 + t;
@@ -287,14 +290,14 @@ static PyObject *py_matmul(PyObject *self, PyObject *args) {
     }
     struct buffers held = {.count = 0};
     int failed = 0, kp = padded_inputs(k), floats = mode != MATMUL_INT32;
-    struct matmul_job job = {
+    struct gemm_job job = {
         .packed = buffer(&held, packed_obj, 0, packed_bytes(n, k), "packed", 0, &failed),
         .x = buffer(&held, x_obj, 0, (Py_ssize_t)m * kp, "x", 0, &failed),
         .x_sum = buffer(&held, sum_obj, 0, (Py_ssize_t)m * 4, "x_sum", 0, &failed),
         .out = buffer(&held, out_obj, 1, (Py_ssize_t)m * n * 4, "out", 0, &failed),
         .x_scale = buffer(&held, xs_obj, 0, floats ? (Py_ssize_t)m * 4 : 0, "x_scale", !floats, &failed),
         .w_scale = buffer(&held, ws_obj, 0, floats ? (Py_ssize_t)n * 4 : 0, "w_scale", !floats, &failed),
-        .x_stride = (size_t)kp, .n = n, .m = m, .blocks = kp / BLOCK_INPUTS, .mode = mode, .tile = tile_for(path),
+        .x_stride = (size_t)kp, .n = n, .m = m, .blocks = kp / BLOCK_INPUTS, .mode = mode,
     };
     if (!failed && floats && (!job.x_scale || !job.w_scale)) {
         PyErr_SetString(PyExc_ValueError, "float outputs need x_scale and w_scale");
@@ -304,8 +307,13 @@ static PyObject *py_matmul(PyObject *self, PyObject *args) {
         release(&held);
         return NULL;
     }
+    gemm_part_fn gemm = m >= GEMM_MIN_TOKENS ? gemm_for(path) : NULL;
+    struct matmul_job tiles = {.args = job, .tile = tile_for(path)};
     Py_BEGIN_ALLOW_THREADS
-    parallel_for(matmul_part, &job, row_groups(n), threads);
+    if (gemm)
+        parallel_for(gemm, &job, (n + GEMM_ROWS - 1) / GEMM_ROWS, threads);
+    else
+        parallel_for(matmul_part, &tiles, row_groups(n), threads);
     Py_END_ALLOW_THREADS
     release(&held);
     Py_RETURN_NONE;

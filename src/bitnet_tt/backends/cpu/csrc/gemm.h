@@ -1,0 +1,40 @@
+/* Register-blocked GEMM for many tokens (prefill): each 64-row block of the weights is unpacked once
+ * into a panel of 8-bit codes and reused for every token, so the work per weight is one multiply-add
+ * per token instead of an unpack per tile of 8 tokens.
+ *
+ * Panel layout (per thread, rows 64 * block .. + 63): for input quad k4 (inputs 4 * k4 .. 4 * k4 + 3) and
+ * vector v (rows 16v .. 16v + 15), 64 bytes at panel + (k4 * PANEL_VECTORS + v) * 64: lane i holds the
+ * four codes + 1 (0..2) of row 16v + i. A vpdpbusd-style multiply-add against the 4 activation bytes of
+ * that quad, broadcast to every lane, then adds one quad of every row's dot product to its own lane:
+ * no horizontal sums. */
+#ifndef BITNET_CPU_GEMM_H
+#define BITNET_CPU_GEMM_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define GEMM_ROWS 64
+#define PANEL_VECTORS (GEMM_ROWS / 16)
+/* Below this many tokens the tile kernels (which unpack per tile) are as fast. */
+#define GEMM_MIN_TOKENS 9
+
+enum matmul_mode { MATMUL_INT32 = 0, MATMUL_STORE = 1, MATMUL_ADD = 2 };
+
+struct gemm_job {
+    const uint8_t *packed;   /* row-group layout (kernels.h) */
+    const int8_t *x;         /* [m, x_stride] */
+    const int32_t *x_sum;    /* [m] */
+    const float *x_scale, *w_scale;
+    void *out;               /* [m, n]: int32 (MATMUL_INT32) or fp32 */
+    size_t x_stride;
+    int n, m, blocks, mode;
+};
+
+/* Row blocks [block_begin, block_end) of GEMM_ROWS rows: a part for parallel_for. */
+typedef void (*gemm_part_fn)(void *job, int block_begin, int block_end);
+
+#if defined(__x86_64__) || defined(_M_X64)
+void gemm_avx512(void *job, int block_begin, int block_end);
+#endif
+
+#endif
