@@ -80,11 +80,22 @@ def test_every_path_and_thread_count_gives_the_same_integers():
     assert all(np.array_equal(r, results[0]) for r in results)
 
 
-def test_repacking_the_converted_2bit_layout_equals_packing_the_codes():
-    rng = np.random.default_rng(2)
-    codes = rng.integers(-1, 2, (10, 260), dtype=np.int8)
-    from_2bit = kernels.PackedTernary.from_2bit(pack_2bit(torch.from_numpy(codes)).numpy())
+@pytest.mark.parametrize("path", all_paths())
+@pytest.mark.parametrize("shape", [(10, 260), (6912, 2560), (8, 128)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_repacking_the_converted_2bit_layout_equals_packing_the_codes(path, shape):
+    """Full blocks go through the path's repacking (AVX-512 VBMI where present), the rest field by field."""
+    codes = np.random.default_rng(2).integers(-1, 2, shape, dtype=np.int8)
+    from_2bit = kernels.PackedTernary.from_2bit(pack_2bit(torch.from_numpy(codes)).numpy(), path=kernels.path_index(path))
     assert np.array_equal(from_2bit.data, kernels.PackedTernary.from_codes(codes).data)
+
+
+@pytest.mark.parametrize("path", all_paths())
+@pytest.mark.parametrize("column", [0, 127, 128, 259])
+def test_the_unused_code_is_caught_in_every_block_on_every_path(path, column):
+    packed = pack_2bit(torch.zeros((5, 260), dtype=torch.int8)).numpy()
+    packed[3, column // 4] |= 3 << (2 * (column % 4))
+    with pytest.raises(BitNetError, match="2-bit field 3"):
+        kernels.PackedTernary.from_2bit(packed, path=kernels.path_index(path))
 
 
 def test_unused_code_and_unknown_path_are_one_line_errors():

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
 
+import numpy as np
 import torch
 from pydantic import AfterValidator, BaseModel, ConfigDict, StringConstraints
 from safetensors import SafetensorError, safe_open
@@ -157,14 +158,16 @@ class TensorFiles:
         path = next(iter(self.file_of.values()), None)
         return (self._open(path).metadata() or {}) if path else {}
 
-    def get(self, name: str, shape: tuple[int, ...] | None = None, dtypes=None) -> torch.Tensor:
+    def get(self, name: str, shape: tuple[int, ...] | None = None, dtypes=None, into: np.ndarray | None = None) -> torch.Tensor:
+        """A checked tensor, in its own memory or, with `into` (a uint8 buffer reused from call to call, so that
+        no fresh pages are touched per tensor), in the front of that buffer."""
         if name not in self.file_of:
             raise CheckpointError(f"{self.folder}: tensor '{name}' is missing")
         path = self.file_of[name]
-        handle = self._open(path)
-        if name not in handle.keys():
-            raise CheckpointError(f"{path}: tensor '{name}' is missing (the index lists it here)")
+        self._open(path)
         data_start, header = self._headers[path]
+        if name not in header:
+            raise CheckpointError(f"{path}: tensor '{name}' is missing (the index lists it here)")
         entry = header[name]
         dtype = STORED_DTYPES.get(entry["dtype"])
         if shape is not None and tuple(entry["shape"]) != tuple(shape):
@@ -173,7 +176,12 @@ class TensorFiles:
             names = ", ".join(str(d).removeprefix("torch.") for d in dtypes or STORED_DTYPES.values())
             raise CheckpointError(f"{path}: tensor '{name}' has unsupported dtype "
                                   f"{str(dtype or entry['dtype']).removeprefix('torch.')} (expected {names})")
-        tensor = read_tensor(path, name, data_start, entry, dtype)
+        start, end = entry["data_offsets"]
+        if into is None:
+            tensor = torch.empty(entry["shape"], dtype=dtype)
+        else:
+            tensor = torch.from_numpy(into[: end - start]).view(dtype).reshape(entry["shape"])
+        read_tensor(path, name, data_start, entry, tensor)
         self.read_names.add(name)
         if self.expected_sha256 is not None and tensor_sha256(tensor) != self.expected_sha256.get(name):
             raise CheckpointError(f"{path}: tensor '{name}' does not match the checksum recorded when it was "
@@ -182,9 +190,10 @@ class TensorFiles:
             raise CheckpointError(f"{path}: tensor '{name}' holds NaN or infinite values")
         return tensor
 
-    def check_stored(self, name: str, chunk_bytes: int = 1 << 26) -> None:
+    def check_stored(self, name: str, chunk_bytes: int = 1 << 23) -> None:
         """The checks get() makes (recorded checksum, finite values), for a tensor that is used straight from
-        the file (memory-mapped) instead of read: plain chunked reads, so its pages never count as ours."""
+        the file (memory-mapped) instead of read: plain reads a chunk at a time into one buffer (L3-sized,
+        so hashing reads it from cache), so the file's pages never count as ours."""
         path = self.file_of[name]
         self._open(path)
         data_start, header = self._headers[path]
@@ -192,12 +201,15 @@ class TensorFiles:
         dtype = STORED_DTYPES.get(entry["dtype"])
         start, end = entry["data_offsets"]
         digest, finite = hashlib.sha256(), True
-        with open(path, "rb") as f:
+        chunk = np.empty(min(chunk_bytes, end - start), np.uint8)
+        with open(path, "rb", buffering=0) as f:
             f.seek(data_start + start)
             for offset in range(start, end, chunk_bytes):  # a multiple of every element size
-                chunk = f.read(min(chunk_bytes, end - offset))
-                digest.update(chunk)
-                finite = finite and (not dtype.is_floating_point or all_finite(torch.frombuffer(bytearray(chunk), dtype=dtype)))
+                size = min(chunk_bytes, end - offset)
+                if f.readinto(memoryview(chunk)[:size]) != size:
+                    raise CheckpointError(f"{path}: tensor '{name}' is truncated")
+                digest.update(chunk[:size])
+                finite = finite and (not dtype.is_floating_point or all_finite(torch.from_numpy(chunk[:size]).view(dtype)))
         self.read_names.add(name)
         if self.expected_sha256 is not None and digest.hexdigest() != self.expected_sha256.get(name):
             raise CheckpointError(f"{path}: tensor '{name}' does not match the checksum recorded when it was "
@@ -233,20 +245,18 @@ def read_header(path: Path) -> tuple[int, dict]:
     return 8 + header_len, header
 
 
-def read_tensor(path: Path, name: str, data_start: int, entry: dict, dtype: torch.dtype) -> torch.Tensor:
-    """One tensor read with plain file reads into its own memory.
+def read_tensor(path: Path, name: str, data_start: int, entry: dict, tensor: torch.Tensor) -> None:
+    """One tensor's bytes read with plain file reads into `tensor` (its size).
 
     Not through safetensors' memory map: every page read from a mapped file stays counted in the
     process's memory while the map lives, which raises the peak while a checkpoint loads.
     """
     start, end = entry["data_offsets"]
-    tensor = torch.empty(entry["shape"], dtype=dtype)
     raw = tensor.reshape(-1).view(torch.uint8).numpy()
-    with open(path, "rb") as f:
+    with open(path, "rb", buffering=0) as f:
         f.seek(data_start + start)
         if raw.nbytes != end - start or f.readinto(raw) != end - start:
             raise CheckpointError(f"{path}: tensor '{name}' is truncated")
-    return tensor
 
 
 def tensor_sha256(tensor: torch.Tensor) -> str:

@@ -76,11 +76,12 @@ class PackedTernary:
     """A ternary matrix [n, k] in the kernels' row-group layout: 2 bits per weight, rows padded to 4 and
     inputs to 128 with zero weights."""
 
-    def __init__(self, source: np.ndarray, n: int, k: int, from_2bit: bool, threads: int = 1):
+    def __init__(self, source: np.ndarray, n: int, k: int, from_2bit: bool, threads: int = 1, path: int | None = None):
         self.n, self.k = n, k
         self.data = np.empty(-(-n // ROWS_PER_GROUP) * padded(k), dtype=np.uint8)
+        path = path_index(None) if path is None else path
         try:
-            require().pack(np.ascontiguousarray(source), n, k, self.data, from_2bit, threads)
+            require().pack(np.ascontiguousarray(source), n, k, self.data, from_2bit, path, threads)
         except ValueError as exc:
             raise BitNetError(f"cannot pack ternary weights: {exc}") from None
 
@@ -90,9 +91,10 @@ class PackedTernary:
         return cls(codes.astype(np.int8, copy=False), *codes.shape, from_2bit=False, threads=threads)
 
     @classmethod
-    def from_2bit(cls, packed: np.ndarray, threads: int = 1) -> PackedTernary:
-        """The converted checkpoint's uint8 [n, k/4] (ternary.pack_2bit), repacked without expanding to int8."""
-        return cls(packed, packed.shape[0], packed.shape[1] * 4, from_2bit=True, threads=threads)
+    def from_2bit(cls, packed: np.ndarray, threads: int = 1, path: int | None = None) -> PackedTernary:
+        """The converted checkpoint's uint8 [n, k/4] (ternary.pack_2bit), repacked without expanding to int8
+        (path: path_index()'s number, None: the best here)."""
+        return cls(packed, packed.shape[0], packed.shape[1] * 4, from_2bit=True, threads=threads, path=path)
 
 
 class Activations:

@@ -8,6 +8,8 @@ int8; the other formats expand one projection to int8 codes at a time (checkpoin
 from __future__ import annotations
 
 import mmap
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,34 +62,53 @@ def load_cpu_weights(folder: Path, lm_head: str = "bf16", progress: bool = True,
         raise BitNetError(f"unknown LM head dtype {lm_head!r} (choose from {', '.join(LM_HEAD_DTYPES)})")
     config, files, fmt = open_model(folder)  # every tensor read or mapped is checked (check_stored)
     shape = (config.vocab_size, config.hidden_size)
-    embed = mapped_table(files, "model.embed_tokens.weight", shape)
-    head = embed if "lm_head.weight" not in files and config.tie_word_embeddings else None
-    if head is None:
-        if "lm_head.weight" not in files:
-            raise CheckpointError(f"{folder}: no lm_head.weight and tie_word_embeddings is false; the LM head is missing")
-        head = mapped_table(files, "lm_head.weight", shape)
-    head_scales = None
-    if lm_head == "int8":
-        head, head_scales = int8_head(head)
-    layers = []
-    for i in tqdm(range(config.num_layers), desc=f"loading {fmt} weights", unit="layer", disable=not progress or None,
-                  leave=False):
-        layers.append(read_layer(files, fmt, config, f"model.layers.{i}.", threads))
-    final_norm = float_vector(files.get("model.norm.weight", (config.hidden_size,)))
+    with ThreadPoolExecutor(max_workers=1) as background:  # checking the mapped tables overlaps reading the layers
+        checks = []
+        check = lambda name: checks.append(background.submit(files.check_stored, name))
+        embed = mapped_table(files, "model.embed_tokens.weight", shape, check)
+        head = embed if "lm_head.weight" not in files and config.tie_word_embeddings else None
+        if head is None:
+            if "lm_head.weight" not in files:
+                raise CheckpointError(f"{folder}: no lm_head.weight and tie_word_embeddings is false; the LM head is missing")
+            head = mapped_table(files, "lm_head.weight", shape, check)
+        head_scales = None
+        if lm_head == "int8":
+            head, head_scales = int8_head(head)
+        staging = np.empty(max(fused_codes_bytes(config).values()), np.uint8) if fmt == "converted" else None
+        layers = []
+        for i in tqdm(range(config.num_layers), desc=f"loading {fmt} weights", unit="layer",
+                      disable=not progress or None, leave=False):
+            layers.append(read_layer(files, fmt, config, f"model.layers.{i}.", threads, staging))
+        final_norm = float_vector(files.get("model.norm.weight", (config.hidden_size,)))
+        for done in checks:
+            done.result()  # raises the check's CheckpointError
     files.check_all_read()
     return CPUWeights(config, embed, head, head_scales, final_norm, layers)
 
 
-def read_layer(files: TensorFiles, fmt: str, config: ModelConfig, prefix: str, threads: int) -> Layer:
+def fused_codes_bytes(config: ModelConfig) -> dict[str, int]:
+    """Bytes of each fused projection's 2-bit codes in a converted checkpoint."""
+    shapes = config.projection_shapes()
+    return {key: sum(shapes[n][0] * shapes[n][1] // 4 for n in names) for key, names in FUSED.items()}
+
+
+def read_layer(files: TensorFiles, fmt: str, config: ModelConfig, prefix: str, threads: int,
+               staging: np.ndarray | None) -> Layer:
+    """One layer; a converted checkpoint's codes pass through `staging` (reused for every projection)."""
     shapes = config.projection_shapes()
     norms = {name: float_vector(files.get(prefix + name + ".weight", (width,)))
              for name, width in config.norm_shapes().items()}
     projections = {}
     for key, names in FUSED.items():
-        if fmt == "converted":  # 2-bit codes straight from the file
-            sources = [files.get(prefix + n + ".packed", (shapes[n][0], shapes[n][1] // 4), (torch.uint8,)) for n in names]
+        if fmt == "converted":  # 2-bit codes straight from the file, rows of the fused projection in order
+            at = 0
+            for n in names:
+                out, inp = shapes[n]
+                files.get(prefix + n + ".packed", (out, inp // 4), (torch.uint8,), into=staging[at:])
+                at += out * inp // 4
             scales = [files.get(prefix + n + ".scale", (), (torch.float32,)) for n in names]
-            weight = PackedTernary.from_2bit(torch.cat(sources).numpy(), threads)
+            k = shapes[names[0]][1]
+            weight = PackedTernary.from_2bit(staging[:at].reshape(-1, k // 4), threads)
         else:
             read = [PROJECTION_READERS[fmt](files, prefix + n, shapes[n], config) for n in names]
             scales = [w.scale for w in read]
@@ -104,9 +125,10 @@ def float_vector(tensor: torch.Tensor) -> np.ndarray:
     return tensor.float().numpy()
 
 
-def mapped_table(files: TensorFiles, name: str, shape: tuple[int, int]) -> np.ndarray:
+def mapped_table(files: TensorFiles, name: str, shape: tuple[int, int], check: Callable[[str], None]) -> np.ndarray:
     """A [vocab, hidden] table: bf16 (as uint16) or fp32 mapped from the file with random-access advice, so
-    that only the rows tokens touch become resident; fp16 is read and widened to fp32."""
+    that only the rows tokens touch become resident (its checks handed to `check`); fp16 is read and widened
+    to fp32."""
     if name not in files:
         raise CheckpointError(f"{files.folder}: tensor '{name}' is missing")
     path = files.file_of[name]
@@ -118,7 +140,7 @@ def mapped_table(files: TensorFiles, name: str, shape: tuple[int, int]) -> np.nd
     begin, end = entry["data_offsets"]
     if list(entry["shape"]) != list(shape) or end - begin != shape[0] * shape[1] * np.dtype(dtype).itemsize:
         raise CheckpointError(f"{path}: tensor '{name}' has shape {entry['shape']}, expected {list(shape)}")
-    files.check_stored(name)
+    check(name)
     with open(path, "rb") as f:
         mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     mapping.madvise(mmap.MADV_RANDOM)

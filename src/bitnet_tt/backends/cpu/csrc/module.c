@@ -20,6 +20,7 @@
 #include "float_ops.h"
 #include "gemm.h"
 #include "kernels.h"
+#include "pack.h"
 #include "pool.h"
 
 enum path { PATH_SCALAR, PATH_AVX2, PATH_AVX512, PATH_NEON, PATH_NEONDOT, PATH_COUNT };
@@ -147,16 +148,16 @@ struct pack_job {
     const uint8_t *src;  /* int8 codes [n, k], or the converted checkpoint's uint8 [n, k/4] */
     uint8_t *out;
     int n, k, blocks, from_2bit;
+    spread_rows_fn spread;  /* the full blocks of a 2-bit row */
     atomic_int bad;
 };
 
-/* SPREAD[byte]: the byte's four 2-bit fields, field i in byte i of the word. */
-static uint32_t SPREAD[256];
-
-static void init_spread(void) {
-    for (int b = 0; b < 256; b++)
-        SPREAD[b] = (uint32_t)(b & 3) | (uint32_t)((b >> 2) & 3) << 8 | (uint32_t)((b >> 4) & 3) << 16 |
-                    (uint32_t)((b >> 6) & 3) << 24;
+static spread_rows_fn spread_for(int path) {
+#if defined(__x86_64__)
+    if (path == PATH_AVX512 && __builtin_cpu_supports("avx512vbmi")) return spread_rows_avx512vbmi;
+#endif
+    (void)path;
+    return spread_rows_generic;
 }
 
 static unsigned stored_code(const struct pack_job *job, int row, int col) {
@@ -164,7 +165,8 @@ static unsigned stored_code(const struct pack_job *job, int row, int col) {
     return (unsigned)((int8_t)job->src[(size_t)row * job->k + col] + 1);
 }
 
-/* One 32-byte chunk: byte j holds inputs 128b + 32f + j in bits 2f..2f+1; inputs past k are zero weights. */
+/* One 32-byte chunk of int8 codes, or a padding chunk: byte j holds inputs 128b + 32f + j in bits 2f..2f+1;
+ * inputs past k are zero weights. */
 static int pack_chunk(const struct pack_job *job, int row, int b, uint8_t *chunk) {
     int first = b * BLOCK_INPUTS, bad = 0;
     if (row >= job->n || first + BLOCK_INPUTS > job->k) {  /* padding: field by field */
@@ -176,27 +178,15 @@ static int pack_chunk(const struct pack_job *job, int row, int b, uint8_t *chunk
         }
         return bad;
     }
-    if (job->from_2bit) {
-        const uint8_t *src = job->src + (size_t)row * (job->k / 4) + first / 4;
-        uint32_t words[CHUNK_BYTES / 4] = {0};
-        for (int f = 0; f < 4; f++)
-            for (int q = 0; q < CHUNK_BYTES / 4; q++) {
-                uint8_t byte = src[8 * f + q];
-                bad |= (byte & (byte >> 1) & 0x55) != 0;
-                words[q] |= SPREAD[byte] << (2 * f);
-            }
-        memcpy(chunk, words, CHUNK_BYTES);
-    } else {
-        const int8_t *src = (const int8_t *)job->src + (size_t)row * job->k + first;
-        for (int j = 0; j < CHUNK_BYTES; j++) {
-            unsigned byte = 0;
-            for (int f = 0; f < 4; f++) {
-                unsigned stored = (unsigned)(src[32 * f + j] + 1);
-                bad |= stored > 2;
-                byte |= (stored & 3) << (2 * f);
-            }
-            chunk[j] = (uint8_t)byte;
+    const int8_t *src = (const int8_t *)job->src + (size_t)row * job->k + first;
+    for (int j = 0; j < CHUNK_BYTES; j++) {
+        unsigned byte = 0;
+        for (int f = 0; f < 4; f++) {
+            unsigned stored = (unsigned)(src[32 * f + j] + 1);
+            bad |= stored > 2;
+            byte |= (stored & 3) << (2 * f);
         }
+        chunk[j] = (uint8_t)byte;
     }
     return bad;
 }
@@ -205,19 +195,25 @@ static void pack_part(void *ctx, int group_begin, int group_end) {
     struct pack_job *job = ctx;
     int bad = 0;
     for (int g = group_begin; g < group_end; g++)
-        for (int b = 0; b < job->blocks; b++)
-            for (int r = 0; r < ROWS_PER_GROUP; r++)
-                bad |= pack_chunk(job, g * ROWS_PER_GROUP + r, b,
-                                  job->out + (((size_t)g * job->blocks + b) * ROWS_PER_GROUP + r) * CHUNK_BYTES);
+        for (int r = 0; r < ROWS_PER_GROUP; r++) {
+            int row = g * ROWS_PER_GROUP + r, spread = 0;
+            uint8_t *chunks = job->out + ((size_t)g * job->blocks * ROWS_PER_GROUP + r) * CHUNK_BYTES;
+            if (job->from_2bit && row < job->n) {
+                spread = job->k / BLOCK_INPUTS;
+                bad |= job->spread(job->src + (size_t)row * (job->k / 4), spread, chunks);
+            }
+            for (int b = spread; b < job->blocks; b++) bad |= pack_chunk(job, row, b, chunks + (size_t)b * GROUP_BLOCK_BYTES);
+        }
     if (bad) atomic_store(&job->bad, 1);
 }
 
-/* pack(source, n, k, out, from_2bit, threads): source is int8 codes [n, k] (from_2bit = 0) or the converted
+/* pack(source, n, k, out, from_2bit, path, threads): source is int8 codes [n, k] (from_2bit = 0) or the converted
  * checkpoint's uint8 [n, k/4] with code + 1 in bits 2i..2i+1 of byte j for input 4j + i (from_2bit = 1). */
 static PyObject *py_pack(PyObject *self, PyObject *args) {
     PyObject *src_obj, *out_obj;
-    int n, k, from_2bit, threads;
-    if (!PyArg_ParseTuple(args, "OiiOpi", &src_obj, &n, &k, &out_obj, &from_2bit, &threads)) return NULL;
+    int n, k, from_2bit, path, threads;
+    if (!PyArg_ParseTuple(args, "OiiOpii", &src_obj, &n, &k, &out_obj, &from_2bit, &path, &threads)) return NULL;
+    if (!check_path(path)) return NULL;
     if (n <= 0 || k <= 0 || (from_2bit && k % 4)) return PyErr_Format(PyExc_ValueError, "bad shape [%d, %d]", n, k);
     struct buffers held = {.count = 0};
     int failed = 0;
@@ -226,6 +222,7 @@ static PyObject *py_pack(PyObject *self, PyObject *args) {
         .src = buffer(&held, src_obj, 0, src_bytes, "source", 0, &failed),
         .out = buffer(&held, out_obj, 1, packed_bytes(n, k), "out", 0, &failed),
         .n = n, .k = k, .blocks = padded_inputs(k) / BLOCK_INPUTS, .from_2bit = from_2bit,
+        .spread = spread_for(path),
     };
     if (failed) {
         release(&held);
