@@ -16,7 +16,7 @@ How it measures:
   PCC, top-1 agreement and KL(bf16 || int8) in nats. The weights are random, so perplexity means nothing.
 - --llama-bench PATH --gguf FILE: llama.cpp's own figures (pp128, tg32) from its llama-bench, same threads.
 The machine may be shared: absolute figures are noisy, so everything is also printed as a ratio measured in
-the same run. Figures are printed, never asserted (tests/test_cpu_full_shapes.py asserts the memory bound).
+the same run. Figures are printed, never asserted (tests/test_full_shapes.py asserts the memory bound).
 """
 
 from __future__ import annotations
