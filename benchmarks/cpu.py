@@ -14,6 +14,8 @@ How it measures:
   decode: 1 / the median step time over --decode-steps steps after a warm-up step.
 - The int8 head's cost: logits of both heads on the same hidden states (the decode steps of the int8 run):
   PCC, top-1 agreement and KL(bf16 || int8) in nats. The weights are random, so perplexity means nothing.
+- --profile-prefill: instead, where the cpu backend's load and prefill time go, per component
+  (benchmarks/cpu_profile.py), with a best-of-N microbenchmark of the prefill GEMM.
 - --llama-bench PATH --gguf FILE: llama.cpp's own figures (pp128, tg32) from its llama-bench, same threads
   (benchmarks/gguf_2b4t.py writes a GGUF of the same shapes; its docstring says how to quantise it to TQ2_0).
 The machine may be shared: absolute figures are noisy, so everything is also printed as a ratio measured in
@@ -281,6 +283,10 @@ def main() -> None:
                    help="prompt lengths for time to first token")
     p.add_argument("--llama-bench", help="path to llama.cpp's llama-bench (with --gguf: a TQ2_0 GGUF of the same shapes)")
     p.add_argument("--gguf", type=Path)
+    p.add_argument("--profile-prefill", action="store_true",
+                   help="instead: where the cpu backend's load and prefill time goes (benchmarks/cpu_profile.py)")
+    p.add_argument("--profile-tokens", type=int, default=128, help="prompt length of --profile-prefill")
+    p.add_argument("--profile-repeats", type=int, default=3, help="prefills of --profile-prefill (the best is shown)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--engine", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
@@ -292,6 +298,14 @@ def main() -> None:
         sys.exit("--llama-bench and --gguf go together")
     args.work_dir.mkdir(parents=True, exist_ok=True)
     model = prepare_model(args.work_dir)
+    if args.profile_prefill:
+        import cpu_profile
+
+        print(f"{cpu_name()} | {args.threads} threads | load average {os.getloadavg()[0]:.1f}")
+        cpu_profile.profile_load(model, args.threads)
+        cpu_profile.profile_prefill(model, args.threads, args.profile_tokens, args.profile_repeats)
+        cpu_profile.gemm_microbenchmark(model, args.threads, args.profile_tokens)
+        return
     args.loadavg_before = os.getloadavg()[0]
     bandwidth = read_bandwidth(args.threads)
     results = {e: (spawn(args, "batch1", e, model), spawn(args, "batch8", e, model)) for e in ENGINES}
