@@ -23,11 +23,14 @@ NO_COMPILER = ("bitnet-tt: building the CPU kernels needs a C compiler (gcc or c
 def isa_units() -> list[tuple[str, str, list[str]]]:
     """(variant, source, flags) for the sources compiled once per instruction set of this machine's architecture."""
     machine = platform.machine().lower()
-    units = [("generic", "float_ops.c", ["-DISA_SUFFIX=_generic"])]
+    units = [("generic", "float_ops.c", ["-DISA_SUFFIX=_generic"]),
+             ("generic", "attention_prefill.c", ["-DISA_SUFFIX=_generic"])]
     if machine in ("x86_64", "amd64"):
         avx2 = ["-mavx2", "-mfma"]
         avx512 = avx2 + ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mprefer-vector-width=512"]
         units += [("avx2", "tile_avx2.c", avx2), ("avx2", "float_ops.c", avx2 + ["-DISA_SUFFIX=_avx2"]),
+                  ("avx2", "attention_prefill.c", avx2 + ["-DISA_SUFFIX=_avx2"]),
+                  ("avx512", "attention_prefill.c", avx512 + ["-DISA_SUFFIX=_avx512"]),
                   ("avx512", "tile_avx512.c", avx512), ("avx512", "gemm_avx512.c", avx512),
                   ("avx512", "pack_avx512.c", avx512 + ["-mavx512vbmi"]),
                   ("avx512", "float_ops.c", avx512 + ["-DISA_SUFFIX=_avx512"])]
@@ -47,7 +50,8 @@ class BuildKernels(build_ext):
             for variant, source, flags in isa_units():
                 ext.extra_objects += self.compiler.compile(
                     [os.path.join(CSRC, source)], output_dir=os.path.join(self.build_temp, variant),
-                    extra_postargs=COMMON_FLAGS + flags, depends=[os.path.join(CSRC, n) for n in ("kernels.h", "float_ops.h", "gemm.h", "pack.h")],
+                    extra_postargs=COMMON_FLAGS + flags, depends=[os.path.join(CSRC, n) for n in ("kernels.h", "float_ops.h", "gemm.h", "pack.h", "fast_exp.h",
+                                                                                 "attention_prefill.h")],
                 )
             super().build_extension(ext)
         except (CCompilerError, DistutilsExecError, DistutilsPlatformError) as exc:

@@ -156,9 +156,12 @@ def test_lm_head_matches_torch_and_is_identical_on_every_path(dtype):
     assert torch.allclose(torch.from_numpy(outs[0]), reference, rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("start,tokens", [(0, 1), (0, 7), (9, 1), (5, 4)])
-def test_attention_matches_sdpa_and_is_identical_on_every_path(start, tokens):
-    heads, kv_heads, dim, positions = 8, 2, 64, 32
+# 9+ tokens take the prefill kernel (attention_prefill.c): several tokens and heads of a kv head per task;
+# head sizes whose output rows fit in registers (64, 128) and others (48); more heads per kv head than a task's rows.
+@pytest.mark.parametrize("start,tokens", [(0, 1), (0, 7), (9, 1), (5, 4), (0, 9), (0, 32), (3, 21)])
+@pytest.mark.parametrize("heads,kv_heads,dim", [(8, 2, 64), (20, 5, 128), (40, 1, 48)])
+def test_attention_matches_sdpa_and_is_identical_on_every_path(start, tokens, heads, kv_heads, dim):
+    positions = 32
     rng = np.random.default_rng(6)
     q = rng.standard_normal((tokens, heads * dim)).astype(np.float32)
     keys = rng.standard_normal((kv_heads, positions, dim)).astype(np.float32)

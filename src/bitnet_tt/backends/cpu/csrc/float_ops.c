@@ -8,6 +8,7 @@
 #include <math.h>
 #include <string.h>
 
+#include "fast_exp.h"
 #include "float_ops.h"
 
 #define LANES 16
@@ -114,26 +115,6 @@ INLINE float dot(const float *a, const float *b, int n) {
     for (; k + LANES <= n; k += LANES) acc += load_f32(a + k) * load_f32(b + k);
     for (int l = 0; k + l < n; l++) acc[l] += a[k + l] * b[k + l];
     return lane_total(acc);
-}
-
-/* exp(x) for x <= 0 within 2 ulp, in plain float arithmetic so that it vectorises: 2^n * p(r). */
-static inline float exp_nonpositive(float x) {
-    const float round_magic = 12582912.0f;  /* 1.5 * 2^23: adding it rounds to an integer */
-    x = x < -87.0f ? -87.0f : x;
-    float n = (x * 1.44269504f + round_magic) - round_magic;
-    float r = (x - n * 0.693145752f) - n * 1.42860677e-6f;
-    float p = 1.0f / 5040 + r * (1.0f / 40320);
-    p = 1.0f / 720 + r * p;
-    p = 1.0f / 120 + r * p;
-    p = 1.0f / 24 + r * p;
-    p = 1.0f / 6 + r * p;
-    p = 0.5f + r * p;
-    p = 1.0f + r * p;
-    p = 1.0f + r * p;
-    int32_t bits = ((int32_t)n + 127) << 23;
-    float two_n;
-    memcpy(&two_n, &bits, sizeof two_n);
-    return p * two_n;
 }
 
 void NAME(attention_tasks)(const struct attention_args *a, int task_begin, int task_end, float *scores) {

@@ -17,6 +17,7 @@
 #include <sys/auxv.h>
 #endif
 
+#include "attention_prefill.h"
 #include "float_ops.h"
 #include "gemm.h"
 #include "kernels.h"
@@ -76,6 +77,15 @@ static head_fn head_for(int path) {
 #endif
     (void)path;
     return head_rows_generic;
+}
+
+static part_fn prefill_attention_for(int path) {
+#if defined(__x86_64__)
+    if (path == PATH_AVX512) return attention_prefill_avx512;
+    if (path == PATH_AVX2) return attention_prefill_avx2;
+#endif
+    (void)path;
+    return attention_prefill_generic;
 }
 
 static attention_fn attention_for(int path) {
@@ -609,8 +619,12 @@ static PyObject *py_attention(PyObject *self, PyObject *args) {
         release(&held);
         return NULL;
     }
+    struct prefill_attention_job prefill = {.args = job.args, .tokens = t, .positions = positions};
     Py_BEGIN_ALLOW_THREADS
-    parallel_for(attention_part, &job, t * heads, threads);
+    if (t >= PREFILL_ATTENTION_MIN_TOKENS)
+        parallel_for(prefill_attention_for(path), &prefill, prefill_attention_tasks(&prefill), threads);
+    else
+        parallel_for(attention_part, &job, t * heads, threads);
     Py_END_ALLOW_THREADS
     release(&held);
     Py_RETURN_NONE;
