@@ -28,12 +28,11 @@ def isa_units() -> list[tuple[str, str, list[str]]]:
     if machine in ("x86_64", "amd64"):
         avx2 = ["-mavx2", "-mfma"]
         avx512 = avx2 + ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mprefer-vector-width=512"]
-        units += [("avx2", "tile_avx2.c", avx2), ("avx2", "float_ops.c", avx2 + ["-DISA_SUFFIX=_avx2"]),
-                  ("avx2", "attention_prefill.c", avx2 + ["-DISA_SUFFIX=_avx2"]),
-                  ("avx512", "attention_prefill.c", avx512 + ["-DISA_SUFFIX=_avx512"]),
-                  ("avx512", "tile_avx512.c", avx512), ("avx512", "gemm_avx512.c", avx512),
-                  ("avx512", "pack_avx512.c", avx512 + ["-mavx512vbmi"]),
-                  ("avx512", "float_ops.c", avx512 + ["-DISA_SUFFIX=_avx512"])]
+        units += [(variant, source, flags) for variant, flags in (("avx2", avx2), ("avx512", avx512))
+                  for source in (f"tile_{variant}.c", f"gemm_{variant}.c")]
+        units += [(variant, source, flags + [f"-DISA_SUFFIX=_{variant}"]) for variant, flags in (("avx2", avx2), ("avx512", avx512))
+                  for source in ("float_ops.c", "attention_prefill.c")]
+        units += [("avx512", "pack_avx512.c", avx512 + ["-mavx512vbmi"])]
     elif machine in ("aarch64", "arm64"):
         units += [("neon", "tile_neon.c", ["-DTILE_NAME=tile_neon"]),
                   ("neondot", "tile_neon.c", ["-march=armv8.2-a+dotprod", "-DTILE_NAME=tile_neondot"])]
@@ -51,7 +50,7 @@ class BuildKernels(build_ext):
                 ext.extra_objects += self.compiler.compile(
                     [os.path.join(CSRC, source)], output_dir=os.path.join(self.build_temp, variant),
                     extra_postargs=COMMON_FLAGS + flags, depends=[os.path.join(CSRC, n) for n in ("kernels.h", "float_ops.h", "gemm.h", "pack.h", "fast_exp.h",
-                                                                                 "attention_prefill.h")],
+                                                                                 "attention_prefill.h", "scratch.h")],
                 )
             super().build_extension(ext)
         except (CCompilerError, DistutilsExecError, DistutilsPlatformError) as exc:
@@ -60,7 +59,7 @@ class BuildKernels(build_ext):
 
 kernels = Extension(
     "bitnet_tt.backends.cpu._kernels",
-    sources=[os.path.join(CSRC, name) for name in ("module.c", "pool.c", "tile_scalar.c", "pack.c")],
+    sources=[os.path.join(CSRC, name) for name in ("module.c", "pool.c", "tile_scalar.c", "pack.c", "scratch.c")],
     # every source, so that a change to an instruction-set unit relinks the module
     depends=[os.path.join(CSRC, name) for name in sorted(os.listdir(CSRC))],
     extra_compile_args=COMMON_FLAGS,

@@ -3,11 +3,11 @@
  * kernel only the dot products' summation order differs (here each score sums its head_dim products in
  * order; there in 16 partial sums); the softmax (fast_exp.h) and the weighted sum of values are the same. */
 #include <math.h>
-#include <stdlib.h>
 #include <string.h>
 
 #include "attention_prefill.h"
 #include "fast_exp.h"
+#include "scratch.h"
 
 #define LANES 16
 #define CAT2(a, b) a##b
@@ -15,20 +15,6 @@
 #define NAME(base) CAT(base, ISA_SUFFIX)
 
 typedef float lanes_f32 __attribute__((vector_size(LANES * 4)));
-
-/* Each pool thread keeps its scratch (a transposed key block and the task's scores) between calls. */
-static _Thread_local float *thread_work;
-static _Thread_local size_t thread_work_size;
-
-static float *work_of_size(size_t floats) {
-    if (thread_work_size < floats) {
-        free(thread_work);
-        thread_work = aligned_alloc(64, (floats * sizeof(float) + 63) / 64 * 64);
-        if (!thread_work) abort();  /* a few hundred KB per thread; nothing sensible is left to do without it */
-        thread_work_size = floats;
-    }
-    return thread_work;
-}
 
 static inline lanes_f32 load_lanes(const float *p) {
     lanes_f32 v;
@@ -146,7 +132,7 @@ void NAME(attention_prefill)(void *ctx, int task_begin, int task_end) {
     const struct attention_args *a = &job->args;
     int per_task = prefill_tokens_per_task(a->group), kv_heads = a->heads / a->group;
     size_t stride = (size_t)(job->positions + LANES - 1) / LANES * LANES;
-    float *key_block = work_of_size((size_t)a->head_dim * LANES + (size_t)per_task * a->group * stride);
+    float *key_block = thread_scratch(SCRATCH_ATTENTION, ((size_t)a->head_dim * LANES + (size_t)per_task * a->group * stride) * sizeof(float));
     float *scores = key_block + (size_t)a->head_dim * LANES;
     for (int task = task_begin; task < task_end; task++) {
         int kv = task % kv_heads, t0 = task / kv_heads * per_task;

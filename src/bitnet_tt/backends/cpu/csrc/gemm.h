@@ -34,6 +34,7 @@ struct gemm_job {
 typedef void (*gemm_part_fn)(void *job, int block_begin, int block_end);
 
 #if defined(__x86_64__) || defined(_M_X64)
+void gemm_avx2(void *job, int block_begin, int block_end);
 void gemm_avx512(void *job, int block_begin, int block_end);
 #endif
 

@@ -2,29 +2,15 @@
  * the micro-kernel holds 4 row vectors x 6 tokens of int32 sums in 24 registers, so each step of 4 inputs
  * is 4 panel loads, 6 activation broadcasts and 24 vpdpbusd. Sums are exact int32 (|sum| <= 2 * 128 * K). */
 #include <immintrin.h>
-#include <stdlib.h>
 #include <string.h>
 
 #include "gemm.h"
 #include "kernels.h"
+#include "scratch.h"
 
 #define TOKENS_PER_STEP 6
 #define INLINE static inline __attribute__((always_inline))
 #define UNROLLED _Pragma("GCC unroll 8")
-
-/* Each pool thread keeps its panel between calls: no allocation per step once it is large enough. */
-static _Thread_local uint8_t *thread_panel;
-static _Thread_local size_t thread_panel_size;
-
-static uint8_t *panel_of_size(size_t bytes) {
-    if (thread_panel_size < bytes) {
-        free(thread_panel);
-        thread_panel = aligned_alloc(64, bytes);
-        if (!thread_panel) abort();  /* under 0.5 MB per thread; nothing sensible is left to do without it */
-        thread_panel_size = bytes;
-    }
-    return thread_panel;
-}
 
 /* Unpack rows 64 * block .. + 63 into the panel: for each vector of 16 rows (4 row groups), gather dword q of
  * every row's 32-byte chunk of a block; field f of its bytes holds inputs 32f + 4q .. + 3 of the block. */
@@ -114,7 +100,7 @@ INLINE void micro_tile(const struct gemm_job *job, const uint8_t *panel, int row
 
 void gemm_avx512(void *ctx, int block_begin, int block_end) {
     const struct gemm_job *job = ctx;
-    uint8_t *panel = panel_of_size((size_t)job->blocks * BLOCK_INPUTS * GEMM_ROWS);
+    uint8_t *panel = thread_scratch(SCRATCH_GEMM_PANEL, (size_t)job->blocks * BLOCK_INPUTS * GEMM_ROWS);
     for (int block = block_begin; block < block_end; block++) {
         unpack_panel(job, block, panel);
         int row0 = block * GEMM_ROWS, vectors = (job->n - row0 + 15) / 16;

@@ -48,6 +48,7 @@ static int path_available(int path) {
 static gemm_part_fn gemm_for(int path) {
 #if defined(__x86_64__)
     if (path == PATH_AVX512) return gemm_avx512;
+    if (path == PATH_AVX2) return gemm_avx2;
 #endif
     (void)path;
     return NULL;
