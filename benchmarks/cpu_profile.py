@@ -59,10 +59,10 @@ def profile_load(folder: Path, threads: int):
     with ExitStack() as stack:
         for owner, attribute, name in hooks:
             stack.enter_context(patched(owner, attribute, name))
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         loaded = weights.load_cpu_weights(folder, "bf16", progress=False, threads=threads)
-        total = time.perf_counter() - start
-    print(f"\nload of {folder} (bf16 head, {threads} threads): {total:.2f} s")
+        total, cpu_s = time.perf_counter() - start, time.process_time() - cpu_start
+    print(f"\nload of {folder} (bf16 head, {threads} threads): {total:.2f} s; CPU time of all threads {cpu_s:.2f} s")
     for name, seconds in sorted(TIMES.items(), key=lambda item: -item[1]):
         print(f"  {name:52} {seconds:7.3f} s  {seconds / total:5.0%}  ({COUNTS[name]} calls)")
     return loaded
