@@ -24,11 +24,14 @@ from .config import TILE, TTPlan
 
 @dataclass(frozen=True)
 class ScaleFolds:
-    attention_scale: float  # head_dim^-0.5 * s_q * s_k, a float32 value (chunked SDPA's binding takes no other)
+    attention_scale: float  # head_dim^-0.5 * s_q * s_k, rounded to float32 (chunked SDPA's binding takes no other)
     attn_sub_norm_eps: float  # eps / s_v^2
     o_scale: float
     ffn_sub_norm_eps: float  # eps / (s_gate^2 * s_up)^2
     down_scale: float
+
+    def __post_init__(self):
+        object.__setattr__(self, "attention_scale", float(torch.tensor(self.attention_scale, dtype=torch.float32)))
 
     @classmethod
     def from_layer(cls, layer: LayerWeights, head_dim: int, eps: float) -> ScaleFolds:
@@ -36,7 +39,7 @@ class ScaleFolds:
         if min(s.values()) <= 0:
             raise ValueError("scale folding needs positive per-tensor scales")
         return cls(
-            attention_scale=float(torch.tensor(head_dim**-0.5 * s["q_proj"] * s["k_proj"], dtype=torch.float32)),
+            attention_scale=head_dim**-0.5 * s["q_proj"] * s["k_proj"],
             attn_sub_norm_eps=eps / s["v_proj"] ** 2,
             o_scale=s["o_proj"],
             ffn_sub_norm_eps=eps / (s["gate_proj"] ** 2 * s["up_proj"]) ** 2,
