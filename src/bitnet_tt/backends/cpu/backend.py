@@ -33,6 +33,9 @@ class CPUOptions:
 
 class CPUBackend(Backend):
     copies_slots = True
+    # benchmarks/serving.py on a 2-core EPYC: a step with 32 prompt tokens costs about two decode steps of
+    # 8 users (ITL p99 1.6-2.0x while a long prompt arrives; 64: 3.3x); README, "Serving many users"
+    default_prefill_chunk = 32
 
     def __init__(self, folder: Path, max_slots: int = 1, max_context: int | None = None,
                  options: CPUOptions | None = None, progress: bool = True):
