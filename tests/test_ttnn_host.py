@@ -304,6 +304,27 @@ def test_chunked_prefill_gives_the_whole_prompt_continuation(folder, chunk):
     assert windows <= {32, 64, 128}
 
 
+def test_chunks_between_traced_decode_steps_compile_nothing_new(model_factory):
+    """Chunks of 7 tokens into one slot between decode steps of another (the engine's interleaving): once the
+    windows of 32 and 64 have run, chunks at new starts compile no program (the start is a run-time input), so
+    the decode trace stays live, and every step agrees with the torch backend."""
+    folder = model_factory("packed", **CONFIGS["gqa4-head32"])
+    tt, reference = backends(folder, EXACT, users=2, exact=True)
+    ids, last = prompt(70, 2), {}
+    for backend in (tt, reference):
+        last[backend] = int(backend.prefill(0, prompt(5, 1)).argmax())
+    programs = {}
+    for held in range(0, 70, 7):
+        got, want = (backend.prefill(1, ids[held : held + 7]) for backend in (tt, reference))
+        assert pcc(got, want) >= 0.9999
+        got, want = (backend.decode([0], [last[backend]])[0] for backend in (tt, reference))
+        assert pcc(got, want) >= 0.9999
+        last = {tt: int(got.argmax()), reference: int(want.argmax())}
+        programs[held] = tt.tt.device().num_program_cache_entries()
+    assert programs[35] == programs[63]  # windows from 32 on, starting inside tiles 1 and 2: nothing new
+    assert tt.steps.captured == ["forward"]
+
+
 def test_chunked_prefill_with_device_dtypes(folder, block_float):
     """bfloat4_b weights, bfloat8_b head, bf16 activations: chunked logits agree with the fp32 torch backend."""
     tt, reference = backends(folder, TTOptions(use_trace=False), block_float=block_float)
