@@ -34,8 +34,8 @@ class CPUOptions:
 
 class CPUBackend(Backend):
     copies_slots = True
-    # benchmarks/serving.py on a 2-core EPYC: a step with 32 prompt tokens costs about two decode steps of
-    # 8 users (ITL p99 1.6-2.0x while a long prompt arrives; 64: 3.3x); README, "Serving many users"
+    # benchmarks/serving.py on a 2-core EPYC: chunks of 32 keep aggregate throughput at whole-prompt
+    # prefill's (16: 0.85x) with running streams at 2.4-3.6x a decode step; README, "Serving many users"
     default_prefill_chunk = 32
 
     def __init__(self, folder: Path, max_slots: int = 1, max_context: int | None = None,
