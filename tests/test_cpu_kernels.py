@@ -115,13 +115,31 @@ def test_norm_and_quantisation_match_the_golden_model(gated):
     assert not acts.q[:, k:].any()
 
 
+@pytest.mark.parametrize("gated", [False, True])
+def test_norm_and_quantisation_are_identical_on_every_path(gated):
+    rng = np.random.default_rng(6)
+    k = 2560 + 37  # vector lanes and a tail
+    x = rng.standard_normal((3, 2 * k if gated else k)).astype(np.float32) * 4
+    x[0, :3] = [0.0, 1e-9, -1e-9]
+    weight = (1 + 0.1 * rng.standard_normal(k)).astype(np.float32)
+    results = []
+    for path in kernels.paths():
+        acts = kernels.Activations(3, k)
+        acts.quantize(x, 3, weight, 1e-6, gated=gated, path=kernels.path_index(path))
+        results.append((acts.q, acts.scale, acts.sum))
+    for q, scale, total in results[1:]:
+        assert np.array_equal(q, results[0][0]) and np.array_equal(scale, results[0][1])
+        assert np.array_equal(total, results[0][2])
+
+
 def test_quantisation_without_norm_is_bit_exact():
     x = np.random.default_rng(4).standard_normal((5, 256)).astype(np.float32)
     x[0, :4] = [0.5, -0.5, 1.5, 2.5]  # ties round half to even, as torch.round
-    acts = kernels.Activations(5, 256)
-    acts.quantize(x, 5)
     codes, scale = quantize_activations(torch.from_numpy(x))
-    assert np.array_equal(acts.q, codes.numpy()) and np.array_equal(acts.scale, scale[:, 0].numpy())
+    for path in kernels.paths():
+        acts = kernels.Activations(5, 256)
+        acts.quantize(x, 5, path=kernels.path_index(path))
+        assert np.array_equal(acts.q, codes.numpy()) and np.array_equal(acts.scale, scale[:, 0].numpy())
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp32", "int8"])
@@ -143,6 +161,9 @@ def test_lm_head_matches_torch_and_is_identical_on_every_path(dtype):
             for p in kernels.paths()]
     assert all(np.array_equal(o, outs[0]) for o in outs)
     assert torch.allclose(torch.from_numpy(outs[0]), reference, rtol=1e-5, atol=1e-4)
+    for p in kernels.paths():  # a token's logits do not depend on the batch it is in
+        alone = kernels.head(weights, x[2:3], 1, np.empty((1, 301), np.float32), scales, kernels.path_index(p), 2)
+        assert np.array_equal(alone[0], outs[0][2])
 
 
 @pytest.mark.parametrize("start,tokens", [(0, 1), (0, 7), (9, 1), (5, 4)])

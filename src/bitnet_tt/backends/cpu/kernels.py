@@ -105,10 +105,12 @@ class Activations:
         self.sum = np.zeros(rows, dtype=np.int32)
 
     def quantize(self, x: np.ndarray, m: int, norm_weight: np.ndarray | None = None, eps: float = 0.0,
-                 gated: bool = False) -> None:
+                 gated: bool = False, path: int | None = None) -> None:
         """Rows 0..m of x (fp32; [gate | up] halves when gated: relu(gate)^2 * up), RMS-normed with
-        norm_weight when given, quantised per token as HF's ActQuant."""
-        _kernels.quantize(x, x.shape[-1], m, self.k, gated, norm_weight, eps, self.q, self.scale, self.sum)
+        norm_weight when given, quantised per token as HF's ActQuant. path: path_index()'s number (None: the
+        best here; every path gives identical results)."""
+        path = path_index(None) if path is None else path
+        _kernels.quantize(x, x.shape[-1], m, self.k, gated, norm_weight, eps, self.q, self.scale, self.sum, path)
 
 
 def matmul(w: PackedTernary, acts: Activations, m: int, out: np.ndarray | None = None, weight_scale=None,

@@ -1,4 +1,4 @@
-/* Float kernels of the CPU backend: the LM head and attention.
+/* Float kernels of the CPU backend: the LM head, attention, norms and activation quantisation.
  *
  * This one source is compiled once per instruction set (ISA_SUFFIX names the copy). Dot products keep
  * LANES = 16 fp32 partial sums (one AVX-512 register, two AVX2 ones, four SSE/NEON ones: `lanes` holds
@@ -243,4 +243,51 @@ void NAME(attention_tasks)(const struct attention_args *a, int task_begin, int t
             for (int d = 0; d < a->head_dim; d++) o[d] += p * v[d];
         }
     }
+}
+
+INLINE float sum_of_squares(const float *x, int k) {
+    lanes acc;
+    memset(&acc, 0, sizeof acc);
+    int i = 0;
+    for (; i + LANES <= k; i += LANES) {
+        lanes v = load_f32(x + i);
+        multiply_add(&acc, &v, &v);
+    }
+    for (int l = 0; i + l < k; l++) acc.part[l / WIDTH][l % WIDTH] += x[i + l] * x[i + l];
+    float total = 0.0f;
+    for (int l = 0; l < LANES; l++) total += lane_at(&acc, l);
+    return total;
+}
+
+/* One row's input to a projection: relu(gate)^2 * up when gated (row = [gate | up]), else the row; then,
+ * with a norm weight, HF's RMSNorm: w * (x * rsqrt(mean(x^2) + eps)), all in fp32. */
+void NAME(prepare_row)(const float *row, int k, int gated, const float *norm_w, float eps, float *y) {
+    if (gated) {
+        for (int i = 0; i < k; i++) {
+            float g = row[i] > 0.0f ? row[i] : 0.0f;
+            y[i] = g * g * row[k + i];
+        }
+    } else {
+        memcpy(y, row, (size_t)k * sizeof *y);
+    }
+    if (!norm_w) return;
+    float inv = 1.0f / sqrtf(sum_of_squares(y, k) / (float)k + eps);
+    for (int i = 0; i < k; i++) y[i] = norm_w[i] * (y[i] * inv);
+}
+
+/* HF's ActQuant: s = 127 / max(absmax, 1e-5), q = clamp(round_half_even(y * s), -128, 127). */
+void NAME(quantize_row)(const float *y, int k, int kp, int8_t *q, float *scale, int32_t *sum) {
+    float top = 0.0f;
+    for (int i = 0; i < k; i++) top = fabsf(y[i]) > top ? fabsf(y[i]) : top;
+    float s = 127.0f / (top > 1e-5f ? top : 1e-5f);
+    int32_t total = 0;
+    for (int i = 0; i < k; i++) {
+        float v = nearbyintf(y[i] * s);
+        v = v < -128.0f ? -128.0f : (v > 127.0f ? 127.0f : v);
+        q[i] = (int8_t)v;
+        total += q[i];
+    }
+    memset(q + k, 0, (size_t)(kp - k));
+    *scale = s;
+    *sum = total;
 }

@@ -314,59 +314,43 @@ static PyObject *py_matmul(PyObject *self, PyObject *args) {
 /* ---------------------------------------------------------------------------------------------
  * Norm and activation quantisation */
 
-#define LANES 16
+typedef void (*prepare_fn)(const float *, int, int, const float *, float, float *);
+typedef void (*quantize_row_fn)(const float *, int, int, int8_t *, float *, int32_t *);
 
-static float sum_of_squares(const float *x, int k) {
-    float acc[LANES] = {0};
-    for (int i = 0; i < k; i++) acc[i % LANES] += x[i] * x[i];
-    float total = 0.0f;
-    for (int l = 0; l < LANES; l++) total += acc[l];
-    return total;
+static prepare_fn prepare_for(int path) {
+#if defined(__x86_64__)
+    if (path == PATH_AVX512) return prepare_row_avx512;
+    if (path == PATH_AVX2) return prepare_row_avx2;
+#endif
+    (void)path;
+    return prepare_row_generic;
 }
 
-/* One row's input to a projection: relu(gate)^2 * up when gated (row = [gate | up]), else the row; then,
- * with a norm weight, HF's RMSNorm: w * (x * rsqrt(mean(x^2) + eps)), all in fp32. */
-static void prepare_row(const float *row, int k, int gated, const float *norm_w, float eps, float *y) {
-    if (gated) {
-        for (int i = 0; i < k; i++) {
-            float g = row[i] > 0.0f ? row[i] : 0.0f;
-            y[i] = g * g * row[k + i];
-        }
-    } else {
-        memcpy(y, row, (size_t)k * sizeof *y);
-    }
-    if (!norm_w) return;
-    float inv = 1.0f / sqrtf(sum_of_squares(y, k) / (float)k + eps);
-    for (int i = 0; i < k; i++) y[i] = norm_w[i] * (y[i] * inv);
+static quantize_row_fn quantize_row_for(int path) {
+#if defined(__x86_64__)
+    if (path == PATH_AVX512) return quantize_row_avx512;
+    if (path == PATH_AVX2) return quantize_row_avx2;
+#endif
+    (void)path;
+    return quantize_row_generic;
 }
 
-/* HF's ActQuant: s = 127 / max(absmax, 1e-5), q = clamp(round_half_even(y * s), -128, 127). */
-static void quantize_row(const float *y, int k, int kp, int8_t *q, float *scale, int32_t *sum) {
-    float top = 0.0f;
-    for (int i = 0; i < k; i++) top = fabsf(y[i]) > top ? fabsf(y[i]) : top;
-    float s = 127.0f / (top > 1e-5f ? top : 1e-5f);
-    int32_t total = 0;
-    for (int i = 0; i < k; i++) {
-        float v = nearbyintf(y[i] * s);
-        v = v < -128.0f ? -128.0f : (v > 127.0f ? 127.0f : v);
-        q[i] = (int8_t)v;
-        total += q[i];
-    }
-    memset(q + k, 0, (size_t)(kp - k));
-    *scale = s;
-    *sum = total;
+static int best_path(void) {
+    int path = PATH_COUNT - 1;
+    while (!path_available(path)) path--;
+    return path;
 }
 
-/* quantize(x, ld, m, k, gated, norm_w, eps, q, scale, sum) or, with q None, normalise into out:
- * norm(x, ld, m, k, gated, norm_w, eps, None, None, None, out). */
+/* quantize(x, ld, m, k, gated, norm_w, eps, q, scale, sum[, path]) or normalise into out:
+ * norm(x, ld, m, k, gated, norm_w, eps, out[, path]). The row kernels are float_ops.c's. */
 static PyObject *prepare_rows(PyObject *args, int quantized) {
     PyObject *x_obj, *w_obj, *q_obj = Py_None, *scale_obj = Py_None, *sum_obj = Py_None, *out_obj = Py_None;
-    int ld, m, k, gated;
+    int ld, m, k, gated, path = best_path();
     float eps;
-    int ok = quantized ? PyArg_ParseTuple(args, "OiiipOfOOO", &x_obj, &ld, &m, &k, &gated, &w_obj, &eps, &q_obj,
-                                          &scale_obj, &sum_obj)
-                       : PyArg_ParseTuple(args, "OiiipOfO", &x_obj, &ld, &m, &k, &gated, &w_obj, &eps, &out_obj);
-    if (!ok) return NULL;
+    int ok = quantized ? PyArg_ParseTuple(args, "OiiipOfOOO|i", &x_obj, &ld, &m, &k, &gated, &w_obj, &eps, &q_obj,
+                                          &scale_obj, &sum_obj, &path)
+                       : PyArg_ParseTuple(args, "OiiipOfO|i", &x_obj, &ld, &m, &k, &gated, &w_obj, &eps, &out_obj, &path);
+    if (!ok || !check_path(path)) return NULL;
     if (m <= 0 || k <= 0 || ld < (gated ? 2 * k : k))
         return PyErr_Format(PyExc_ValueError, "bad shape m=%d k=%d ld=%d", m, k, ld);
     struct buffers held = {.count = 0};
@@ -383,6 +367,8 @@ static PyObject *prepare_rows(PyObject *args, int quantized) {
         return failed ? NULL : PyErr_NoMemory();
     }
     Py_BEGIN_ALLOW_THREADS
+    prepare_fn prepare_row = prepare_for(path);
+    quantize_row_fn quantize_row = quantize_row_for(path);
     for (int i = 0; i < m; i++) {
         prepare_row(x + (size_t)i * ld, k, gated, w, eps, quantized ? row : out + (size_t)i * k);
         if (quantized) quantize_row(row, k, kp, q + (size_t)i * kp, scale + i, sum + i);
