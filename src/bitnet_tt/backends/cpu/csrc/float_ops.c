@@ -109,55 +109,77 @@ INLINE float weight_at(const void *w, int dtype, size_t i) {
     return dtype == WEIGHT_INT8 ? (float)((const int8_t *)w)[i] : ((const float *)w)[i];
 }
 
-/* Accumulators of the head's register tile (rows x tokens), as many as the registers hold. */
+/* Accumulators of the head's register tile (rows x tokens), as many as the registers hold; with 8 tokens
+ * on AVX-512, 2 rows share each token's load of x. */
 #if defined(__AVX512F__)
-#define HEAD_ACCUMULATORS 8
+#define HEAD_ACCUMULATORS 16
+#define HEAD_PASS_TOKENS 8
 #else
 #define HEAD_ACCUMULATORS 4
+#define HEAD_PASS_TOKENS 4
 #endif
 #define HEAD_MAX_ROWS 4
 #define HEAD_ROWS(M) (HEAD_ACCUMULATORS / (M) > HEAD_MAX_ROWS ? HEAD_MAX_ROWS : HEAD_ACCUMULATORS / (M))
 
-/* out[m * V + v] = sum_k W[v, k] * x[m, k] * scale for rows v .. v + R and M tokens (R, M constants after
- * inlining): each weight vector is widened once for all tokens, and several rows' independent sums hide the
- * add latency. One LANES accumulator per (row, token) summed in the same order whatever R and M, so a
- * logit depends neither on the batch nor on the instruction set. */
-INLINE void head_tile(const void *w, int dtype, const float *scales, int v, int R, int K, const float *x, int M,
-                      float *out, int V) {
-    lanes acc[HEAD_MAX_ROWS][HEAD_ACCUMULATORS];
-    memset(acc, 0, sizeof acc);
-    int k = 0;
-    for (; k + LANES <= K; k += LANES)
+/* With more than 2 tokens a block of rows goes over the inputs a chunk at a time, so that the tokens'
+ * chunk of x (8 x 512 fp32: 16 KB) stays in L1 while the block's rows use it; the partial sums wait in
+ * memory between chunks. With 1 or 2 tokens x fits whole and each row streams in one go. */
+#define HEAD_BLOCK_ROWS 16
+#define HEAD_CHUNK_INPUTS(M) ((M) <= 2 ? 1 << 30 : 256)
+
+/* acc[r][m] += sum over inputs [k_begin, k_end) (whole LANES steps) of W[v + r, k] * x[m, k], for R rows and
+ * M tokens (constants after inlining): each weight vector is widened once for all tokens, and several rows'
+ * independent sums hide the add latency. */
+INLINE void head_tile(const void *w, int dtype, int v, int R, int k_begin, int k_end, int K, const float *x, int M,
+                      lanes acc[][HEAD_PASS_TOKENS]) {
+    lanes sums[HEAD_MAX_ROWS][HEAD_PASS_TOKENS];
+    for (int r = 0; r < R; r++)
+        for (int m = 0; m < M; m++) sums[r][m] = acc[r][m];
+    for (int k = k_begin; k < k_end; k += LANES)
 #pragma GCC unroll 4
         for (int r = 0; r < R; r++) {
             lanes wv = load_weights(w, dtype, (size_t)(v + r) * K + k);
 #pragma GCC unroll 8
             for (int m = 0; m < M; m++) {
                 lanes xv = load_f32(x + (size_t)m * K + k);
-                multiply_add(&acc[r][m], &wv, &xv);
+                multiply_add(&sums[r][m], &wv, &xv);
             }
         }
-    for (int r = 0; r < R; r++) {
-        size_t base = (size_t)(v + r) * K;
-        for (int m = 0; m < M; m++) {
-            for (int l = 0; k + l < K; l++)
-                acc[r][m].part[l / WIDTH][l % WIDTH] += weight_at(w, dtype, base + k + l) * x[(size_t)m * K + k + l];
-            out[(size_t)m * V + v + r] = lane_total(acc[r][m]) * (scales ? scales[v + r] : 1.0f);
-        }
-    }
+    for (int r = 0; r < R; r++)
+        for (int m = 0; m < M; m++) acc[r][m] = sums[r][m];
 }
 
+/* out[m * V + v] = sum_k W[v, k] * x[m, k] * scale for rows v_begin .. v_end. One LANES accumulator per
+ * (row, token), each lane summed in input order whatever the blocking, so a logit depends neither on the
+ * batch nor on the instruction set. */
 INLINE void head_span(const void *w, int dtype, const float *scales, int K, const float *x, int M, int V, int v_begin,
                       int v_end, float *out) {
-    int v = v_begin;
-    for (; v + HEAD_ROWS(M) <= v_end; v += HEAD_ROWS(M)) head_tile(w, dtype, scales, v, HEAD_ROWS(M), K, x, M, out, V);
-    for (; v < v_end; v++) head_tile(w, dtype, scales, v, 1, K, x, M, out, V);
+    const int R = HEAD_ROWS(M), whole = K / LANES * LANES;
+    lanes acc[HEAD_BLOCK_ROWS][HEAD_PASS_TOKENS];
+    for (int v0 = v_begin; v0 < v_end; v0 += HEAD_BLOCK_ROWS) {
+        int rows = v_end - v0 < HEAD_BLOCK_ROWS ? v_end - v0 : HEAD_BLOCK_ROWS;
+        memset(acc, 0, sizeof acc);
+        for (int k0 = 0; k0 < whole; k0 += HEAD_CHUNK_INPUTS(M)) {
+            int k1 = whole - k0 < HEAD_CHUNK_INPUTS(M) ? whole : k0 + HEAD_CHUNK_INPUTS(M);
+            int r = 0;
+            for (; r + R <= rows; r += R) head_tile(w, dtype, v0 + r, R, k0, k1, K, x, M, acc + r);
+            for (; r < rows; r++) head_tile(w, dtype, v0 + r, 1, k0, k1, K, x, M, acc + r);
+        }
+        for (int r = 0; r < rows; r++) {
+            size_t base = (size_t)(v0 + r) * K;
+            for (int m = 0; m < M; m++) {
+                for (int l = 0; whole + l < K; l++)
+                    acc[r][m].part[l / WIDTH][l % WIDTH] += weight_at(w, dtype, base + whole + l) * x[(size_t)m * K + whole + l];
+                out[(size_t)m * V + v0 + r] = lane_total(acc[r][m]) * (scales ? scales[v0 + r] : 1.0f);
+            }
+        }
+    }
 }
 
 #define HEAD_TOKENS_CASE(DT, MM) \
     case MM: head_span(w, DT, scales, K, xm, MM, V, v_begin, v_end, om); break;
 
-#if HEAD_ACCUMULATORS == 8
+#if HEAD_PASS_TOKENS == 8
 #define HEAD_DTYPE(DT) \
     switch (tokens) { \
     HEAD_TOKENS_CASE(DT, 1) HEAD_TOKENS_CASE(DT, 2) HEAD_TOKENS_CASE(DT, 3) HEAD_TOKENS_CASE(DT, 4) \
@@ -170,11 +192,11 @@ INLINE void head_span(const void *w, int dtype, const float *scales, int K, cons
     }
 #endif
 
-/* Up to HEAD_ACCUMULATORS tokens per pass over the weights. */
+/* Up to HEAD_PASS_TOKENS tokens per pass over the weights. */
 void NAME(head_rows)(const void *w, int dtype, const float *scales, int K, const float *x, int M, int V,
                      int v_begin, int v_end, float *out) {
-    for (int m0 = 0; m0 < M; m0 += HEAD_ACCUMULATORS) {
-        int tokens = M - m0 < HEAD_ACCUMULATORS ? M - m0 : HEAD_ACCUMULATORS;
+    for (int m0 = 0; m0 < M; m0 += HEAD_PASS_TOKENS) {
+        int tokens = M - m0 < HEAD_PASS_TOKENS ? M - m0 : HEAD_PASS_TOKENS;
         const float *xm = x + (size_t)m0 * K;
         float *om = out + (size_t)m0 * V;
         switch (dtype) {
