@@ -126,6 +126,20 @@ def matmul(w: PackedTernary, acts: Activations, m: int, out: np.ndarray | None =
     return out
 
 
+def attention_step(qkv: np.ndarray, rows: int, heads: int, kv_heads: int, head_dim: int, cos: np.ndarray,
+                   sin: np.ndarray, segments: np.ndarray, cache: np.ndarray, scale: float, out: np.ndarray,
+                   path: int | None = None, threads: int = 1) -> np.ndarray:
+    """One layer's attention for a step, in one call: RoPE on the q and k heads of qkv (fp32 rows of
+    [q | k | v], in place), k and v written into the cache (fp32 [slots, 2, kv heads, positions, head dim]),
+    then causal attention of every row into out [rows, heads * head_dim]. segments: int64 [n, 3] of
+    (slot, start, rows) in row order; row i of a segment is at position start + i."""
+    path = path_index(None) if path is None else path
+    slots, positions = cache.shape[0], cache.shape[3]
+    _kernels.attention_step(qkv, rows, heads, kv_heads, head_dim, cos, sin, segments, len(segments), cache, slots,
+                            positions, scale, out, path, threads)
+    return out
+
+
 def norm(x: np.ndarray, m: int, weight: np.ndarray, eps: float, out: np.ndarray) -> np.ndarray:
     """HF's RMSNorm of rows 0..m of x into out, in fp32."""
     _kernels.norm(x, x.shape[-1], m, weight.shape[0], False, weight, eps, out)
