@@ -16,8 +16,8 @@ How it measures:
   PCC, top-1 agreement and KL(bf16 || int8) in nats. The weights are random, so perplexity means nothing.
 - --llama-bench PATH --gguf FILE: llama.cpp's own figures (pp128, tg32) from its llama-bench, same threads.
 - --engines: run only some of the engines (the side-by-side ratios need the engines they compare).
-- --profile: instead, where a cpu engine's decode step goes, per component (each projection kind, attention,
-  norm + quantisation, RoPE, LM head, Python outside the native calls) at batch 1 and 8, with GB/s against
+- --profile: instead, where a cpu engine's decode step goes, per component (each projection kind, RoPE +
+  attention, norm + quantisation, LM head, Python outside the native calls) at batch 1 and 8, with GB/s against
   the probe; then a best-of-N microbenchmark of each kernel over all layers' weights, less sensitive to a
   busy machine: wall clock with --threads threads, and CPU time of one thread (against a one-thread probe).
 The machine may be shared: absolute figures are noisy, so everything is also printed as a ratio measured in
@@ -151,18 +151,19 @@ class TimedKernels:
 
     def __init__(self, native, component):
         self.native, self.component = native, component
-        self.totals: dict[str, list] = defaultdict(lambda: [0, 0.0, 0])  # component -> calls, seconds, bytes
+        # component -> calls, seconds, bytes, CPU seconds of the calling thread
+        self.totals: dict[str, list] = defaultdict(lambda: [0, 0.0, 0, 0.0])
 
     def __getattr__(self, name):
         fn = getattr(self.native, name)
 
         def timed_call(*args):
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.thread_time()
             result = fn(*args)
-            seconds = time.perf_counter() - start
+            seconds, cpu = time.perf_counter() - start, time.thread_time() - start_cpu
             component, nbytes = self.component(name, args)
             total = self.totals[component]
-            total[0], total[1], total[2] = total[0] + 1, total[1] + seconds, total[2] + nbytes
+            total[0], total[1], total[2], total[3] = total[0] + 1, total[1] + seconds, total[2] + nbytes, total[3] + cpu
             return result
 
         return timed_call
@@ -176,16 +177,16 @@ def projection_kinds(cfg) -> dict[tuple[int, int], str]:
 
 def component_of(cfg):
     kinds = projection_kinds(cfg)
-    names = {"quantize": "norm + quantise", "rope": "RoPE", "embed": "embedding", "norm": "final norm"}
+    names = {"quantize": "norm + quantise", "embed": "embedding", "norm": "final norm"}
 
     def component(name: str, args: tuple) -> tuple[str, int]:
         if name == "matmul":
             return kinds[(args[1], args[2])], memoryview(args[0]).nbytes
         if name == "head":
             return "LM head", memoryview(args[0]).nbytes
-        if name == "attention":  # keys and values of positions 0 .. start + t - 1
-            t, kv_heads, dim, start = args[2], args[4], args[5], args[9]
-            return "attention", 2 * kv_heads * (start + t) * dim * 4
+        if name == "attention_step":  # RoPE, cache write, attention; reads keys and values up to each segment's end
+            kv_heads, dim, segments = args[3], args[4], args[7]
+            return "RoPE + attention", int(2 * kv_heads * dim * 4 * (segments[:, 1] + segments[:, 2]).sum())
         return names.get(name, name), 0
 
     return component
@@ -204,11 +205,12 @@ def work_profile(args) -> dict:
         slots = list(range(batch))
         ids = backend.decode_greedy(slots, first[:batch])  # warm-up
         timed = kernels._kernels = TimedKernels(native, component_of(backend.config))
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.thread_time()
         for _ in range(args.decode_steps):
             ids = backend.decode_greedy(slots, ids)
         result["steps"][batch] = {"step_s": (time.perf_counter() - start) / args.decode_steps,
-                                  "totals": {k: v for k, v in timed.totals.items()}}
+                                  "step_cpu_s": (time.thread_time() - start_cpu) / args.decode_steps,
+                                  "totals": dict(timed.totals)}
         kernels._kernels = native
     return result
 
@@ -281,12 +283,14 @@ def report_profile(args, bandwidth: float, bandwidth_one: float, engine: str, re
         print(f"\n  batch {batch}: {step_s * 1e3:.1f} ms/step, {int(batch) / step_s:.1f} tok/s, "
               f"{calls:.0f} native calls/step")
         print(f"  {'component':26}{'calls/step':>11}{'ms/step':>10}{'share':>8}{'GB/s':>8}{'of probe':>10}")
-        for name, (count, seconds, nbytes) in sorted(totals.items(), key=lambda kv: -kv[1][1]):
+        for name, (count, seconds, nbytes, _) in sorted(totals.items(), key=lambda kv: -kv[1][1]):
             rate = nbytes / seconds if nbytes else 0
             cells = f"{rate / GB:8.1f}{rate / bandwidth:10.0%}" if nbytes else f"{'':18}"
             print(f"  {name:26}{count / steps:11.0f}{seconds / steps * 1e3:10.2f}{seconds / steps / step_s:8.0%}{cells}")
         outside = step_s - native_s
-        print(f"  {'python (outside natives)':26}{'':11}{outside * 1e3:10.2f}{outside / step_s:8.0%}")
+        outside_cpu = step["step_cpu_s"] - sum(t[3] for t in totals.values()) / steps
+        print(f"  {'python (outside natives)':26}{'':11}{outside * 1e3:10.2f}{outside / step_s:8.0%}"
+              f"   (CPU time of the calling thread: {outside_cpu * 1e3:.2f} ms/step)")
     print(f"\n  kernel microbenchmark, best of 7 passes over all {args.layers} layers' weights:")
     print(f"  {'kernel':16}{'batch':>6}{'MB':>8}{'wall GB/s':>11}{'of probe':>10}{'1-thread CPU GB/s':>19}{'of probe':>10}")
     for row in result["micro"]:
