@@ -14,14 +14,15 @@ How it measures:
   decode: 1 / the median step time over --decode-steps steps after a warm-up step.
 - The int8 head's cost: logits of both heads on the same hidden states (the decode steps of the int8 run):
   PCC, top-1 agreement and KL(bf16 || int8) in nats. The weights are random, so perplexity means nothing.
-- --llama-bench PATH --gguf FILE: llama.cpp's own figures (pp128, tg32) from its llama-bench, same threads.
+- --llama-bench PATH --gguf FILE: llama.cpp's own figures (pp128, tg32) from its llama-bench, same threads
+  (benchmarks/gguf_2b4t.py writes a GGUF of the same shapes; its docstring says how to quantise it to TQ2_0).
 - --engines: run only some of the engines (the side-by-side ratios need the engines they compare).
 - --profile: instead, where a cpu engine's decode step goes, per component (each projection kind, RoPE +
   attention, norm + quantisation, LM head, Python outside the native calls) at batch 1 and 8, with GB/s against
   the probe; then a best-of-N microbenchmark of each kernel over all layers' weights, less sensitive to a
   busy machine: wall clock with --threads threads, and CPU time of one thread (against a one-thread probe).
 The machine may be shared: absolute figures are noisy, so everything is also printed as a ratio measured in
-the same run. Figures are printed, never asserted (tests/test_cpu_full_shapes.py asserts the memory bound).
+the same run. Figures are printed, never asserted (tests/test_full_shapes.py asserts the memory bound).
 """
 
 from __future__ import annotations
