@@ -109,68 +109,68 @@ INLINE float weight_at(const void *w, int dtype, size_t i) {
     return dtype == WEIGHT_INT8 ? (float)((const int8_t *)w)[i] : ((const float *)w)[i];
 }
 
-/* Accumulators of the head's register tile (rows x tokens), as many as the registers hold; with 8 tokens
- * on AVX-512, 2 rows share each token's load of x. */
+/* Tokens per pass over the head's weights: 2 x HEAD_PASS_TOKENS accumulators stay in registers. */
 #if defined(__AVX512F__)
-#define HEAD_ACCUMULATORS 16
 #define HEAD_PASS_TOKENS 8
 #else
-#define HEAD_ACCUMULATORS 4
 #define HEAD_PASS_TOKENS 4
 #endif
-#define HEAD_MAX_ROWS 4
-#define HEAD_ROWS(M) (HEAD_ACCUMULATORS / (M) > HEAD_MAX_ROWS ? HEAD_MAX_ROWS : HEAD_ACCUMULATORS / (M))
 
 /* With more than 2 tokens a block of rows goes over the inputs a chunk at a time, so that the tokens'
- * chunk of x (8 x 512 fp32: 16 KB) stays in L1 while the block's rows use it; the partial sums wait in
- * memory between chunks. With 1 or 2 tokens x fits whole and each row streams in one go. */
-#define HEAD_BLOCK_ROWS 16
+ * chunk of x (8 x 256 fp32: 8 KB) stays in L1 while the block's rows use it; the partial sums wait in
+ * memory between chunks. With 1 or 2 tokens x fits whole and each row streams in one go (one stream at a
+ * time: interleaving rows' streams measured slower). */
+#define HEAD_BLOCK_ROWS 8
 #define HEAD_CHUNK_INPUTS(M) ((M) <= 2 ? 1 << 30 : 256)
 
-/* acc[r][m] += sum over inputs [k_begin, k_end) (whole LANES steps) of W[v + r, k] * x[m, k], for R rows and
- * M tokens (constants after inlining): each weight vector is widened once for all tokens, and several rows'
- * independent sums hide the add latency. */
-INLINE void head_tile(const void *w, int dtype, int v, int R, int k_begin, int k_end, int K, const float *x, int M,
-                      lanes acc[][HEAD_PASS_TOKENS]) {
-    lanes sums[HEAD_MAX_ROWS][HEAD_PASS_TOKENS];
-    for (int r = 0; r < R; r++)
-        for (int m = 0; m < M; m++) sums[r][m] = acc[r][m];
-    for (int k = k_begin; k < k_end; k += LANES)
-#pragma GCC unroll 4
-        for (int r = 0; r < R; r++) {
-            lanes wv = load_weights(w, dtype, (size_t)(v + r) * K + k);
+/* A row's partial sums for one token: two sets of LANES, for even and odd steps of LANES inputs (two
+ * independent chains of adds); the logit is lane_total(even + odd). */
+typedef struct {
+    lanes even, odd;
+} head_sums;
+
+/* acc[m] += W[v, k] * x[m, k] over inputs [k_begin, k_end) (whole pairs of LANES steps from an even
+ * step) for M tokens (a constant after inlining): each weight vector is widened once for all tokens. */
+INLINE void head_tile(const void *w, int dtype, int v, int k_begin, int k_end, int K, const float *x, int M,
+                      head_sums *acc) {
+    head_sums sums[HEAD_PASS_TOKENS];
+    for (int m = 0; m < M; m++) sums[m] = acc[m];
+    const size_t row = (size_t)v * K;
+    for (int k = k_begin; k < k_end; k += 2 * LANES) {
+        lanes even = load_weights(w, dtype, row + k), odd = load_weights(w, dtype, row + k + LANES);
 #pragma GCC unroll 8
-            for (int m = 0; m < M; m++) {
-                lanes xv = load_f32(x + (size_t)m * K + k);
-                multiply_add(&sums[r][m], &wv, &xv);
-            }
+        for (int m = 0; m < M; m++) {
+            lanes x_even = load_f32(x + (size_t)m * K + k), x_odd = load_f32(x + (size_t)m * K + k + LANES);
+            multiply_add(&sums[m].even, &even, &x_even);
+            multiply_add(&sums[m].odd, &odd, &x_odd);
         }
-    for (int r = 0; r < R; r++)
-        for (int m = 0; m < M; m++) acc[r][m] = sums[r][m];
+    }
+    for (int m = 0; m < M; m++) acc[m] = sums[m];
 }
 
-/* out[m * V + v] = sum_k W[v, k] * x[m, k] * scale for rows v_begin .. v_end. One LANES accumulator per
- * (row, token), each lane summed in input order whatever the blocking, so a logit depends neither on the
- * batch nor on the instruction set. */
+/* out[m * V + v] = sum_k W[v, k] * x[m, k] * scale for rows v_begin .. v_end. Each lane of each set is
+ * summed in input order whatever the blocking, so a logit depends neither on the batch nor on the
+ * instruction set. */
 INLINE void head_span(const void *w, int dtype, const float *scales, int K, const float *x, int M, int V, int v_begin,
                       int v_end, float *out) {
-    const int R = HEAD_ROWS(M), whole = K / LANES * LANES;
-    lanes acc[HEAD_BLOCK_ROWS][HEAD_PASS_TOKENS];
+    const int pairs = K / (2 * LANES) * 2 * LANES;
+    head_sums acc[HEAD_BLOCK_ROWS][HEAD_PASS_TOKENS];
     for (int v0 = v_begin; v0 < v_end; v0 += HEAD_BLOCK_ROWS) {
         int rows = v_end - v0 < HEAD_BLOCK_ROWS ? v_end - v0 : HEAD_BLOCK_ROWS;
         memset(acc, 0, sizeof acc);
-        for (int k0 = 0; k0 < whole; k0 += HEAD_CHUNK_INPUTS(M)) {
-            int k1 = whole - k0 < HEAD_CHUNK_INPUTS(M) ? whole : k0 + HEAD_CHUNK_INPUTS(M);
-            int r = 0;
-            for (; r + R <= rows; r += R) head_tile(w, dtype, v0 + r, R, k0, k1, K, x, M, acc + r);
-            for (; r < rows; r++) head_tile(w, dtype, v0 + r, 1, k0, k1, K, x, M, acc + r);
+        for (int k0 = 0; k0 < pairs; k0 += HEAD_CHUNK_INPUTS(M)) {
+            int k1 = pairs - k0 < HEAD_CHUNK_INPUTS(M) ? pairs : k0 + HEAD_CHUNK_INPUTS(M);
+            for (int r = 0; r < rows; r++) head_tile(w, dtype, v0 + r, k0, k1, K, x, M, acc[r]);
         }
         for (int r = 0; r < rows; r++) {
             size_t base = (size_t)(v0 + r) * K;
             for (int m = 0; m < M; m++) {
-                for (int l = 0; whole + l < K; l++)
-                    acc[r][m].part[l / WIDTH][l % WIDTH] += weight_at(w, dtype, base + whole + l) * x[(size_t)m * K + whole + l];
-                out[(size_t)m * V + v0 + r] = lane_total(acc[r][m]) * (scales ? scales[v0 + r] : 1.0f);
+                lanes *even = &acc[r][m].even, *odd = &acc[r][m].odd;
+                for (int l = 0; pairs + l < K; l++)  /* the tail: even lanes, then odd ones */
+                    (l < LANES ? even : odd)->part[l % LANES / WIDTH][l % WIDTH] +=
+                        weight_at(w, dtype, base + pairs + l) * x[(size_t)m * K + pairs + l];
+                for (int p = 0; p < PARTS; p++) even->part[p] += odd->part[p];
+                out[(size_t)m * V + v0 + r] = lane_total(*even) * (scales ? scales[v0 + r] : 1.0f);
             }
         }
     }
