@@ -98,9 +98,9 @@ def test_32_users_at_different_positions(folder):
     assert same_tokens and lowest_pcc >= 0.999
 
 
-@pytest.mark.parametrize("dram_sharded_decode", [True, False])
-def test_batched_decode_logits_with_device_dtypes(folder, block_float, dram_sharded_decode):
-    tt, reference = backends(folder, TTOptions(dram_sharded_decode=dram_sharded_decode), users=4, block_float=block_float)
+@pytest.mark.parametrize("activation_quant", [False, True])  # sharded activations between the ops, or L1 rows
+def test_batched_decode_logits_with_device_dtypes(folder, block_float, activation_quant):
+    tt, reference = backends(folder, TTOptions(activation_quant=activation_quant), users=4, block_float=block_float)
     slots = [2, 0, 3]
     for s in slots:
         ids = prompt(5 + 20 * s, s)
@@ -113,11 +113,11 @@ def test_batched_decode_logits_with_device_dtypes(folder, block_float, dram_shar
         tokens = want.argmax(-1).tolist()
 
 
-def test_lm_head_in_column_chunks(model_factory, block_float):
-    """A vocabulary wider than one DRAM-sharded matmul's L1 room: the head runs as column chunks."""
+def test_lm_head_over_the_whole_matmul_grid(model_factory, block_float):
+    """A vocabulary of 79 tiles (the last one partly filled): the head is one 1D matmul on 79 cores."""
     folder = model_factory("packed", **dict(CONFIGS["gqa4-head32"], vocab_size=2500))
     tt, reference = backends(folder, TTOptions(use_trace=False), users=2, block_float=block_float)
-    assert len(tt.plan.lm_head_chunks()) == 2
+    assert tt.plan.lm_head_matmul().output_cores == 79
     ids = prompt(40, 9)
     assert pcc(tt.prefill(0, ids), reference.prefill(0, ids)) >= 0.999
     assert pcc(tt.decode([0], [5])[0], reference.decode([0], [5])[0]) >= 0.999

@@ -111,7 +111,8 @@ def test_device_weights_hold_exact_codes(host_ttnn, folder, dtype):
         expected = {
             "wqkv": codes_in_out(p["self_attn.q_proj"], p["self_attn.k_proj"], p["self_attn.v_proj"]),
             "wo": codes_in_out(p["self_attn.o_proj"]),
-            "wgate_up": codes_in_out(p["mlp.gate_proj"], p["mlp.up_proj"]),
+            "wgate": codes_in_out(p["mlp.gate_proj"]),
+            "wup": codes_in_out(p["mlp.up_proj"]),
             "wdown": codes_in_out(p["mlp.down_proj"]),
         }
         for name, codes in expected.items():
@@ -130,7 +131,7 @@ def test_converted_weights_are_cached_on_disk(host_ttnn, folder, tmp_path):
     again = place_model(plan, load_weights(folder, progress=False), Placer(host_ttnn, None, tmp_path))
     assert sorted(p.name for p in tmp_path.iterdir()) == cached  # nothing new was written
     for a, b in zip(first.layers, again.layers):
-        assert torch.equal(host_ttnn.to_torch(a.wgate_up), host_ttnn.to_torch(b.wgate_up))
+        assert torch.equal(host_ttnn.to_torch(a.wgate), host_ttnn.to_torch(b.wgate))
 
 
 def test_bytes_read_per_decode_step_at_2b4t_shapes():
