@@ -10,7 +10,7 @@ import torch
 
 from bitnet_tt.backends.torch.backend import TorchBackend
 from bitnet_tt.backends.ttnn.backend import TTNNBackend
-from bitnet_tt.backends.ttnn.config import TTOptions
+from bitnet_tt.backends.ttnn.config import TTOptions, TTPlan
 from bitnet_tt.checkpoint import load_weights
 from conftest import pcc
 from tools.tt_host.stand_in import HostTT, real_block_float
@@ -113,6 +113,27 @@ def test_batched_decode_logits_with_device_dtypes(folder, block_float, activatio
         tokens = want.argmax(-1).tolist()
 
 
+def ternary_matmuls_at_hifi2(tt):
+    tt.model.ternary_kernel = tt.model.matmul_kernel
+
+
+def lm_head_at_lofi(tt):
+    tt.model.matmul_kernel = tt.model.ternary_kernel
+
+
+@pytest.mark.parametrize("change, identical", [(ternary_matmuls_at_hifi2, True), (lm_head_at_lofi, False)])
+def test_lofi_ternary_matmuls_give_hifi2_logits_bit_for_bit(folder, block_float, change, identical):
+    """The stand-in multiplies at each matmul's math fidelity, on weights converted by ttnn itself: the
+    backend's LoFi ternary matmuls give exactly the logits HiFi2 would (prefill and decode); LoFi on the
+    LM head, whose bfloat8_b values have more mantissa bits, does not."""
+    lofi, _ = backends(folder, TTOptions(use_trace=False), users=2, block_float=block_float)
+    other, _ = backends(folder, TTOptions(use_trace=False), users=2, block_float=block_float, patch=change)
+    ids = prompt(40, 3)
+    logits = [(b.prefill(0, ids), b.decode([0], [5])) for b in (lofi, other)]
+    same = all(torch.equal(a, b) for a, b in zip(*logits))
+    assert same == identical
+
+
 def test_lm_head_over_the_whole_matmul_grid(model_factory, block_float):
     """A vocabulary of 79 tiles (the last one partly filled): the head is one 1D matmul on 79 cores."""
     folder = model_factory("packed", **dict(CONFIGS["gqa4-head32"], vocab_size=2500))
@@ -191,6 +212,26 @@ def test_placement_of_b79e45c_fails_the_check_at_32_users(model_factory, bug):
     assert all(agree) == (bug is None)
     if bug:
         assert all(agree[:8]) and not any(agree[8:])  # the first row of 8 users sits where both layouts agree
+    assert not tt.tt.warnings
+
+
+@pytest.mark.parametrize("program_grid", ["8 wide", "the whole 13-wide grid"])
+def test_activations_sharded_over_two_rows_of_the_matmul_grid(model_factory, monkeypatch, program_grid):
+    """Hidden 512 (16 tiles: the residual on 8x2 cores) and FFN 1536 (48 tiles: gate and up on 8x3): the 1D
+    matmuls multicast x's shard k from core k of an 8-wide program grid, row by row. Put the matmuls that
+    write rows (QKV, LM head) on the whole 13-wide grid and they read shards 8-12 from cores holding none."""
+    if program_grid != "8 wide":
+        planned = TTPlan.decode_matmul
+        monkeypatch.setattr(TTPlan, "decode_matmul", lambda self, *a, **k: planned(self, *a, **k) if "output_on" in k
+                            else replace(planned(self, *a), grid=(self.device.grid_x, self.device.grid_y)))
+    folder = model_factory("packed", hidden_size=512, intermediate_size=1536, num_attention_heads=4,
+                           num_key_value_heads=1, num_hidden_layers=2)
+    options = TTOptions(weight_dtype="bfloat16", lm_head_dtype="bfloat16", use_trace=False)
+    tt, reference = backends(folder, options, users=8, exact=True)
+    assert tt.plan.activation_grid(512) == (8, 2) and tt.plan.activation_grid(1536) == (8, 3)
+    slots = list(range(8))
+    same_tokens, lowest_pcc = agreement(tt, reference, slots, [prompt(2 + 5 * s, s) for s in slots], 4)
+    assert (same_tokens and lowest_pcc >= 0.999) == (program_grid == "8 wide")
     assert not tt.tt.warnings
 
 

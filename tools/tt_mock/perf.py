@@ -230,9 +230,11 @@ def classify(name: str, call, board: Board, context: int, users: int) -> Op:
         kind = type(program).__name__
         if "DRAMSharded" in kind:
             category, cores = "matmul (DRAM-sharded)", board.dram_banks
-        else:
+        else:  # the cores with output blocks: per_core_N tiles each (1D), or the whole grid
             grid = getattr(program, "compute_with_storage_grid_size", None)
-            category, cores = "matmul (1D/2D)", grid.x * grid.y if grid else board.grid[0] * board.grid[1]
+            cores = grid.x * grid.y if grid else board.grid[0] * board.grid[1]
+            per_core_n = getattr(program, "per_core_N", None)
+            category, cores = "matmul (1D/2D)", min(cores, -(-n // (TILE * per_core_n))) if per_core_n else cores
         dtype = str(w.dtype).split(".")[-1]
         return Op(category, short, k * n * BYTES_PER_ELEMENT[dtype], rows * k * n, fidelity_phases(call), cores, dtype)
     if "norm" in short:
