@@ -291,6 +291,7 @@ def test_verify_report_and_benchmark_facts(folder):
     facts = tt.describe()
     assert int(facts["ttnn calls per decode step"].split()[0]) > 10 * tt.config.num_layers
     assert facts["decode"] == "trace replay"
+    assert "PREDICTED" in facts["predicted decode speed, BitNet 2B-4T"]
 
 
 def test_engine_on_the_ttnn_backend_picks_greedy_tokens_on_device(folder):

@@ -85,6 +85,10 @@ def test_2b4t_prediction_printed_with_op_counts():
     assert sum(rows[c][1] for c in categories) + rows["host"][1] == pytest.approx(step_ms, abs=0.05)
     tps = float(re.search(r"predicted: ([\d.]+) t/s per user", out)[1])
     assert tps == pytest.approx(1e3 / step_ms, rel=0.01)
+    # what `bench --backend ttnn` prints as the prediction is what the model says today
+    from bitnet_tt.backends.ttnn.backend import PREDICTED_2B4T
+
+    assert ("p150a", 1, tps, step_ops) in PREDICTED_2B4T
     levers = out[out.index("levers, ranked"):].splitlines()[1:]
     assert len(levers) == 5
     steps = [float(re.search(r"([\d.]+) ms", line)[1]) for line in levers]
