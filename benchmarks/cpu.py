@@ -14,9 +14,10 @@ How it measures:
   decode: 1 / the median step time over --decode-steps steps after a warm-up step.
 - The int8 head's cost: logits of both heads on the same hidden states (the decode steps of the int8 run):
   PCC, top-1 agreement and KL(bf16 || int8) in nats. The weights are random, so perplexity means nothing.
-- --llama-bench PATH --gguf FILE: llama.cpp's own figures (pp128, tg32) from its llama-bench, same threads.
+- --llama-bench PATH --gguf FILE: llama.cpp's own figures (pp128, tg32) from its llama-bench, same threads
+  (benchmarks/gguf_2b4t.py writes a GGUF of the same shapes; its docstring says how to quantise it to TQ2_0).
 The machine may be shared: absolute figures are noisy, so everything is also printed as a ratio measured in
-the same run. Figures are printed, never asserted (tests/test_cpu_full_shapes.py asserts the memory bound).
+the same run. Figures are printed, never asserted (tests/test_full_shapes.py asserts the memory bound).
 """
 
 from __future__ import annotations

@@ -13,6 +13,8 @@ os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 import pytest
 import torch
 
+from bitnet_tt.config import ModelConfig
+from bitnet_tt.tokenizer import Tokenizer
 from bitnet_tt.synthetic import hf_config, write_random_model
 from bitnet_tt.verify import pcc  # noqa: F401 - the tests import it from here
 
@@ -34,6 +36,17 @@ def model_factory(tmp_path_factory):
         return made[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny(model_factory):
+    """The default small random model: packed 2-bit checkpoint, TINY shapes."""
+    return model_factory("packed")
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny):
+    return Tokenizer(tiny, ModelConfig.from_folder(tiny))
 
 
 # Two fp64 runs of the same model that differ only in the order of sums (batching, chunking, kernels) agree to

@@ -16,16 +16,6 @@ from bitnet_tt.tokenizer import ChatMessage, StreamDecoder, Tokenizer
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=12, ignore_eos=True)
 
 
-@pytest.fixture(scope="module")
-def tiny(model_factory):
-    return model_factory("packed")
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny):
-    return Tokenizer(tiny, ModelConfig.from_folder(tiny))
-
-
 def byte_token_ids(tokenizer: Tokenizer, text: str) -> list[int]:
     """One token per UTF-8 byte, through the byte-level alphabet (GPT-2's bytes-to-unicode map)."""
     printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))

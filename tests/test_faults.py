@@ -85,11 +85,6 @@ def test_a_bare_stop_string_stops_at_its_first_occurrence():
 # --- faults ---------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tiny(model_factory):
-    return model_factory("packed")
-
-
 def make_engine(folder, slots: int = 2) -> Engine:
     backend = load_torch_backend(folder, max_slots=slots, max_context=64, dtype="float64", progress=False)
     return Engine(backend, Tokenizer(folder, ModelConfig.from_folder(folder)))

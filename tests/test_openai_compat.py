@@ -9,16 +9,14 @@ from __future__ import annotations
 import json
 import logging
 
-import httpx
 import pytest
 from fastapi.testclient import TestClient
 from openai import BadRequestError, OpenAI
 
 from bitnet_tt.backends.torch.backend import load_torch_backend
-from bitnet_tt.config import ModelConfig
 from bitnet_tt.engine import Engine
 from bitnet_tt.server import create_app
-from bitnet_tt.tokenizer import ChatMessage, Tokenizer
+from bitnet_tt.tokenizer import ChatMessage
 
 MODEL = "tiny"
 CONTEXT = 256
@@ -27,18 +25,8 @@ HI = [{"role": "user", "content": "Hi"}]
 
 
 @pytest.fixture(scope="module")
-def model(model_factory):
-    return model_factory("packed")
-
-
-@pytest.fixture(scope="module")
-def tokenizer(model):
-    return Tokenizer(model, ModelConfig.from_folder(model))
-
-
-@pytest.fixture(scope="module")
-def http(model, tokenizer):
-    backend = load_torch_backend(model, max_slots=4, max_context=CONTEXT, dtype="float32", progress=False)
+def http(tiny, tokenizer):
+    backend = load_torch_backend(tiny, max_slots=4, max_context=CONTEXT, dtype="float32", progress=False)
     with TestClient(create_app(Engine(backend, tokenizer), MODEL)) as http:
         yield http
 
@@ -303,8 +291,8 @@ def test_bad_response_format_is_a_400(client, response_format):
 
 
 @pytest.fixture(scope="module")
-def keyed(model, tokenizer):
-    backend = load_torch_backend(model, max_slots=1, max_context=64, dtype="float32", progress=False)
+def keyed(tiny, tokenizer):
+    backend = load_torch_backend(tiny, max_slots=1, max_context=64, dtype="float32", progress=False)
     with TestClient(create_app(Engine(backend, tokenizer), MODEL, api_key="sk-key")) as http:
         yield http
 

@@ -13,13 +13,11 @@ import torch
 
 from bitnet_tt import LLM
 from bitnet_tt.backends.torch.backend import TorchBackend, load_torch_backend
-from bitnet_tt.config import ModelConfig
 from bitnet_tt.engine import Engine
 from bitnet_tt.engine.slots import SlotPool
 from bitnet_tt.errors import BitNetError
 from bitnet_tt.sampling import SamplingParams
 from bitnet_tt.server.protocol import ChatCompletionRequest
-from bitnet_tt.tokenizer import Tokenizer
 
 WHOLE = 10_000  # a prefill chunk longer than any prompt here: whole-prompt prefill
 
@@ -30,16 +28,6 @@ def greedy(n: int, **extra) -> SamplingParams:
 
 def random_prompt(length: int, seed: int) -> list[int]:
     return torch.randint(3, 290, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
-
-
-@pytest.fixture(scope="module")
-def tiny(model_factory):
-    return model_factory("packed")
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny):
-    return Tokenizer(tiny, ModelConfig.from_folder(tiny))
 
 
 def make_engine(tiny, tokenizer, slots=2, chunk=WHOLE, dtype="float64", context=256, backend_type=TorchBackend):

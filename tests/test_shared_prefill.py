@@ -17,11 +17,6 @@ from bitnet_tt.tokenizer import Tokenizer
 PROMPTS = ["Tell me about the sea", "Tell me about the sea", "A fox", "Tell me about the sea"]
 
 
-@pytest.fixture(scope="module")
-def tiny(model_factory):
-    return model_factory("packed")
-
-
 def run(tiny, copies_slots: bool, params: list[SamplingParams]):
     backend = load_torch_backend(tiny, max_slots=4, max_context=96, dtype="float32", progress=False)
     backend.copies_slots = copies_slots

@@ -5,14 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bitnet_tt.config import ModelConfig
 from bitnet_tt.tokenizer import StreamDecoder, Tokenizer
-
-
-@pytest.fixture(scope="module")
-def tokenizer(model_factory):
-    folder = model_factory("packed")
-    return Tokenizer(folder, ModelConfig.from_folder(folder))
 
 
 def stream(tokenizer: Tokenizer, ids: list[int]) -> list[str]:
