@@ -384,6 +384,32 @@ def test_device_sampling_draws_from_the_reference_distribution(tiled_vocab_folde
     assert tt.steps.captured == ["forward", "sampled"]
 
 
+def ids_relative_to_their_chunk(tt):
+    """A plausible bug: a later vocabulary chunk's ids not moved by the chunk's first column."""
+    original = tt.model._top_candidates
+
+    def relative(logits, start, end):
+        values, ids = original(logits, start, end)
+        return values, tt.tt.add(ids, -start) if start else ids
+
+    tt.model._top_candidates = relative
+
+
+@pytest.mark.parametrize("bug", [None, ids_relative_to_their_chunk])
+def test_device_sampling_ranks_the_vocabulary_in_chunks(model_factory, bug):
+    """70,016 ids: topk ranks two chunks of 35,008 columns apart (16-bit ids, as tt_transformers splits
+    the vocabulary), and sampling draws from their 64 merged candidates: each draw is one of the
+    reference's two most likely ids (top_k 2; top_k 1 would take the argmax path)."""
+    from bitnet_tt.sampling import DeviceDraw
+
+    # an untied random head: the argmax is anywhere in the vocabulary, not near the prompt's ids
+    folder = model_factory("packed", **dict(CONFIGS["gqa4-head32"], vocab_size=70016, tie_word_embeddings=False))
+    tt, reference = backends(folder, EXACT, users=8, exact=True, patch=bug)
+    assert tt.plan.topk_chunks() == [(0, 35008), (35008, 70016)]
+    records = sampled_run(tt, reference, lambda slot, seed: DeviceDraw(2, 1.0, 1.0, seed), steps=3, users=8)
+    assert all(token in logits.topk(2).indices for logits, _, token in records) == (bug is None)
+
+
 def test_device_sampling_rows_follow_their_own_settings(tiled_vocab_folder):
     """Greedy rows (top_k 1) give the argmax, top_p cuts the candidates, and each row's seed alone
     decides its draws: the same seeds give the same tokens."""

@@ -260,8 +260,9 @@ class HostTT:
         return tensor
 
     def _like(self, source: HostTensor, data, memory_config=None, dtype=None) -> HostTensor:
-        return self._new(data, dtype or (source.dtype if source.dtype in ("bfloat16", "float32") else "bfloat16"),
-                         source.layout, memory_config or source.memory_config())
+        kept = source.dtype in ("bfloat16", "float32", *INT_DTYPES)  # block floats compute into bf16
+        return self._new(data, dtype or (source.dtype if kept else "bfloat16"), source.layout,
+                         memory_config or source.memory_config())
 
     def _allocating(self, what: str) -> None:
         if self._capturing is not None:

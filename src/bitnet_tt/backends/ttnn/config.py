@@ -24,6 +24,8 @@ SDPA_MAX_CORES_PER_HEAD = 16  # SDPAProgramConfig's max_cores_per_head_batch def
 # needed 200 MB; 64 MB was a guess. A capture that outgrows it stops with a CapacityError (trace.py).
 TRACE_REGION_BYTES = 256 * 2**20
 SAMPLING_TOP_K = 32  # candidates per user that ttnn.topk hands to ttnn.sampling
+# The widest vocabulary chunk topk ranks at once: 16-bit ids, as tt_transformers splits the vocabulary.
+TOPK_CHUNK_COLUMNS = 65536
 # Decode matmuls are 1D multicast matmuls whose program grid is this wide (at most): the op puts x's
 # width shards and its output shards on the first cores of its grid, row by row, which form rectangles
 # (as the norms that feed and read them need) on a grid 8 wide, not on a 13- or 11-wide Blackhole grid.
@@ -263,6 +265,15 @@ class TTPlan:
         """The largest top_k drawn on the device; 0 when the vocabulary does not fill whole tiles, since
         topk would then also rank the tile padding past the last token id."""
         return SAMPLING_TOP_K if self.model.vocab_size % TILE == 0 else 0
+
+    def topk_chunks(self) -> list[tuple[int, int]]:
+        """(start, end) columns of the vocabulary chunks topk ranks apart (tt_transformers' pattern: at
+        most 65,536 columns each, so ids fit 16 bits), a power-of-two count of them, so that the merged
+        candidates (SAMPLING_TOP_K per chunk) fill a power-of-two number of tiles as ttnn.sampling needs."""
+        vocab = self.model.vocab_size
+        count = 1 << (-(-vocab // TOPK_CHUNK_COLUMNS) - 1).bit_length()
+        width = round_up(-(-vocab // count), TILE)
+        return [(start, min(start + width, vocab)) for start in range(0, vocab, width)]
 
     def prefill_length(self, tokens: int) -> int:
         """Prompts are padded to a power-of-two number of tiles (at most the cache): few lengths, so few

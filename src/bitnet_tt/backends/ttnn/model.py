@@ -190,12 +190,26 @@ class TTModel:
         cut to top_p: uint32 [1, 1, 1, B]. The seeds are reloaded before every draw, so a replayed trace
         draws fresh numbers when the host writes fresh seeds."""
         tt = self.tt
-        values_11BK, indices_11BK = tt.topk(logits_11BV, k=SAMPLING_TOP_K, dim=-1)
-        if indices_11BK.dtype != tt.uint32:  # topk gives 16-bit ids below 65536 columns; sampling reads 32-bit
-            indices_11BK = tt.typecast(indices_11BK, tt.uint32)
+        chunks = [self._top_candidates(logits_11BV, start, end) for start, end in self.plan.topk_chunks()]
+        if len(chunks) == 1:
+            values_11BK, indices_11BK = chunks[0]
+        else:  # every chunk's candidates, merged: sampling ranks them again for each user's top_k
+            values_11BK = tt.concat([values for values, _ in chunks], dim=-1)
+            indices_11BK = tt.concat([indices for _, indices in chunks], dim=-1)
         tt.manual_seed(seeds_B, user_ids=user_ids_B, sub_core_grids=self.sampling_cores)
         return tt.sampling(values_11BK, tt.untilize(indices_11BK), k=top_k_B, p=top_p_B, temp=inv_temperature_B,
                            sub_core_grids=self.sampling_cores)
+
+    def _top_candidates(self, logits_11BV, start: int, end: int):
+        """The SAMPLING_TOP_K largest logits of columns start..end of each row, with their vocabulary ids (uint32)."""
+        tt = self.tt
+        rows = list(logits_11BV.shape)
+        if (start, end) != (0, rows[-1]):
+            logits_11BV = tt.slice(logits_11BV, [0, 0, 0, start], [*rows[:-1], end])
+        values_11BK, indices_11BK = tt.topk(logits_11BV, k=SAMPLING_TOP_K, dim=-1)
+        if indices_11BK.dtype != tt.uint32:  # topk gives 16-bit ids below 65536 columns; sampling reads 32-bit
+            indices_11BK = tt.typecast(indices_11BK, tt.uint32)
+        return values_11BK, tt.add(indices_11BK, start) if start else indices_11BK
 
     def _rope_rows(self, table, position_rows_1B):
         # [1, B] positions -> [1, B, 1, head_dim], one user per core as rotary_embedding_hf wants
