@@ -86,6 +86,7 @@ def run(args) -> dict:
     report["dram_allocated_bytes"] = dram.total_bytes_allocated_per_bank * dram.num_banks
     report["dram_total_bytes"] = dram.total_bytes_per_bank * dram.num_banks
     report["plan_weight_bytes"] = backend.plan.weight_bytes()
+    report["topk_chunks"] = len(backend.plan.topk_chunks())
     report["plan_kv_cache_bytes"] = backend.plan.kv_cache_bytes()
     report["seconds"] = round(time.perf_counter() - started, 2)
     close_tt_device(ttnn, device)
