@@ -14,8 +14,8 @@ Each op is classified and costed as issue 14 proposes:
 W: weight bytes; BW: DRAM bandwidth; MACs on 32-row tiles (decode pads to 32 rows), times the math
 fidelity's phases (LoFi 1 .. HiFi4 4); 2048 multiply-accumulates per core per cycle (an 8x16 by 16x16
 tile product, tt-metal tech_reports/matrix_engine); f: the clock. A DRAM-sharded matmul computes on one
-core per DRAM bank (its program factory sets per_core_N_compute = div_up(N, num_dram_banks)); 1D and 2D
-matmuls on their grid. Every ttnn call that returns a tensor counts as one op (a reshape that is a view
+core per DRAM bank (its program factory sets per_core_N_compute = div_up(N, num_dram_banks)); a 1D matmul
+on the cores that get output blocks (per_core_N tiles each), a 2D one on its grid. Every ttnn call that returns a tensor counts as one op (a reshape that is a view
 is costed too: an upper bound). t_user is a per-user cost per step that matmuls do not have (the
 batch-32 figures need it).
 

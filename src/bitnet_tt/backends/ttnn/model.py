@@ -26,7 +26,7 @@ class TTModel:
             math_fidelity=tt.MathFidelity.HiFi2, math_approx_mode=False, fp32_dest_acc_en=True, packer_l1_acc=True)
         # The ternary codes at LoFi: the multiplier's one pass takes the weight's sign, exponent and top 4
         # mantissa bits, all a code in {-1, 0, +1} has, so LoFi gives HiFi2's products bit for bit
-        # (tests/test_tt_host_ops.py proves it through ttnn's own block-float conversion).
+        # (tests/test_ttnn_perf.py and test_ttnn_host.py prove it with ttnn's own block-float conversion).
         self.ternary_kernel = tt.WormholeComputeKernelConfig(
             math_fidelity=tt.MathFidelity.LoFi, math_approx_mode=False, fp32_dest_acc_en=True, packer_l1_acc=True)
         gx, gy = plan.head_grid()
