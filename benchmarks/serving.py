@@ -1,4 +1,4 @@
-"""Serving many users on the PyTorch backend: chunked prefill and the prefix cache, as ratios side by side.
+"""Serving many users on a CPU backend (cpu or torch): chunked prefill and the prefix cache, as ratios side by side.
 
 What is measured, and how (greedy, ignore_eos, random token-id prompts; the engine in-process):
 - Model: random weights at the 2B-4T layer shapes (hidden 2560, MLP 6912, 20 query and 5 KV heads) with
@@ -34,10 +34,9 @@ from pathlib import Path
 
 import torch
 
-from bitnet_tt.backends.torch.backend import load_torch_backend
+from bitnet_tt.backends import create_backend
 from bitnet_tt.config import ModelConfig
 from bitnet_tt.engine import Engine
-from bitnet_tt.engine.engine import DEFAULT_PREFILL_CHUNK
 from bitnet_tt.engine.request import percentile
 from bitnet_tt.sampling import SamplingParams
 from bitnet_tt.synthetic import config_2b4t, write_random_model
@@ -167,7 +166,7 @@ def print_header(args, config: ModelConfig) -> None:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
     print(f"model: {config.num_layers} layers, hidden {config.hidden_size}, MLP {config.intermediate_size}, "
-          f"vocab {config.vocab_size}, {args.dtype}; CPU {cpu}, {os.cpu_count()} cores, torch threads "
+          f"vocab {config.vocab_size}, {args.backend} backend{' ' + args.dtype if args.backend == 'torch' else ''}; CPU {cpu}, {os.cpu_count()} cores, torch threads "
           f"{torch.get_num_threads()}; load average {os.getloadavg()[0]:.1f}")
 
 
@@ -175,8 +174,9 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", type=Path, help="model folder (default: the random model described above)")
     p.add_argument("--layers", type=int, default=2, help="layers of the random model")
-    p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK, help="the chunk compared with whole prompts")
+    p.add_argument("--backend", default="cpu", choices=["cpu", "torch"])
+    p.add_argument("--dtype", default="bfloat16", help="the torch backend's dtype (the cpu backend computes in float32)")
+    p.add_argument("--prefill-chunk", type=int, help="the chunk compared with whole prompts (default: the backend's)")
     p.add_argument("--sweep", default="16,32,64,128,256", help="chunk sizes for the sweep (empty: skip it)")
     p.add_argument("--pairs", type=int, default=5, help="mixed/decode-only step pairs per chunk size in the sweep")
     p.add_argument("--rounds", type=int, default=2)
@@ -187,7 +187,8 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     folder = args.model or bench_model(args.layers)
     context = HISTORY + NEW_MESSAGE + 64 + max(ARRIVING_PROMPT, 2 * USERS)
-    backend = load_torch_backend(folder, max_slots=USERS + 1, max_context=context, dtype=args.dtype, progress=False)
+    backend = create_backend(args.backend, folder, max_slots=USERS + 1, max_context=context,
+                             dtype=args.dtype if args.backend == "torch" else None, progress=False)
     bench = Bench(backend, Tokenizer(folder, backend.config))
     sections = set(args.sections.split(","))
     whole = context  # a chunk no prompt exceeds: whole-prompt prefill
@@ -199,7 +200,7 @@ def main(argv=None) -> None:
         for chunk, ratio, rate, alone in bench.sweep([int(c) for c in args.sweep.split(",")], args.pairs):
             print(f"{chunk:>6} {ratio:>10.2f}x {rate:>14.1f} {alone:>12.1f}")
 
-    chunk = args.prefill_chunk
+    chunk = args.prefill_chunk or backend.default_prefill_chunk
     if "interference" in sections:
         runs = {c: [bench.interference(c) for _ in range(args.rounds)] for c in (chunk, whole)}
         print(f"\ninterference: ITL of {USERS} streams while a {ARRIVING_PROMPT}-token prompt arrives ({args.rounds} rounds)")

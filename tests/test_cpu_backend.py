@@ -155,3 +155,15 @@ def test_unbuilt_kernels_are_a_one_line_error_and_the_default_falls_back(model_f
         create_backend("cpu", model_factory("packed"), 1, progress=False)
     assert default_backend() == "torch"
     assert "CPU kernels are not built" in capsys.readouterr().err
+
+
+def test_decode_greedy_is_the_argmax_of_decode_and_flags_rows_that_are_not_finite(model_factory):
+    folder = model_factory("packed")
+    picking, logits_of = (create_backend("cpu", folder, 3, progress=False) for _ in range(2))
+    for backend in (picking, logits_of):
+        for slot in range(3):
+            backend.prefill(slot, [5 + slot, 9, 11])
+    assert picking.decode_greedy([0, 2, 1], [4, 6, 8]) == logits_of.decode([0, 2, 1], [4, 6, 8]).argmax(-1).tolist()
+    forward = picking.model.forward
+    picking.model.forward = lambda tokens, segments: np.where(np.arange(3)[:, None] == 1, np.nan, forward(tokens, segments))
+    assert picking.decode_greedy([0, 1, 2], [4, 6, 8])[1] == -1

@@ -268,6 +268,18 @@ def test_chat_second_turn_reuses_the_first_through_the_api(tiny):
         assert second.result()["cached_prompt_tokens"] == second.cached_tokens
 
 
+def test_without_a_chunk_the_engine_takes_the_backends_default(tiny, tokenizer):
+    class SmallChunks(TorchBackend):
+        default_prefill_chunk = 5
+
+    engine = make_engine(tiny, tokenizer, chunk=None, backend_type=SmallChunks)
+    request = engine.submit(random_prompt(12, 1), greedy(1))
+    plans = steps_until(engine, lambda: request.finished)
+    assert [c.stop - c.start for p in plans for c in p.prefill] == [5, 5, 2]
+    with LLM(tiny, backend="cpu", max_batch=1) as llm:
+        assert llm.engine.scheduler.prefill_chunk == 32  # the cpu backend's, by measurement (README)
+
+
 def test_prefill_chunk_and_cache_prompt_options_are_checked(tiny):
     with pytest.raises(BitNetError, match="prefill_chunk must be at least 1"):
         LLM(tiny, prefill_chunk=0)

@@ -99,6 +99,54 @@ def test_sdpa_prefill(tt, golden):
     close(ours, golden("transformer.scaled_dot_product_attention")(q, k, v, is_causal=True, scale=0.2))
 
 
+def chunked_sdpa_inputs(tt, start: int, pages: int = 8):
+    """Q of 64 positions from `start`, 4 query heads over 1 KV head, caches of 6 blocks of 64 positions, the
+    user's pages scattered over them; the start as a device tensor."""
+    q, k, v = randn(1, 4, 64, 32), randn(6, 1, 64, 32), randn(6, 1, 64, 32)
+    table = torch.tensor([[4, 0, 5, 2, 1, 3, 0, 0][:pages]], dtype=torch.int32)
+    device = [on_device(tt, t) for t in (q, k, v)]
+    device.append(on_device(tt, table, "int32", "ROW_MAJOR"))
+    start_1 = on_device(tt, torch.tensor([start], dtype=torch.int32), "int32", "ROW_MAJOR")
+    return (q, k, v, table), device, start_1
+
+
+def test_chunked_sdpa_reads_the_paged_cache_from_the_start(tt, golden):
+    config = tt.SDPAProgramConfig(compute_with_storage_grid_size=tt.CoreCoord(8, 8), q_chunk_size=32, k_chunk_size=32)
+    for start in (0, 96, 192):
+        host, device, start_1 = chunked_sdpa_inputs(tt, start)
+        ours = tt.transformer.chunked_scaled_dot_product_attention(*device, chunk_start_idx_tensor=start_1, scale=0.25,
+                                                                   program_config=config)
+        close(ours, golden("transformer.chunked_scaled_dot_product_attention")(*host, start, scale=0.25))
+
+
+@pytest.mark.parametrize("problem, call", [
+    ("scale is not a float32 value", dict(scale=0.1)),
+    ("not a multiple of q_chunk_size", dict(start=48)),
+    ("page_table_stick_size", dict(pages=4)),
+])
+def test_chunked_sdpa_refuses_what_ttnn_refuses(tt, problem, call):
+    """As ttnn 0.81.1 on the mock device: the binding takes scale as a C++ float; the start must be a multiple of
+    the chunk sizes; a start read from a device tensor needs a page-table row of a multiple of 32 bytes."""
+    _, device, start_1 = chunked_sdpa_inputs(tt, call.get("start", 64), call.get("pages", 8))
+    config = tt.SDPAProgramConfig(compute_with_storage_grid_size=tt.CoreCoord(8, 8), q_chunk_size=32, k_chunk_size=32)
+    with pytest.raises(RuntimeError, match=problem):
+        tt.transformer.chunked_scaled_dot_product_attention(*device, chunk_start_idx_tensor=start_1,
+                                                            scale=call.get("scale", 0.25), program_config=config)
+
+
+def test_fill_cache_at_a_tile_with_the_slot_and_start_as_run_time_arguments(tt):
+    """update_idx must be a whole number of tiles (the mock: update_idx % TILE_HEIGHT == 0); the slot and the
+    start do not compile new programs (the mock's program cache does not grow with them)."""
+    cache, x = on_device(tt, torch.zeros(4, 2, 128, 32)), on_device(tt, randn(1, 2, 32, 32))
+    tt.fill_cache(cache, x, 2, update_idx=32)
+    assert torch.equal(cache.data[2, :, 32:64], x.data[0]) and not cache.data[2, :, :32].any()
+    programs = tt.device().num_program_cache_entries()
+    tt.fill_cache(cache, x, 1, update_idx=96)
+    assert tt.device().num_program_cache_entries() == programs
+    with pytest.raises(RuntimeError, match="not a whole number of tiles"):
+        tt.fill_cache(cache, x, 1, update_idx=33)
+
+
 def test_sdpa_decode_with_gqa_and_per_user_positions(tt, golden):
     q, k, v = randn(1, 3, 8, 32), randn(3, 2, 64, 32), randn(3, 2, 64, 32)
     positions = torch.tensor([0, 17, 63], dtype=torch.int32)

@@ -74,6 +74,18 @@ def test_tiny_model_on_mock(mock_ready, board, users):
     check_report(report, layers=3)
 
 
+@pytest.mark.parametrize("board", ["p150", "n150"])
+def test_chunks_appended_to_a_held_context_on_mock(mock_ready, board):
+    """Prefill into a slot that holds context, at starts inside a tile and on one: every layer writes its K/V
+    at the window's tile (fill_cache) and attends over the cache (chunked SDPA), all ops passing tt-metal's checks."""
+    report = contract("--board", board, "--shapes", "tiny", "--users", "4", "--context", "1024", "--prompts", "33",
+                      "--append", "1,7,40")
+    check_report(report, layers=3)
+    for length in (1, 7, 40):
+        ops = report[f"append_{length}_ops_by_name"]
+        assert ops["SDPAOperation"] == 3 and ops["UpdateKVCacheOperation"] == 6, ops
+
+
 def test_vocabulary_with_a_partial_tile_samples_on_the_host(mock_ready):
     report = contract("--board", "p150", "--shapes", "tiny", "--vocab", "300", "--users", "4", "--prompts", "1,33")
     check_report(report, layers=3, device_sampling=False)

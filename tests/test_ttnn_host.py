@@ -313,6 +313,103 @@ def test_engine_on_the_ttnn_backend_picks_greedy_tokens_on_device(folder):
     assert picked and max(picked) == 4  # batched decode steps took the on-device argmax path
 
 
+# --- prefill into a slot that holds context (chunked prefill, prefix reuse) ---------------------------------
+
+
+def prefill_in_chunks(backend, slot: int, ids: list[int], chunk: int) -> torch.Tensor:
+    for start in range(0, len(ids), chunk):
+        logits = backend.prefill(slot, ids[start : start + chunk])
+    return logits
+
+
+def greedy_after(backend, slot: int, first: torch.Tensor, steps: int) -> tuple[list[int], list[torch.Tensor]]:
+    tokens, history = [int(first.argmax())], [first]
+    for _ in range(steps):
+        history.append(backend.decode([slot], [tokens[-1]])[0])
+        tokens.append(int(history[-1].argmax()))
+    return tokens, history
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 32, 45])
+def test_chunked_prefill_gives_the_whole_prompt_continuation(folder, chunk):
+    """Chunks of one token, of sizes that split a tile, and of whole tiles: the same greedy tokens and logits
+    (PCC) as one whole-prompt prefill, on the stand-in in fp32 settings; the window lengths stay few."""
+    ids = prompt(75, 3)
+    whole, _ = backends(folder, EXACT, exact=True)
+    chunked, _ = backends(folder, EXACT, exact=True)
+    want_tokens, want = greedy_after(whole, 0, whole.prefill(0, ids), 12)
+    got_tokens, got = greedy_after(chunked, 0, prefill_in_chunks(chunked, 0, ids, chunk), 12)
+    assert got_tokens == want_tokens
+    assert min(pcc(g, w) for g, w in zip(got, want)) >= 0.9999
+    assert chunked.steps.captured == ["forward"]  # decode still replays its trace after chunked prefills
+    windows = {chunked.plan.prefill_window(held, min(chunk, 75 - held))[1] for held in range(0, 75, chunk)}
+    assert windows <= {32, 64, 128}
+
+
+def test_chunks_between_traced_decode_steps_compile_nothing_new(model_factory):
+    """Chunks of 7 tokens into one slot between decode steps of another (the engine's interleaving): once the
+    windows of 32 and 64 have run, chunks at new starts compile no program (the start is a run-time input), so
+    the decode trace stays live, and every step agrees with the torch backend."""
+    folder = model_factory("packed", **CONFIGS["gqa4-head32"])
+    tt, reference = backends(folder, EXACT, users=2, exact=True)
+    ids, last = prompt(70, 2), {}
+    for backend in (tt, reference):
+        last[backend] = int(backend.prefill(0, prompt(5, 1)).argmax())
+    programs = {}
+    for held in range(0, 70, 7):
+        got, want = (backend.prefill(1, ids[held : held + 7]) for backend in (tt, reference))
+        assert pcc(got, want) >= 0.9999
+        got, want = (backend.decode([0], [last[backend]])[0] for backend in (tt, reference))
+        assert pcc(got, want) >= 0.9999
+        last = {tt: int(got.argmax()), reference: int(want.argmax())}
+        programs[held] = tt.tt.device().num_program_cache_entries()
+    assert programs[35] == programs[63]  # windows from 32 on, starting inside tiles 1 and 2: nothing new
+    assert tt.steps.captured == ["forward"]
+
+
+def test_chunked_prefill_with_device_dtypes(folder, block_float):
+    """bfloat4_b weights, bfloat8_b head, bf16 activations: chunked logits agree with the fp32 torch backend."""
+    tt, reference = backends(folder, TTOptions(use_trace=False), block_float=block_float)
+    ids = prompt(70, 4)
+    assert pcc(prefill_in_chunks(tt, 0, ids, 13), reference.prefill(0, ids)) >= 0.999
+
+
+def test_prefix_reuse_gives_the_logits_of_a_fresh_run(folder, block_float):
+    """A slot keeps a prompt's first positions (keep_prefix, as the prefix cache does) after decoding past it,
+    then takes a new ending: its logits are a fresh prefill's of the whole new prompt, within the stand-in's
+    PCC bound with the device dtypes (and to fp32 rounding in fp32 settings)."""
+    history, ending = prompt(90, 5), prompt(20, 6)
+    for options, exact, bound in ((TTOptions(use_trace=False), False, 0.999), (EXACT, True, 0.9999)):
+        reused, reference = backends(folder, options, exact=exact, block_float=block_float)
+        fresh, _ = backends(folder, options, exact=exact, block_float=block_float)
+        greedy_after(reused, 0, reused.prefill(0, history), 5)  # decoding writes positions 90..94
+        reused.keep_prefix(0, 83)  # keep a prefix that ends inside a tile
+        got = reused.prefill(0, history[83:] + ending)
+        want = fresh.prefill(0, history + ending)
+        assert pcc(got, want) >= bound and pcc(got, reference.prefill(0, history + ending)) >= bound
+
+
+def test_engine_reuses_cached_prefixes_on_the_ttnn_backend(folder):
+    """The engine's chunked prefill and prefix cache run on ttnn: a second turn reuses the first's slot, and
+    every reply equals the torch backend's (fp32 settings)."""
+    from bitnet_tt.engine import Engine
+    from bitnet_tt.sampling import SamplingParams
+    from bitnet_tt.tokenizer import Tokenizer
+
+    tt, reference = backends(folder, EXACT, users=2, exact=True)
+    params = SamplingParams(temperature=0.0, max_new_tokens=8, ignore_eos=True)
+    first = prompt(60, 8)
+    replies, cached = [], []
+    for backend in (tt, reference):
+        engine = Engine(backend, Tokenizer(folder, backend.config), prefill_chunk=16)
+        [one] = engine.generate([first], params)
+        [two] = engine.generate([first + one.output_ids + prompt(9, 9)], params)
+        replies.append((one.output_ids, two.output_ids))
+        cached.append(two.cached_tokens)
+    assert replies[0] == replies[1]
+    assert cached[0] == cached[1] >= 60
+
+
 # --- sampling on the device -------------------------------------------------------------------------------
 
 SAMPLING_CONFIG = dict(CONFIGS["gqa4-head32"], vocab_size=320)  # ttnn samples on the device when ids fill whole tiles

@@ -11,7 +11,6 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import fields
 from pathlib import Path
 
-from .engine.engine import DEFAULT_PREFILL_CHUNK
 from .errors import BitNetError, GenerationError
 from .sampling import SamplingParams
 from .tokenizer import ChatMessage
@@ -38,13 +37,13 @@ class LLM:
     Options: backend (default: "cpu", the native kernels, unless a torch device or dtype is asked for),
     max_batch (KV-cache slots, i.e. prompts decoded together), max_context (tokens per prompt; default: the
     model's maximum), prefill_chunk (prompt tokens prefilled per step, between the decode steps of running
-    users), dtype and device (torch backend; dtype default bfloat16), progress (loading bars), tt_options
+    users; default: the backend's, Backend.default_prefill_chunk), dtype and device (torch backend; dtype default bfloat16), progress (loading bars), tt_options
     (backends.ttnn.config.TTOptions), cpu_options (backends.cpu.backend.CPUOptions: threads, LM head dtype).
     Use it as a context manager, or call close(), to release the device.
     """
 
     def __init__(self, model: str | Path, backend: str | None = None, *, max_batch: int = 8,
-                 max_context: int | None = None, prefill_chunk: int = DEFAULT_PREFILL_CHUNK, dtype: str | None = None,
+                 max_context: int | None = None, prefill_chunk: int | None = None, dtype: str | None = None,
                  device: str = "cpu", progress: bool = False, tt_options=None, cpu_options=None):
         from .backends import create_backend
         from .checkpoint import resolve_model
@@ -147,8 +146,8 @@ def check_utf8(text: str, what: str) -> None:
         raise BitNetError(f"{what} is not valid UTF-8") from None
 
 
-def check_capacity(max_batch: int, max_context: int | None, prefill_chunk: int) -> None:
-    for name, value in (("max_batch", max_batch), ("prefill_chunk", prefill_chunk)):
+def check_capacity(max_batch: int, max_context: int | None, prefill_chunk: int | None) -> None:
+    for name, value in (("max_batch", max_batch), ("prefill_chunk", 1 if prefill_chunk is None else prefill_chunk)):
         if not isinstance(value, int) or value < 1:
             raise BitNetError(f"{name} must be at least 1, got {value!r}")
     if max_context is not None and (not isinstance(max_context, int) or max_context < 1):

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from . import __version__
-from .api import CHAT_SAMPLING, DEFAULT_PREFILL_CHUNK, GENERATE_SAMPLING, LLM, SAMPLING_DEFAULTS, check_utf8
+from .api import CHAT_SAMPLING, GENERATE_SAMPLING, LLM, SAMPLING_DEFAULTS, check_utf8
 from .errors import BitNetError
 
 DEMO_PROMPTS = ["BitNet b1.58 is", "User: Hello! How are you today?"]
@@ -153,9 +153,10 @@ def add_model_options(parser: argparse.ArgumentParser, slots: int | None = None,
 
 
 def add_engine_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--prefill-chunk", type=positive_int, default=DEFAULT_PREFILL_CHUNK,
+    parser.add_argument("--prefill-chunk", type=positive_int,
                         help="prompt tokens prefilled per step, between the decode steps of running users; "
-                             "a prompt up to this length is prefilled whole (default: %(default)s)")
+                             "a prompt up to this length is prefilled whole (default: the backend's, chosen by "
+                             "measurement: see README, Serving many users)")
 
 
 def add_sampling_options(parser: argparse.ArgumentParser, command_defaults: dict) -> None:
@@ -301,7 +302,7 @@ def open_llm(args, folder: Path | str, **overrides) -> LLM:
         torch.set_num_threads(args.threads)
     options = {"max_batch": getattr(args, "max_batch", 1), "max_context": args.max_context, "dtype": args.dtype,
                "device": args.device, "progress": not args.quiet,
-               "prefill_chunk": getattr(args, "prefill_chunk", DEFAULT_PREFILL_CHUNK),
+               "prefill_chunk": getattr(args, "prefill_chunk", None),
                "tt_options": tt_options(args) if backend == "ttnn" else None,
                "cpu_options": cpu_options(args) if backend == "cpu" else None}
     return LLM(folder, backend, **{**options, **overrides})

@@ -39,6 +39,9 @@ BYTES = {"bfloat16": 2.0, "float32": 4.0, "bfloat8_b": 1088 / 1024, "bfloat4_b":
          "uint16": 2.0}
 INT_DTYPES = ("uint32", "int32", "uint16")
 PHASES = {"LoFi": 1, "HiFi2": 2, "HiFi3": 3, "HiFi4": 4}  # the matrix unit's passes per math fidelity
+# Arguments an op's program takes at run time, not at compile time (the mock device's program cache
+# does not grow with them): op name -> (positional indices, keyword names)
+RUNTIME_ARGUMENTS = {"fill_cache": ({2}, {"batch_idx", "update_idx"})}
 
 
 # --- small value types ------------------------------------------------------------------------------
@@ -232,6 +235,7 @@ class HostTT:
         self.transformer = types.SimpleNamespace(
             scaled_dot_product_attention=self._op(self._sdpa),
             scaled_dot_product_attention_decode=self._op(self._sdpa_decode),
+            chunked_scaled_dot_product_attention=self._op(self._chunked_sdpa),
         )
         for name in ("embedding", "unsqueeze", "rms_norm", "linear", "abs", "max", "maximum", "reciprocal", "multiply",
                      "round", "divide", "add", "mul", "slice", "to_memory_config", "square", "mean", "rsqrt", "typecast",
@@ -373,7 +377,9 @@ class HostTT:
     def _compile(self, name: str, args, kwargs) -> None:
         """The program cache: an op with a new signature builds a program (and may allocate buffers kept
         with it), which a trace capture rejects and which makes every live trace unsafe to replay."""
-        signature = (name, *(_signature(a) for a in args), *((k, _signature(v)) for k, v in sorted(kwargs.items())))
+        positional, keywords = RUNTIME_ARGUMENTS.get(name, ((), ()))
+        signature = (name, *(_signature(a) for i, a in enumerate(args) if i not in positional),
+                     *((k, _signature(v)) for k, v in sorted(kwargs.items()) if k not in keywords))
         if signature in self._programs:
             return
         if self._capturing is not None:
@@ -686,6 +692,8 @@ class HostTT:
     def _fill_cache(self, cache, x, batch_idx, update_idx=0, **_):
         # cache [B, K, S, D]; x [1, K, S', D] written at [batch_idx, :, update_idx:update_idx + S']
         seq = x.shape[2]
+        if update_idx % TILE:  # the mock: "args.update_idx % TILE_HEIGHT == 0"
+            raise RuntimeError(f"fill_cache: update_idx {update_idx} is not a whole number of tiles")
         if update_idx + seq > cache.shape[2]:
             raise RuntimeError("fill_cache: input longer than the cache")
         cache.data[batch_idx, :, update_idx : update_idx + seq] = self.round_to(x.data[0], cache.dtype)
@@ -695,6 +703,33 @@ class HostTT:
         out = F.scaled_dot_product_attention(q.data, k.data, v.data, is_causal=is_causal, scale=scale,
                                              enable_gqa=heads != kv_heads)
         return self._like(q, out)
+
+    def _chunked_sdpa(self, q, k, v, page_table, chunk_start_idx=None, chunk_start_idx_tensor=None, scale=None,
+                      program_config=None, memory_config=None, **_):
+        """Q [b, H, Sq, D] holds positions start .. start + Sq - 1 of each user; the caches k, v [blocks, K, block, D]
+        are read through page_table [b, pages] (user b's virtual page i is block page_table[b, i]); query i
+        attends to positions 0 .. start + i. The checks are ttnn 0.81.1's, as the mock device reports them."""
+        _check_chunked_sdpa(q, k, v, page_table, chunk_start_idx, chunk_start_idx_tensor, scale, program_config)
+        start = int(chunk_start_idx_tensor.data[0]) if chunk_start_idx_tensor is not None else chunk_start_idx
+        config = program_config.kwargs if program_config is not None else {}
+        if start % config.get("q_chunk_size", TILE) or start % config.get("k_chunk_size", TILE):
+            raise RuntimeError(f"chunked SDPA: chunk_start_idx {start} is not a multiple of q_chunk_size and k_chunk_size")
+        users, kv_heads, block, dim = q.shape[0], k.shape[1], k.shape[2], k.shape[3]
+        pages = page_table.shape[1]
+        seq = q.shape[2]
+        if start + seq > pages * block:
+            raise RuntimeError(f"chunked SDPA: kv_length {pages * block} < q length {seq} + chunk_start_idx {start}")
+        table = page_table.data.long()
+        if int(table.min()) < 0 or int(table.max()) >= k.shape[0]:
+            raise RuntimeError("chunked SDPA: a page table entry names no block of the cache")
+
+        def gathered(cache):  # [b, pages, K, block, D] -> [b, K, start + Sq, D]
+            return cache.data[table].transpose(1, 2).reshape(users, kv_heads, pages * block, dim)[:, :, : start + seq]
+
+        visible = torch.arange(start + seq)[None, :] <= start + torch.arange(seq)[:, None]
+        out = F.scaled_dot_product_attention(q.data, gathered(k), gathered(v), attn_mask=visible, scale=scale,
+                                             enable_gqa=True)
+        return self._like(q, out, memory_config)
 
     def _sdpa_decode(self, q, k, v, cur_pos_tensor=None, scale=None, memory_config=None, program_config=None, **_):
         # q [1, B, H, D]; cache k/v [B, K, S, D]; user b attends to positions 0..cur_pos[b]
@@ -852,6 +887,30 @@ def sdpa_decode_computed_heads(users: int, kv_heads: int, cores: int, max_cores_
         groups.setdefault((user, group), set()).add(core % per_head)
     return {(user, head) for (user, group), members in groups.items() if len(members) == per_head
             for head in range(group * heads_per_core, min(kv_heads, (group + 1) * heads_per_core))}
+
+
+def _check_chunked_sdpa(q, k, v, page_table, start, start_tensor, scale, program_config) -> None:
+    """What ttnn 0.81.1 refuses in chunked SDPA (binding, device operation and program factory, on the mock)."""
+    checks = [
+        # the binding takes scale as a C++ float and rejects a Python float it cannot hold exactly
+        (scale is None or float(torch.tensor(scale, dtype=torch.float32)) == scale, "incompatible function arguments "
+         "(scale is not a float32 value)"),
+        ((start is None) != (start_tensor is None), "pass one of chunk_start_idx and chunk_start_idx_tensor"),
+        (start_tensor is None or (start_tensor.dtype == "int32" and tuple(start_tensor.shape) == (1,)),
+         "chunk_start_idx tensor must be int32 [1]"),
+        (page_table.dtype == "int32" and page_table.layout == "ROW_MAJOR" and len(page_table.shape) == 2
+         and page_table.shape[0] == q.shape[0], "page table must be int32 ROW_MAJOR [b, pages]"),
+        # the start read from device memory: the page table row is read as one stick of a multiple of 32 bytes
+        (start_tensor is None or page_table.shape[1] * 4 % 32 == 0, "p.page_table_stick_size % 32 == 0"),
+        (q.shape[1] % k.shape[1] == 0, f"GQA expects Q to have a multiple of K heads, but got {q.shape[1]} and {k.shape[1]}"),
+        (tuple(k.shape) == tuple(v.shape) and k.shape[3] == q.shape[3], "K and V caches must match Q's head_dim"),
+        (all(t.layout == "TILE" for t in (q, k, v)), "Q, K and V must be TILE"),
+        # the readers fetch pages and Q chunks by id from interleaved buffers
+        (not any(t.memory_config().sharded for t in (q, k, v, page_table)), "inputs must be interleaved"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise RuntimeError(f"chunked SDPA: {message}")
 
 
 def _shard_layout(config: MemoryConfig) -> tuple:

@@ -3,7 +3,7 @@
 Every op passes tt-metal's own argument, shape and shard validation, and the real allocator places
 weights, KV cache and activations (so an out-of-memory shows up here); nothing is computed.
 
-    python -m tools.tt_mock.contract --board p150 --shapes 2b4t --users 32 --context 4096 --prompts 1,33,1000,4096
+    python -m tools.tt_mock.contract --board p150 --shapes 2b4t --users 32 --context 4096 --prompts 1,33,1000,4096 --append 1,40
 
 Prints one JSON object: device ops per decode step (greedy, and sampled where the vocabulary allows it)
 by name, peak L1 per core for each kind of call, DRAM in use.
@@ -31,6 +31,8 @@ def main(argv=None) -> int:
     parser.add_argument("--users", type=int, default=1)
     parser.add_argument("--context", type=int, default=256)
     parser.add_argument("--prompts", default="1,33", help="prompt lengths, each prefilled into its own slot")
+    parser.add_argument("--append", default="", help="chunk lengths prefilled one after the other into the first "
+                        "prompt's slot, after its prompt (chunked prefill over a held context)")
     parser.add_argument("--act-quant", action="store_true", help="quantise activations on the device (off by default)")
     parser.add_argument("--vocab", type=int, default=320, help="vocabulary of the tiny shapes (2b4t has its own)")
     args = parser.parse_args(argv)
@@ -69,6 +71,8 @@ def run(args) -> dict:
         backend.free(slot)
         logits = backend.prefill(slot, list(range(1, length + 1)))
         assert tuple(logits.shape) == (config.vocab_size,)
+    for length in (int(n) for n in args.append.split(",") if n):
+        report.update(prefill_report(ttnn, lambda: backend.prefill(0, list(range(1, length + 1))), length))
     slots = list(range(args.users))
     for slot in slots:  # every slot needs room for two more tokens
         if not 0 < backend.slot_length(slot) < args.context - 1:
@@ -105,6 +109,16 @@ def decode_report(ttnn, step, key: str) -> dict:
         f"{key}_device_ops": len(device_ops),
         f"{key}_ops_by_name": dict(collections.Counter(name.split("::")[-1] for name in device_ops).most_common()),
     }
+
+
+def prefill_report(ttnn, prefill, length: int) -> dict:
+    """Device operations of one prefill appended to a held context, by name."""
+    ttnn.graph.begin_graph_capture(ttnn.graph.RunMode.NORMAL)
+    prefill()
+    graph = ttnn.graph.end_graph_capture()
+    names = [node["params"]["name"].split("::")[-1] for node in graph
+             if node.get("node_type") == "function_start" and "Operation" in node.get("params", {}).get("name", "")]
+    return {f"append_{length}_ops_by_name": dict(collections.Counter(names).most_common())}
 
 
 def per_op_l1(ttnn, backend, slots) -> dict:

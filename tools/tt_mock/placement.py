@@ -120,6 +120,16 @@ def cache_update(call, outputs):
     return None
 
 
+def chunked_sdpa(call, outputs):
+    sharded = [describe(shard_cores(t)) for t in call.args[:4] if shard_cores(t) is not None]
+    return f"operands on {sharded}: its readers fetch Q chunks and K/V pages by id from interleaved buffers" if sharded else None
+
+
+def fill_cache(call, outputs):
+    cores = shard_cores(call.args[1])
+    return f"input on {describe(cores)}: the writer reads interleaved tiles by id" if cores is not None else None
+
+
 INVARIANTS = {
     "experimental.nlp_create_qkv_heads_decode": qkv_heads_decode,
     "experimental.rotary_embedding_hf": rope_decode,
@@ -128,6 +138,8 @@ INVARIANTS = {
     "rms_norm": sharded_norm,
     "experimental.paged_update_cache": cache_update,
     "linear": matmul_1d,
+    "transformer.chunked_scaled_dot_product_attention": chunked_sdpa,
+    "fill_cache": fill_cache,
 }
 BINARY = ("add", "multiply", "mul")
 
@@ -158,7 +170,7 @@ class Audit:
 
 
 def audit(backend, slots, prompt_length: int) -> Audit:
-    """Check one prefill and one decode step, op by op."""
+    """Check one prefill, one more appended to it (starting inside a tile) and one decode step, op by op."""
     from bitnet_tt.backends.ttnn.trace import TTCallHook
 
     recorder = Audit()
@@ -168,6 +180,7 @@ def audit(backend, slots, prompt_length: int) -> Audit:
     try:
         backend.free(slots[0])
         backend.prefill(slots[0], list(range(1, prompt_length + 1)))
+        backend.prefill(slots[0], [3] * 7)
         backend.decode(slots, [2] * len(slots))
     finally:
         backend.steps.tt = backend.model.tt = real

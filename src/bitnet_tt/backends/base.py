@@ -26,6 +26,10 @@ class Backend(ABC):
     # Whether prefill appends to a slot that already holds context (chunked prefill, prefix reuse); when
     # false the engine only prefills whole prompts into empty slots.
     supports_prefix_prefill: bool = True
+    # Prompt tokens the engine prefills per step unless told otherwise, chosen by measurement per backend
+    # (benchmarks/serving.py; README, "Serving many users"): small enough that a step with a chunk keeps the
+    # running users' inter-token latency near a decode step's, large enough to keep the prefill rate.
+    default_prefill_chunk: int = 64
     # Whether copy_slot works: requests with the same prompt then share one prefill.
     copies_slots: bool = False
 

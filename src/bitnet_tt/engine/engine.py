@@ -37,8 +37,6 @@ PROMPT_OVERFLOW = ("error", "truncate")  # what to do with a prompt that does no
 # Failures of one backend method (prefill, decode, ...) with no success of it between them, before the engine
 # gives up (raises BackendBroken from step()) instead of failing request after request on a broken backend.
 MAX_BACKEND_FAILURES_IN_A_ROW = 3
-# Prompt tokens prefilled per step (the rest wait for later steps, between decodes); see README, "Serving".
-DEFAULT_PREFILL_CHUNK = 64
 
 
 @dataclass
@@ -70,9 +68,11 @@ class BackendBroken(Exception):
 
 class Engine:
     def __init__(self, backend: Backend, tokenizer: Tokenizer, prompt_overflow: str = "error",
-                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK):
+                 prefill_chunk: int | None = None):
+        """prefill_chunk: prompt tokens prefilled per step (None: the backend's default_prefill_chunk)."""
         if prompt_overflow not in PROMPT_OVERFLOW:
             raise RequestError(f"prompt_overflow must be one of {PROMPT_OVERFLOW}")
+        prefill_chunk = backend.default_prefill_chunk if prefill_chunk is None else prefill_chunk
         if not isinstance(prefill_chunk, int) or prefill_chunk < 1:
             raise RequestError(f"prefill_chunk must be a positive number of tokens, got {prefill_chunk!r}")
         self.backend = backend

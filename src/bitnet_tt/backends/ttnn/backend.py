@@ -16,19 +16,16 @@ import torch
 
 from ...checkpoint import BitNetWeights, load_weights
 from ...config import ModelConfig
-from ...errors import CapacityError
 from ...sampling import DeviceDraw
 from ..base import Backend
-from .config import TILE, DeviceFacts, TTOptions, make_plan
+from .config import PAGE_TABLE_ENTRIES, TILE, DeviceFacts, TTOptions, make_plan
 from .device import device_facts, import_ttnn, open_tt_device
-from .model import TTModel
+from .model import PrefillWindow, TTModel
 from .trace import TracedSteps
 from .weights import Placer, place_model
 
 
 class TTNNBackend(Backend):
-    # Prefill writes a whole prompt from position 0: reading a cached prefix needs chunked SDPA, not built yet.
-    supports_prefix_prefill = False
 
     def __init__(
         self, config: ModelConfig, weights: BitNetWeights | None, tt, device, max_slots: int = 1,
@@ -42,6 +39,8 @@ class TTNNBackend(Backend):
         on_device = place_model(self.plan, weights, Placer(tt, device, cache_dir, allocate_only=weights is None), progress)
         self.model = TTModel(tt, device, self.plan, on_device, self._allocate_kv_cache())
         self.inputs = self._allocate_decode_inputs()
+        # the token at each position of each slot: a prefill computes the held tokens of its first tile again
+        self._held: list[list[int]] = [[] for _ in range(max_slots)]
         self._draw_settings: dict[str, torch.Tensor] = {}  # the sampling settings last copied to the device
         self.steps = TracedSteps(tt, device, self.model, self.plan.options.use_trace)
         self.device_top_k_limit = self.plan.sampling_top_k
@@ -65,6 +64,8 @@ class TTNNBackend(Backend):
                                  device=self.device)
         return {"tokens": rows([1, users], tt.uint32), "positions": rows([users], tt.int32),
                 "position_rows": rows([1, users], tt.uint32),
+                # where a prefill window starts, and its slot as a page table (model.PrefillWindow)
+                "prefill_first": rows([1], tt.int32), "page_table": rows([1, PAGE_TABLE_ENTRIES], tt.int32),
                 # sampling settings: ttnn.sampling multiplies the logits by inv_temperature
                 "top_k": rows([users], tt.uint32), "top_p": rows([users], tt.bfloat16),
                 "inv_temperature": rows([users], tt.bfloat16), "seeds": rows([users], tt.uint32), "user_ids": user_ids}
@@ -72,16 +73,26 @@ class TTNNBackend(Backend):
     # -- prefill --------------------------------------------------------------------------------------
 
     def prefill(self, slot: int, token_ids: Sequence[int]) -> torch.Tensor:
+        """Append the tokens to the slot's context, at any length it holds (plan.prefill_window)."""
         if len(token_ids) == 0:
             raise ValueError("prefill needs at least one token")
-        if self._reserve(slot, len(token_ids)) != 0:
-            raise CapacityError("the ttnn backend prefills a whole prompt into an empty slot")
+        held = self._reserve(slot, len(token_ids))
+        first, length = self.plan.prefill_window(held, len(token_ids))
+        window_ids = self._held[slot][first:held] + list(token_ids)
         tt = self.tt
-        padded = torch.zeros(1, self.plan.prefill_length(len(token_ids)), dtype=torch.int32)
-        padded[0, : len(token_ids)] = torch.as_tensor(list(token_ids), dtype=torch.int32)
-        tokens = tt.from_torch(padded, dtype=tt.uint32, layout=tt.ROW_MAJOR_LAYOUT, device=self.device)
-        last = len(token_ids) - 1
-        logits = self.steps.op_by_op(lambda: self.model.forward_prefill(tokens, slot, last))
+        padded = torch.zeros(1, length, dtype=torch.int32)
+        padded[0, : len(window_ids)] = torch.as_tensor(window_ids, dtype=torch.int32)
+        positions = torch.arange(first, first + length, dtype=torch.int32)[None]
+        tokens, position_rows = (tt.from_torch(t, dtype=tt.uint32, layout=tt.ROW_MAJOR_LAYOUT, device=self.device)
+                                 for t in (padded, positions))
+        self._copy_inputs({"prefill_first": tt.from_torch(torch.tensor([first], dtype=torch.int32), dtype=tt.int32,
+                                                          layout=tt.ROW_MAJOR_LAYOUT),
+                           "page_table": tt.from_torch(torch.full((1, PAGE_TABLE_ENTRIES), slot, dtype=torch.int32),
+                                                       dtype=tt.int32, layout=tt.ROW_MAJOR_LAYOUT)})
+        window = PrefillWindow(slot, first, self.inputs["prefill_first"], self.inputs["page_table"])
+        last = len(window_ids) - 1
+        logits = self.steps.op_by_op(lambda: self.model.forward_prefill(tokens, position_rows, window, last))
+        self._held[slot][held:] = token_ids
         self._advance(slot, len(token_ids))
         return self._to_host(logits)[0, 0, last % TILE].float()
 
@@ -89,14 +100,14 @@ class TTNNBackend(Backend):
 
     def decode(self, slots: Sequence[int], token_ids: Sequence[int]) -> torch.Tensor:
         logits = self._to_host(self._decode_step(slots, token_ids))[0, 0, list(slots)].float()
-        self._advance_all(slots)
+        self._advance_all(slots, token_ids)
         return logits
 
     def decode_greedy(self, slots: Sequence[int], token_ids: Sequence[int]) -> list[int]:
         """The next token of each slot, picked on the device: B token ids cross to the host, not B x vocab logits."""
         logits = self._decode_step(slots, token_ids)
         tokens = self._token_ids(self.steps.run("greedy", lambda: self.model.pick_greedy(logits)), slots)
-        self._advance_all(slots)
+        self._advance_all(slots, token_ids)
         return tokens
 
     def decode_sampled(self, slots: Sequence[int], token_ids: Sequence[int], draws: Sequence[DeviceDraw]) -> list[int]:
@@ -114,7 +125,7 @@ class TTNNBackend(Backend):
             self.model.pick_sampled(logits, i["top_k"], i["top_p"], i["inv_temperature"], i["seeds"], i["user_ids"]),
             self.model.pick_greedy(logits)))
         drawn, best = self._token_ids(sampled, slots), self._token_ids(greedy, slots)
-        self._advance_all(slots)
+        self._advance_all(slots, token_ids)
         return [b if d.top_k == 1 else t for t, b, d in zip(drawn, best, draws)]
 
     def _decode_step(self, slots: Sequence[int], token_ids: Sequence[int], draws: Sequence[DeviceDraw] = ()):
@@ -142,8 +153,9 @@ class TTNNBackend(Backend):
         i = self.inputs
         return self.steps.run("forward", lambda: self.model.forward_decode(i["tokens"], i["positions"], i["position_rows"]))
 
-    def _advance_all(self, slots: Sequence[int]) -> None:
-        for s in slots:
+    def _advance_all(self, slots: Sequence[int], token_ids: Sequence[int]) -> None:
+        for s, token in zip(slots, token_ids):
+            self._held[s][self._lengths[s]:] = [token]
             self._advance(s, 1)
 
     def _draw_inputs(self, slots: Sequence[int], draws: Sequence[DeviceDraw]) -> dict:

@@ -37,6 +37,10 @@ MAX_ACTIVATION_CORES = 32
 MATMUL_WEIGHT_CB_BYTES = 512 * 1024
 TILE_BYTES = {"bfloat16": 2048, "bfloat8_b": 1088, "bfloat4_b": 576}
 NORM_CB_BYTES_PER_ELEMENT = {"fp32": 287, "bf16": 221}
+# Chunked SDPA with its start read from a device tensor needs a page table row of a multiple of 32 bytes
+# (sdpa_program_factory.cpp: page_table_stick_size % 32 == 0): 8 int32 entries. The KV cache is one page
+# per slot (block size = the whole context), so every entry names the slot and only the first is read.
+PAGE_TABLE_ENTRIES = 8
 
 
 @dataclass(frozen=True)
@@ -276,10 +280,24 @@ class TTPlan:
         return [(start, min(start + width, vocab)) for start in range(0, vocab, width)]
 
     def prefill_length(self, tokens: int) -> int:
-        """Prompts are padded to a power-of-two number of tiles (at most the cache): few lengths, so few
-        programs to compile, and each compile with a live trace costs a recapture (trace.py). Causal
+        """Prefill windows are padded to a power-of-two number of tiles (at most the cache): few lengths, so
+        few programs to compile, and each compile with a live trace costs a recapture (trace.py). Causal
         attention keeps the padding from touching real tokens."""
         return min(TILE * 2 ** (tiles(tokens) - 1).bit_length(), self.cache_context)
+
+    def prefill_window(self, held: int, count: int) -> tuple[int, int]:
+        """(first position, padded length) of the prefill that appends `count` tokens to a slot holding `held`.
+        It starts on the tile that holds position `held`: fill_cache writes whole tiles (update_idx % 32 == 0)
+        and chunked SDPA starts on a multiple of its chunk sizes (one tile), so the held tokens of that tile
+        are computed again. Where the padded window would run past the cache it starts earlier instead (more
+        held tokens computed again), so that its length stays one of the few padded lengths."""
+        first = held // TILE * TILE
+        length = self.prefill_length(held + count - first)
+        return min(first, self.cache_context - length), length
+
+    def chunked_sdpa_grid(self) -> tuple[int, int]:
+        """(x, y) of prefill attention's program grid: the whole device (it splits heads x query chunks)."""
+        return self.device.grid_x, self.device.grid_y
 
     # -- memory ----------------------------------------------------------------------------------
 

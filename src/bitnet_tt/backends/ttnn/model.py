@@ -8,8 +8,21 @@ Shape names carry their layout: x_11BH is [1, 1, users, hidden]; q_1BHD is [1, u
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from .config import SAMPLING_TOP_K, TILE, TTPlan, largest_divisor
 from .weights import LayerOnDevice, ModelOnDevice
+
+
+@dataclass(frozen=True)
+class PrefillWindow:
+    """Where a prefill runs: cache row `slot` from position `first` (a whole number of tiles), also held on the
+    device for chunked SDPA: first_1 int32 [1] and page_table_1P int32 [1, PAGE_TABLE_ENTRIES] (the slot)."""
+
+    slot: int
+    first: int
+    first_1: object
+    page_table_1P: object
 
 
 class TTModel:
@@ -38,6 +51,9 @@ class TTModel:
         sdpa_x, sdpa_y = plan.sdpa_decode_grid()
         self.sdpa_decode_config = tt.SDPAProgramConfig(
             compute_with_storage_grid_size=tt.CoreCoord(sdpa_x, sdpa_y), q_chunk_size=0, k_chunk_size=0)
+        # a prefill window starts on any tile (plan.prefill_window), which chunked SDPA allows with chunks of one tile
+        self.chunked_sdpa_config = tt.SDPAProgramConfig(
+            compute_with_storage_grid_size=tt.CoreCoord(*plan.chunked_sdpa_grid()), q_chunk_size=TILE, k_chunk_size=TILE)
         # ttnn.sampling draws each user's token on its own core of this rectangle (the head grid's; the
         # first cores of a 13-wide grid, row by row, are not one); manual_seed must seed the same cores
         self.sampling_cores = tt.CoreRangeSet({tt.CoreRange(tt.CoreCoord(0, 0), tt.CoreCoord(gx - 1, gy - 1))})
@@ -244,16 +260,18 @@ class TTModel:
 
     # -- prefill ------------------------------------------------------------------------------------
 
-    def forward_prefill(self, tokens_1S, slot: int, last_row: int):
-        """One user's whole prompt, padded to tiles: tokens_1S uint32 [1, S] ROW_MAJOR. Writes the user's
-        K/V into cache row `slot` from position 0; returns logits [1, 1, 32, vocab] of the tile holding `last_row`."""
+    def forward_prefill(self, tokens_1S, positions_1S, window: PrefillWindow, last_row: int):
+        """One user's tokens at positions [window.first, window.first + S), padded to tiles: tokens_1S and
+        positions_1S uint32 [1, S] ROW_MAJOR. Writes their K/V into the window's cache row from window.first
+        on, attends to everything the row holds before them; returns logits [1, 1, 32, vocab] of the tile
+        holding `last_row`."""
         tt = self.tt
-        seq = tokens_1S.shape[-1]
         x_11SH = tt.unsqueeze(tt.embedding(tokens_1S, self.w.embedding, layout=tt.TILE_LAYOUT), 0)
-        cos_11SD = tt.slice(self.w.rope_cos, [0, 0, 0, 0], [1, 1, seq, self.head_dim])
-        sin_11SD = tt.slice(self.w.rope_sin, [0, 0, 0, 0], [1, 1, seq, self.head_dim])
+        # RoPE rows looked up by position, as decode does: a slice at each window start would compile a program each
+        cos_11SD = tt.unsqueeze(tt.embedding(positions_1S, self.w.rope_cos_rows, layout=tt.TILE_LAYOUT), 0)
+        sin_11SD = tt.unsqueeze(tt.embedding(positions_1S, self.w.rope_sin_rows, layout=tt.TILE_LAYOUT), 0)
         for index, layer in enumerate(self.w.layers):
-            attn = self.attention_prefill(self.norm(x_11SH, layer.attn_norm, self.eps), layer, index, cos_11SD, sin_11SD, slot)
+            attn = self.attention_prefill(self.norm(x_11SH, layer.attn_norm, self.eps), layer, index, cos_11SD, sin_11SD, window)
             x_11SH = self.add_scaled(x_11SH, attn, layer.folds.o_scale)
             x_11SH = self.add_scaled(x_11SH, self.mlp(self.norm(x_11SH, layer.mlp_norm, self.eps), layer, False),
                                      layer.folds.down_scale)
@@ -261,7 +279,7 @@ class TTModel:
         last_11TH = tt.slice(x_11SH, [0, 0, tile_start, 0], [1, 1, tile_start + TILE, self.plan.model.hidden_size])
         return self.lm_head(self.norm(last_11TH, self.w.final_norm, self.eps))
 
-    def attention_prefill(self, x_11SH, layer: LayerOnDevice, index: int, cos_11SD, sin_11SD, slot: int):
+    def attention_prefill(self, x_11SH, layer: LayerOnDevice, index: int, cos_11SD, sin_11SD, window: PrefillWindow):
         tt = self.tt
         keys, values = self.kv_cache[index]
         qkv_11SQ = self.bitlinear(x_11SH, layer, "wqkv", False)
@@ -270,10 +288,14 @@ class TTModel:
             memory_config=tt.DRAM_MEMORY_CONFIG)
         q_1HSD = tt.experimental.rotary_embedding_hf(q_1HSD, cos_11SD, sin_11SD, is_decode_mode=False)
         k_1KSD = tt.experimental.rotary_embedding_hf(k_1KSD, cos_11SD, sin_11SD, is_decode_mode=False)
-        tt.fill_cache(keys, k_1KSD, slot)
-        tt.fill_cache(values, v_1KSD, slot)
-        attn_1HSD = tt.transformer.scaled_dot_product_attention(
-            q_1HSD, k_1KSD, v_1KSD, is_causal=True, scale=layer.folds.attention_scale, compute_kernel_config=self.hifi)
+        tt.fill_cache(keys, k_1KSD, window.slot, update_idx=window.first)
+        tt.fill_cache(values, v_1KSD, window.slot, update_idx=window.first)
+        # The cache read as a paged one, a page per slot: the window's queries attend causally to the slot's
+        # positions up to their own, cached before this window or written just above. The start comes from a
+        # device tensor, so one program serves every start (an int start compiles a program per start).
+        attn_1HSD = tt.transformer.chunked_scaled_dot_product_attention(
+            q_1HSD, keys, values, window.page_table_1P, chunk_start_idx_tensor=window.first_1,
+            scale=layer.folds.attention_scale, program_config=self.chunked_sdpa_config, compute_kernel_config=self.hifi)
         attn_11SQ = tt.experimental.nlp_concat_heads(attn_1HSD, memory_config=tt.DRAM_MEMORY_CONFIG)
         attn_11SQ = self.norm(attn_11SQ, layer.attn_sub_norm, layer.folds.attn_sub_norm_eps)
         return self.bitlinear(attn_11SQ, layer, "wo", False)

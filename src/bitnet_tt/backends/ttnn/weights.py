@@ -24,11 +24,14 @@ from .config import TILE, TTPlan
 
 @dataclass(frozen=True)
 class ScaleFolds:
-    attention_scale: float  # head_dim^-0.5 * s_q * s_k
+    attention_scale: float  # head_dim^-0.5 * s_q * s_k, rounded to float32 (chunked SDPA's binding takes no other)
     attn_sub_norm_eps: float  # eps / s_v^2
     o_scale: float
     ffn_sub_norm_eps: float  # eps / (s_gate^2 * s_up)^2
     down_scale: float
+
+    def __post_init__(self):
+        object.__setattr__(self, "attention_scale", float(torch.tensor(self.attention_scale, dtype=torch.float32)))
 
     @classmethod
     def from_layer(cls, layer: LayerWeights, head_dim: int, eps: float) -> ScaleFolds:
@@ -69,10 +72,8 @@ class ModelOnDevice:
     embedding: object  # [vocab, hidden] ROW_MAJOR (ttnn.embedding reads rows)
     lm_head: object  # [hidden, vocab] TILE
     final_norm: object
-    rope_cos_rows: object  # [context, head_dim] ROW_MAJOR: decode looks rows up by position
+    rope_cos_rows: object  # [context, head_dim] ROW_MAJOR: decode and prefill look rows up by position
     rope_sin_rows: object
-    rope_cos: object  # [1, 1, context, head_dim] TILE: prefill slices it
-    rope_sin: object
     layers: list[LayerOnDevice]
 
 
@@ -126,8 +127,6 @@ def place_model(plan: TTPlan, weights: BitNetWeights | None, place: Placer, prog
         # fp32 tables: the conversion to the device dtype does the one rounding
         rope_cos_rows=place(f"rope_cos_rows_{ctx}", lambda: cos, (ctx, m.head_dim), "bfloat16", row_major=True),
         rope_sin_rows=place(f"rope_sin_rows_{ctx}", lambda: sin, (ctx, m.head_dim), "bfloat16", row_major=True),
-        rope_cos=place(f"rope_cos_{ctx}", lambda: cos[None, None], (1, 1, ctx, m.head_dim), "bfloat16"),
-        rope_sin=place(f"rope_sin_{ctx}", lambda: sin[None, None], (1, 1, ctx, m.head_dim), "bfloat16"),
         layers=layers,
     )
 
