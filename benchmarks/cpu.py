@@ -16,6 +16,11 @@ How it measures:
   PCC, top-1 agreement and KL(bf16 || int8) in nats. The weights are random, so perplexity means nothing.
 - --llama-bench PATH --gguf FILE: llama.cpp's own figures (pp128, tg32) from its llama-bench, same threads
   (benchmarks/gguf_2b4t.py writes a GGUF of the same shapes; its docstring says how to quantise it to TQ2_0).
+- --engines: run only some of the engines (the side-by-side ratios need the engines they compare).
+- --profile: instead, where a cpu engine's decode step goes, per component (each projection kind, RoPE +
+  attention, norm + quantisation, LM head, Python outside the native calls) at batch 1 and 8, with GB/s against
+  the probe; then a best-of-N microbenchmark of each kernel over all layers' weights, less sensitive to a
+  busy machine: wall clock with --threads threads, and CPU time of one thread (against a one-thread probe).
 The machine may be shared: absolute figures are noisy, so everything is also printed as a ratio measured in
 the same run. Figures are printed, never asserted (tests/test_full_shapes.py asserts the memory bound).
 """
@@ -30,6 +35,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections import defaultdict
 from pathlib import Path
 
 GB = 1e9
@@ -138,6 +144,179 @@ def int8_head_cost(backend, steps: int) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
+# Profile: where a decode step of the cpu backend goes
+
+
+class TimedKernels:
+    """Stands in for the compiled module: times every call and adds it to its component's totals."""
+
+    def __init__(self, native, component):
+        self.native, self.component = native, component
+        # component -> calls, seconds, bytes, CPU seconds of the calling thread
+        self.totals: dict[str, list] = defaultdict(lambda: [0, 0.0, 0, 0.0])
+
+    def __getattr__(self, name):
+        fn = getattr(self.native, name)
+
+        def timed_call(*args):
+            start, start_cpu = time.perf_counter(), time.thread_time()
+            result = fn(*args)
+            seconds, cpu = time.perf_counter() - start, time.thread_time() - start_cpu
+            component, nbytes = self.component(name, args)
+            total = self.totals[component]
+            total[0], total[1], total[2], total[3] = total[0] + 1, total[1] + seconds, total[2] + nbytes, total[3] + cpu
+            return result
+
+        return timed_call
+
+
+def projection_kinds(cfg) -> dict[tuple[int, int], str]:
+    """(rows, inputs) of each fused projection -> its name (backends/cpu/weights.FUSED)."""
+    return {(cfg.q_size + 2 * cfg.kv_size, cfg.hidden_size): "qkv", (cfg.hidden_size, cfg.q_size): "o_proj",
+            (2 * cfg.intermediate_size, cfg.hidden_size): "gate_up", (cfg.hidden_size, cfg.intermediate_size): "down"}
+
+
+def component_of(cfg):
+    kinds = projection_kinds(cfg)
+    names = {"quantize": "norm + quantise", "embed": "embedding", "norm": "final norm"}
+
+    def component(name: str, args: tuple) -> tuple[str, int]:
+        if name == "matmul":
+            return kinds[(args[1], args[2])], memoryview(args[0]).nbytes
+        if name == "head":
+            return "LM head", memoryview(args[0]).nbytes
+        if name == "attention_step":  # RoPE, cache write, attention; reads keys and values up to each segment's end
+            kv_heads, dim, segments = args[3], args[4], args[7]
+            return "RoPE + attention", int(2 * kv_heads * dim * 4 * (segments[:, 1] + segments[:, 2]).sum())
+        return names.get(name, name), 0
+
+    return component
+
+
+def work_profile(args) -> dict:
+    from bitnet_tt.backends.cpu import kernels
+
+    batches = [1, 8]
+    backend = open_engine(args.engine, Path(args.model), max(batches), args.threads)
+    vocab = backend.config.vocab_size
+    first = [int(backend.prefill(s, prompt(32, s, vocab)).argmax()) for s in range(max(batches))]
+    native = kernels.require()
+    result = {"steps": {}, "micro": microbenchmark(backend, args)}
+    for batch in batches:
+        slots = list(range(batch))
+        ids = backend.decode_greedy(slots, first[:batch])  # warm-up
+        timed = kernels._kernels = TimedKernels(native, component_of(backend.config))
+        start, start_cpu = time.perf_counter(), time.thread_time()
+        for _ in range(args.decode_steps):
+            ids = backend.decode_greedy(slots, ids)
+        result["steps"][batch] = {"step_s": (time.perf_counter() - start) / args.decode_steps,
+                                  "step_cpu_s": (time.thread_time() - start_cpu) / args.decode_steps,
+                                  "totals": dict(timed.totals)}
+        kernels._kernels = native
+    return result
+
+
+def microbenchmark(backend, args, passes: int = 7) -> list[dict]:
+    """Best of `passes` runs of each kernel over every layer's weights (so that they come from memory)."""
+    import numpy as np
+
+    from bitnet_tt.backends.cpu import kernels
+    from bitnet_tt.backends.cpu.kernels import Activations
+
+    model, rows = backend.model, []
+    weights, path = model.weights, model.path
+    for kind in ("qkv", "o_proj", "gate_up", "down"):
+        projections = [layer.projections[kind] for layer in weights.layers]
+        nbytes = sum(p.weight.data.nbytes for p in projections)
+        for batch in (1, 8):
+            acts = Activations(batch, projections[0].weight.k)
+            acts.quantize(np.random.default_rng(0).standard_normal((batch, acts.k)).astype(np.float32), batch)
+            out = np.empty((batch, projections[0].weight.n), np.float32)
+            run = lambda threads: [kernels.matmul(p.weight, acts, batch, out, p.scale, False, path, threads)
+                                   for p in projections]
+            rows.append({"kernel": kind, "batch": batch, "bytes": nbytes, **best_times(run, args.threads, passes)})
+    head, scales = weights.head, weights.head_scales
+    for batch in (1, 8):
+        x = np.random.default_rng(0).standard_normal((batch, head.shape[1])).astype(np.float32)
+        out = np.empty((batch, head.shape[0]), np.float32)
+        run = lambda threads: kernels.head(head, x, batch, out, scales, path, threads)
+        rows.append({"kernel": f"LM head {head.dtype}", "batch": batch, "bytes": head.nbytes,
+                     **best_times(run, args.threads, passes)})
+    return rows
+
+
+def best_times(run, threads: int, passes: int) -> dict:
+    """Best wall time with `threads` threads and best CPU time of one thread (the calling one)."""
+    run(threads)
+    wall = min(timed(lambda: run(threads))[1] for _ in range(passes))
+    cpu = []
+    for _ in range(passes):
+        start = time.thread_time()
+        run(1)
+        cpu.append(time.thread_time() - start)
+    return {"wall_s": wall, "cpu1_s": min(cpu)}
+
+
+def read_bandwidth_one_thread_cpu() -> float:
+    """The probe on one thread, timed by its CPU time (less sensitive to other processes than wall time)."""
+    import numpy as np
+
+    from bitnet_tt.backends.cpu import kernels
+
+    data = np.ones(int(GB) // 8, dtype=np.uint64)
+    kernels.require().read_sum(data, 1)
+    best = float("inf")
+    for _ in range(5):
+        start = time.thread_time()
+        kernels.require().read_sum(data, 1)
+        best = min(best, time.thread_time() - start)
+    return data.nbytes / best
+
+
+def report_profile(args, bandwidth: float, bandwidth_one: float, engine: str, result: dict) -> None:
+    print(f"\n{engine}: {cpu_name()} | {args.threads} threads | load average {os.getloadavg()[0]:.1f} | "
+          f"probe {bandwidth / GB:.1f} GB/s ({args.threads} threads), {bandwidth_one / GB:.1f} GB/s (1 thread, CPU time)")
+    for batch, step in result["steps"].items():
+        totals, step_s = step["totals"], step["step_s"]
+        steps = args.decode_steps
+        native_s = sum(t[1] for t in totals.values()) / steps
+        calls = sum(t[0] for t in totals.values()) / steps
+        print(f"\n  batch {batch}: {step_s * 1e3:.1f} ms/step, {int(batch) / step_s:.1f} tok/s, "
+              f"{calls:.0f} native calls/step")
+        print(f"  {'component':26}{'calls/step':>11}{'ms/step':>10}{'share':>8}{'GB/s':>8}{'of probe':>10}")
+        for name, (count, seconds, nbytes, _) in sorted(totals.items(), key=lambda kv: -kv[1][1]):
+            rate = nbytes / seconds if nbytes else 0
+            cells = f"{rate / GB:8.1f}{rate / bandwidth:10.0%}" if nbytes else f"{'':18}"
+            print(f"  {name:26}{count / steps:11.0f}{seconds / steps * 1e3:10.2f}{seconds / steps / step_s:8.0%}{cells}")
+        outside = step_s - native_s
+        outside_cpu = step["step_cpu_s"] - sum(t[3] for t in totals.values()) / steps
+        print(f"  {'python (outside natives)':26}{'':11}{outside * 1e3:10.2f}{outside / step_s:8.0%}"
+              f"   (CPU time of the calling thread: {outside_cpu * 1e3:.2f} ms/step)")
+    print(f"\n  kernel microbenchmark, best of 7 passes over all {args.layers} layers' weights:")
+    print(f"  {'kernel':16}{'batch':>6}{'MB':>8}{'wall GB/s':>11}{'of probe':>10}{'1-thread CPU GB/s':>19}{'of probe':>10}")
+    for row in result["micro"]:
+        wall, cpu1 = row["bytes"] / row["wall_s"], row["bytes"] / row["cpu1_s"]
+        print(f"  {row['kernel']:16}{row['batch']:6}{row['bytes'] / 1e6:8.0f}{wall / GB:11.1f}{wall / bandwidth:10.0%}"
+              f"{cpu1 / GB:19.1f}{cpu1 / bandwidth_one:10.0%}")
+
+
+def profile(args, model: Path) -> None:
+    from bitnet_tt.config import ModelConfig
+    from bitnet_tt.synthetic import config_2b4t
+
+    args.layers = ModelConfig.from_hf_dict(config_2b4t()).num_layers
+    print("measuring read bandwidth ...", flush=True)
+    bandwidth, bandwidth_one = read_bandwidth(args.threads), read_bandwidth_one_thread_cpu()
+    engines = [e for e in args.engines if e.startswith("cpu-")]
+    if not engines:
+        sys.exit("--profile profiles the cpu engines: name at least one in --engines")
+    for engine in engines:
+        result = spawn(args, "profile", engine, model)
+        result["steps"] = {int(batch): step for batch, step in result["steps"].items()}
+        report_profile(args, bandwidth, bandwidth_one, engine, result)
+
+
+# ---------------------------------------------------------------------------------------------
 # Driver
 
 
@@ -172,7 +351,7 @@ def spawn(args, worker: str, engine: str, model: Path) -> dict:
     cmd = [sys.executable, __file__, "--worker", worker, "--engine", engine, "--model", str(model),
            "--threads", str(args.threads), "--decode-steps", str(args.decode_steps),
            "--ttft", ",".join(map(str, args.ttft))]
-    print(f"  {engine} batch {worker[-1]} ...", flush=True)
+    print(f"  {engine} {worker} ...", flush=True)
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(f"worker {engine} {worker} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
@@ -203,10 +382,10 @@ def report(args, bandwidth: float, results: dict, llama: dict | None) -> None:
     print(f"\n2B-4T shapes, random weights | {cpu_name()} | {args.threads} threads | load average "
           f"{args.loadavg_before:.1f} -> {os.getloadavg()[0]:.1f} (a shared machine makes absolute figures noisy)")
     print(f"read bandwidth (measured here): {bandwidth / GB:.1f} GB/s\n")
-    header = f"{'':34}" + "".join(f"{e:>16}" for e in ENGINES) + (f"{'llama.cpp':>16}" if llama else "")
+    header = f"{'':34}" + "".join(f"{e:>16}" for e in results) + (f"{'llama.cpp':>16}" if llama else "")
     print(header)
     rows: dict[str, list[str]] = {}
-    for engine in ENGINES:
+    for engine in results:
         one, eight = results[engine]
         per_token = one["weight_bytes"] + kv_bytes_per_token(position)
         ceiling = bandwidth / per_token
@@ -224,35 +403,41 @@ def report(args, bandwidth: float, results: dict, llama: dict | None) -> None:
         }
         for name, cell in cells.items():
             rows.setdefault(name, []).append(cell)
-    golden = results["torch-bf16"][0]
     for name, cells in rows.items():
         extra = ""
         if llama and name.startswith(("decode batch 1", "prefill 128")):
             extra = f"{llama['decode_tps' if name.startswith('decode') else 'prefill_tps']:>16.2f}"
         print(f"{name:34}" + "".join(f"{c:>16}" for c in cells) + extra)
-    fast = results["cpu-bf16"][0]
-    print(f"\ncpu bf16 over torch bf16 (golden): decode {fast['decode_tps'] / golden['decode_tps']:.1f}x, "
-          f"prefill {fast['prefill_tps'] / golden['prefill_tps']:.1f}x"
-          + (f"; over llama.cpp: decode {fast['decode_tps'] / llama['decode_tps']:.2f}x" if llama else ""))
-    cost = results["cpu-int8"][0]["int8_head"]
-    print(f"int8 LM head vs bf16 on {args.decode_steps} positions: min PCC {cost['min_pcc']:.6f}, top-1 agreement "
-          f"{cost['top1_agreement']:.0%}, KL {cost['kl_nats']:.2e} nats")
+    if {"cpu-bf16", "torch-bf16"} <= results.keys():
+        fast, golden = results["cpu-bf16"][0], results["torch-bf16"][0]
+        print(f"\ncpu bf16 over torch bf16 (golden): decode {fast['decode_tps'] / golden['decode_tps']:.1f}x, "
+              f"prefill {fast['prefill_tps'] / golden['prefill_tps']:.1f}x"
+              + (f"; over llama.cpp: decode {fast['decode_tps'] / llama['decode_tps']:.2f}x" if llama else ""))
+    if "cpu-int8" in results:
+        cost = results["cpu-int8"][0]["int8_head"]
+        print(f"int8 LM head vs bf16 on {args.decode_steps} positions: min PCC {cost['min_pcc']:.6f}, top-1 "
+              f"agreement {cost['top1_agreement']:.0%}, KL {cost['kl_nats']:.2e} nats")
     print_goals(args, bandwidth, results, position)
 
 
 def print_goals(args, bandwidth: float, results: dict, position: int) -> None:
     print("\ngoals (issue #13):")
-    for engine in ("cpu-bf16", "cpu-int8"):
+    cpu_engines = [e for e in ("cpu-bf16", "cpu-int8") if e in results]
+    for engine in cpu_engines:
         one, eight = results[engine]
         share = one["decode_tps"] / (bandwidth / (one["weight_bytes"] + kv_bytes_per_token(position)))
         verdict(f"{engine} decode batch 1 >= 75% of ceiling", share >= GOALS["decode_share"], f"{share:.0%}")
         scale = eight["decode_tps"] / one["decode_tps"]
         verdict(f"{engine} batch 8 >= 4x batch 1", scale >= GOALS["batch8_over_batch1"], f"{scale:.2f}x")
+    if "cpu-bf16" not in results:
+        return
     one = results["cpu-bf16"][0]
     verdict("prefill 128 >= 80 tok/s", one["prefill_tps"] >= GOALS["prefill_tps"], f"{one['prefill_tps']:.1f}")
     if 128 in one["ttft_s"]:
         verdict("TTFT 128 < 2 s", one["ttft_s"][128] < GOALS["ttft128_s"], f"{one['ttft_s'][128]:.2f} s")
     for engine, goal in (("cpu-bf16", "rss_bf16_gb"), ("cpu-int8", "rss_int8_gb")):
+        if engine not in results:
+            continue
         rss = results[engine][0]["peak_rss_gb"]
         verdict(f"{engine} peak RSS <= {GOALS[goal]} GB", rss <= GOALS[goal], f"{rss:.2f} GB")
     verdict("converted-model load <= 3 s", one["load_s"] <= GOALS["load_s"], f"{one['load_s']:.2f} s")
@@ -281,20 +466,29 @@ def main() -> None:
                    help="prompt lengths for time to first token")
     p.add_argument("--llama-bench", help="path to llama.cpp's llama-bench (with --gguf: a TQ2_0 GGUF of the same shapes)")
     p.add_argument("--gguf", type=Path)
+    p.add_argument("--engines", type=lambda s: [e for e in s.split(",") if e], default=list(ENGINES),
+                   help=f"comma-separated subset of {','.join(ENGINES)}")
+    p.add_argument("--profile", action="store_true", help="per-component profile of the cpu engines' decode step")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--engine", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
-        print(json.dumps({"batch1": work_batch1, "batch8": work_batch8}[args.worker](args)), flush=True)
+        workers = {"batch1": work_batch1, "batch8": work_batch8, "profile": work_profile}
+        print(json.dumps(workers[args.worker](args)), flush=True)
         return
     if bool(args.llama_bench) != bool(args.gguf):
         sys.exit("--llama-bench and --gguf go together")
+    unknown = [e for e in args.engines if e not in ENGINES]
+    if unknown or not args.engines:
+        sys.exit(f"--engines: choose from {', '.join(ENGINES)} (got {','.join(unknown) or 'none'})")
     args.work_dir.mkdir(parents=True, exist_ok=True)
     model = prepare_model(args.work_dir)
+    if args.profile:
+        return profile(args, model)
     args.loadavg_before = os.getloadavg()[0]
     bandwidth = read_bandwidth(args.threads)
-    results = {e: (spawn(args, "batch1", e, model), spawn(args, "batch8", e, model)) for e in ENGINES}
+    results = {e: (spawn(args, "batch1", e, model), spawn(args, "batch8", e, model)) for e in args.engines}
     report(args, bandwidth, results, llama_bench(args) if args.llama_bench else None)
 
 

@@ -157,13 +157,22 @@ def test_unbuilt_kernels_are_a_one_line_error_and_the_default_falls_back(model_f
     assert "CPU kernels are not built" in capsys.readouterr().err
 
 
-def test_decode_greedy_is_the_argmax_of_decode_and_flags_rows_that_are_not_finite(model_factory):
-    folder = model_factory("packed")
-    picking, logits_of = (create_backend("cpu", folder, 3, progress=False) for _ in range(2))
-    for backend in (picking, logits_of):
-        for slot in range(3):
-            backend.prefill(slot, [5 + slot, 9, 11])
-    assert picking.decode_greedy([0, 2, 1], [4, 6, 8]) == logits_of.decode([0, 2, 1], [4, 6, 8]).argmax(-1).tolist()
-    forward = picking.model.forward
-    picking.model.forward = lambda tokens, segments: np.where(np.arange(3)[:, None] == 1, np.nan, forward(tokens, segments))
-    assert picking.decode_greedy([0, 1, 2], [4, 6, 8])[1] == -1
+def test_greedy_decoding_picks_the_argmax_and_marks_a_slot_with_non_finite_logits(converted):
+    fast = create_backend("cpu", converted, 2, progress=False)
+    for slot in (0, 1):
+        fast.prefill(slot, [1, 2, 3])
+    logits = fast.decode([0, 1], [4, 5])
+    rewind = lambda: [fast.keep_prefix(slot, 3) for slot in (0, 1)]
+    rewind()
+    assert fast.decode_greedy([0, 1], [4, 5]) == logits.argmax(-1).tolist()
+    rewind()
+    forward = fast.model.forward
+    for bad in (np.nan, np.inf, -np.inf):
+        def forward_with_a_bad_logit(tokens, segments, bad=bad):
+            out = forward(tokens, segments)
+            out[1, 7] = bad
+            return out
+
+        fast.model.forward = forward_with_a_bad_logit
+        assert fast.decode_greedy([0, 1], [4, 5]) == [int(logits[0].argmax()), -1]
+        rewind()

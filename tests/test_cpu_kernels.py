@@ -115,20 +115,38 @@ def test_norm_and_quantisation_match_the_golden_model(gated):
     assert not acts.q[:, k:].any()
 
 
+@pytest.mark.parametrize("gated", [False, True])
+def test_norm_and_quantisation_are_identical_on_every_path(gated):
+    rng = np.random.default_rng(6)
+    k = 2560 + 37  # vector lanes and a tail
+    x = rng.standard_normal((3, 2 * k if gated else k)).astype(np.float32) * 4
+    x[0, :3] = [0.0, 1e-9, -1e-9]
+    weight = (1 + 0.1 * rng.standard_normal(k)).astype(np.float32)
+    results = []
+    for path in kernels.paths():
+        acts = kernels.Activations(3, k)
+        acts.quantize(x, 3, weight, 1e-6, gated=gated, path=kernels.path_index(path))
+        results.append((acts.q, acts.scale, acts.sum))
+    for q, scale, total in results[1:]:
+        assert np.array_equal(q, results[0][0]) and np.array_equal(scale, results[0][1])
+        assert np.array_equal(total, results[0][2])
+
+
 def test_quantisation_without_norm_is_bit_exact():
     x = np.random.default_rng(4).standard_normal((5, 256)).astype(np.float32)
     x[0, :4] = [0.5, -0.5, 1.5, 2.5]  # ties round half to even, as torch.round
-    acts = kernels.Activations(5, 256)
-    acts.quantize(x, 5)
     codes, scale = quantize_activations(torch.from_numpy(x))
-    assert np.array_equal(acts.q, codes.numpy()) and np.array_equal(acts.scale, scale[:, 0].numpy())
+    for path in kernels.paths():
+        acts = kernels.Activations(5, 256)
+        acts.quantize(x, 5, path=kernels.path_index(path))
+        assert np.array_equal(acts.q, codes.numpy()) and np.array_equal(acts.scale, scale[:, 0].numpy())
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp32", "int8"])
 def test_lm_head_matches_torch_and_is_identical_on_every_path(dtype):
     rng = np.random.default_rng(5)
-    table = torch.from_numpy(rng.standard_normal((301, 200)).astype(np.float32))
-    x = rng.standard_normal((6, 200)).astype(np.float32)
+    table = torch.from_numpy(rng.standard_normal((301, 1100)).astype(np.float32))  # chunks of 512 and a tail
+    x = rng.standard_normal((6, 1100)).astype(np.float32)
     scales = None
     if dtype == "bf16":
         weights, reference_table = table.bfloat16().view(torch.uint16).numpy(), table.bfloat16().float()
@@ -143,28 +161,69 @@ def test_lm_head_matches_torch_and_is_identical_on_every_path(dtype):
             for p in kernels.paths()]
     assert all(np.array_equal(o, outs[0]) for o in outs)
     assert torch.allclose(torch.from_numpy(outs[0]), reference, rtol=1e-5, atol=1e-4)
+    for p in kernels.paths():  # a token's logits do not depend on the batch it is in
+        alone = kernels.head(weights, x[2:3], 1, np.empty((1, 301), np.float32), scales, kernels.path_index(p), 2)
+        assert np.array_equal(alone[0], outs[0][2])
+
+
+def attention_step(qkv, heads, kv_heads, dim, tables, spans, cache, path, threads=2):
+    out = np.empty((len(qkv), heads * dim), np.float32)
+    return kernels.attention_step(qkv, len(qkv), heads, kv_heads, dim, *tables, np.array(spans, np.int64), cache,
+                                  dim**-0.5, out, kernels.path_index(path), threads)
 
 
 @pytest.mark.parametrize("start,tokens", [(0, 1), (0, 7), (9, 1), (5, 4)])
 def test_attention_matches_sdpa_and_is_identical_on_every_path(start, tokens):
     heads, kv_heads, dim, positions = 8, 2, 64, 32
     rng = np.random.default_rng(6)
-    q = rng.standard_normal((tokens, heads * dim)).astype(np.float32)
-    keys = rng.standard_normal((kv_heads, positions, dim)).astype(np.float32)
-    values = rng.standard_normal((kv_heads, positions, dim)).astype(np.float32)
-    outs = []
+    qkv = rng.standard_normal((tokens, (heads + 2 * kv_heads) * dim)).astype(np.float32)
+    past = rng.standard_normal((1, 2, kv_heads, positions, dim)).astype(np.float32)
+    no_rotation = np.ones((positions, dim), np.float32), np.zeros((positions, dim), np.float32)
+    outs, caches = [], []
     for path in kernels.paths():
-        out = np.empty((tokens, heads * dim), np.float32)
-        kernels.require().attention(q, heads * dim, tokens, heads, kv_heads, dim, keys, values, positions, start,
-                                    dim**-0.5, out, kernels.path_index(path), 2)
-        outs.append(out)
+        caches.append(past.copy())
+        outs.append(attention_step(qkv.copy(), heads, kv_heads, dim, no_rotation, [(0, start, tokens)], caches[-1], path))
     assert all(np.array_equal(o, outs[0]) for o in outs)
+    cache = caches[0]
+    new = qkv[:, heads * dim :].reshape(tokens, 2, kv_heads, dim).transpose(1, 2, 0, 3)
+    assert np.array_equal(cache[0, :, :, start : start + tokens], new)  # this step's keys and values are cached
     length = start + tokens
-    qt = torch.from_numpy(q).view(tokens, heads, dim).transpose(0, 1)[None]
-    kt, vt = (torch.from_numpy(c[:, :length])[None] for c in (keys, values))
+    qt = torch.from_numpy(qkv[:, : heads * dim]).view(tokens, heads, dim).transpose(0, 1)[None]
+    kt, vt = (torch.from_numpy(c[:, :length])[None] for c in (cache[0, 0], cache[0, 1]))
     mask = torch.arange(length) <= (start + torch.arange(tokens))[:, None]
     ref = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, enable_gqa=True)
     assert torch.allclose(torch.from_numpy(outs[0]), ref[0].transpose(0, 1).reshape(tokens, -1), atol=2e-6)
+
+
+def test_attention_of_several_slots_in_one_step_equals_one_call_per_slot():
+    from bitnet_tt.backends.torch.model import rope_tables
+
+    cfg = ModelConfig.from_hf_dict({**config_2b4t(), "hidden_size": 256, "num_attention_heads": 4,
+                                    "num_key_value_heads": 2, "max_position_embeddings": 16})
+    heads, kv_heads, dim, positions = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, 16
+    tables = tuple(t.numpy() for t in rope_tables(cfg, positions, torch.float32, "cpu"))
+    rng = np.random.default_rng(8)
+    spans = [(1, 3, 1), (0, 0, 2), (2, 5, 1)]
+    qkv = rng.standard_normal((4, (heads + 2 * kv_heads) * dim)).astype(np.float32)
+    past = rng.standard_normal((3, 2, kv_heads, positions, dim)).astype(np.float32)
+    together_cache = past.copy()
+    together = attention_step(qkv.copy(), heads, kv_heads, dim, tables, spans, together_cache, kernels.paths()[0])
+    alone_cache, row = past.copy(), 0
+    for span in spans:
+        rows = qkv[row : row + span[2]].copy()
+        alone = attention_step(rows, heads, kv_heads, dim, tables, [span], alone_cache, kernels.paths()[-1], threads=1)
+        assert np.array_equal(alone, together[row : row + span[2]])
+        row += span[2]
+    assert np.array_equal(alone_cache, together_cache)
+
+
+def test_attention_segments_outside_the_cache_are_one_line_errors():
+    qkv, cache = np.zeros((2, 4 * 8), np.float32), np.zeros((1, 2, 1, 4, 8), np.float32)
+    tables = np.ones((4, 8), np.float32), np.zeros((4, 8), np.float32)
+    for spans, message in (([(0, 3, 2)], "outside the cache"), ([(1, 0, 2)], "outside the cache"),
+                           ([(0, 0, 1)], "segments hold 1 rows")):
+        with pytest.raises(ValueError, match=message):
+            attention_step(qkv, 2, 1, 8, tables, spans, cache, "scalar")
 
 
 def test_building_without_a_c_compiler_is_a_one_line_error(tmp_path):

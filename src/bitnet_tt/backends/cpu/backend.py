@@ -71,17 +71,17 @@ class CPUBackend(Backend):
         self._advance(target, length)
 
     def decode(self, slots: Sequence[int], token_ids: Sequence[int]) -> torch.Tensor:
-        return torch.from_numpy(self._decode_logits(slots, token_ids))
+        return torch.from_numpy(self._decode(slots, token_ids))
 
     def decode_greedy(self, slots: Sequence[int], token_ids: Sequence[int]) -> list[int]:
-        """Backend.decode_greedy in numpy: a torch op on the logits wakes torch's own threads, which then spin
-        on the cores the kernels' threads need (an 8-user decode step took about 1.5x as long)."""
-        logits = self._decode_logits(slots, token_ids)
-        best = logits.argmax(-1)
-        best[~np.isfinite(logits).all(-1)] = -1
-        return best.tolist()
+        """The base class's contract in numpy: torch's reductions over the logits cost more than a layer here
+        (its own thread pool wakes up and competes with the kernels' threads)."""
+        logits = self._decode(slots, token_ids)
+        picks = logits.argmax(-1)
+        picks[~(np.isfinite(logits.max(-1)) & np.isfinite(logits.min(-1)))] = -1  # max/min propagate NaN
+        return picks.tolist()
 
-    def _decode_logits(self, slots: Sequence[int], token_ids: Sequence[int]) -> np.ndarray:
+    def _decode(self, slots: Sequence[int], token_ids: Sequence[int]) -> np.ndarray:
         if len(slots) != len(token_ids) or len(set(slots)) != len(slots) or not slots:
             raise ValueError("decode needs one token for each of distinct slots")
         segments = [Segment(s, self._reserve(s, 1), 1) for s in slots]

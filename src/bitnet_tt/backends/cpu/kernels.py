@@ -105,10 +105,12 @@ class Activations:
         self.sum = np.zeros(rows, dtype=np.int32)
 
     def quantize(self, x: np.ndarray, m: int, norm_weight: np.ndarray | None = None, eps: float = 0.0,
-                 gated: bool = False) -> None:
+                 gated: bool = False, path: int | None = None) -> None:
         """Rows 0..m of x (fp32; [gate | up] halves when gated: relu(gate)^2 * up), RMS-normed with
-        norm_weight when given, quantised per token as HF's ActQuant."""
-        _kernels.quantize(x, x.shape[-1], m, self.k, gated, norm_weight, eps, self.q, self.scale, self.sum)
+        norm_weight when given, quantised per token as HF's ActQuant. path: path_index()'s number (None: the
+        best here; every path gives identical results)."""
+        path = path_index(None) if path is None else path
+        _kernels.quantize(x, x.shape[-1], m, self.k, gated, norm_weight, eps, self.q, self.scale, self.sum, path)
 
 
 def matmul(w: PackedTernary, acts: Activations, m: int, out: np.ndarray | None = None, weight_scale=None,
@@ -121,6 +123,20 @@ def matmul(w: PackedTernary, acts: Activations, m: int, out: np.ndarray | None =
     if out is None:
         out = np.empty((m, w.n), dtype=np.int32 if mode == 0 else np.float32)
     _kernels.matmul(w.data, w.n, w.k, acts.q, acts.sum, m, out, mode, acts.scale, weight_scale, path, threads)
+    return out
+
+
+def attention_step(qkv: np.ndarray, rows: int, heads: int, kv_heads: int, head_dim: int, cos: np.ndarray,
+                   sin: np.ndarray, segments: np.ndarray, cache: np.ndarray, scale: float, out: np.ndarray,
+                   path: int | None = None, threads: int = 1) -> np.ndarray:
+    """One layer's attention for a step, in one call: RoPE on the q and k heads of qkv (fp32 rows of
+    [q | k | v], in place), k and v written into the cache (fp32 [slots, 2, kv heads, positions, head dim]),
+    then causal attention of every row into out [rows, heads * head_dim]. segments: int64 [n, 3] of
+    (slot, start, rows) in row order; row i of a segment is at position start + i."""
+    path = path_index(None) if path is None else path
+    slots, positions = cache.shape[0], cache.shape[3]
+    _kernels.attention_step(qkv, rows, heads, kv_heads, head_dim, cos, sin, segments, len(segments), cache, slots,
+                            positions, scale, out, path, threads)
     return out
 
 

@@ -46,7 +46,6 @@ class Workspace:
         self.hidden_acts = Activations(rows, cfg.hidden_size)
         self.attention_acts = Activations(rows, cfg.q_size)
         self.mlp_acts = Activations(rows, cfg.intermediate_size)
-        self.positions = np.zeros(rows, np.int64)
         self.tokens = np.zeros(rows, np.int64)
 
 
@@ -60,22 +59,18 @@ class CPUModel:
         cos, sin = rope_tables(cfg, max_context, torch.float32, "cpu")
         self.rope_cos, self.rope_sin = cos.numpy(), sin.numpy()
         self.work = Workspace(weights, max_rows)
-        self.max_context = max_context
 
     def forward(self, tokens: Sequence[int], segments: Sequence[Segment]) -> np.ndarray:
         """Run the rows (segments in order) through the model; return fp32 logits of each segment's last row."""
         cfg, w, work = self.config, self.weights, self.work
         rows = len(tokens)
         work.tokens[:rows] = tokens
-        at = 0
-        for seg in segments:
-            work.positions[at : at + seg.count] = np.arange(seg.start, seg.start + seg.count)
-            at += seg.count
+        spans = np.array([(seg.slot, seg.start, seg.count) for seg in segments], np.int64)
         x = work.x[:rows]
         kernels.require().embed(w.embed, kernels.weight_dtype(w.embed), cfg.vocab_size, cfg.hidden_size,
                                 work.tokens, rows, x)
         for index, layer in enumerate(w.layers):
-            self._attention_block(index, layer, rows, segments)
+            self._attention_block(index, layer, rows, spans)
             self._mlp_block(layer, rows)
         last = np.cumsum([seg.count for seg in segments]) - 1
         for i, row in enumerate(last):
@@ -84,38 +79,28 @@ class CPUModel:
         return kernels.head(w.head, work.final[: len(segments)], len(segments), logits, w.head_scales, self.path,
                             self.threads)
 
+    def _quantize(self, acts: Activations, x: np.ndarray, rows: int, norm: np.ndarray, gated: bool = False) -> None:
+        acts.quantize(x, rows, norm, self.config.rms_norm_eps, gated, self.path)
+
     def _project(self, projection, acts: Activations, rows: int, out: np.ndarray, accumulate: bool = False) -> None:
         matmul(projection.weight, acts, rows, out, projection.scale, accumulate, self.path, self.threads)
 
-    def _attention_block(self, index: int, layer, rows: int, segments: Sequence[Segment]) -> None:
+    def _attention_block(self, index: int, layer, rows: int, spans: np.ndarray) -> None:
         cfg, work = self.config, self.work
-        eps, p = cfg.rms_norm_eps, layer.projections
+        p = layer.projections
         x, qkv = work.x[:rows], work.qkv[:rows]
-        work.hidden_acts.quantize(x, rows, layer.norms["input_layernorm"], eps)
+        self._quantize(work.hidden_acts, x, rows, layer.norms["input_layernorm"])
         self._project(p["qkv"], work.hidden_acts, rows, qkv)
-        native = kernels.require()
-        width, positions = qkv.shape[1], work.positions[:rows]
-        for offset, heads in ((0, cfg.num_heads), (cfg.q_size, cfg.num_kv_heads)):
-            native.rope(qkv, width, rows, offset, heads, cfg.head_dim, positions, self.rope_cos, self.rope_sin,
-                        self.max_context)
-        at = 0
-        for seg in segments:
-            cache = self.cache[index, seg.slot]
-            new = qkv[at : at + seg.count, cfg.q_size :].reshape(seg.count, 2, cfg.num_kv_heads, cfg.head_dim)
-            cache[:, :, seg.start : seg.start + seg.count] = new.transpose(1, 2, 0, 3)
-            native.attention(qkv[at : at + seg.count], width, seg.count, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-                             cache[0], cache[1], self.max_context, seg.start, cfg.head_dim**-0.5,
-                             work.attention[at : at + seg.count], self.path, self.threads)
-            at += seg.count
-        work.attention_acts.quantize(work.attention[:rows], rows, layer.norms["self_attn.attn_sub_norm"], eps)
+        kernels.attention_step(qkv, rows, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, self.rope_cos, self.rope_sin,
+                               spans, self.cache[index], cfg.head_dim**-0.5, work.attention, self.path, self.threads)
+        self._quantize(work.attention_acts, work.attention[:rows], rows, layer.norms["self_attn.attn_sub_norm"])
         self._project(p["o_proj"], work.attention_acts, rows, x, accumulate=True)
 
     def _mlp_block(self, layer, rows: int) -> None:
-        cfg, work = self.config, self.work
-        eps, p = cfg.rms_norm_eps, layer.projections
+        work, p = self.work, layer.projections
         x, gate_up = work.x[:rows], work.gate_up[:rows]
-        work.hidden_acts.quantize(x, rows, layer.norms["post_attention_layernorm"], eps)
+        self._quantize(work.hidden_acts, x, rows, layer.norms["post_attention_layernorm"])
         self._project(p["gate_up"], work.hidden_acts, rows, gate_up)
-        work.mlp_acts.quantize(gate_up, rows, layer.norms["mlp.ffn_sub_norm"], eps, gated=True)
+        self._quantize(work.mlp_acts, gate_up, rows, layer.norms["mlp.ffn_sub_norm"], gated=True)
         self._project(p["down"], work.mlp_acts, rows, x, accumulate=True)
 

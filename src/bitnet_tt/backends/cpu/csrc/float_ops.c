@@ -1,56 +1,102 @@
-/* Float kernels of the CPU backend: the LM head and attention.
+/* Float kernels of the CPU backend: the LM head, attention, norms and activation quantisation.
  *
- * This one source is compiled once per instruction set (ISA_SUFFIX names the copy). Dot products use GCC's
- * vector extensions (16 fp32 lanes: one AVX-512 register, two AVX2 ones, four SSE ones), so every copy sums
- * in the same LANES partial sums added in the same order; contraction into FMA is off (-ffp-contract=off):
- * all copies give bit-identical floats.
+ * This one source is compiled once per instruction set (ISA_SUFFIX names the copy). Dot products keep
+ * LANES = 16 fp32 partial sums (one AVX-512 register, two AVX2 ones, four SSE/NEON ones: `lanes` holds
+ * them in registers of the native width), added in the same order by every copy; contraction into FMA is
+ * off (-ffp-contract=off): all copies give bit-identical floats.
  */
 #include <math.h>
 #include <string.h>
 
 #include "float_ops.h"
 
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
 #define LANES 16
+#if defined(__AVX512F__)
+#define VECTOR_BYTES 64
+#elif defined(__AVX2__)
+#define VECTOR_BYTES 32
+#else
+#define VECTOR_BYTES 16
+#endif
+#define WIDTH (VECTOR_BYTES / 4)  /* fp32 lanes per register */
+#define PARTS (LANES / WIDTH)
 
 #define CAT2(a, b) a##b
 #define CAT(a, b) CAT2(a, b)
 #define NAME(base) CAT(base, ISA_SUFFIX)
 
-typedef float lanes_f32 __attribute__((vector_size(LANES * 4)));
-typedef uint32_t lanes_u32 __attribute__((vector_size(LANES * 4)));
-typedef uint16_t lanes_u16 __attribute__((vector_size(LANES * 2)));
-typedef int8_t lanes_i8 __attribute__((vector_size(LANES)));
-typedef int32_t lanes_i32 __attribute__((vector_size(LANES * 4)));
+typedef float vector_f32 __attribute__((vector_size(VECTOR_BYTES)));
+typedef uint32_t vector_u32 __attribute__((vector_size(VECTOR_BYTES)));
+typedef uint16_t vector_u16 __attribute__((vector_size(VECTOR_BYTES / 2)));
+typedef int8_t vector_i8 __attribute__((vector_size(VECTOR_BYTES / 4)));
+typedef int32_t vector_i32 __attribute__((vector_size(VECTOR_BYTES)));
+
+/* LANES fp32 partial sums: lane l is part[l / WIDTH][l % WIDTH]. (GCC's own code for one 64-byte vector
+ * type on AVX2 goes through the stack.) */
+typedef struct {
+    vector_f32 part[PARTS];
+} lanes;
 
 #define INLINE static inline __attribute__((always_inline))
 
-INLINE float lane_total(lanes_f32 acc) {
+INLINE float lane_at(const lanes *v, int l) { return v->part[l / WIDTH][l % WIDTH]; }
+
+INLINE float lane_total(lanes acc) {
     float pairs[LANES / 2];
-    for (int l = 0; l < LANES / 2; l++) pairs[l] = acc[l] + acc[l + LANES / 2];
+    for (int l = 0; l < LANES / 2; l++) pairs[l] = lane_at(&acc, l) + lane_at(&acc, l + LANES / 2);
     float quads[LANES / 4];
     for (int l = 0; l < LANES / 4; l++) quads[l] = pairs[l] + pairs[l + LANES / 4];
     return (quads[0] + quads[2]) + (quads[1] + quads[3]);
 }
 
-INLINE lanes_f32 load_f32(const float *p) {
-    lanes_f32 v;
-    memcpy(&v, p, sizeof v);
+INLINE lanes load_f32(const float *at) {
+    lanes v;
+    for (int p = 0; p < PARTS; p++) memcpy(&v.part[p], at + p * WIDTH, sizeof v.part[p]);
     return v;
 }
 
-/* LANES weights from w[at ..] as fp32 (bf16 is the top half of an fp32). */
-INLINE lanes_f32 load_weights(const void *w, int dtype, size_t at) {
+/* acc += a * b, lane by lane (a multiply and an add: no FMA). */
+INLINE void multiply_add(lanes *acc, const lanes *a, const lanes *b) {
+    for (int p = 0; p < PARTS; p++) acc->part[p] += a->part[p] * b->part[p];
+}
+
+/* WIDTH weights from w[at ..] as fp32: bf16 is the top half of an fp32, int8 converts exactly. */
+INLINE vector_f32 load_weight_part(const void *w, int dtype, size_t at) {
+#if defined(__AVX512F__)
+    if (dtype == WEIGHT_BF16)
+        return (vector_f32)_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const void *)((const uint16_t *)w + at))), 16);
+    if (dtype == WEIGHT_INT8)
+        return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const void *)((const int8_t *)w + at))));
+#elif defined(__AVX2__)
+    if (dtype == WEIGHT_BF16)
+        return (vector_f32)_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const void *)((const uint16_t *)w + at))), 16);
+    if (dtype == WEIGHT_INT8)
+        return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const void *)((const int8_t *)w + at))));
+#else
     if (dtype == WEIGHT_BF16) {
-        lanes_u16 h;
+        vector_u16 h;
         memcpy(&h, (const uint16_t *)w + at, sizeof h);
-        return (lanes_f32)(__builtin_convertvector(h, lanes_u32) << 16);
+        return (vector_f32)(__builtin_convertvector(h, vector_u32) << 16);
     }
     if (dtype == WEIGHT_INT8) {
-        lanes_i8 c;
+        vector_i8 c;
         memcpy(&c, (const int8_t *)w + at, sizeof c);
-        return __builtin_convertvector(__builtin_convertvector(c, lanes_i32), lanes_f32);
+        return __builtin_convertvector(__builtin_convertvector(c, vector_i32), vector_f32);
     }
-    return load_f32((const float *)w + at);
+#endif
+    vector_f32 v;
+    memcpy(&v, (const float *)w + at, sizeof v);
+    return v;
+}
+
+INLINE lanes load_weights(const void *w, int dtype, size_t at) {
+    lanes v;
+    for (int p = 0; p < PARTS; p++) v.part[p] = load_weight_part(w, dtype, at + (size_t)p * WIDTH);
+    return v;
 }
 
 INLINE float weight_at(const void *w, int dtype, size_t i) {
@@ -63,56 +109,113 @@ INLINE float weight_at(const void *w, int dtype, size_t i) {
     return dtype == WEIGHT_INT8 ? (float)((const int8_t *)w)[i] : ((const float *)w)[i];
 }
 
-#define HEAD_TOKENS 4
+/* Tokens per pass over the head's weights: 2 x HEAD_PASS_TOKENS accumulators stay in registers. */
+#if defined(__AVX512F__)
+#define HEAD_PASS_TOKENS 8
+#else
+#define HEAD_PASS_TOKENS 4
+#endif
 
-/* out[m * V + row] = sum_k W[row, k] * x[m, k] * scale for M (<= HEAD_TOKENS, a constant after inlining)
- * tokens: each weight vector is widened once for all of them; one LANES accumulator per token, so a token's
- * logits do not depend on the batch it is in. */
-INLINE void head_row(const void *w, int dtype, size_t row, int K, const float *x, int M, float scale, float *out,
-                     int V) {
-    lanes_f32 acc[HEAD_TOKENS] = {{0}};
-    size_t base = row * (size_t)K;
-    int k = 0;
-    for (; k + LANES <= K; k += LANES) {
-        lanes_f32 wv = load_weights(w, dtype, base + k);
-        for (int m = 0; m < M; m++) acc[m] += wv * load_f32(x + (size_t)m * K + k);
+/* With more than 2 tokens a block of rows goes over the inputs a chunk at a time, so that the tokens'
+ * chunk of x (8 x 256 fp32: 8 KB) stays in L1 while the block's rows use it; the partial sums wait in
+ * memory between chunks. With 1 or 2 tokens x fits whole and each row streams in one go (one stream at a
+ * time: interleaving rows' streams measured slower). */
+#define HEAD_BLOCK_ROWS 8
+#define HEAD_CHUNK_INPUTS(M) ((M) <= 2 ? 1 << 30 : 256)
+
+/* A row's partial sums for one token: two sets of LANES, for even and odd steps of LANES inputs (two
+ * independent chains of adds); the logit is lane_total(even + odd). */
+typedef struct {
+    lanes even, odd;
+} head_sums;
+
+/* acc[m] += W[v, k] * x[m, k] over inputs [k_begin, k_end) (whole pairs of LANES steps from an even
+ * step) for M tokens (a constant after inlining): each weight vector is widened once for all tokens. */
+INLINE void head_tile(const void *w, int dtype, int v, int k_begin, int k_end, int K, const float *x, int M,
+                      head_sums *acc) {
+    head_sums sums[HEAD_PASS_TOKENS];
+    for (int m = 0; m < M; m++) sums[m] = acc[m];
+    const size_t row = (size_t)v * K;
+    for (int k = k_begin; k < k_end; k += 2 * LANES) {
+        lanes even = load_weights(w, dtype, row + k), odd = load_weights(w, dtype, row + k + LANES);
+#pragma GCC unroll 8
+        for (int m = 0; m < M; m++) {
+            lanes x_even = load_f32(x + (size_t)m * K + k), x_odd = load_f32(x + (size_t)m * K + k + LANES);
+            multiply_add(&sums[m].even, &even, &x_even);
+            multiply_add(&sums[m].odd, &odd, &x_odd);
+        }
     }
-    for (int m = 0; m < M; m++) {
-        for (int l = 0; k + l < K; l++) acc[m][l] += weight_at(w, dtype, base + k + l) * x[(size_t)m * K + k + l];
-        out[(size_t)m * V + row] = lane_total(acc[m]) * scale;
+    for (int m = 0; m < M; m++) acc[m] = sums[m];
+}
+
+/* out[m * V + v] = sum_k W[v, k] * x[m, k] * scale for rows v_begin .. v_end. Each lane of each set is
+ * summed in input order whatever the blocking, so a logit depends neither on the batch nor on the
+ * instruction set. */
+INLINE void head_span(const void *w, int dtype, const float *scales, int K, const float *x, int M, int V, int v_begin,
+                      int v_end, float *out) {
+    const int pairs = K / (2 * LANES) * 2 * LANES;
+    head_sums acc[HEAD_BLOCK_ROWS][HEAD_PASS_TOKENS];
+    for (int v0 = v_begin; v0 < v_end; v0 += HEAD_BLOCK_ROWS) {
+        int rows = v_end - v0 < HEAD_BLOCK_ROWS ? v_end - v0 : HEAD_BLOCK_ROWS;
+        memset(acc, 0, sizeof acc);
+        for (int k0 = 0; k0 < pairs; k0 += HEAD_CHUNK_INPUTS(M)) {
+            int k1 = pairs - k0 < HEAD_CHUNK_INPUTS(M) ? pairs : k0 + HEAD_CHUNK_INPUTS(M);
+            for (int r = 0; r < rows; r++) head_tile(w, dtype, v0 + r, k0, k1, K, x, M, acc[r]);
+        }
+        for (int r = 0; r < rows; r++) {
+            size_t base = (size_t)(v0 + r) * K;
+            for (int m = 0; m < M; m++) {
+                lanes *even = &acc[r][m].even, *odd = &acc[r][m].odd;
+                for (int l = 0; pairs + l < K; l++)  /* the tail: even lanes, then odd ones */
+                    (l < LANES ? even : odd)->part[l % LANES / WIDTH][l % WIDTH] +=
+                        weight_at(w, dtype, base + pairs + l) * x[(size_t)m * K + pairs + l];
+                for (int p = 0; p < PARTS; p++) even->part[p] += odd->part[p];
+                out[(size_t)m * V + v0 + r] = lane_total(*even) * (scales ? scales[v0 + r] : 1.0f);
+            }
+        }
     }
 }
 
-#define HEAD_TILE(DT, MM) \
-    for (int v = v_begin; v < v_end; v++) head_row(w, DT, v, K, xm, MM, scales ? scales[v] : 1.0f, om, V);
+#define HEAD_TOKENS_CASE(DT, MM) \
+    case MM: head_span(w, DT, scales, K, xm, MM, V, v_begin, v_end, om); break;
 
-#define HEAD_ROWS(DT) \
+#if HEAD_PASS_TOKENS == 8
+#define HEAD_DTYPE(DT) \
     switch (tokens) { \
-    case 1: HEAD_TILE(DT, 1) break; \
-    case 2: HEAD_TILE(DT, 2) break; \
-    case 3: HEAD_TILE(DT, 3) break; \
-    default: HEAD_TILE(DT, 4) break; \
+    HEAD_TOKENS_CASE(DT, 1) HEAD_TOKENS_CASE(DT, 2) HEAD_TOKENS_CASE(DT, 3) HEAD_TOKENS_CASE(DT, 4) \
+    HEAD_TOKENS_CASE(DT, 5) HEAD_TOKENS_CASE(DT, 6) HEAD_TOKENS_CASE(DT, 7) default: HEAD_TOKENS_CASE(DT, 8) \
     }
+#else
+#define HEAD_DTYPE(DT) \
+    switch (tokens) { \
+    HEAD_TOKENS_CASE(DT, 1) HEAD_TOKENS_CASE(DT, 2) HEAD_TOKENS_CASE(DT, 3) default: HEAD_TOKENS_CASE(DT, 4) \
+    }
+#endif
 
+/* Up to HEAD_PASS_TOKENS tokens per pass over the weights. */
 void NAME(head_rows)(const void *w, int dtype, const float *scales, int K, const float *x, int M, int V,
                      int v_begin, int v_end, float *out) {
-    for (int m0 = 0; m0 < M; m0 += HEAD_TOKENS) {
-        int tokens = M - m0 < HEAD_TOKENS ? M - m0 : HEAD_TOKENS;
+    for (int m0 = 0; m0 < M; m0 += HEAD_PASS_TOKENS) {
+        int tokens = M - m0 < HEAD_PASS_TOKENS ? M - m0 : HEAD_PASS_TOKENS;
         const float *xm = x + (size_t)m0 * K;
         float *om = out + (size_t)m0 * V;
         switch (dtype) {
-        case WEIGHT_BF16: HEAD_ROWS(WEIGHT_BF16) break;
-        case WEIGHT_F32: HEAD_ROWS(WEIGHT_F32) break;
-        default: HEAD_ROWS(WEIGHT_INT8) break;
+        case WEIGHT_BF16: HEAD_DTYPE(WEIGHT_BF16) break;
+        case WEIGHT_F32: HEAD_DTYPE(WEIGHT_F32) break;
+        default: HEAD_DTYPE(WEIGHT_INT8) break;
         }
     }
 }
 
 INLINE float dot(const float *a, const float *b, int n) {
-    lanes_f32 acc = {0};
+    lanes acc;
+    memset(&acc, 0, sizeof acc);
     int k = 0;
-    for (; k + LANES <= n; k += LANES) acc += load_f32(a + k) * load_f32(b + k);
-    for (int l = 0; k + l < n; l++) acc[l] += a[k + l] * b[k + l];
+    for (; k + LANES <= n; k += LANES) {
+        lanes av = load_f32(a + k), bv = load_f32(b + k);
+        multiply_add(&acc, &av, &bv);
+    }
+    for (int l = 0; k + l < n; l++) acc.part[l / WIDTH][l % WIDTH] += a[k + l] * b[k + l];
     return lane_total(acc);
 }
 
@@ -162,4 +265,51 @@ void NAME(attention_tasks)(const struct attention_args *a, int task_begin, int t
             for (int d = 0; d < a->head_dim; d++) o[d] += p * v[d];
         }
     }
+}
+
+INLINE float sum_of_squares(const float *x, int k) {
+    lanes acc;
+    memset(&acc, 0, sizeof acc);
+    int i = 0;
+    for (; i + LANES <= k; i += LANES) {
+        lanes v = load_f32(x + i);
+        multiply_add(&acc, &v, &v);
+    }
+    for (int l = 0; i + l < k; l++) acc.part[l / WIDTH][l % WIDTH] += x[i + l] * x[i + l];
+    float total = 0.0f;
+    for (int l = 0; l < LANES; l++) total += lane_at(&acc, l);
+    return total;
+}
+
+/* One row's input to a projection: relu(gate)^2 * up when gated (row = [gate | up]), else the row; then,
+ * with a norm weight, HF's RMSNorm: w * (x * rsqrt(mean(x^2) + eps)), all in fp32. */
+void NAME(prepare_row)(const float *row, int k, int gated, const float *norm_w, float eps, float *y) {
+    if (gated) {
+        for (int i = 0; i < k; i++) {
+            float g = row[i] > 0.0f ? row[i] : 0.0f;
+            y[i] = g * g * row[k + i];
+        }
+    } else {
+        memcpy(y, row, (size_t)k * sizeof *y);
+    }
+    if (!norm_w) return;
+    float inv = 1.0f / sqrtf(sum_of_squares(y, k) / (float)k + eps);
+    for (int i = 0; i < k; i++) y[i] = norm_w[i] * (y[i] * inv);
+}
+
+/* HF's ActQuant: s = 127 / max(absmax, 1e-5), q = clamp(round_half_even(y * s), -128, 127). */
+void NAME(quantize_row)(const float *y, int k, int kp, int8_t *q, float *scale, int32_t *sum) {
+    float top = 0.0f;
+    for (int i = 0; i < k; i++) top = fabsf(y[i]) > top ? fabsf(y[i]) : top;
+    float s = 127.0f / (top > 1e-5f ? top : 1e-5f);
+    int32_t total = 0;
+    for (int i = 0; i < k; i++) {
+        float v = nearbyintf(y[i] * s);
+        v = v < -128.0f ? -128.0f : (v > 127.0f ? 127.0f : v);
+        q[i] = (int8_t)v;
+        total += q[i];
+    }
+    memset(q + k, 0, (size_t)(kp - k));
+    *scale = s;
+    *sum = total;
 }

@@ -21,7 +21,9 @@ struct attention_args {
 #define FLOAT_OPS(suffix) \
     void head_rows##suffix(const void *w, int dtype, const float *scales, int K, const float *x, int M, int V, \
                            int v_begin, int v_end, float *out); \
-    void attention_tasks##suffix(const struct attention_args *a, int task_begin, int task_end, float *scores);
+    void attention_tasks##suffix(const struct attention_args *a, int task_begin, int task_end, float *scores); \
+    void prepare_row##suffix(const float *row, int k, int gated, const float *norm_w, float eps, float *y); \
+    void quantize_row##suffix(const float *y, int k, int kp, int8_t *q, float *scale, int32_t *sum);
 
 FLOAT_OPS(_generic)
 #if defined(__x86_64__) || defined(_M_X64)

@@ -314,59 +314,43 @@ static PyObject *py_matmul(PyObject *self, PyObject *args) {
 /* ---------------------------------------------------------------------------------------------
  * Norm and activation quantisation */
 
-#define LANES 16
+typedef void (*prepare_fn)(const float *, int, int, const float *, float, float *);
+typedef void (*quantize_row_fn)(const float *, int, int, int8_t *, float *, int32_t *);
 
-static float sum_of_squares(const float *x, int k) {
-    float acc[LANES] = {0};
-    for (int i = 0; i < k; i++) acc[i % LANES] += x[i] * x[i];
-    float total = 0.0f;
-    for (int l = 0; l < LANES; l++) total += acc[l];
-    return total;
+static prepare_fn prepare_for(int path) {
+#if defined(__x86_64__)
+    if (path == PATH_AVX512) return prepare_row_avx512;
+    if (path == PATH_AVX2) return prepare_row_avx2;
+#endif
+    (void)path;
+    return prepare_row_generic;
 }
 
-/* One row's input to a projection: relu(gate)^2 * up when gated (row = [gate | up]), else the row; then,
- * with a norm weight, HF's RMSNorm: w * (x * rsqrt(mean(x^2) + eps)), all in fp32. */
-static void prepare_row(const float *row, int k, int gated, const float *norm_w, float eps, float *y) {
-    if (gated) {
-        for (int i = 0; i < k; i++) {
-            float g = row[i] > 0.0f ? row[i] : 0.0f;
-            y[i] = g * g * row[k + i];
-        }
-    } else {
-        memcpy(y, row, (size_t)k * sizeof *y);
-    }
-    if (!norm_w) return;
-    float inv = 1.0f / sqrtf(sum_of_squares(y, k) / (float)k + eps);
-    for (int i = 0; i < k; i++) y[i] = norm_w[i] * (y[i] * inv);
+static quantize_row_fn quantize_row_for(int path) {
+#if defined(__x86_64__)
+    if (path == PATH_AVX512) return quantize_row_avx512;
+    if (path == PATH_AVX2) return quantize_row_avx2;
+#endif
+    (void)path;
+    return quantize_row_generic;
 }
 
-/* HF's ActQuant: s = 127 / max(absmax, 1e-5), q = clamp(round_half_even(y * s), -128, 127). */
-static void quantize_row(const float *y, int k, int kp, int8_t *q, float *scale, int32_t *sum) {
-    float top = 0.0f;
-    for (int i = 0; i < k; i++) top = fabsf(y[i]) > top ? fabsf(y[i]) : top;
-    float s = 127.0f / (top > 1e-5f ? top : 1e-5f);
-    int32_t total = 0;
-    for (int i = 0; i < k; i++) {
-        float v = nearbyintf(y[i] * s);
-        v = v < -128.0f ? -128.0f : (v > 127.0f ? 127.0f : v);
-        q[i] = (int8_t)v;
-        total += q[i];
-    }
-    memset(q + k, 0, (size_t)(kp - k));
-    *scale = s;
-    *sum = total;
+static int best_path(void) {
+    int path = PATH_COUNT - 1;
+    while (!path_available(path)) path--;
+    return path;
 }
 
-/* quantize(x, ld, m, k, gated, norm_w, eps, q, scale, sum) or, with q None, normalise into out:
- * norm(x, ld, m, k, gated, norm_w, eps, None, None, None, out). */
+/* quantize(x, ld, m, k, gated, norm_w, eps, q, scale, sum[, path]) or normalise into out:
+ * norm(x, ld, m, k, gated, norm_w, eps, out[, path]). The row kernels are float_ops.c's. */
 static PyObject *prepare_rows(PyObject *args, int quantized) {
     PyObject *x_obj, *w_obj, *q_obj = Py_None, *scale_obj = Py_None, *sum_obj = Py_None, *out_obj = Py_None;
-    int ld, m, k, gated;
+    int ld, m, k, gated, path = best_path();
     float eps;
-    int ok = quantized ? PyArg_ParseTuple(args, "OiiipOfOOO", &x_obj, &ld, &m, &k, &gated, &w_obj, &eps, &q_obj,
-                                          &scale_obj, &sum_obj)
-                       : PyArg_ParseTuple(args, "OiiipOfO", &x_obj, &ld, &m, &k, &gated, &w_obj, &eps, &out_obj);
-    if (!ok) return NULL;
+    int ok = quantized ? PyArg_ParseTuple(args, "OiiipOfOOO|i", &x_obj, &ld, &m, &k, &gated, &w_obj, &eps, &q_obj,
+                                          &scale_obj, &sum_obj, &path)
+                       : PyArg_ParseTuple(args, "OiiipOfO|i", &x_obj, &ld, &m, &k, &gated, &w_obj, &eps, &out_obj, &path);
+    if (!ok || !check_path(path)) return NULL;
     if (m <= 0 || k <= 0 || ld < (gated ? 2 * k : k))
         return PyErr_Format(PyExc_ValueError, "bad shape m=%d k=%d ld=%d", m, k, ld);
     struct buffers held = {.count = 0};
@@ -383,6 +367,8 @@ static PyObject *prepare_rows(PyObject *args, int quantized) {
         return failed ? NULL : PyErr_NoMemory();
     }
     Py_BEGIN_ALLOW_THREADS
+    prepare_fn prepare_row = prepare_for(path);
+    quantize_row_fn quantize_row = quantize_row_for(path);
     for (int i = 0; i < m; i++) {
         prepare_row(x + (size_t)i * ld, k, gated, w, eps, quantized ? row : out + (size_t)i * k);
         if (quantized) quantize_row(row, k, kp, q + (size_t)i * kp, scale + i, sum + i);
@@ -397,47 +383,7 @@ static PyObject *py_quantize(PyObject *self, PyObject *args) { return prepare_ro
 static PyObject *py_norm(PyObject *self, PyObject *args) { return prepare_rows(args, 0); }
 
 /* ---------------------------------------------------------------------------------------------
- * RoPE, embedding rows */
-
-/* rope(x, ld, m, offset, heads, head_dim, positions, cos, sin): HF's half-split rotation, in place, of
- * heads starting at float `offset` of each row; cos/sin fp32 [positions, head_dim], positions int64 [m]. */
-static PyObject *py_rope(PyObject *self, PyObject *args) {
-    PyObject *x_obj, *pos_obj, *cos_obj, *sin_obj;
-    int ld, m, offset, heads, dim, table_rows;
-    if (!PyArg_ParseTuple(args, "OiiiiiOOOi", &x_obj, &ld, &m, &offset, &heads, &dim, &pos_obj, &cos_obj, &sin_obj,
-                          &table_rows))
-        return NULL;
-    if (m <= 0 || dim % 2 || offset + heads * dim > ld) return PyErr_Format(PyExc_ValueError, "bad rope shape");
-    struct buffers held = {.count = 0};
-    int failed = 0;
-    float *x = buffer(&held, x_obj, 1, (Py_ssize_t)m * ld * 4, "x", 0, &failed);
-    const int64_t *pos = buffer(&held, pos_obj, 0, (Py_ssize_t)m * 8, "positions", 0, &failed);
-    const float *cos_t = buffer(&held, cos_obj, 0, (Py_ssize_t)table_rows * dim * 4, "cos", 0, &failed);
-    const float *sin_t = buffer(&held, sin_obj, 0, (Py_ssize_t)table_rows * dim * 4, "sin", 0, &failed);
-    for (int i = 0; !failed && i < m; i++)
-        if (pos[i] < 0 || pos[i] >= table_rows) {
-            PyErr_Format(PyExc_ValueError, "position %lld outside the RoPE table", (long long)pos[i]);
-            failed = 1;
-        }
-    if (failed) {
-        release(&held);
-        return NULL;
-    }
-    int half = dim / 2;
-    for (int i = 0; i < m; i++) {
-        const float *c = cos_t + pos[i] * dim, *s = sin_t + pos[i] * dim;
-        for (int h = 0; h < heads; h++) {
-            float *v = x + (size_t)i * ld + offset + h * dim;
-            for (int d = 0; d < half; d++) {
-                float lo = v[d], hi = v[d + half];
-                v[d] = lo * c[d] + (-hi) * s[d];
-                v[d + half] = hi * c[d + half] + lo * s[d + half];
-            }
-        }
-    }
-    release(&held);
-    Py_RETURN_NONE;
-}
+ * Embedding rows */
 
 static float table_value(const void *table, int dtype, size_t i) {
     if (dtype == WEIGHT_F32) return ((const float *)table)[i];
@@ -550,10 +496,24 @@ static PyObject *py_head(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* HF's half-split rotation of `heads` vectors of `dim` floats in place, with one position's cos/sin rows. */
+static void rotate(float *x, int heads, int dim, const float *c, const float *s) {
+    int half = dim / 2;
+    for (int h = 0; h < heads; h++, x += dim)
+        for (int d = 0; d < half; d++) {
+            float lo = x[d], hi = x[d + half];
+            x[d] = lo * c[d] + (-hi) * s[d];
+            x[d + half] = hi * c[d + half] + lo * s[d + half];
+        }
+}
+
+/* One step's attention: each segment is one slot's consecutive rows; its tasks (token, head) come after
+ * the previous segments' in task numbering. */
 struct attention_job {
     attention_fn fn;
-    struct attention_args args;
-    int positions;
+    struct attention_args *segments;
+    int *first_task;  /* [segments + 1] */
+    int count, positions;
 };
 
 /* Each thread keeps its scores row between calls: no allocation per step once it is large enough. */
@@ -568,45 +528,91 @@ static void attention_part(void *ctx, int begin, int end) {
         thread_scores = grown;
         thread_scores_size = job->positions;
     }
-    job->fn(&job->args, begin, end, thread_scores);
+    for (int s = 0; s < job->count && begin < end; s++) {
+        int lo = job->first_task[s], hi = job->first_task[s + 1];
+        if (end <= lo || begin >= hi) continue;
+        int from = begin > lo ? begin : lo, to = end < hi ? end : hi;
+        job->fn(&job->segments[s], from - lo, to - lo, thread_scores);
+    }
 }
 
-/* attention(q, q_stride, t, heads, kv_heads, head_dim, keys, values, positions, start, scale, out, path,
- * threads): q fp32 rows of q_stride floats (heads first); keys/values fp32 [kv_heads, positions, head_dim];
- * out fp32 [t, heads * head_dim]. Token i sees cache positions 0 .. start + i. */
-static PyObject *py_attention(PyObject *self, PyObject *args) {
-    PyObject *q_obj, *k_obj, *v_obj, *out_obj;
-    int q_stride, t, heads, kv_heads, dim, positions, start, path, threads;
+/* attention_step(qkv, rows, heads, kv_heads, dim, cos, sin, segments, count, cache, slots, positions, scale, out,
+ * path, threads): one layer's attention for a step. qkv fp32 [rows, (heads + 2 kv_heads) * dim] (q, k, v);
+ * segments int64 [count, 3] = (slot, start, rows) in row order, row i of a segment at position start + i;
+ * cache fp32 [slots, 2 (keys, values), kv_heads, positions, dim]; cos/sin fp32 [positions, dim].
+ * RoPE rotates q and k in place, k and v are written into the cache, then each token attends to positions
+ * 0 .. its own; out fp32 [rows, heads * dim]. */
+static PyObject *py_attention_step(PyObject *self, PyObject *args) {
+    PyObject *qkv_obj, *cos_obj, *sin_obj, *seg_obj, *cache_obj, *out_obj;
+    int rows, heads, kv_heads, dim, count, slots, positions, path, threads;
     float scale;
-    if (!PyArg_ParseTuple(args, "OiiiiiOOiifOii", &q_obj, &q_stride, &t, &heads, &kv_heads, &dim, &k_obj, &v_obj,
-                          &positions, &start, &scale, &out_obj, &path, &threads))
+    if (!PyArg_ParseTuple(args, "OiiiiOOOiOiifOii", &qkv_obj, &rows, &heads, &kv_heads, &dim, &cos_obj, &sin_obj,
+                          &seg_obj, &count, &cache_obj, &slots, &positions, &scale, &out_obj, &path, &threads))
         return NULL;
-    if (t <= 0 || heads <= 0 || kv_heads <= 0 || heads % kv_heads || dim <= 0 || start < 0 ||
-        start + t > positions || q_stride < heads * dim || !check_path(path)) {
+    if (rows <= 0 || heads <= 0 || kv_heads <= 0 || heads % kv_heads || dim <= 0 || dim % 2 || count <= 0 ||
+        slots <= 0 || positions <= 0 || !check_path(path)) {
         if (!PyErr_Occurred()) PyErr_Format(PyExc_ValueError, "bad attention arguments");
         return NULL;
     }
     struct buffers held = {.count = 0};
-    int failed = 0;
-    Py_ssize_t cache_bytes = (Py_ssize_t)kv_heads * positions * dim * 4;
-    struct attention_job job = {
-        .fn = attention_for(path), .positions = positions,
-        .args = {
-            .q = buffer(&held, q_obj, 0, ((Py_ssize_t)(t - 1) * q_stride + heads * dim) * 4, "q", 0, &failed),
-            .keys = buffer(&held, k_obj, 0, cache_bytes, "keys", 0, &failed),
-            .values = buffer(&held, v_obj, 0, cache_bytes, "values", 0, &failed),
-            .out = buffer(&held, out_obj, 1, (Py_ssize_t)t * heads * dim * 4, "out", 0, &failed),
-            .q_stride = (size_t)q_stride, .head_stride = (size_t)positions * dim,
-            .heads = heads, .group = heads / kv_heads, .head_dim = dim, .start = start, .scale = scale,
-        },
-    };
-    if (failed) {
+    int failed = 0, width = (heads + 2 * kv_heads) * dim;
+    size_t head_stride = (size_t)positions * dim, kv_bytes = (size_t)kv_heads * head_stride;
+    float *qkv = buffer(&held, qkv_obj, 1, (Py_ssize_t)rows * width * 4, "qkv", 0, &failed);
+    const float *cos_t = buffer(&held, cos_obj, 0, (Py_ssize_t)positions * dim * 4, "cos", 0, &failed);
+    const float *sin_t = buffer(&held, sin_obj, 0, (Py_ssize_t)positions * dim * 4, "sin", 0, &failed);
+    const int64_t *seg = buffer(&held, seg_obj, 0, (Py_ssize_t)count * 3 * 8, "segments", 0, &failed);
+    float *cache = buffer(&held, cache_obj, 1, (Py_ssize_t)slots * 2 * kv_bytes * 4, "cache", 0, &failed);
+    float *out = buffer(&held, out_obj, 1, (Py_ssize_t)rows * heads * dim * 4, "out", 0, &failed);
+    int64_t total = 0;
+    for (int s = 0; !failed && s < count; s++) {
+        int64_t slot = seg[3 * s], start = seg[3 * s + 1], n = seg[3 * s + 2];
+        if (slot < 0 || slot >= slots || start < 0 || n <= 0 || start + n > positions) {
+            PyErr_Format(PyExc_ValueError, "segment %d (slot %lld, positions %lld..%lld) outside the cache", s,
+                         (long long)slot, (long long)start, (long long)(start + n - 1));
+            failed = 1;
+        }
+        total += n;
+    }
+    if (!failed && total != rows) {
+        PyErr_Format(PyExc_ValueError, "segments hold %lld rows, the step has %d", (long long)total, rows);
+        failed = 1;
+    }
+    struct attention_args *segments = failed ? NULL : malloc((size_t)count * sizeof *segments);
+    int *first_task = failed ? NULL : malloc((size_t)(count + 1) * sizeof *first_task);
+    if (failed || !segments || !first_task) {
+        free(segments), free(first_task);
         release(&held);
-        return NULL;
+        return failed ? NULL : PyErr_NoMemory();
     }
     Py_BEGIN_ALLOW_THREADS
-    parallel_for(attention_part, &job, t * heads, threads);
+    first_task[0] = 0;
+    for (int s = 0, row = 0; s < count; s++) {
+        int slot = (int)seg[3 * s], start = (int)seg[3 * s + 1], n = (int)seg[3 * s + 2];
+        float *keys = cache + (size_t)slot * 2 * kv_bytes, *values = keys + kv_bytes;
+        for (int i = 0; i < n; i++) {
+            float *q = qkv + (size_t)(row + i) * width, *k = q + heads * dim, *v = k + kv_heads * dim;
+            const float *c = cos_t + (size_t)(start + i) * dim, *sn = sin_t + (size_t)(start + i) * dim;
+            rotate(q, heads, dim, c, sn);
+            rotate(k, kv_heads, dim, c, sn);
+            for (int h = 0; h < kv_heads; h++) {
+                size_t at = h * head_stride + (size_t)(start + i) * dim;
+                memcpy(keys + at, k + h * dim, (size_t)dim * sizeof *k);
+                memcpy(values + at, v + h * dim, (size_t)dim * sizeof *v);
+            }
+        }
+        segments[s] = (struct attention_args){
+            .q = qkv + (size_t)row * width, .keys = keys, .values = values, .out = out + (size_t)row * heads * dim,
+            .q_stride = (size_t)width, .head_stride = head_stride, .heads = heads, .group = heads / kv_heads,
+            .head_dim = dim, .start = start, .scale = scale,
+        };
+        first_task[s + 1] = first_task[s] + n * heads;
+        row += n;
+    }
+    struct attention_job job = {.fn = attention_for(path), .segments = segments, .first_task = first_task,
+                                .count = count, .positions = positions};
+    parallel_for(attention_part, &job, first_task[count], threads);
     Py_END_ALLOW_THREADS
+    free(segments), free(first_task);
     release(&held);
     Py_RETURN_NONE;
 }
@@ -663,11 +669,10 @@ static PyMethodDef METHODS[] = {
     {"matmul", py_matmul, METH_VARARGS, "exact int8 x ternary product, int32 or scaled fp32 output"},
     {"quantize", py_quantize, METH_VARARGS, "(gated) (RMS-normed) rows quantised to int8 per token"},
     {"norm", py_norm, METH_VARARGS, "(gated) RMS-normed rows in fp32"},
-    {"rope", py_rope, METH_VARARGS, "rotary position embedding in place"},
     {"embed", py_embed, METH_VARARGS, "embedding rows as fp32"},
     {"quantize_head", py_quantize_head, METH_VARARGS, "per-row int8 LM head"},
     {"head", py_head, METH_VARARGS, "LM head GEMV/GEMM in fp32 arithmetic"},
-    {"attention", py_attention, METH_VARARGS, "causal attention over one slot's cache"},
+    {"attention_step", py_attention_step, METH_VARARGS, "RoPE, cache write and causal attention of a step's segments"},
     {"read_sum", py_read_sum, METH_VARARGS, "sum of 64-bit words: a read-bandwidth probe"},
     {NULL, NULL, 0, NULL},
 };

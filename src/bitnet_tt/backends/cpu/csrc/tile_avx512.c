@@ -14,12 +14,15 @@ static inline int32_t hsum_half(__m512i v, int upper) {
     return _mm_cvtsi128_si32(s);
 }
 
+/* S accumulator sets (fields f with f % S == s): with few tokens, independent chains hide vpdpbusd's latency. */
 static inline __attribute__((always_inline)) void group_tokens(const uint8_t *group, int blocks, const int8_t *x,
                                                                size_t x_stride, int T, int32_t *out) {
+    enum { MAX_SETS = 4 };
+    const int S = T == 1 ? 4 : T == 2 ? 2 : 1;
     const __m512i mask = _mm512_set1_epi8(3);
-    __m512i acc[2][MAX_TILE_TOKENS];
-    for (int p = 0; p < 2; p++)
-        for (int t = 0; t < T; t++) acc[p][t] = _mm512_setzero_si512();
+    __m512i acc[MAX_SETS][2][MAX_TILE_TOKENS];
+    for (int s = 0; s < S; s++)
+        for (int t = 0; t < T; t++) acc[s][0][t] = acc[s][1][t] = _mm512_setzero_si512();
     for (int b = 0; b < blocks; b++) {
         const uint8_t *chunks = group + (size_t)b * GROUP_BLOCK_BYTES;
         _mm_prefetch((const char *)chunks + PREFETCH_BYTES, _MM_HINT_T0);
@@ -31,13 +34,16 @@ static inline __attribute__((always_inline)) void group_tokens(const uint8_t *gr
             for (int t = 0; t < T; t++) {
                 const __m256i *xb = (const __m256i *)(x + t * x_stride + (size_t)b * BLOCK_INPUTS + 32 * f);
                 __m512i xs = _mm512_broadcast_i64x4(_mm256_loadu_si256(xb));
-                acc[0][t] = _mm512_dpbusd_epi32(acc[0][t], codes0, xs);
-                acc[1][t] = _mm512_dpbusd_epi32(acc[1][t], codes1, xs);
+                acc[f % S][0][t] = _mm512_dpbusd_epi32(acc[f % S][0][t], codes0, xs);
+                acc[f % S][1][t] = _mm512_dpbusd_epi32(acc[f % S][1][t], codes1, xs);
             }
         }
     }
+    for (int s = 1; s < S; s++)
+        for (int t = 0; t < T; t++)
+            for (int p = 0; p < 2; p++) acc[0][p][t] = _mm512_add_epi32(acc[0][p][t], acc[s][p][t]);
     for (int t = 0; t < T; t++)
-        for (int r = 0; r < ROWS_PER_GROUP; r++) out[t * ROWS_PER_GROUP + r] = hsum_half(acc[r / 2][t], r % 2);
+        for (int r = 0; r < ROWS_PER_GROUP; r++) out[t * ROWS_PER_GROUP + r] = hsum_half(acc[0][r / 2][t], r % 2);
 }
 
 #define TOKENS_CASE(T) case T: group_tokens(group, blocks, x, x_stride, T, out); break;
