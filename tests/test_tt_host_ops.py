@@ -283,22 +283,39 @@ def placed(tt, data, placement, strategy, shard):
     return on_device(tt, data, memory_config=config)
 
 
-def test_dram_sharded_matmul_output_lands_row_major_over_the_whole_grid(tt):
-    """As the mock P150 reports: 40 output shards asked for on a 10x4 grid go on {[0-0 - 12-2],[0-3 - 0-3]}."""
+def matmul_1d(tt, x, w, program_grid, per_core_n, memory_config=None):
+    program = tt.MatmulMultiCoreReuseMultiCast1DProgramConfig(
+        compute_with_storage_grid_size=tt.CoreCoord(*program_grid), in0_block_w=5, out_subblock_h=1, out_subblock_w=1,
+        per_core_M=1, per_core_N=per_core_n, fuse_batch=True, fused_activation=None, mcast_in0=True)
+    return tt.linear(x, w, program_config=program, memory_config=memory_config)
+
+
+@pytest.mark.parametrize("program_grid, warned", [((8, 10), False), (BLACKHOLE, True)])
+def test_1d_matmul_output_lands_on_the_first_cores_of_its_program_grid(tt, program_grid, warned):
+    """As the mock P150 reports: 16 output shards asked for on an 8x2 rectangle land there when the program
+    grid is 8 wide, and on {[0-0 - 12-0],[0-1 - 2-1]} (ttnn: "Mismatch between computed MemoryConfig")
+    when it is the whole 13-wide grid."""
+    x, w = on_device(tt, randn(1, 1, 32, 2560)), on_device(tt, randn(2560, 2560))
+    asked = tt.create_sharded_memory_config((32, 160), tt.CoreGrid(y=2, x=8), tt.ShardStrategy.WIDTH)
+    y = matmul_1d(tt, x, w, program_grid, 5, asked)
+    assert y.memory_config().placement == row_major(16, program_grid)
+    assert bool(tt.warnings) == warned
+    close(y.data, x.data @ w.data)
+
+
+@pytest.mark.parametrize("program_grid, exact", [((8, 10), True), (BLACKHOLE, False)])
+def test_1d_matmul_reads_x_shard_k_from_the_kth_core_of_its_program_grid(tt, program_grid, exact):
+    """x width-sharded on an 8x2 rectangle: the op multicasts shard k from the k-th of the first 16 cores of
+    its program grid, row by row; on the 13-wide grid those include cores that hold no shard of x."""
     x = on_device(tt, randn(1, 1, 32, 2560), memory_config=tt.create_sharded_memory_config(
-        (32, 64), tt.CoreGrid(y=4, x=10), tt.ShardStrategy.WIDTH))
-    w = on_device(tt, randn(2560, 3840), memory_config=tt.MemoryConfig(
-        tt.TensorMemoryLayout.WIDTH_SHARDED, tt.BufferType.DRAM, tt.ShardSpec(
-            tt.CoreRangeSet({tt.CoreRange(tt.CoreCoord(0, 0), tt.CoreCoord(7, 0))}), [2560, 480])))
-    program = tt.MatmulMultiCoreReuseMultiCastDRAMShardedProgramConfig(in0_block_w=2, per_core_M=1, per_core_N=3)
-    asked = tt.create_sharded_memory_config((32, 96), tt.CoreGrid(y=4, x=10), tt.ShardStrategy.WIDTH)
-    y = tt.linear(x, w, program_config=program, memory_config=asked)
-    assert y.memory_config().placement == row_major(40, BLACKHOLE)
-    assert len(tt.warnings) == 1 and "Mismatch between computed MemoryConfig" in tt.warnings[0]
-    honest = tt.MemoryConfig(tt.TensorMemoryLayout.WIDTH_SHARDED, tt.BufferType.L1, tt.ShardSpec(
-        tt.num_cores_to_corerangeset(40, tt.CoreCoord(*BLACKHOLE)), [32, 96]))
-    tt.linear(x, w, program_config=program, memory_config=honest)
-    assert len(tt.warnings) == 1
+        (32, 160), tt.CoreGrid(y=2, x=8), tt.ShardStrategy.WIDTH))
+    w = on_device(tt, randn(2560, 3840))
+    y = matmul_1d(tt, x, w, program_grid, 2, tt.L1_MEMORY_CONFIG)
+    assert not y.memory_config().sharded
+    if exact:
+        close(y.data, x.data @ w.data)
+    else:
+        assert torch.isnan(y.data).all()
 
 
 @pytest.mark.parametrize("layout, exact", [("rectangle 8x5", True), ("row-major over 13 columns", False),

@@ -10,7 +10,7 @@ import torch
 
 from bitnet_tt.backends.torch.backend import TorchBackend
 from bitnet_tt.backends.ttnn.backend import TTNNBackend
-from bitnet_tt.backends.ttnn.config import TTOptions
+from bitnet_tt.backends.ttnn.config import TTOptions, TTPlan
 from bitnet_tt.checkpoint import load_weights
 from conftest import pcc
 from tools.tt_host.stand_in import HostTT, real_block_float
@@ -98,9 +98,9 @@ def test_32_users_at_different_positions(folder):
     assert same_tokens and lowest_pcc >= 0.999
 
 
-@pytest.mark.parametrize("dram_sharded_decode", [True, False])
-def test_batched_decode_logits_with_device_dtypes(folder, block_float, dram_sharded_decode):
-    tt, reference = backends(folder, TTOptions(dram_sharded_decode=dram_sharded_decode), users=4, block_float=block_float)
+@pytest.mark.parametrize("activation_quant", [False, True])  # sharded activations between the ops, or L1 rows
+def test_batched_decode_logits_with_device_dtypes(folder, block_float, activation_quant):
+    tt, reference = backends(folder, TTOptions(activation_quant=activation_quant), users=4, block_float=block_float)
     slots = [2, 0, 3]
     for s in slots:
         ids = prompt(5 + 20 * s, s)
@@ -113,11 +113,32 @@ def test_batched_decode_logits_with_device_dtypes(folder, block_float, dram_shar
         tokens = want.argmax(-1).tolist()
 
 
-def test_lm_head_in_column_chunks(model_factory, block_float):
-    """A vocabulary wider than one DRAM-sharded matmul's L1 room: the head runs as column chunks."""
+def ternary_matmuls_at_hifi2(tt):
+    tt.model.ternary_kernel = tt.model.matmul_kernel
+
+
+def lm_head_at_lofi(tt):
+    tt.model.matmul_kernel = tt.model.ternary_kernel
+
+
+@pytest.mark.parametrize("change, identical", [(ternary_matmuls_at_hifi2, True), (lm_head_at_lofi, False)])
+def test_lofi_ternary_matmuls_give_hifi2_logits_bit_for_bit(folder, block_float, change, identical):
+    """The stand-in multiplies at each matmul's math fidelity, on weights converted by ttnn itself: the
+    backend's LoFi ternary matmuls give exactly the logits HiFi2 would (prefill and decode); LoFi on the
+    LM head, whose bfloat8_b values have more mantissa bits, does not."""
+    lofi, _ = backends(folder, TTOptions(use_trace=False), users=2, block_float=block_float)
+    other, _ = backends(folder, TTOptions(use_trace=False), users=2, block_float=block_float, patch=change)
+    ids = prompt(40, 3)
+    logits = [(b.prefill(0, ids), b.decode([0], [5])) for b in (lofi, other)]
+    same = all(torch.equal(a, b) for a, b in zip(*logits))
+    assert same == identical
+
+
+def test_lm_head_over_the_whole_matmul_grid(model_factory, block_float):
+    """A vocabulary of 79 tiles (the last one partly filled): the head is one 1D matmul on 79 cores."""
     folder = model_factory("packed", **dict(CONFIGS["gqa4-head32"], vocab_size=2500))
     tt, reference = backends(folder, TTOptions(use_trace=False), users=2, block_float=block_float)
-    assert len(tt.plan.lm_head_chunks()) == 2
+    assert tt.plan.lm_head_matmul().output_cores == 79
     ids = prompt(40, 9)
     assert pcc(tt.prefill(0, ids), reference.prefill(0, ids)) >= 0.999
     assert pcc(tt.decode([0], [5])[0], reference.decode([0], [5])[0]) >= 0.999
@@ -194,6 +215,26 @@ def test_placement_of_b79e45c_fails_the_check_at_32_users(model_factory, bug):
     assert not tt.tt.warnings
 
 
+@pytest.mark.parametrize("program_grid", ["8 wide", "the whole 13-wide grid"])
+def test_activations_sharded_over_two_rows_of_the_matmul_grid(model_factory, monkeypatch, program_grid):
+    """Hidden 512 (16 tiles: the residual on 8x2 cores) and FFN 1536 (48 tiles: gate and up on 8x3): the 1D
+    matmuls multicast x's shard k from core k of an 8-wide program grid, row by row. Put the matmuls that
+    write rows (QKV, LM head) on the whole 13-wide grid and they read shards 8-12 from cores holding none."""
+    if program_grid != "8 wide":
+        planned = TTPlan.decode_matmul
+        monkeypatch.setattr(TTPlan, "decode_matmul", lambda self, *a, **k: planned(self, *a, **k) if "output_on" in k
+                            else replace(planned(self, *a), grid=(self.device.grid_x, self.device.grid_y)))
+    folder = model_factory("packed", hidden_size=512, intermediate_size=1536, num_attention_heads=4,
+                           num_key_value_heads=1, num_hidden_layers=2)
+    options = TTOptions(weight_dtype="bfloat16", lm_head_dtype="bfloat16", use_trace=False)
+    tt, reference = backends(folder, options, users=8, exact=True)
+    assert tt.plan.activation_grid(512) == (8, 2) and tt.plan.activation_grid(1536) == (8, 3)
+    slots = list(range(8))
+    same_tokens, lowest_pcc = agreement(tt, reference, slots, [prompt(2 + 5 * s, s) for s in slots], 4)
+    assert (same_tokens and lowest_pcc >= 0.999) == (program_grid == "8 wide")
+    assert not tt.tt.warnings
+
+
 def compiles_with_a_live_trace(tt):
     """Before issue 14: op-by-op runs (prefill, a picker's first run) did not release the traces."""
     tt.steps.op_by_op = lambda step: step()
@@ -250,6 +291,7 @@ def test_verify_report_and_benchmark_facts(folder):
     facts = tt.describe()
     assert int(facts["ttnn calls per decode step"].split()[0]) > 10 * tt.config.num_layers
     assert facts["decode"] == "trace replay"
+    assert "PREDICTED" in facts["predicted decode speed, BitNet 2B-4T"]
 
 
 def test_engine_on_the_ttnn_backend_picks_greedy_tokens_on_device(folder):
@@ -437,6 +479,32 @@ def test_device_sampling_draws_from_the_reference_distribution(tiled_vocab_folde
     # the 99.9% point of chi-square with 3 degrees of freedom is 16.3
     assert (chi_square(observed, expected) < 16.3) == (bug is None), (observed.tolist(), expected.tolist())
     assert tt.steps.captured == ["forward", "sampled"]
+
+
+def ids_relative_to_their_chunk(tt):
+    """A plausible bug: a later vocabulary chunk's ids not moved by the chunk's first column."""
+    original = tt.model._top_candidates
+
+    def relative(logits, start, end):
+        values, ids = original(logits, start, end)
+        return values, tt.tt.add(ids, -start) if start else ids
+
+    tt.model._top_candidates = relative
+
+
+@pytest.mark.parametrize("bug", [None, ids_relative_to_their_chunk])
+def test_device_sampling_ranks_the_vocabulary_in_chunks(model_factory, bug):
+    """70,016 ids: topk ranks two chunks of 35,008 columns apart (16-bit ids, as tt_transformers splits
+    the vocabulary), and sampling draws from their 64 merged candidates: each draw is one of the
+    reference's two most likely ids (top_k 2; top_k 1 would take the argmax path)."""
+    from bitnet_tt.sampling import DeviceDraw
+
+    # an untied random head: the argmax is anywhere in the vocabulary, not near the prompt's ids
+    folder = model_factory("packed", **dict(CONFIGS["gqa4-head32"], vocab_size=70016, tie_word_embeddings=False))
+    tt, reference = backends(folder, EXACT, users=8, exact=True, patch=bug)
+    assert tt.plan.topk_chunks() == [(0, 35008), (35008, 70016)]
+    records = sampled_run(tt, reference, lambda slot, seed: DeviceDraw(2, 1.0, 1.0, seed), steps=3, users=8)
+    assert all(token in logits.topk(2).indices for logits, _, token in records) == (bug is None)
 
 
 def test_device_sampling_rows_follow_their_own_settings(tiled_vocab_folder):

@@ -32,6 +32,16 @@ backend.TTNNBackend.__init__ = old_build
 """
 
 
+# the matmuls that write rows (QKV, LM head) on the device's whole 13-wide grid, their inputs left on 8-wide rectangles
+MATMULS_ON_THE_WHOLE_GRID = """
+from dataclasses import replace
+from bitnet_tt.backends.ttnn import config
+planned = config.TTPlan.decode_matmul
+config.TTPlan.decode_matmul = lambda self, *a, **k: (planned(self, *a, **k) if "output_on" in k else
+                                                     replace(planned(self, *a), grid=(self.device.grid_x, self.device.grid_y)))
+"""
+
+
 @pytest.fixture(scope="module")
 def mock_ready():
     needs_tt(lambda: mock_env("p150"))
@@ -54,6 +64,12 @@ def test_harvested_blackhole_placement(mock_ready):
     reports = placement_audit("p150-11x10", "1,17")
     assert [r["grid"] for r in reports] == ["11x10", "11x10"]
     assert all(not r["violations"] and r["ops"] > 50 for r in reports), reports
+    assert all(r["binary_ops_on_different_cores"] == 0 for r in reports), reports  # adds and the gated multiply
+
+
+def test_matmuls_reading_x_off_their_program_grid_fail_the_audit(mock_ready):
+    [report] = placement_audit("p150", "8", MATMULS_ON_THE_WHOLE_GRID)
+    assert any(v.startswith("linear: x on 16 cores") for v in report["violations"]), report["violations"]
 
 
 def test_placement_of_b79e45c_fails_the_audit(mock_ready):

@@ -148,8 +148,6 @@ def add_model_options(parser: argparse.ArgumentParser, slots: int | None = None,
     tt.add_argument("--tt-weight-dtype", help="ternary weights: bfloat4_b (default), bfloat8_b or bfloat16 (all exact)")
     tt.add_argument("--tt-lm-head-dtype", help="LM head: bfloat8_b (default), bfloat16 or bfloat4_b")
     tt.add_argument("--tt-activation-quant", action="store_true", help="HF's int8 activation quantisation on the device")
-    tt.add_argument("--tt-one-weight-copy", action="store_true",
-                    help="no DRAM-sharded decode copy of the weights: less device memory, slower decode")
     tt.add_argument("--tt-no-trace", action="store_true", help="run decode op by op instead of replaying a trace")
     tt.add_argument("--tt-debug", action="store_true", help="show ttnn's warnings (e.g. an op placing its output elsewhere than asked)")
 
@@ -328,8 +326,7 @@ def tt_options(args):
 
     chosen = {"weight_dtype": args.tt_weight_dtype, "lm_head_dtype": args.tt_lm_head_dtype}
     return TTOptions(**{k: v for k, v in chosen.items() if v is not None}, activation_quant=args.tt_activation_quant,
-                     dram_sharded_decode=not args.tt_one_weight_copy, use_trace=not args.tt_no_trace,
-                     debug_log=args.tt_debug)
+                     use_trace=not args.tt_no_trace, debug_log=args.tt_debug)
 
 
 def synthetic_model(kind: str, progress: bool = True) -> Path:

@@ -13,7 +13,8 @@ backend makes, with ttnn's observable semantics:
   gives wrong numbers (NaN where the kernel would read memory no shard owns), as it would on a card;
 - the program cache: an op run with a new signature while a trace exists compiles a program whose
   buffers may land in memory the trace uses, so replaying that trace afterwards raises;
-- ops compute in fp32 and round their output to the output dtype, as the device does;
+- ops compute in fp32 and round their output to the output dtype, as the device does; matmuls multiply
+  at their math fidelity (`fidelity_matmul`);
 - trace capture records the op sequence without effect on device state and rejects allocations;
   replay re-runs it on the current contents of the input tensors.
 
@@ -37,6 +38,7 @@ FLOAT_DTYPES = ("bfloat16", "float32", "bfloat8_b", "bfloat4_b")
 BYTES = {"bfloat16": 2.0, "float32": 4.0, "bfloat8_b": 1088 / 1024, "bfloat4_b": 576 / 1024, "uint32": 4.0, "int32": 4.0,
          "uint16": 2.0}
 INT_DTYPES = ("uint32", "int32", "uint16")
+PHASES = {"LoFi": 1, "HiFi2": 2, "HiFi3": 3, "HiFi4": 4}  # the matrix unit's passes per math fidelity
 # Arguments an op's program takes at run time, not at compile time (the mock device's program cache
 # does not grow with them): op name -> (positional indices, keyword names)
 RUNTIME_ARGUMENTS = {"fill_cache": ({2}, {"batch_idx", "update_idx"})}
@@ -220,7 +222,7 @@ class HostTT:
         self.ShardSpec = lambda grid, shape, orientation="ROW_MAJOR": ShardSpec(core_range_set(grid), tuple(shape), orientation)
         self.MemoryConfig = self._memory_config
         for name in ("WormholeComputeKernelConfig", "SDPAProgramConfig", "LayerNormShardedMultiCoreProgramConfig",
-                     "MatmulMultiCoreReuseMultiCastDRAMShardedProgramConfig"):
+                     "MatmulMultiCoreReuseMultiCast1DProgramConfig"):
             setattr(self, name, _config_class(name))
         self.experimental = types.SimpleNamespace(
             nlp_create_qkv_heads_decode=self._op(self._nlp_create_qkv_heads_decode),
@@ -262,8 +264,9 @@ class HostTT:
         return tensor
 
     def _like(self, source: HostTensor, data, memory_config=None, dtype=None) -> HostTensor:
-        return self._new(data, dtype or (source.dtype if source.dtype in ("bfloat16", "float32") else "bfloat16"),
-                         source.layout, memory_config or source.memory_config())
+        kept = source.dtype in ("bfloat16", "float32", *INT_DTYPES)  # block floats compute into bf16
+        return self._new(data, dtype or (source.dtype if kept else "bfloat16"), source.layout,
+                         memory_config or source.memory_config())
 
     def _allocating(self, what: str) -> None:
         if self._capturing is not None:
@@ -440,10 +443,12 @@ class HostTT:
         return self._binary(a, b, lambda x, y: torch.maximum(x, torch.as_tensor(y, dtype=x.dtype)), memory_config)
 
     def _mul(self, a, b, input_tensor_a_activations=(), **_):
-        x = a.data
-        for activation in input_tensor_a_activations:
-            x = {"RELU": F.relu, "SQUARE": torch.square}[activation](x)
-        return self._like(a, x * b.data)
+        def activated_product(x, y):
+            for activation in input_tensor_a_activations:
+                x = {"RELU": F.relu, "SQUARE": torch.square}[activation](x)
+            return x * y
+
+        return self._binary(a, b, activated_product)
 
     def _typecast(self, x, dtype, **_):
         return self._like(x, x.data, dtype=dtype)
@@ -560,16 +565,42 @@ class HostTT:
 
     # -- matmul and norm ----------------------------------------------------------------------------------
 
-    def _linear(self, a, b, memory_config=None, program_config=None, **_):
+    def _linear(self, a, b, memory_config=None, program_config=None, compute_kernel_config=None, **_):
         if a.shape[-1] != b.shape[-2]:
             raise RuntimeError(f"linear: a_shape[-1] ({a.shape[-1]}) != b_shape[-2] ({b.shape[-2]})")
-        if type(program_config).__name__ == "MatmulMultiCoreReuseMultiCastDRAMShardedProgramConfig":
-            # per_core_N tiles per output shard, on the first cores of the whole grid, row by row (whatever
-            # grid was asked for, and however many cores the input is on)
-            shards = -(-b.shape[-1] // (TILE * program_config.kwargs["per_core_N"]))
-            _check_dram_sharded_matmul(a, b, memory_config, shards)
-            memory_config = self._computed("linear", memory_config, row_major(shards, self.grid))
-        return self._new(a.data @ b.data, "bfloat16", "TILE", memory_config)
+        x = a.data
+        if type(program_config).__name__ == "MatmulMultiCoreReuseMultiCast1DProgramConfig":
+            x, memory_config = self._matmul_1d(a, b, memory_config, program_config.kwargs)
+        fidelity = compute_kernel_config.kwargs.get("math_fidelity") if compute_kernel_config is not None else None
+        y = x @ b.data if self.exact or fidelity is None else fidelity_matmul(x, b.data, fidelity)
+        return self._new(y, "bfloat16", "TILE", memory_config)
+
+    def _matmul_1d(self, a, b, asked, program):
+        """The 1D multicast matmul (mcast_in0): the weight interleaved; x interleaved, or width-sharded with
+        shard k read from the k-th of the first cores of the program grid, row by row (its program factory
+        makes those the senders, and the reader walks their bounding box); per_core_N output tiles on each
+        of the first cores of the program grid, row by row. Returns what the kernel reads as x, and the
+        output's memory config."""
+        grid = (program["compute_with_storage_grid_size"].x, program["compute_with_storage_grid_size"].y)
+        per_core_n, block_w = program["per_core_N"], program["in0_block_w"]
+        x, config = a.data, a.memory_config()
+        if b.memory_config().sharded:
+            raise RuntimeError("1D matmul: the stand-in reads only an interleaved weight")
+        if (a.shape[-1] // TILE) % block_w:
+            raise RuntimeError(f"1D matmul: K ({a.shape[-1] // TILE} tiles) must be divisible by in0_block_w ({block_w})")
+        if config.sharded:
+            if config.layout != "WIDTH_SHARDED" or config.buffer != "L1" or (config.shard_shape[1] // TILE) % block_w:
+                raise RuntimeError(f"1D matmul: x {config} is not width-sharded in L1 in whole in0 blocks")
+            if self.kernel_placement:
+                x = _width_shards_read_from(a, row_major(config.cores, grid))
+        output_cores = -(-b.shape[-1] // (TILE * per_core_n))
+        if output_cores > grid[0] * grid[1]:
+            raise RuntimeError(f"1D matmul: {output_cores} output blocks on a {grid[0]}x{grid[1]} grid")
+        if asked is not None and asked.sharded:
+            if asked.layout != "WIDTH_SHARDED" or asked.shard_shape[1] != per_core_n * TILE or asked.cores != output_cores:
+                raise RuntimeError(f"1D matmul: output {asked} is not {output_cores} width shards of {per_core_n} tiles")
+            asked = self._computed("linear", asked, row_major(output_cores, grid))
+        return x, asked
 
     def _rms_norm(self, x, epsilon=1e-12, weight=None, memory_config=None, program_config=None, **_):
         if memory_config is not None and memory_config.sharded:
@@ -720,6 +751,29 @@ class HostTT:
         return self._like(q, out[None], memory_config)
 
 
+def fidelity_matmul(x: torch.Tensor, w: torch.Tensor, fidelity: str) -> torch.Tensor:
+    """x @ w as the matrix unit computes it at `fidelity` (float32 accumulation).
+
+    A matmul unpacks in1 (the weights) to SrcA and in0 (the activations) to SrcB (the wheel's
+    tt-llk/tt_llk_blackhole/llk_lib/llk_unpack_AB_matmul.h). The multiplier takes 5 significant bits of
+    SrcA (implicit 1 + 4 mantissa bits) and 7 of SrcB; phase p multiplies SrcA's high (p bit 0 clear) or
+    low part by SrcB's high (p bit 1 clear) or low part, and LoFi..HiFi4 run phases 0..n-1
+    (llk_math_matmul.h counts the phase up from 0; the split is as jasondavies/tt-isa-documentation,
+    MVMUL.md, describes it)."""
+
+    def split(t, mask):
+        high = (t.float().view(torch.int32) & torch.tensor(mask, dtype=torch.int64).to(torch.int32)).view(torch.float32)
+        return high, t.float() - high
+
+    a_high, a_low = split(w, SRC_A_HIGH)
+    b_high, b_low = split(x, SRC_B_HIGH)
+    parts = [(b_high, a_high), (b_high, a_low), (b_low, a_high), (b_low, a_low)]
+    return sum(b @ a for b, a in parts[:PHASES[fidelity]])
+
+
+SRC_A_HIGH, SRC_B_HIGH = 0xFFF80000, 0xFFFE0000  # float32 masks: sign, exponent, the bits the multiplier takes
+
+
 def real_block_float(ttnn):
     """bfloat8_b / bfloat4_b rounding through ttnn's own host conversion (see tools.tt_mock.harness.host_ttnn)."""
 
@@ -764,6 +818,18 @@ def _on_cores_of(x: HostTensor, cores, dim: int) -> torch.Tensor:
         part = x.data.select(dim, index) if index is not None else torch.full_like(x.data.select(dim, 0), float("nan"))
         parts.append(part)
     return torch.stack(parts, dim=dim)
+
+
+def _width_shards_read_from(x: HostTensor, cores) -> torch.Tensor:
+    """x's columns as a reader finds them that takes width shard k from the L1 of cores[k]: the shard x
+    keeps on that core, or NaN where x has none there (stale L1)."""
+    width = x.memory_config().shard_shape[1]
+    parts = []
+    for core in cores:
+        index = _shard_at(x, core)
+        parts.append(x.data[..., index * width:(index + 1) * width] if index is not None
+                     else torch.full_like(x.data[..., :width], float("nan")))
+    return torch.cat(parts, dim=-1)[..., :x.shape[-1]]
 
 
 def _qkv_heads_bounding_box_walk(qkv: HostTensor, num_heads: int, num_kv_heads: int, head_dim: int):
@@ -850,18 +916,6 @@ def _check_chunked_sdpa(q, k, v, page_table, start, start_tensor, scale, program
 def _shard_layout(config: MemoryConfig) -> tuple:
     """How a sharded tensor is cut, wherever its shards lie (binary ops reshard a misplaced operand)."""
     return config.buffer, config.layout, config.shard_shape, config.cores
-
-
-def _check_dram_sharded_matmul(a: HostTensor, b: HostTensor, out: MemoryConfig | None, shards: int) -> None:
-    """The DRAM-sharded matmul reads x width-sharded in L1 (whole rows of k split over the cores) and the
-    weight width-sharded over the DRAM banks, and writes on x's grid."""
-    x, w = a.memory_config(), b.memory_config()
-    if x.layout != "WIDTH_SHARDED" or x.buffer != "L1" or x.shard_shape[1] * x.cores != a.shape[-1]:
-        raise RuntimeError(f"DRAM-sharded matmul: input {x} does not split k={a.shape[-1]} over its cores")
-    if w.layout != "WIDTH_SHARDED" or w.buffer != "DRAM":
-        raise RuntimeError(f"DRAM-sharded matmul: weight {w} is not width-sharded in DRAM")
-    if out is None or out.layout != "WIDTH_SHARDED" or out.cores != shards:
-        raise RuntimeError(f"DRAM-sharded matmul: output {out} is not width-sharded in {shards} shards")
 
 
 def _check_shard(x: HostTensor, config: MemoryConfig) -> None:

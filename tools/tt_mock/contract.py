@@ -34,8 +34,6 @@ def main(argv=None) -> int:
     parser.add_argument("--append", default="", help="chunk lengths prefilled one after the other into the first "
                         "prompt's slot, after its prompt (chunked prefill over a held context)")
     parser.add_argument("--act-quant", action="store_true", help="quantise activations on the device (off by default)")
-    parser.add_argument("--interleaved-weights", action="store_true",
-                        help="one interleaved copy of the weights, no DRAM-sharded decode copy")
     parser.add_argument("--vocab", type=int, default=320, help="vocabulary of the tiny shapes (2b4t has its own)")
     args = parser.parse_args(argv)
     os.environ.update(mock_env(args.board))
@@ -64,8 +62,7 @@ def run(args) -> dict:
     config = model_config(args.shapes, args.vocab)
     device = open_tt_device(ttnn, allow_mock=True)
     started = time.perf_counter()
-    options = TTOptions(use_trace=False, activation_quant=args.act_quant,  # trace capture crashes on mock devices
-                        dram_sharded_decode=not args.interleaved_weights)
+    options = TTOptions(use_trace=False, activation_quant=args.act_quant)  # trace capture crashes on mock devices
     backend = TTNNBackend(config, None, ttnn, device, args.users, args.context, options)
     report = {"board": args.board, "shapes": args.shapes, "users": args.users, "context": args.context}
     prompts = [int(n) for n in args.prompts.split(",")]
@@ -93,8 +90,8 @@ def run(args) -> dict:
     report["dram_allocated_bytes"] = dram.total_bytes_allocated_per_bank * dram.num_banks
     report["dram_total_bytes"] = dram.total_bytes_per_bank * dram.num_banks
     report["plan_weight_bytes"] = backend.plan.weight_bytes()
+    report["topk_chunks"] = len(backend.plan.topk_chunks())
     report["plan_kv_cache_bytes"] = backend.plan.kv_cache_bytes()
-    report["lm_head_chunks"] = len(backend.plan.lm_head_chunks())
     report["seconds"] = round(time.perf_counter() - started, 2)
     close_tt_device(ttnn, device)
     return report

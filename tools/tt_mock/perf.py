@@ -14,8 +14,8 @@ Each op is classified and costed as issue 14 proposes:
 W: weight bytes; BW: DRAM bandwidth; MACs on 32-row tiles (decode pads to 32 rows), times the math
 fidelity's phases (LoFi 1 .. HiFi4 4); 2048 multiply-accumulates per core per cycle (an 8x16 by 16x16
 tile product, tt-metal tech_reports/matrix_engine); f: the clock. A DRAM-sharded matmul computes on one
-core per DRAM bank (its program factory sets per_core_N_compute = div_up(N, num_dram_banks)); 1D and 2D
-matmuls on their grid. Every ttnn call that returns a tensor counts as one op (a reshape that is a view
+core per DRAM bank (its program factory sets per_core_N_compute = div_up(N, num_dram_banks)); a 1D matmul
+on the cores that get output blocks (per_core_N tiles each), a 2D one on its grid. Every ttnn call that returns a tensor counts as one op (a reshape that is a view
 is costed too: an upper bound). t_user is a per-user cost per step that matmuls do not have (the
 batch-32 figures need it).
 
@@ -36,11 +36,12 @@ import random
 import sys
 from dataclasses import dataclass, replace
 
+from tools.tt_host.stand_in import PHASES, fidelity_matmul  # noqa: F401 - the device emulation lives there
+
 from .harness import mock_env
 
 TILE = 32
 MACS_PER_CYCLE = 2048
-PHASES = {"LoFi": 1, "HiFi2": 2, "HiFi3": 3, "HiFi4": 4}
 BYTES_PER_ELEMENT = {"BFLOAT16": 2.0, "FLOAT32": 4.0, "BFLOAT8_B": 1088 / 1024, "BFLOAT4_B": 576 / 1024,
                      "UINT32": 4.0, "INT32": 4.0, "UINT16": 2.0, "UINT8": 1.0, "TERNARY2": 0.25}
 CATEGORIES = ("matmul (DRAM-sharded)", "matmul (1D/2D)", "norm", "attention", "sampling", "data movement")
@@ -229,9 +230,11 @@ def classify(name: str, call, board: Board, context: int, users: int) -> Op:
         kind = type(program).__name__
         if "DRAMSharded" in kind:
             category, cores = "matmul (DRAM-sharded)", board.dram_banks
-        else:
+        else:  # the cores with output blocks: per_core_N tiles each (1D), or the whole grid
             grid = getattr(program, "compute_with_storage_grid_size", None)
-            category, cores = "matmul (1D/2D)", grid.x * grid.y if grid else board.grid[0] * board.grid[1]
+            cores = grid.x * grid.y if grid else board.grid[0] * board.grid[1]
+            per_core_n = getattr(program, "per_core_N", None)
+            category, cores = "matmul (1D/2D)", min(cores, -(-n // (TILE * per_core_n))) if per_core_n else cores
         dtype = str(w.dtype).split(".")[-1]
         return Op(category, short, k * n * BYTES_PER_ELEMENT[dtype], rows * k * n, fidelity_phases(call), cores, dtype)
     if "norm" in short:
@@ -294,29 +297,6 @@ def bitnet_step(board: Board, users: int, context: int, layers: int = 30) -> lis
     per_layer = list((collections.Counter(two) - collections.Counter(one)).elements())
     fixed = list((collections.Counter(one) - collections.Counter(per_layer)).elements())
     return fixed + per_layer * layers
-
-
-# -- math fidelity on the matrix unit ----------------------------------------------------------------------
-# A matmul unpacks in1 (the weights) to SrcA and in0 (the activations) to SrcB (the wheel's
-# tt-llk/tt_llk_blackhole/llk_lib/llk_unpack_AB_matmul.h). The multiplier takes 5 significant bits of SrcA
-# (implicit 1 + 4 mantissa bits) and 7 of SrcB; phase p multiplies SrcA's high (p bit 0 clear) or low part
-# by SrcB's high (p bit 1 clear) or low part, and LoFi..HiFi4 run phases 0..n-1 (llk_math_matmul.h counts
-# the phase up from 0; the split is as jasondavies/tt-isa-documentation, MVMUL.md, describes it).
-SRC_A_HIGH, SRC_B_HIGH = 0xFFF80000, 0xFFFE0000  # float32 masks: sign, exponent, the bits the multiplier takes
-
-
-def fidelity_matmul(x, w, fidelity: str):
-    """x @ w as the matrix unit computes it at `fidelity` (float32 accumulation), on the host."""
-    import torch
-
-    def split(t, mask):
-        high = (t.float().view(torch.int32) & torch.tensor(mask, dtype=torch.int64).to(torch.int32)).view(torch.float32)
-        return high, t.float() - high
-
-    a_high, a_low = split(w, SRC_A_HIGH)
-    b_high, b_low = split(x, SRC_B_HIGH)
-    parts = [(b_high, a_high), (b_high, a_low), (b_low, a_high), (b_low, a_low)]
-    return sum(b @ a for b, a in parts[:PHASES[fidelity]])
 
 
 # -- levers: the same step with one change, as the model predicts it ------------------------------------

@@ -99,6 +99,19 @@ def sharded_norm(call, outputs):
     return None
 
 
+def matmul_1d(call, outputs):
+    """The 1D multicast matmul's program factory makes the first cores of its program grid, row by row,
+    the senders of x's width shards, and the reader walks their bounding box: shard k must be there."""
+    program = call.kwargs.get("program_config")
+    cores = shard_cores(call.args[0])
+    if type(program).__name__ != "MatmulMultiCoreReuseMultiCast1DProgramConfig" or cores is None:
+        return None
+    grid = program.compute_with_storage_grid_size
+    if cores != tuple((i % grid.x, i // grid.x) for i in range(len(cores))):
+        return f"x on {describe(cores)}: shard k is multicast from core k of the {grid.x}-wide program grid, row by row"
+    return None
+
+
 def cache_update(call, outputs):
     x = call.args[1]
     cores = shard_cores(x)
@@ -124,6 +137,7 @@ INVARIANTS = {
     "experimental.nlp_concat_heads_decode": concat_heads_decode,
     "rms_norm": sharded_norm,
     "experimental.paged_update_cache": cache_update,
+    "linear": matmul_1d,
     "transformer.chunked_scaled_dot_product_attention": chunked_sdpa,
     "fill_cache": fill_cache,
 }

@@ -198,6 +198,7 @@ class TTNNBackend(Backend):
                                           f"{read['lm_head'] / 2**30:.3f} GiB + KV cache "
                                           f"{read['kv_cache_per_token'] / 1024:.0f} KiB per token held by each user",
             "ttnn calls per decode step": self._calls_per_step(),
+            "predicted decode speed, BitNet 2B-4T": predicted_speed(),
             "decode": "trace replay" if plan.options.use_trace else "op by op",
             "sampling": f"on the device for top_k <= {self.device_top_k_limit}" if self.device_top_k_limit
                         else "on the host (the vocabulary does not fill whole tiles)",
@@ -216,6 +217,20 @@ class TTNNBackend(Backend):
 
 
 WEIGHT_LAYOUT_VERSION = 2  # bumped whenever a cached tensor's shape or layout changes (2: a padded, sharded LM head)
+
+
+# What the performance model PREDICTS for BitNet 2B-4T's decode step (board, users, t/s in all, device ops
+# per step): `python -m tools.tt_mock.perf --board p150|n150 --users N` (context 256) costs the op list the
+# mock device records with constants fitted to published figures. Not measured on a card;
+# tests/test_ttnn_perf.py checks that the tool still prints these figures.
+PREDICTED_2B4T = (("p150a", 1, 84.6, 703), ("p150a", 32, 1570, 643), ("n150", 1, 56.7, 703))
+CARD_TARGETS = "100 t/s at 1 user, 1,500 t/s in all at 32 users"
+
+
+def predicted_speed() -> str:
+    figures = "; ".join(f"{board} {tps:,.0f} t/s at {users} user{'s' * (users > 1)} ({ops} ops per step)"
+                        for board, users, tps, ops in PREDICTED_2B4T)
+    return f"{figures} (PREDICTED by the performance model, not measured; card targets: {CARD_TARGETS})"
 
 
 def weight_cache_dir(folder: Path, options: TTOptions, device: DeviceFacts) -> Path:

@@ -24,9 +24,18 @@ SDPA_MAX_CORES_PER_HEAD = 16  # SDPAProgramConfig's max_cores_per_head_batch def
 # needed 200 MB; 64 MB was a guess. A capture that outgrows it stops with a CapacityError (trace.py).
 TRACE_REGION_BYTES = 256 * 2**20
 SAMPLING_TOP_K = 32  # candidates per user that ttnn.topk hands to ttnn.sampling
-# Output tiles per core of a DRAM-sharded matmul: its circular buffers take about 64 KB per output tile
-# on each core (mock allocator: 101 tiles asked for 6.5 MB), and a core has 1.5 MB of L1.
-MAX_DECODE_TILES_PER_CORE = 16
+# The widest vocabulary chunk topk ranks at once: 16-bit ids, as tt_transformers splits the vocabulary.
+TOPK_CHUNK_COLUMNS = 65536
+# Decode matmuls are 1D multicast matmuls whose program grid is this wide (at most): the op puts x's
+# width shards and its output shards on the first cores of its grid, row by row, which form rectangles
+# (as the norms that feed and read them need) on a grid 8 wide, not on a 13- or 11-wide Blackhole grid.
+MATMUL_GRID_WIDTH = 8
+# The most cores a decode activation is width-sharded over: each shard is one block the matmul multicasts
+# in turn, so fewer, wider shards mean fewer multicasts per matmul.
+MAX_ACTIVATION_CORES = 32
+# L1 for one matmul's weight blocks on each core (double-buffered in0_block_w x per_core_N tiles).
+MATMUL_WEIGHT_CB_BYTES = 512 * 1024
+TILE_BYTES = {"bfloat16": 2048, "bfloat8_b": 1088, "bfloat4_b": 576}
 NORM_CB_BYTES_PER_ELEMENT = {"fp32": 287, "bf16": 221}
 # Chunked SDPA with its start read from a device tensor needs a page table row of a multiple of 32 bytes
 # (sdpa_program_factory.cpp: page_table_stick_size % 32 == 0): 8 int32 entries. The KV cache is one page
@@ -47,10 +56,6 @@ class TTOptions:
     # Capture the decode step once and replay it. One trace serves every batch size: up to 32 users fill
     # the same one-tile-high rows, and rows without a request cost only their (empty) attention.
     use_trace: bool = True
-    # Decode matmuls read weights WIDTH_SHARDED over the DRAM banks (tt_transformers' decode layout).
-    # Prefill cannot read that layout in ttnn 0.81.1 (the DRAM-sharded matmul takes one tile of rows),
-    # so the ternary weights are held twice.
-    dram_sharded_decode: bool = True
     # ttnn's and tt-metal's warnings on stderr (silenced otherwise), among them "Mismatch between computed
     # MemoryConfig": an op placing its output elsewhere than asked. Not part of the weight cache key.
     debug_log: bool = field(default=False, repr=False, compare=False)
@@ -91,26 +96,36 @@ def largest_divisor(n: int, limit: int) -> int:
 
 
 @dataclass(frozen=True)
-class DramShardedMatmul:
-    """A decode matmul x[32, k] @ w[k, n] with w width-sharded over the DRAM banks (n padded to fit them)
-    and x split over a grid of cores."""
+class DecodeMatmul:
+    """A decode matmul x[32, k] @ w[k, n], 1D multicast over `grid`: w interleaved in DRAM (the one copy
+    prefill reads too); x width-sharded on the rectangle `in0` (its shard k on the k-th core of the grid,
+    row by row, where the op's reader looks for it) or interleaved; per_core_n output tiles on each of the
+    first `output_cores` cores of the grid, row by row."""
 
     k: int
     n: int
-    n_padded: int
-    grid_x: int
-    grid_y: int
-    in0_block_w: int
+    in0: tuple[int, int]  # (x, y): the cores x's width shards lie on, from core (0, 0)
+    grid: tuple[int, int]  # the program grid (compute_with_storage_grid_size)
     per_core_n: int  # output tiles per core
+    in0_block_w: int  # K tiles per multicast block: divides a shard's width
 
     @property
-    def cores(self) -> int:
-        return self.grid_x * self.grid_y
+    def in0_cores(self) -> int:
+        return self.in0[0] * self.in0[1]
 
     @property
-    def output_shards(self) -> int:
-        """The op writes per_core_n tiles per output shard, on as many cores as that takes (not its input's)."""
-        return -(-tiles(self.n_padded) // self.per_core_n)
+    def output_cores(self) -> int:
+        return -(-tiles(self.n) // self.per_core_n)
+
+    @property
+    def output_rectangle(self) -> tuple[int, int] | None:
+        """(x, y) of the output cores when they form a rectangle from (0, 0) and hold exactly n, else None."""
+        cores, width = self.output_cores, self.grid[0]
+        if cores * self.per_core_n != tiles(self.n):
+            return None
+        if cores <= width:
+            return cores, 1
+        return (width, cores // width) if cores % width == 0 else None
 
 
 @dataclass(frozen=True)
@@ -164,15 +179,6 @@ class TTPlan:
             raise ConfigError(f"no SDPA decode grid divides {rows} users x {kv} KV heads on this device")
         return best[1]
 
-    def output_cores(self, spec: DramShardedMatmul) -> tuple[int, int] | None:
-        """(x, y) of the rectangle a DRAM-sharded matmul writes its output shards on, or None when they are
-        not a rectangle: the op puts them on the first cores of the whole grid, row by row (the mock
-        device reports {[0-0 - 12-2],[0-3 - 0-3]} for 40 shards on a 13-wide grid)."""
-        width, shards = self.device.grid_x, spec.output_shards
-        if shards <= width:
-            return shards, 1
-        return (width, shards // width) if shards % width == 0 else None
-
     def interleaved_norm(self, width: int) -> str:
         """How a prefill RMSNorm of this row width runs: rms_norm keeps whole rows in circular buffers,
         about 287 B per element with fp32 accumulation and 221 B with bf16 (measured on the mock
@@ -194,62 +200,84 @@ class TTPlan:
                 return x, cores // x
         raise ConfigError(f"no core grid divides {row_tiles} tiles")
 
-    def sharded_norm_layout(self, width: int) -> tuple[int, int, int]:
-        """(x, y, tiles per core) for a width-sharded decode RMSNorm: at most 32 cores, at most 8 wide,
-        so the same layout fits every board; an interleaved norm of a 6912-wide row needs most of a core's L1."""
-        x, y = self.core_rectangle(tiles(width), 32, 8)
-        return x, y, tiles(width) // (x * y)
-
     @property
     def norms_feed_matmuls(self) -> bool:
-        """Decode norms run on the next matmul's input grid and hand it their sharded output, saving a
-        reshard each way; not when activations are quantised in between (a per-row absmax needs whole rows)."""
-        return self.options.dram_sharded_decode and not self.options.activation_quant
-
-    def evenly_sharded_output(self, name: str) -> bool:
-        """Whether decode matmul `name` leaves exactly its output width in equal whole-tile shards: then its
-        output can be used where it lies instead of being gathered back into rows."""
-        spec = self.decode_matmuls()[name]
-        return self.norms_feed_matmuls and spec.n_padded == spec.n and spec.per_core_n * spec.output_shards == tiles(spec.n)
-
-    @property
-    def residual_sharded(self) -> bool:
-        """The decode residual stream stays width-sharded on the grid of the matmuls that read the hidden
-        state (QKV, gate/up), when o_proj writes its output shards on exactly that rectangle: the two
-        norms that read the stream and the add after attention then need no reshard (Wormhole's 8-wide
-        grid; on a wider Blackhole grid o_proj's 40 shards are not a rectangle)."""
-        reads, writes = self.decode_matmuls()["wqkv"], self.decode_matmuls()["wo"]
-        return self.evenly_sharded_output("wo") and self.output_cores(writes) == (reads.grid_x, reads.grid_y)
+        """Decode activations stay width-sharded between the ops (the residual stream, each norm's output
+        on the grid its matmul reads, matmul outputs on the grid the next op reads); not when activations
+        are quantised before each matmul (a per-row absmax needs whole rows), which keeps them in L1 rows."""
+        return not self.options.activation_quant
 
     def keeps_output_sharded(self, name: str) -> bool:
-        """Decode matmuls whose even output shards are used where they lie: o_proj's by the residual add
-        (residual_sharded), the fused QKV's by nlp_create_qkv_heads_decode when they form a rectangle (its
-        reader walks the bounding box of the input cores row by row, tiles(qkv) / box cores from each;
-        otherwise it gets interleaved rows, as in tt_transformers)."""
-        if name == "wo":
-            return self.residual_sharded
-        return name == "wqkv" and self.evenly_sharded_output(name) and self.output_cores(self.decode_matmuls()[name]) is not None
+        """Decode matmuls whose output shards are used where they lie: o_proj's and down_proj's by the
+        residual add (on the residual's cores), gate's and up's by their multiply and ffn_sub_norm. QKV
+        and the LM head write interleaved rows (the head split and the pickers read rows)."""
+        return self.norms_feed_matmuls and name in ("wo", "wgate", "wup", "wdown")
+
+    def activation_grid(self, width: int) -> tuple[int, int]:
+        """(x, y) of the rectangle a decode activation of this width is width-sharded on: the most cores, at
+        most MAX_ACTIVATION_CORES, that split its tiles evenly and are the first cores of the matmul grid
+        row by row (at most one row of it, or whole rows)."""
+        grid_x, grid_y = self.matmul_grid()
+        for cores in range(min(MAX_ACTIVATION_CORES, tiles(width)), 0, -1):
+            if tiles(width) % cores == 0 and (cores <= grid_x or (cores % grid_x == 0 and cores // grid_x <= grid_y)):
+                return (cores, 1) if cores <= grid_x else (grid_x, cores // grid_x)
+        raise ConfigError(f"no core grid splits a row of {width}")
+
+    def matmul_grid(self) -> tuple[int, int]:
+        return min(MATMUL_GRID_WIDTH, self.device.grid_x), self.device.grid_y
 
     def decode_norm_layout(self, width: int, feeds: str | None = None) -> tuple[int, int, int]:
         """(x, y, tiles per core) of a decode norm; `feeds` names the decode matmul that reads its output."""
         if feeds and self.norms_feed_matmuls:
-            spec = self.decode_matmuls()[feeds]
-            return spec.grid_x, spec.grid_y, tiles(width) // spec.cores
-        return self.sharded_norm_layout(width)
+            x, y = self.activation_grid(width)
+        else:
+            x, y = self.core_rectangle(tiles(width), 32, 8)
+        return x, y, tiles(width) // (x * y)
 
-    def dram_sharded_matmul(self, k: int, n: int) -> DramShardedMatmul:
-        """tt_transformers' decode layout: n padded to 32 x DRAM banks, x split over up to 64 cores."""
-        n_padded = round_up(n, TILE * self.device.dram_banks)
-        x, y = self.core_rectangle(tiles(k), 64, self.device.grid_x)
-        cores = x * y
-        return DramShardedMatmul(k, n, n_padded, x, y, largest_divisor(tiles(k) // cores, 8),
-                                 -(-tiles(n_padded) // cores))
+    def decode_matmul(self, k: int, n: int, weight_dtype: str, output_on: int | None = None) -> DecodeMatmul:
+        """x[32, k] @ w[k, n]: x on its activation grid; the output on the activation grid of width
+        `output_on` (its shards then hold exactly that many tiles each), or spread over the whole program
+        grid as interleaved rows."""
+        grid = self.matmul_grid()
+        in0 = self.activation_grid(k)
+        if output_on is not None:
+            out_x, out_y = self.activation_grid(output_on)
+            per_core_n = tiles(n) // (out_x * out_y)
+        else:
+            per_core_n = -(-tiles(n) // (grid[0] * grid[1]))
+        shard_tiles = tiles(k) // (in0[0] * in0[1])
+        block_w = max(d for d in range(1, shard_tiles + 1) if shard_tiles % d == 0
+                      and 2 * d * per_core_n * TILE_BYTES[weight_dtype] <= MATMUL_WEIGHT_CB_BYTES or d == 1)
+        return DecodeMatmul(k, n, in0, grid, per_core_n, block_w)
+
+    def decode_matmuls(self) -> dict[str, DecodeMatmul]:
+        """The five projections of a layer, by their LayerOnDevice names."""
+        m, dtype = self.model, self.options.weight_dtype
+        h, i = m.hidden_size, m.intermediate_size
+        return {"wqkv": self.decode_matmul(h, self.qkv_width, dtype),
+                "wo": self.decode_matmul(m.q_size, h, dtype, output_on=h),
+                "wgate": self.decode_matmul(h, i, dtype, output_on=i),
+                "wup": self.decode_matmul(h, i, dtype, output_on=i),
+                "wdown": self.decode_matmul(i, h, dtype, output_on=h)}
+
+    def lm_head_matmul(self) -> DecodeMatmul:
+        """The LM head: one 1D matmul over the whole program grid (decode users, or prefill's last tile)."""
+        return self.decode_matmul(self.model.hidden_size, self.model.vocab_size, self.options.lm_head_dtype)
 
     @property
     def sampling_top_k(self) -> int:
         """The largest top_k drawn on the device; 0 when the vocabulary does not fill whole tiles, since
         topk would then also rank the tile padding past the last token id."""
         return SAMPLING_TOP_K if self.model.vocab_size % TILE == 0 else 0
+
+    def topk_chunks(self) -> list[tuple[int, int]]:
+        """(start, end) columns of the vocabulary chunks topk ranks apart (tt_transformers' pattern: at
+        most 65,536 columns each, so ids fit 16 bits), a power-of-two count of them, so that the merged
+        candidates (SAMPLING_TOP_K per chunk) fill a power-of-two number of tiles as ttnn.sampling needs."""
+        vocab = self.model.vocab_size
+        count = 1 << (-(-vocab // TOPK_CHUNK_COLUMNS) - 1).bit_length()
+        width = round_up(-(-vocab // count), TILE)
+        return [(start, min(start + width, vocab)) for start in range(0, vocab, width)]
 
     def prefill_length(self, tokens: int) -> int:
         """Prefill windows are padded to a power-of-two number of tiles (at most the cache): few lengths, so
@@ -273,48 +301,18 @@ class TTPlan:
 
     # -- memory ----------------------------------------------------------------------------------
 
-    def decode_matmuls(self) -> dict[str, DramShardedMatmul]:
-        """The four fused projections of a layer, by their LayerOnDevice names."""
-        m = self.model
-        return {"wqkv": self.dram_sharded_matmul(m.hidden_size, self.qkv_width),
-                "wo": self.dram_sharded_matmul(m.q_size, m.hidden_size),
-                "wgate_up": self.dram_sharded_matmul(m.hidden_size, 2 * m.intermediate_size),
-                "wdown": self.dram_sharded_matmul(m.intermediate_size, m.hidden_size)}
-
-    def lm_head_chunks(self) -> list[DramShardedMatmul]:
-        """The LM head as column chunks, each a DRAM-sharded matmul whose circular buffers fit in L1; empty
-        when the head stays interleaved. Prefill uses them too: it runs the head on the one tile of rows
-        that holds the last token, a decode-shaped input."""
-        if not self.options.dram_sharded_decode:
-            return []
-        m = self.model
-        bank_step = TILE * self.device.dram_banks
-        cores = self.dram_sharded_matmul(m.hidden_size, bank_step).cores  # the grid depends on k alone
-        width = max(bank_step, MAX_DECODE_TILES_PER_CORE * cores * TILE // bank_step * bank_step)
-        return [self.dram_sharded_matmul(m.hidden_size, min(width, m.vocab_size - start))
-                for start in range(0, m.vocab_size, width)]
-
-    def lm_head_columns(self) -> int:
-        """Columns of the LM head on the device, bank padding included."""
-        return sum(c.n_padded for c in self.lm_head_chunks()) or self.model.vocab_size
-
-    def layer_weight_elements(self, decode_layout: bool) -> int:
-        """Ternary weight elements of one layer: as prefill's interleaved matmuls hold them, or in the
-        decode copy's DRAM-sharded layout (output widths padded to the banks)."""
-        if decode_layout:
-            return sum(s.k * s.n_padded for s in self.decode_matmuls().values())
+    def layer_weight_elements(self) -> int:
+        """Ternary weight elements of one layer (held once, interleaved, read by prefill and decode)."""
         return sum(out * inp for out, inp in self.model.projection_shapes().values())
 
     def weight_bytes(self) -> int:
         m, o = self.model, self.options
-        linear = self.layer_weight_elements(False) * m.num_layers
-        if o.dram_sharded_decode:  # a second, padded copy in the decode layout
-            linear += self.layer_weight_elements(True) * m.num_layers
+        linear = self.layer_weight_elements() * m.num_layers
         norms = (2 * m.hidden_size + m.q_size + m.intermediate_size) * m.num_layers * 2
         # The embedding is a bf16 ROW_MAJOR table (ttnn.embedding reads rows; block floats need tiles),
         # and the LM head its own TILE copy [hidden, vocab (padded)] in the head dtype, tied or not.
         embed = m.vocab_size * m.hidden_size
-        head = m.hidden_size * self.lm_head_columns()
+        head = m.hidden_size * round_up(m.vocab_size, TILE)
         return int(linear * BYTES_PER_ELEMENT[o.weight_dtype] + norms
                    + embed * BYTES_PER_ELEMENT["bfloat16"] + head * BYTES_PER_ELEMENT[o.lm_head_dtype])
 
@@ -322,8 +320,8 @@ class TTPlan:
         """DRAM bytes one decode step reads: the layers' weights (in the decode layout), the LM head, and
         the KV cache per token each user holds; against the device's bandwidth they bound tokens/s."""
         m, o = self.model, self.options
-        return {"layers": int(self.layer_weight_elements(o.dram_sharded_decode) * m.num_layers * BYTES_PER_ELEMENT[o.weight_dtype]),
-                "lm_head": int(self.lm_head_columns() * m.hidden_size * BYTES_PER_ELEMENT[o.lm_head_dtype]),
+        return {"layers": int(self.layer_weight_elements() * m.num_layers * BYTES_PER_ELEMENT[o.weight_dtype]),
+                "lm_head": int(round_up(m.vocab_size, TILE) * m.hidden_size * BYTES_PER_ELEMENT[o.lm_head_dtype]),
                 "kv_cache_per_token": self.kv_bytes_per_token}
 
     @property

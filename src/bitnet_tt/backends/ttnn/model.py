@@ -35,8 +35,13 @@ class TTModel:
             math_fidelity=tt.MathFidelity.HiFi4, math_approx_mode=False, fp32_dest_acc_en=True, packer_l1_acc=True)
         self.hifi_bf16_acc = tt.WormholeComputeKernelConfig(
             math_fidelity=tt.MathFidelity.HiFi4, math_approx_mode=False, fp32_dest_acc_en=False, packer_l1_acc=False)
-        self.matmul_kernel = tt.WormholeComputeKernelConfig(
+        self.matmul_kernel = tt.WormholeComputeKernelConfig(  # the LM head's (not ternary)
             math_fidelity=tt.MathFidelity.HiFi2, math_approx_mode=False, fp32_dest_acc_en=True, packer_l1_acc=True)
+        # The ternary codes at LoFi: the multiplier's one pass takes the weight's sign, exponent and top 4
+        # mantissa bits, all a code in {-1, 0, +1} has, so LoFi gives HiFi2's products bit for bit
+        # (tests/test_ttnn_perf.py and test_ttnn_host.py prove it with ttnn's own block-float conversion).
+        self.ternary_kernel = tt.WormholeComputeKernelConfig(
+            math_fidelity=tt.MathFidelity.LoFi, math_approx_mode=False, fp32_dest_acc_en=True, packer_l1_acc=True)
         gx, gy = plan.head_grid()
         self.heads_memcfg = tt.create_sharded_memory_config(
             shape=(TILE, self.head_dim), core_grid=tt.CoreGrid(y=gy, x=gx), strategy=tt.ShardStrategy.HEIGHT,
@@ -52,9 +57,10 @@ class TTModel:
         # ttnn.sampling draws each user's token on its own core of this rectangle (the head grid's; the
         # first cores of a 13-wide grid, row by row, are not one); manual_seed must seed the same cores
         self.sampling_cores = tt.CoreRangeSet({tt.CoreRange(tt.CoreCoord(0, 0), tt.CoreCoord(gx - 1, gy - 1))})
-        # decode's residual stream: rows in L1, or width-sharded where the matmuls around it allow (plan.residual_sharded)
-        self.residual_memcfg = (self._decode_matmul_configs(plan.decode_matmuls()["wqkv"])[0]  # QKV's input layout
-                                if plan.residual_sharded else tt.L1_MEMORY_CONFIG)
+        # decode's residual stream: width-sharded on the grid the matmuls read it from and o_proj and
+        # down_proj write to (plan.norms_feed_matmuls), else rows in L1
+        self.residual_memcfg = (self._decode_matmul_configs(plan.decode_matmuls()["wqkv"])[0]
+                                if plan.norms_feed_matmuls else tt.L1_MEMORY_CONFIG)
 
     # -- shared pieces ------------------------------------------------------------------------------
 
@@ -69,13 +75,15 @@ class TTModel:
         kernel = self.hifi if mode == "fp32" else self.hifi_bf16_acc
         return tt.rms_norm(x, epsilon=eps, weight=weight, compute_kernel_config=kernel)
 
-    def norm_decode(self, x_11BW, weight, eps: float, feeds: str | None = None):
+    def norm_decode(self, x_11BW, weight, eps: float, feeds: str | None = None, in_place: bool = False):
         """Decode: the 32-row tile width-sharded over a grid and normalised there. With `feeds` (the decode
         matmul that reads the result) it runs on that matmul's input grid and its output stays sharded
-        there (plan.norms_feed_matmuls); otherwise the output returns to L1 rows."""
+        there (plan.norms_feed_matmuls); otherwise the output returns to L1 rows. `in_place`: x already
+        lies on that grid (the residual stream, gate/up's product)."""
         tt = self.tt
         memory_config, program_config = self._sharded_norm(list(x_11BW.shape)[-1], feeds)
-        x_11BW = tt.to_memory_config(x_11BW, memory_config)
+        if not in_place:
+            x_11BW = tt.to_memory_config(x_11BW, memory_config)
         y_11BW = tt.rms_norm(x_11BW, epsilon=eps, weight=weight, program_config=program_config,
                              memory_config=memory_config, compute_kernel_config=self.hifi)
         return y_11BW if feeds and self.plan.norms_feed_matmuls else tt.to_memory_config(y_11BW, tt.L1_MEMORY_CONFIG)
@@ -98,38 +106,26 @@ class TTModel:
         return tt.create_sharded_memory_config(shape=(TILE, shard_width), core_grid=tt.CoreGrid(y=y, x=x),
                                                strategy=tt.ShardStrategy.WIDTH, use_height_and_width_as_shard_shape=True)
 
-    def _width_sharded_row_major(self, shard_width: int, cores: int):
-        """One 32-row tile split by width over the first `cores` cores of the grid, row by row: where a
-        DRAM-sharded matmul writes its output, whatever grid its input is on."""
-        tt, device = self.tt, self.plan.device
-        grid = tt.num_cores_to_corerangeset(cores, tt.CoreCoord(device.grid_x, device.grid_y), row_wise=True)
-        return tt.MemoryConfig(tt.TensorMemoryLayout.WIDTH_SHARDED, tt.BufferType.L1,
-                               tt.ShardSpec(grid, [TILE, shard_width], tt.ShardOrientation.ROW_MAJOR))
-
-    def matmul_decode(self, x_11BK, weight, spec, sharded_input: bool, memory_config=None, keep_sharded: bool = False):
-        """One tile of rows times a DRAM width-sharded weight: x split over a core grid (already, when a norm
-        feeds it), the output back to interleaved rows (and the bank padding of the output width sliced
-        off), or left in its width shards on the same grid (`keep_sharded`)."""
+    def matmul_decode(self, x_11BK, weight, spec, kernel, sharded_output: bool, memory_config=None):
+        """One tile of rows times an interleaved weight, 1D multicast: x width-sharded on spec.in0 (a norm's
+        output) or in rows; the output left in its shards (`sharded_output`, on the rectangle the next op
+        reads) or written as rows to `memory_config` (L1 by default)."""
         tt = self.tt
-        in0_config, out_config, program_config = self._decode_matmul_configs(spec)
-        if not sharded_input:
-            x_11BK = tt.to_memory_config(x_11BK, in0_config)
-        y = tt.linear(x_11BK, weight, program_config=program_config, memory_config=out_config,
-                      compute_kernel_config=self.matmul_kernel)
-        if keep_sharded:
-            return y
-        y = tt.to_memory_config(y, memory_config or tt.L1_MEMORY_CONFIG)
-        if spec.n_padded != spec.n:
-            y = tt.slice(y, [0, 0, 0, 0], [*list(y.shape)[:-1], spec.n])
-        return y
+        _, out_config, program_config = self._decode_matmul_configs(spec)
+        return tt.linear(x_11BK, weight, program_config=program_config, compute_kernel_config=kernel,
+                         memory_config=out_config if sharded_output else memory_config or tt.L1_MEMORY_CONFIG)
 
     def _decode_matmul_configs(self, spec):
+        """x's layout, the output's sharded layout (where it is a rectangle) and the program config."""
         if spec not in self._matmul_configs:
             tt = self.tt
-            in0 = self._width_sharded(spec.k // spec.cores, spec.grid_x, spec.grid_y)
-            out = self._width_sharded_row_major(spec.per_core_n * TILE, spec.output_shards)
-            program = tt.MatmulMultiCoreReuseMultiCastDRAMShardedProgramConfig(
-                in0_block_w=spec.in0_block_w, per_core_M=1, per_core_N=spec.per_core_n, fused_activation=None)
+            (in_x, in_y), rectangle = spec.in0, spec.output_rectangle
+            in0 = self._width_sharded(spec.k // spec.in0_cores, in_x, in_y)
+            out = self._width_sharded(spec.per_core_n * TILE, *rectangle) if rectangle else None
+            program = tt.MatmulMultiCoreReuseMultiCast1DProgramConfig(
+                compute_with_storage_grid_size=tt.CoreCoord(*spec.grid), in0_block_w=spec.in0_block_w,
+                out_subblock_h=1, out_subblock_w=largest_divisor(spec.per_core_n, 4), per_core_M=1,
+                per_core_N=spec.per_core_n, fuse_batch=True, fused_activation=None, mcast_in0=True)
             self._matmul_configs[spec] = in0, out, program
         return self._matmul_configs[spec]
 
@@ -147,24 +143,22 @@ class TTModel:
             absmax = tt.max(tt.abs(x), dim=-1, keepdim=True)
             scale = tt.multiply(tt.reciprocal(tt.maximum(absmax, 1e-5)), 127.0)
             x = tt.typecast(tt.round(tt.multiply(x, scale)), tt.bfloat16)  # integers |q| <= 127: exact in bf16
-        if decoding and layer.decode:
-            y = self.matmul_decode(x, layer.decode[name], self.plan.decode_matmuls()[name], self.plan.norms_feed_matmuls,
-                                   keep_sharded=self.plan.keeps_output_sharded(name))
+        if decoding:
+            y = self.matmul_decode(x, getattr(layer, name), self.plan.decode_matmuls()[name], self.ternary_kernel,
+                                   self.plan.keeps_output_sharded(name))
         else:
-            y = tt.linear(x, getattr(layer, name), memory_config=tt.L1_MEMORY_CONFIG if decoding else tt.DRAM_MEMORY_CONFIG,
-                          compute_kernel_config=self.matmul_kernel)
+            y = tt.linear(x, getattr(layer, name), memory_config=tt.DRAM_MEMORY_CONFIG, compute_kernel_config=self.ternary_kernel)
         return tt.divide(y, scale) if quantise else y
 
     def mlp(self, x, layer: LayerOnDevice, decoding: bool):
         # x [.., S, hidden] -> [.., S, hidden], without the down projection's scale (add_scaled applies it)
-        tt, i = self.tt, self.plan.model.intermediate_size
-        gate_up = self.bitlinear(x, layer, "wgate_up", decoding)
-        rows = list(gate_up.shape)[:-1]
-        gate = tt.slice(gate_up, [0] * len(rows) + [0], rows + [i])
-        up = tt.slice(gate_up, [0] * len(rows) + [i], rows + [2 * i])
+        tt = self.tt
+        gate, up = self.bitlinear(x, layer, "wgate", decoding), self.bitlinear(x, layer, "wup", decoding)
+        # relu(gate)^2 * up, on gate's and up's shards (decode: the grid ffn_sub_norm and down_proj read)
         hidden = tt.mul(gate, up, input_tensor_a_activations=[tt.UnaryOpType.RELU, tt.UnaryOpType.SQUARE])
         eps = layer.folds.ffn_sub_norm_eps
-        hidden = (self.norm_decode(hidden, layer.ffn_sub_norm, eps, feeds="wdown") if decoding
+        hidden = (self.norm_decode(hidden, layer.ffn_sub_norm, eps, feeds="wdown",
+                                   in_place=self.plan.keeps_output_sharded("wgate")) if decoding
                   else self.norm(hidden, layer.ffn_sub_norm, eps, layer.ffn_sub_norm_row))
         return self.bitlinear(hidden, layer, "wdown", decoding)
 
@@ -176,16 +170,10 @@ class TTModel:
                       memory_config=memory_config)
 
     def lm_head(self, x_11TH):
-        """Logits of one tile of rows (decode users, or the prefill tile holding the last token), in DRAM."""
-        tt, chunks = self.tt, self.plan.lm_head_chunks()
-        if not chunks:
-            return tt.linear(x_11TH, self.w.lm_head[0], memory_config=tt.DRAM_MEMORY_CONFIG,
-                             compute_kernel_config=self.matmul_kernel)
-        in0_config, _, _ = self._decode_matmul_configs(chunks[0])  # every chunk splits x the same way
-        x_11TH = tt.to_memory_config(x_11TH, in0_config)
-        parts = [self.matmul_decode(x_11TH, weight, spec, sharded_input=True, memory_config=tt.DRAM_MEMORY_CONFIG)
-                 for weight, spec in zip(self.w.lm_head, chunks)]
-        return parts[0] if len(parts) == 1 else tt.concat(parts, dim=-1)
+        """Logits of one tile of rows (decode users: the final norm's shards; the prefill tile holding the
+        last token: rows), as rows in DRAM: one 1D matmul over the program grid."""
+        return self.matmul_decode(x_11TH, self.w.lm_head, self.plan.lm_head_matmul(), self.matmul_kernel, False,
+                                  self.tt.DRAM_MEMORY_CONFIG)
 
     # -- decode -------------------------------------------------------------------------------------
 
@@ -195,18 +183,18 @@ class TTModel:
         Returns logits [1, 1, B, vocab], left on the device for pick_greedy or pick_sampled."""
         tt = self.tt
         x_11BH = tt.unsqueeze(tt.embedding(tokens_1B, self.w.embedding, layout=tt.TILE_LAYOUT), 0)
-        residual = self.residual_memcfg
-        if self.plan.residual_sharded:
+        residual, sharded = self.residual_memcfg, self.plan.norms_feed_matmuls
+        if sharded:
             x_11BH = tt.to_memory_config(x_11BH, residual)
         cos_1B1D = self._rope_rows(self.w.rope_cos_rows, position_rows_1B)
         sin_1B1D = self._rope_rows(self.w.rope_sin_rows, position_rows_1B)
         for index, layer in enumerate(self.w.layers):
-            attn = self.attention_decode(self.norm_decode(x_11BH, layer.attn_norm, self.eps, feeds="wqkv"), layer, index,
-                                         cos_1B1D, sin_1B1D, positions_B)
+            attn_in = self.norm_decode(x_11BH, layer.attn_norm, self.eps, feeds="wqkv", in_place=sharded)
+            attn = self.attention_decode(attn_in, layer, index, cos_1B1D, sin_1B1D, positions_B)
             x_11BH = self.add_scaled(x_11BH, attn, layer.folds.o_scale, residual)
-            mlp_in = self.norm_decode(x_11BH, layer.mlp_norm, self.eps, feeds="wgate_up")
+            mlp_in = self.norm_decode(x_11BH, layer.mlp_norm, self.eps, feeds="wgate", in_place=sharded)
             x_11BH = self.add_scaled(x_11BH, self.mlp(mlp_in, layer, True), layer.folds.down_scale, residual)
-        return self.lm_head(self.norm_decode(x_11BH, self.w.final_norm, self.eps))
+        return self.lm_head(self.norm_decode(x_11BH, self.w.final_norm, self.eps, feeds="lm_head", in_place=sharded))
 
     def pick_greedy(self, logits_11BV):
         """Each user's most likely token: uint32 [1, 1, B]. ROW_MAJOR drops the tile padding past the last id."""
@@ -218,12 +206,26 @@ class TTModel:
         cut to top_p: uint32 [1, 1, 1, B]. The seeds are reloaded before every draw, so a replayed trace
         draws fresh numbers when the host writes fresh seeds."""
         tt = self.tt
-        values_11BK, indices_11BK = tt.topk(logits_11BV, k=SAMPLING_TOP_K, dim=-1)
-        if indices_11BK.dtype != tt.uint32:  # topk gives 16-bit ids below 65536 columns; sampling reads 32-bit
-            indices_11BK = tt.typecast(indices_11BK, tt.uint32)
+        chunks = [self._top_candidates(logits_11BV, start, end) for start, end in self.plan.topk_chunks()]
+        if len(chunks) == 1:
+            values_11BK, indices_11BK = chunks[0]
+        else:  # every chunk's candidates, merged: sampling ranks them again for each user's top_k
+            values_11BK = tt.concat([values for values, _ in chunks], dim=-1)
+            indices_11BK = tt.concat([indices for _, indices in chunks], dim=-1)
         tt.manual_seed(seeds_B, user_ids=user_ids_B, sub_core_grids=self.sampling_cores)
         return tt.sampling(values_11BK, tt.untilize(indices_11BK), k=top_k_B, p=top_p_B, temp=inv_temperature_B,
                            sub_core_grids=self.sampling_cores)
+
+    def _top_candidates(self, logits_11BV, start: int, end: int):
+        """The SAMPLING_TOP_K largest logits of columns start..end of each row, with their vocabulary ids (uint32)."""
+        tt = self.tt
+        rows = list(logits_11BV.shape)
+        if (start, end) != (0, rows[-1]):
+            logits_11BV = tt.slice(logits_11BV, [0, 0, 0, start], [*rows[:-1], end])
+        values_11BK, indices_11BK = tt.topk(logits_11BV, k=SAMPLING_TOP_K, dim=-1)
+        if indices_11BK.dtype != tt.uint32:  # topk gives 16-bit ids below 65536 columns; sampling reads 32-bit
+            indices_11BK = tt.typecast(indices_11BK, tt.uint32)
+        return values_11BK, tt.add(indices_11BK, start) if start else indices_11BK
 
     def _rope_rows(self, table, position_rows_1B):
         # [1, B] positions -> [1, B, 1, head_dim], one user per core as rotary_embedding_hf wants
@@ -234,7 +236,7 @@ class TTModel:
     def attention_decode(self, x_11BH, layer: LayerOnDevice, index: int, cos_1B1D, sin_1B1D, positions_B):
         tt = self.tt
         keys, values = self.kv_cache[index]
-        # rectangular output shards (plan.keeps_output_sharded), else interleaved L1 rows
+        # interleaved L1 rows: the head split's reader walks whole rows
         qkv_11BQ = self.bitlinear(x_11BH, layer, "wqkv", True)
         q_1BHD, k_1BKD, v_1BKD = tt.experimental.nlp_create_qkv_heads_decode(
             qkv_11BQ, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, memory_config=self.heads_memcfg)

@@ -59,18 +59,18 @@ class LayerOnDevice:
     attn_sub_norm: object
     wo: object  # [q, hidden]
     mlp_norm: object
-    wgate_up: object  # [hidden, 2 * intermediate]
+    wgate: object  # [hidden, intermediate]
+    wup: object  # [hidden, intermediate]
     ffn_sub_norm: object
     ffn_sub_norm_row: object  # [1, 1, 1, intermediate] TILE, for the composite norm of wide rows
     wdown: object  # [intermediate, hidden]
     folds: ScaleFolds
-    decode: dict[str, object]  # the same four, DRAM width-sharded for decode (empty when the option is off)
 
 
 @dataclass
 class ModelOnDevice:
     embedding: object  # [vocab, hidden] ROW_MAJOR (ttnn.embedding reads rows)
-    lm_head: list  # [hidden, vocab] TILE, or its DRAM width-sharded column chunks (plan.lm_head_chunks)
+    lm_head: object  # [hidden, vocab] TILE
     final_norm: object
     rope_cos_rows: object  # [context, head_dim] ROW_MAJOR: decode and prefill look rows up by position
     rope_sin_rows: object
@@ -122,29 +122,13 @@ def place_model(plan: TTPlan, weights: BitNetWeights | None, place: Placer, prog
     layers = [place_layer(plan, k, weights.layers[k] if weights else None, place) for k in bar]
     return ModelOnDevice(
         embedding=place("embedding", lambda: weights.embed, (v, h), "bfloat16", row_major=True),
-        lm_head=place_lm_head(plan, head, place),
+        lm_head=place("lm_head", lambda: head.t().contiguous().to(torch.bfloat16), (h, v), plan.options.lm_head_dtype),
         final_norm=place("final_norm", lambda: norm_rows(weights.final_norm), (1, 1, h // TILE, TILE), "bfloat16", row_major=True),
         # fp32 tables: the conversion to the device dtype does the one rounding
         rope_cos_rows=place(f"rope_cos_rows_{ctx}", lambda: cos, (ctx, m.head_dim), "bfloat16", row_major=True),
         rope_sin_rows=place(f"rope_sin_rows_{ctx}", lambda: sin, (ctx, m.head_dim), "bfloat16", row_major=True),
         layers=layers,
     )
-
-
-def place_lm_head(plan: TTPlan, head: torch.Tensor | None, place: Placer) -> list:
-    """[hidden, vocab] in the head dtype: one interleaved tensor, or DRAM-sharded column chunks."""
-    m, dtype = plan.model, plan.options.lm_head_dtype
-    chunks = plan.lm_head_chunks()
-    if not chunks:
-        return [place("lm_head", lambda: head.t().contiguous().to(torch.bfloat16), (m.hidden_size, m.vocab_size), dtype)]
-    placed, start = [], 0
-    for index, spec in enumerate(chunks):
-        def columns(start=start, spec=spec):
-            return torch.nn.functional.pad(head[start : start + spec.n].t().to(torch.bfloat16), (0, spec.n_padded - spec.n))
-        placed.append(place(f"lm_head.{index}", columns, (spec.k, spec.n_padded), dtype,
-                            memory_config=dram_width_sharded(place.tt, plan, spec)))
-        start += spec.n
-    return placed
 
 
 def place_layer(plan: TTPlan, k: int, layer: LayerWeights | None, place: Placer) -> LayerOnDevice:
@@ -160,39 +144,24 @@ def place_layer(plan: TTPlan, k: int, layer: LayerWeights | None, place: Placer)
     fused = {
         "wqkv": lambda: codes_in_out(p["self_attn.q_proj"], p["self_attn.k_proj"], p["self_attn.v_proj"]),
         "wo": lambda: codes_in_out(p["self_attn.o_proj"]),
-        "wgate_up": lambda: codes_in_out(p["mlp.gate_proj"], p["mlp.up_proj"]),
+        "wgate": lambda: codes_in_out(p["mlp.gate_proj"]),
+        "wup": lambda: codes_in_out(p["mlp.up_proj"]),
         "wdown": lambda: codes_in_out(p["mlp.down_proj"]),
     }
-    shapes = plan.decode_matmuls()  # [k, n] of each fused projection, and its decode layout
+    shapes = plan.decode_matmuls()  # [k, n] of each projection
     interleaved = {name: place(f"layers.{k}.{name}", make, (shapes[name].k, shapes[name].n), dtype)
                    for name, make in fused.items()}
-    decode = {}
-    if plan.options.dram_sharded_decode:
-        for name, make in fused.items():
-            spec = shapes[name]
-            padded = lambda make=make, spec=spec: torch.nn.functional.pad(make(), (0, spec.n_padded - spec.n))  # noqa: E731
-            decode[name] = place(f"layers.{k}.{name}.dram_sharded", padded, (spec.k, spec.n_padded), dtype,
-                                 memory_config=dram_width_sharded(place.tt, plan, spec))
     return LayerOnDevice(
         attn_norm=norm("input_layernorm", h),
         wqkv=interleaved["wqkv"],
         attn_sub_norm=norm("self_attn.attn_sub_norm", m.q_size),
         wo=interleaved["wo"],
         mlp_norm=norm("post_attention_layernorm", h),
-        wgate_up=interleaved["wgate_up"],
+        wgate=interleaved["wgate"],
+        wup=interleaved["wup"],
         ffn_sub_norm=norm("mlp.ffn_sub_norm", i),
         ffn_sub_norm_row=place(f"layers.{k}.mlp.ffn_sub_norm.row", lambda: norms["mlp.ffn_sub_norm"].to(torch.bfloat16).reshape(1, 1, 1, i),
                                (1, 1, 1, i), "bfloat16"),
         wdown=interleaved["wdown"],
         folds=folds,
-        decode=decode,
     )
-
-
-def dram_width_sharded(tt, plan: TTPlan, spec):
-    """[k, n_padded] split into equal column blocks, one per DRAM bank."""
-    banks = plan.device.dram_banks
-    grid = tt.CoreRangeSet({tt.CoreRange(tt.CoreCoord(0, 0), tt.CoreCoord(banks - 1, 0))})
-    return tt.MemoryConfig(tt.TensorMemoryLayout.WIDTH_SHARDED, tt.BufferType.DRAM,
-                           tt.ShardSpec(grid, [spec.k, spec.n_padded // banks], tt.ShardOrientation.ROW_MAJOR))
-
