@@ -34,8 +34,9 @@ class CPUOptions:
 
 class CPUBackend(Backend):
     copies_slots = True
-    # benchmarks/serving.py on a 2-core EPYC: chunks of 32 keep aggregate throughput at whole-prompt
-    # prefill's (16: 0.85x) with running streams at 3.6-4.5x a decode step (p99); README, "Serving many users"
+    # benchmarks/serving.py on a quiet 2-core EPYC: chunks of 32 give 0.85x whole-prompt prefill's throughput
+    # with running streams at 5x a decode step (p99) while a long prompt arrives (16: 0.71x and 3.5x); README,
+    # "Serving many users"
     default_prefill_chunk = 32
 
     def __init__(self, folder: Path, max_slots: int = 1, max_context: int | None = None,
