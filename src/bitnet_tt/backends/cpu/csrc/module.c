@@ -44,6 +44,14 @@ static int path_available(int path) {
     }
 }
 
+/* The copy of a function compiled once per instruction set (float_ops.c, attention_prefill.c: ISA_SUFFIX)
+ * that a path runs. */
+#if defined(__x86_64__)
+#define ISA_COPY(path, name) ((path) == PATH_AVX512 ? name##_avx512 : (path) == PATH_AVX2 ? name##_avx2 : name##_generic)
+#else
+#define ISA_COPY(path, name) name##_generic
+#endif
+
 /* The many-token GEMM of a path, or NULL where the tile kernel serves every token count. */
 static gemm_part_fn gemm_for(int path) {
 #if defined(__x86_64__)
@@ -70,33 +78,6 @@ static tile_kernel tile_for(int path) {
 
 typedef void (*head_fn)(const void *, int, const float *, int, const float *, int, int, int, int, float *);
 typedef void (*attention_fn)(const struct attention_args *, int, int, float *);
-
-static head_fn head_for(int path) {
-#if defined(__x86_64__)
-    if (path == PATH_AVX512) return head_rows_avx512;
-    if (path == PATH_AVX2) return head_rows_avx2;
-#endif
-    (void)path;
-    return head_rows_generic;
-}
-
-static part_fn prefill_attention_for(int path) {
-#if defined(__x86_64__)
-    if (path == PATH_AVX512) return attention_prefill_avx512;
-    if (path == PATH_AVX2) return attention_prefill_avx2;
-#endif
-    (void)path;
-    return attention_prefill_generic;
-}
-
-static attention_fn attention_for(int path) {
-#if defined(__x86_64__)
-    if (path == PATH_AVX512) return attention_tasks_avx512;
-    if (path == PATH_AVX2) return attention_tasks_avx2;
-#endif
-    (void)path;
-    return attention_tasks_generic;
-}
 
 /* ---------------------------------------------------------------------------------------------
  * Buffers */
@@ -333,24 +314,6 @@ static PyObject *py_matmul(PyObject *self, PyObject *args) {
 typedef void (*prepare_fn)(const float *, int, int, const float *, float, float *);
 typedef void (*quantize_row_fn)(const float *, int, int, int8_t *, float *, int32_t *);
 
-static prepare_fn prepare_for(int path) {
-#if defined(__x86_64__)
-    if (path == PATH_AVX512) return prepare_row_avx512;
-    if (path == PATH_AVX2) return prepare_row_avx2;
-#endif
-    (void)path;
-    return prepare_row_generic;
-}
-
-static quantize_row_fn quantize_row_for(int path) {
-#if defined(__x86_64__)
-    if (path == PATH_AVX512) return quantize_row_avx512;
-    if (path == PATH_AVX2) return quantize_row_avx2;
-#endif
-    (void)path;
-    return quantize_row_generic;
-}
-
 static int best_path(void) {
     int path = PATH_COUNT - 1;
     while (!path_available(path)) path--;
@@ -383,8 +346,8 @@ static PyObject *prepare_rows(PyObject *args, int quantized) {
         return failed ? NULL : PyErr_NoMemory();
     }
     Py_BEGIN_ALLOW_THREADS
-    prepare_fn prepare_row = prepare_for(path);
-    quantize_row_fn quantize_row = quantize_row_for(path);
+    prepare_fn prepare_row = ISA_COPY(path, prepare_row);
+    quantize_row_fn quantize_row = ISA_COPY(path, quantize_row);
     for (int i = 0; i < m; i++) {
         prepare_row(x + (size_t)i * ld, k, gated, w, eps, quantized ? row : out + (size_t)i * k);
         if (quantized) quantize_row(row, k, kp, q + (size_t)i * kp, scale + i, sum + i);
@@ -495,7 +458,7 @@ static PyObject *py_head(PyObject *self, PyObject *args) {
     struct buffers held = {.count = 0};
     int failed = 0;
     struct head_job job = {
-        .fn = head_for(path), .dtype = dtype, .k = k, .m = m, .vocab = vocab,
+        .fn = ISA_COPY(path, head_rows), .dtype = dtype, .k = k, .m = m, .vocab = vocab,
         .w = buffer(&held, w_obj, 0, (Py_ssize_t)vocab * k * dtype_size(dtype), "w", 0, &failed),
         .scales = buffer(&held, scales_obj, 0, (Py_ssize_t)vocab * 4, "scales", dtype != WEIGHT_INT8, &failed),
         .x = buffer(&held, x_obj, 0, (Py_ssize_t)m * k * 4, "x", 0, &failed),
@@ -624,12 +587,12 @@ static PyObject *py_attention_step(PyObject *self, PyObject *args) {
         first_task[s + 1] = first_task[s] + n * heads;
         row += n;
     }
-    struct attention_job job = {.fn = attention_for(path), .segments = segments, .first_task = first_task,
+    struct attention_job job = {.fn = ISA_COPY(path, attention_tasks), .segments = segments, .first_task = first_task,
                                 .count = count, .positions = positions};
     /* A prefill (one segment of many tokens) takes the prefill kernel; decode steps the per-token one. */
     struct prefill_attention_job prefill = {.args = segments[0], .tokens = rows, .positions = positions};
     if (count == 1 && rows >= PREFILL_ATTENTION_MIN_TOKENS)
-        parallel_for(prefill_attention_for(path), &prefill, prefill_attention_tasks(&prefill), threads);
+        parallel_for(ISA_COPY(path, attention_prefill), &prefill, prefill_attention_tasks(&prefill), threads);
     else
         parallel_for(attention_part, &job, first_task[count], threads);
     Py_END_ALLOW_THREADS
