@@ -34,7 +34,7 @@ class CPUOptions:
 
 class CPUBackend(Backend):
     copies_slots = True
-    # benchmarks/serving.py on a quiet 2-core EPYC: chunks of 32 give 0.85x whole-prompt prefill's throughput
+    # benchmarks/serving.py on a quiet 2-core EPYC: chunks of 32 give 0.78x whole-prompt prefill's throughput
     # with running streams at 5x a decode step (p99) while a long prompt arrives (16: 0.71x and 3.5x); README,
     # "Serving many users"
     default_prefill_chunk = 32
