@@ -58,6 +58,11 @@ def path_index(path: str | None) -> int:
     return ["scalar", "avx2", "avx512", "neon", "neondot"].index(name)
 
 
+def path_number(path: int | None) -> int:
+    """A path_index() number as the module's functions take it; None: the best path here."""
+    return path_index(None) if path is None else path
+
+
 def build_in_place() -> None:
     """Compile the extension into this source tree (a checkout used without 'pip install')."""
     global _kernels
@@ -79,7 +84,7 @@ class PackedTernary:
     def __init__(self, source: np.ndarray, n: int, k: int, from_2bit: bool, threads: int = 1, path: int | None = None):
         self.n, self.k = n, k
         self.data = np.empty(-(-n // ROWS_PER_GROUP) * padded(k), dtype=np.uint8)
-        path = path_index(None) if path is None else path
+        path = path_number(path)
         try:
             require().pack(np.ascontiguousarray(source), n, k, self.data, from_2bit, path, threads)
         except ValueError as exc:
@@ -111,7 +116,7 @@ class Activations:
         """Rows 0..m of x (fp32; [gate | up] halves when gated: relu(gate)^2 * up), RMS-normed with
         norm_weight when given, quantised per token as HF's ActQuant. path: path_index()'s number (None: the
         best here; every path gives identical results)."""
-        path = path_index(None) if path is None else path
+        path = path_number(path)
         _kernels.quantize(x, x.shape[-1], m, self.k, gated, norm_weight, eps, self.q, self.scale, self.sum, path)
 
 
@@ -120,7 +125,7 @@ def matmul(w: PackedTernary, acts: Activations, m: int, out: np.ndarray | None =
     """Exact int32 acts @ w^T [m, n]; with weight_scale (fp32 [n]) the golden model's fp32
     int32 / activation scale * weight scale instead, written into out or added to it. path: path_index()'s
     number (None: the best here)."""
-    path = path_index(None) if path is None else path
+    path = path_number(path)
     mode = 0 if weight_scale is None else 2 if accumulate else 1
     if out is None:
         out = np.empty((m, w.n), dtype=np.int32 if mode == 0 else np.float32)
@@ -135,7 +140,7 @@ def attention_step(qkv: np.ndarray, rows: int, heads: int, kv_heads: int, head_d
     [q | k | v], in place), k and v written into the cache (fp32 [slots, 2, kv heads, positions, head dim]),
     then causal attention of every row into out [rows, heads * head_dim]. segments: int64 [n, 3] of
     (slot, start, rows) in row order; row i of a segment is at position start + i."""
-    path = path_index(None) if path is None else path
+    path = path_number(path)
     slots, positions = cache.shape[0], cache.shape[3]
     _kernels.attention_step(qkv, rows, heads, kv_heads, head_dim, cos, sin, segments, len(segments), cache, slots,
                             positions, scale, out, path, threads)
@@ -156,7 +161,7 @@ def head(table: np.ndarray, x: np.ndarray, m: int, out: np.ndarray, scales: np.n
          path: int | None = None, threads: int = 1) -> np.ndarray:
     """out [m, vocab] = x [m, k] @ table^T in fp32 arithmetic; table bf16 (as uint16), fp32, or int8 rows
     times scales."""
-    path = path_index(None) if path is None else path
+    path = path_number(path)
     vocab, k = table.shape
     _kernels.head(table, weight_dtype(table), scales, vocab, k, x, m, out, path, threads)
     return out
