@@ -26,7 +26,6 @@ from .weights import Placer, place_model
 
 
 class TTNNBackend(Backend):
-
     def __init__(
         self, config: ModelConfig, weights: BitNetWeights | None, tt, device, max_slots: int = 1,
         max_context: int | None = None, options: TTOptions | None = None, cache_dir: Path | None = None,
