@@ -22,7 +22,7 @@ PREFILL_CHUNK = 256  # prompt tokens per forward pass: bounds the workspaces
 @dataclass(frozen=True)
 class CPUOptions:
     threads: int | None = None  # None: the physical cores this process may run on
-    lm_head: str = "bf16"  # "bf16" (HF's numerics) or "int8" (per-row scaled: less memory traffic)
+    lm_head: str = "bf16"  # "bf16" (HF's numerics) or "int8" (per-row codes x int8 activations: less traffic)
     path: str | None = None  # instruction-set path (kernels.paths()); None: the best here
 
     def __post_init__(self):

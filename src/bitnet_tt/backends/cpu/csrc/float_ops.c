@@ -175,14 +175,15 @@ INLINE void float_span(const void *w, int dtype, const float *scales, int K, con
             for (; r < rows; r++) float_tile(w, dtype, row_bytes, v0 + r, 1, b0, b1, x, kp, M, acc + r);
         }
         for (int r = 0; r < rows; r++) {
-            if (blocks * HEAD_FLOAT_BLOCK < K) {  /* the last, partial block: zero-padded like x */
+            const int whole = blocks * HEAD_FLOAT_BLOCK;
+            if (whole < K) {  /* the last, partial block: zero-padded like x */
                 float padded[HEAD_FLOAT_BLOCK] = {0};
-                memcpy(padded, (const char *)w + (size_t)(v0 + r) * row_bytes + (size_t)blocks * HEAD_FLOAT_BLOCK * size,
-                       (size_t)(K - blocks * HEAD_FLOAT_BLOCK) * size);
+                const char *row = (const char *)w + (size_t)(v0 + r) * row_bytes;
+                memcpy(padded, row + (size_t)whole * size, (size_t)(K - whole) * size);
                 lanes first, second;
                 load_head_block(padded, dtype, 0, &first, &second);
                 for (int m = 0; m < M; m++)
-                    add_head_block(&acc[r][m], &first, &second, x + (size_t)m * kp + (size_t)blocks * HEAD_FLOAT_BLOCK);
+                    add_head_block(&acc[r][m], &first, &second, x + (size_t)m * kp + whole);
             }
             for (int m = 0; m < M; m++)
                 out[(size_t)m * V + v0 + r] = lane_total(acc[r][m]) * (scales ? scales[v0 + r] : 1.0f);
@@ -218,14 +219,16 @@ INLINE void int8_tile(const int8_t *w, int K, int v, int R, const int8_t *q, int
                 offsets[r][c] = _mm512_dpbusd_epi32(offsets[r][c], bias, codes[r]);  /* 128 x the codes' sum */
             }
             for (int m = 0; m < M; m++) {
-                __m512i shifted = _mm512_xor_si512(_mm512_loadu_si512(q + (size_t)m * kp + k + 64 * c), bias);  /* q + 128 */
+                const int8_t *at = q + (size_t)m * kp + k + 64 * c;
+                __m512i shifted = _mm512_xor_si512(_mm512_loadu_si512(at), bias);  /* q + 128 as unsigned */
                 for (int r = 0; r < R; r++) sums[r][m][c] = _mm512_dpbusd_epi32(sums[r][m][c], shifted, codes[r]);
             }
         }
     for (int r = 0; r < R; r++)
         for (int m = 0; m < M; m++) {
             __m512i total = _mm512_sub_epi32(sums[r][m][0], offsets[r][0]);
-            for (int c = 1; c < chains; c++) total = _mm512_add_epi32(total, _mm512_sub_epi32(sums[r][m][c], offsets[r][c]));
+            for (int c = 1; c < chains; c++)
+                total = _mm512_add_epi32(total, _mm512_sub_epi32(sums[r][m][c], offsets[r][c]));
             dots[r * M + m] = _mm512_reduce_add_epi32(total);
         }
 #elif defined(__AVX2__)
@@ -275,7 +278,8 @@ INLINE void int8_span(const int8_t *w, const float *scales, int K, const int8_t 
         else
             for (int r = 0; r < rows; r++) int8_tile(w, K, v + r, 1, q, kp, M, dots + r * M);
         for (int r = 0; r < rows; r++)
-            for (int m = 0; m < M; m++) out[(size_t)m * V + v + r] = (float)dots[r * M + m] / x_scales[m] * scales[v + r];
+            for (int m = 0; m < M; m++)
+                out[(size_t)m * V + v + r] = (float)dots[r * M + m] / x_scales[m] * scales[v + r];
     }
 }
 
