@@ -262,11 +262,30 @@ INLINE float sum_of_squares(const float *x, int k) {
     return total;
 }
 
+/* WIDTH lanes at a time, the tail one by one with the same per-element arithmetic: every copy gives the
+ * same floats whatever its width. Comparisons give lane masks (all ones or zeros); select(m, a, b) is
+ * m ? a : b lane by lane. */
+INLINE vector_f32 load_vector(const float *at) {
+    vector_f32 v;
+    memcpy(&v, at, sizeof v);
+    return v;
+}
+
+INLINE vector_f32 select(vector_i32 mask, vector_f32 a, vector_f32 b) {
+    return (vector_f32)(((vector_i32)a & mask) | ((vector_i32)b & ~mask));
+}
+
 /* One row's input to a projection: relu(gate)^2 * up when gated (row = [gate | up]), else the row; then,
  * with a norm weight, HF's RMSNorm: w * (x * rsqrt(mean(x^2) + eps)), all in fp32. */
 void NAME(prepare_row)(const float *row, int k, int gated, const float *norm_w, float eps, float *y) {
+    int i = 0;
     if (gated) {
-        for (int i = 0; i < k; i++) {
+        for (; i + WIDTH <= k; i += WIDTH) {
+            vector_f32 gate = load_vector(row + i), g = select(gate > 0.0f, gate, (vector_f32){0});
+            vector_f32 out = g * g * load_vector(row + k + i);
+            memcpy(y + i, &out, sizeof out);
+        }
+        for (; i < k; i++) {
             float g = row[i] > 0.0f ? row[i] : 0.0f;
             y[i] = g * g * row[k + i];
         }
@@ -275,19 +294,46 @@ void NAME(prepare_row)(const float *row, int k, int gated, const float *norm_w, 
     }
     if (!norm_w) return;
     float inv = 1.0f / sqrtf(sum_of_squares(y, k) / (float)k + eps);
-    for (int i = 0; i < k; i++) y[i] = norm_w[i] * (y[i] * inv);
+    for (i = 0; i + WIDTH <= k; i += WIDTH) {
+        vector_f32 out = load_vector(norm_w + i) * (load_vector(y + i) * inv);
+        memcpy(y + i, &out, sizeof out);
+    }
+    for (; i < k; i++) y[i] = norm_w[i] * (y[i] * inv);
 }
 
-/* HF's ActQuant: s = 127 / max(absmax, 1e-5), q = clamp(round_half_even(y * s), -128, 127). */
+/* Round half to even of |v| < 2^22 in the default rounding mode, as nearbyintf: adding 1.5 * 2^23 leaves
+ * no fraction bits. (Without -ffast-math the compiler keeps the add and the subtract.) */
+#define ROUNDING_SHIFT 12582912.0f
+
+INLINE float clamp_code(float v) { return v < -128.0f ? -128.0f : (v > 127.0f ? 127.0f : v); }
+
+/* HF's ActQuant: s = 127 / max(absmax, 1e-5), q = clamp(round_half_even(y * s), -128, 127). Clamping before
+ * rounding gives the same codes (the bounds are integers) and keeps the rounding trick's range. */
 void NAME(quantize_row)(const float *y, int k, int kp, int8_t *q, float *scale, int32_t *sum) {
-    float top = 0.0f;
-    for (int i = 0; i < k; i++) top = fabsf(y[i]) > top ? fabsf(y[i]) : top;
+    const vector_i32 magnitude = (vector_i32){0} + 0x7fffffff;
+    vector_f32 tops = {0};
+    int i = 0;
+    for (; i + WIDTH <= k; i += WIDTH) {
+        vector_f32 a = (vector_f32)((vector_i32)load_vector(y + i) & magnitude);
+        tops = select(a > tops, a, tops);
+    }
+    float top = 0.0f;  /* the largest magnitude, whatever the order (NaN never wins a comparison) */
+    for (int l = 0; l < WIDTH; l++) top = tops[l] > top ? tops[l] : top;
+    for (int j = i; j < k; j++) top = fabsf(y[j]) > top ? fabsf(y[j]) : top;
     float s = 127.0f / (top > 1e-5f ? top : 1e-5f);
+    vector_i32 totals = {0};
+    for (i = 0; i + WIDTH <= k; i += WIDTH) {
+        vector_f32 v = load_vector(y + i) * s;
+        v = select(v < -128.0f, (vector_f32){0} - 128.0f, select(v > 127.0f, (vector_f32){0} + 127.0f, v));
+        vector_i32 codes = __builtin_convertvector((v + ROUNDING_SHIFT) - ROUNDING_SHIFT, vector_i32);
+        vector_i8 narrow = __builtin_convertvector(codes, vector_i8);
+        memcpy(q + i, &narrow, sizeof narrow);
+        totals += codes;
+    }
     int32_t total = 0;
-    for (int i = 0; i < k; i++) {
-        float v = nearbyintf(y[i] * s);
-        v = v < -128.0f ? -128.0f : (v > 127.0f ? 127.0f : v);
-        q[i] = (int8_t)v;
+    for (int l = 0; l < WIDTH; l++) total += totals[l];
+    for (; i < k; i++) {
+        q[i] = (int8_t)((clamp_code(y[i] * s) + ROUNDING_SHIFT) - ROUNDING_SHIFT);
         total += q[i];
     }
     memset(q + k, 0, (size_t)(kp - k));
