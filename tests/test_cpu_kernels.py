@@ -127,7 +127,7 @@ def test_norm_and_quantisation_match_the_golden_model(gated):
 
 
 @pytest.mark.parametrize("gated", [False, True])
-def test_norm_and_quantisation_are_identical_on_every_path(gated):
+def test_norm_and_quantisation_are_identical_on_every_path_and_thread_count(gated):
     rng = np.random.default_rng(6)
     k = 2560 + 37  # vector lanes and a tail
     x = rng.standard_normal((3, 2 * k if gated else k)).astype(np.float32) * 4
@@ -135,9 +135,10 @@ def test_norm_and_quantisation_are_identical_on_every_path(gated):
     weight = (1 + 0.1 * rng.standard_normal(k)).astype(np.float32)
     results = []
     for path in kernels.paths():
-        acts = kernels.Activations(3, k)
-        acts.quantize(x, 3, weight, 1e-6, gated=gated, path=kernels.path_index(path))
-        results.append((acts.q, acts.scale, acts.sum))
+        for threads in (1, 2):
+            acts = kernels.Activations(3, k)
+            acts.quantize(x, 3, weight, 1e-6, gated=gated, path=kernels.path_index(path), threads=threads)
+            results.append((acts.q, acts.scale, acts.sum))
     for q, scale, total in results[1:]:
         assert np.array_equal(q, results[0][0]) and np.array_equal(scale, results[0][1])
         assert np.array_equal(total, results[0][2])
