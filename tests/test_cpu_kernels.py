@@ -185,9 +185,10 @@ def attention_step(qkv, heads, kv_heads, dim, tables, spans, cache, path, thread
 
 
 # 9+ tokens take the prefill kernel (attention_prefill.c): several tokens and heads of a kv head per task;
-# head sizes whose output rows fit in registers (64, 128) and others (48); more heads per kv head than a task's rows.
+# head sizes whose output rows fit in registers (64, 128) and others (48); more heads per kv head than a task's rows;
+# decode tasks of two heads (even groups) and of one (a group of 3).
 @pytest.mark.parametrize("start,tokens", [(0, 1), (0, 7), (9, 1), (5, 4), (0, 9), (0, 32), (3, 21)])
-@pytest.mark.parametrize("heads,kv_heads,dim", [(8, 2, 64), (20, 5, 128), (40, 1, 48)])
+@pytest.mark.parametrize("heads,kv_heads,dim", [(8, 2, 64), (20, 5, 128), (40, 1, 48), (12, 4, 64)])
 def test_attention_matches_sdpa_and_is_identical_on_every_path(start, tokens, heads, kv_heads, dim):
     positions = 32
     rng = np.random.default_rng(6)

@@ -99,7 +99,7 @@ void prepare_rows(const struct rows_job *job, int threads) { parallel_for(rows_p
 /* ---------------------------------------------------------------------------------------------
  * Attention */
 
-typedef void (*attention_fn)(const struct attention_args *, int, int, float *);
+typedef void (*attention_fn)(const struct attention_args *, int, int, float *, size_t);
 
 /* HF's half-split rotation of `heads` vectors of `dim` floats in place, with one position's cos/sin rows. */
 static void rotate(float *x, int heads, int dim, const float *c, const float *s) {
@@ -112,8 +112,8 @@ static void rotate(float *x, int heads, int dim, const float *c, const float *s)
         }
 }
 
-/* One step's attention: each segment is one slot's consecutive rows; its tasks (token, head) come after
- * the previous segments' in task numbering. */
+/* One step's attention: each segment is one slot's consecutive rows; its tasks (token, heads: float_ops.h)
+ * come after the previous segments' in task numbering. */
 struct attention_job {
     attention_fn fn;
     struct attention_args *segments;
@@ -123,12 +123,13 @@ struct attention_job {
 
 static void attention_part(void *ctx, int begin, int end) {
     const struct attention_job *job = ctx;
-    float *scores = thread_scratch(SCRATCH_ATTENTION, (size_t)job->positions * sizeof *scores);
+    size_t stride = (size_t)(job->positions + 15) / 16 * 16;
+    float *scores = thread_scratch(SCRATCH_ATTENTION, MAX_HEADS_PER_TASK * stride * sizeof *scores);
     for (int s = 0; s < job->count && begin < end; s++) {
         int lo = job->first_task[s], hi = job->first_task[s + 1];
         if (end <= lo || begin >= hi) continue;
         int from = begin > lo ? begin : lo, to = end < hi ? end : hi;
-        job->fn(&job->segments[s], from - lo, to - lo, scores);
+        job->fn(&job->segments[s], from - lo, to - lo, scores, stride);
     }
 }
 
@@ -161,7 +162,7 @@ int attention_step(const struct attention_step_job *a, int path, int threads) {
             .q_stride = (size_t)width, .head_stride = head_stride, .heads = heads, .group = heads / kv_heads,
             .head_dim = dim, .start = start, .scale = a->scale,
         };
-        first_task[s + 1] = first_task[s] + n * heads;
+        first_task[s + 1] = first_task[s] + n * heads / attention_heads_per_task(heads / kv_heads);
         row += n;
     }
     struct attention_job job = {.fn = ISA_COPY(path, attention_tasks), .segments = segments, .first_task = first_task,
