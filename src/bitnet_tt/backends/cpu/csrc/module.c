@@ -89,7 +89,6 @@ static int check_path(int path) {
     return 1;
 }
 
-
 static PyObject *py_available_paths(PyObject *self, PyObject *args) {
     (void)self, (void)args;
     PyObject *names = PyList_New(0);
@@ -434,12 +433,12 @@ static PyObject *py_attention_step(PyObject *self, PyObject *args) {
     }
     struct buffers held = {.count = 0};
     int failed = 0, width = (heads + 2 * kv_heads) * dim;
-    size_t head_stride = (size_t)positions * dim, kv_bytes = (size_t)kv_heads * head_stride;
+    size_t kv_floats = (size_t)kv_heads * positions * dim;
     float *qkv = buffer(&held, qkv_obj, 1, (Py_ssize_t)rows * width * 4, "qkv", 0, &failed);
     const float *cos_t = buffer(&held, cos_obj, 0, (Py_ssize_t)positions * dim * 4, "cos", 0, &failed);
     const float *sin_t = buffer(&held, sin_obj, 0, (Py_ssize_t)positions * dim * 4, "sin", 0, &failed);
     const int64_t *seg = buffer(&held, seg_obj, 0, (Py_ssize_t)count * 3 * 8, "segments", 0, &failed);
-    float *cache = buffer(&held, cache_obj, 1, (Py_ssize_t)slots * 2 * kv_bytes * 4, "cache", 0, &failed);
+    float *cache = buffer(&held, cache_obj, 1, (Py_ssize_t)slots * 2 * kv_floats * 4, "cache", 0, &failed);
     float *out = buffer(&held, out_obj, 1, (Py_ssize_t)rows * heads * dim * 4, "out", 0, &failed);
     if (failed || !check_segments(seg, count, slots, positions, rows)) {
         release(&held);
