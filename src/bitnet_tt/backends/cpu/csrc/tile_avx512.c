@@ -4,7 +4,8 @@
  * At one token, unpacking a field (a shift and a mask) costs two instructions per multiply-add. With few
  * tokens the kernel keeps S accumulator sets and leaves field f in place in bits 2s..2s+1 (s = f % S), so
  * fields 0..S-1 need no shift: set s sums 4^s times the codes, and the epilogue shifts it back (exactly:
- * the sum is a multiple of 4^s). S = 4 (no shifts at all) for 1-2 tokens, 2 (one shift per load) for 3-4,
+ * the sum is a multiple of 4^s; a lane of set 3 holds at most 64 * 2 * 128 * K / 32 in magnitude, within
+ * int32 below 4 million inputs). S = 4 (no shifts at all) for 1-2 tokens, 2 (one shift per load) for 3-4,
  * 1 for more, where the accumulators of every set would not fit the 32 registers; the sets also give
  * vpdpbusd independent chains to hide its latency when there are few tokens.
  *
