@@ -9,12 +9,16 @@
  * 1 for more, where the accumulators of every set would not fit the 32 registers; the sets also give
  * vpdpbusd independent chains to hide its latency when there are few tokens.
  *
- * No software prefetch: the weights are one sequential stream per thread, which the hardware prefetcher
- * follows; prefetching 1-16 KB ahead measured 5-15% slower at one token (Zen 4, one thread). */
+ * Software prefetch only from 4 tokens on: with fewer, a block is so little work that the out-of-order
+ * window reaches far enough ahead in the stream, and prefetching measured 5-25% slower (Zen 4, one thread,
+ * weights from memory); with 8 tokens, leaving it out measured 25% slower. */
 #include <immintrin.h>
 
 #include "kernels.h"
 #include "vnni_avx512.h"
+
+#define PREFETCH_MIN_TOKENS 4
+#define PREFETCH_BYTES 2048
 
 /* The 4 row sums of a token: pair0 holds rows 0 and 1 (8 lanes each), pair1 rows 2 and 3. */
 static inline void store_row_sums(__m512i pair0, __m512i pair1, int32_t *out) {
@@ -38,6 +42,10 @@ static inline __attribute__((always_inline)) void group_tokens(const uint8_t *gr
     }
     for (int b = 0; b < blocks; b++) {
         const uint8_t *chunks = group + (size_t)b * GROUP_BLOCK_BYTES;
+        if (T >= PREFETCH_MIN_TOKENS) {
+            _mm_prefetch((const char *)chunks + PREFETCH_BYTES, _MM_HINT_T0);
+            _mm_prefetch((const char *)chunks + PREFETCH_BYTES + 64, _MM_HINT_T0);
+        }
         __m512i pair0 = _mm512_loadu_si512(chunks), pair1 = _mm512_loadu_si512(chunks + 64);
         for (int f = 0; f < 4; f++) {
             int s = f % S, shift = 2 * (f - s);
