@@ -50,7 +50,8 @@ class BuildKernels(build_ext):
                 ext.extra_objects += self.compiler.compile(
                     [os.path.join(CSRC, source)], output_dir=os.path.join(self.build_temp, variant),
                     extra_postargs=COMMON_FLAGS + flags, depends=[os.path.join(CSRC, n) for n in ("kernels.h", "float_ops.h", "gemm.h", "pack.h", "fast_exp.h",
-                                                                                 "attention_prefill.h", "scratch.h", "layers.h", "paths.h")],
+                                                                                 "attention_prefill.h", "scratch.h", "layers.h", "paths.h",
+                                                                                 "vnni_avx512.h")],
                 )
             super().build_extension(ext)
         except (CCompilerError, DistutilsExecError, DistutilsPlatformError) as exc:
