@@ -486,8 +486,9 @@ static void rotate(float *x, int heads, int dim, const float *c, const float *s)
         }
 }
 
-/* One step's attention: each segment is one slot's consecutive rows; its tasks (token, head) come after
- * the previous segments' in task numbering. */
+/* One step's attention over its short segments (one slot's consecutive rows each, fewer than
+ * PREFILL_ATTENTION_MIN_TOKENS): a segment's tasks (token, head) come after the previous segments' in task
+ * numbering; a long segment has none (the prefill kernel serves it). */
 struct attention_job {
     attention_fn fn;
     struct attention_args *segments;
@@ -509,7 +510,7 @@ static void attention_part(void *ctx, int begin, int end) {
     }
     for (int s = 0; s < job->count && begin < end; s++) {
         int lo = job->first_task[s], hi = job->first_task[s + 1];
-        if (end <= lo || begin >= hi) continue;
+        if (lo == hi || end <= lo || begin >= hi) continue;
         int from = begin > lo ? begin : lo, to = end < hi ? end : hi;
         job->fn(&job->segments[s], from - lo, to - lo, thread_scores);
     }
@@ -584,17 +585,20 @@ static PyObject *py_attention_step(PyObject *self, PyObject *args) {
             .q_stride = (size_t)width, .head_stride = head_stride, .heads = heads, .group = heads / kv_heads,
             .head_dim = dim, .start = start, .scale = scale,
         };
-        first_task[s + 1] = first_task[s] + n * heads;
+        first_task[s + 1] = first_task[s] + (n < PREFILL_ATTENTION_MIN_TOKENS ? n * heads : 0);
         row += n;
     }
+    /* Decode rows and short chunks share the per-token kernel; each prefill chunk of many tokens takes the
+     * prefill kernel, whatever else the step holds (the same arithmetic as a step of that chunk alone). */
     struct attention_job job = {.fn = ISA_COPY(path, attention_tasks), .segments = segments, .first_task = first_task,
                                 .count = count, .positions = positions};
-    /* A prefill (one segment of many tokens) takes the prefill kernel; decode steps the per-token one. */
-    struct prefill_attention_job prefill = {.args = segments[0], .tokens = rows, .positions = positions};
-    if (count == 1 && rows >= PREFILL_ATTENTION_MIN_TOKENS)
-        parallel_for(ISA_COPY(path, attention_prefill), &prefill, prefill_attention_tasks(&prefill), threads);
-    else
-        parallel_for(attention_part, &job, first_task[count], threads);
+    if (first_task[count]) parallel_for(attention_part, &job, first_task[count], threads);
+    for (int s = 0; s < count; s++) {
+        int n = (int)seg[3 * s + 2];
+        struct prefill_attention_job prefill = {.args = segments[s], .tokens = n, .positions = positions};
+        if (n >= PREFILL_ATTENTION_MIN_TOKENS)
+            parallel_for(ISA_COPY(path, attention_prefill), &prefill, prefill_attention_tasks(&prefill), threads);
+    }
     Py_END_ALLOW_THREADS
     free(segments), free(first_task);
     release(&held);
