@@ -210,6 +210,7 @@ def test_attention_matches_sdpa_and_is_identical_on_every_path(start, tokens, he
 
 
 def test_attention_of_several_slots_in_one_step_equals_one_call_per_slot():
+    """Decode rows, a short chunk and a prefill chunk of 9+ tokens (the prefill kernel, as alone) in one step."""
     from bitnet_tt.backends.torch.model import rope_tables
 
     cfg = ModelConfig.from_hf_dict({**config_2b4t(), "hidden_size": 256, "num_attention_heads": 4,
@@ -217,9 +218,9 @@ def test_attention_of_several_slots_in_one_step_equals_one_call_per_slot():
     heads, kv_heads, dim, positions = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, 16
     tables = tuple(t.numpy() for t in rope_tables(cfg, positions, torch.float32, "cpu"))
     rng = np.random.default_rng(8)
-    spans = [(1, 3, 1), (0, 0, 2), (2, 5, 1)]
-    qkv = rng.standard_normal((4, (heads + 2 * kv_heads) * dim)).astype(np.float32)
-    past = rng.standard_normal((3, 2, kv_heads, positions, dim)).astype(np.float32)
+    spans = [(1, 3, 1), (3, 2, 11), (0, 0, 2), (2, 5, 1)]
+    qkv = rng.standard_normal((15, (heads + 2 * kv_heads) * dim)).astype(np.float32)
+    past = rng.standard_normal((4, 2, kv_heads, positions, dim)).astype(np.float32)
     together_cache = past.copy()
     together = attention_step(qkv.copy(), heads, kv_heads, dim, tables, spans, together_cache, kernels.paths()[0])
     alone_cache, row = past.copy(), 0

@@ -68,9 +68,10 @@ class CPUBackend(Backend):
             return super().step(prefills, slots, token_ids, greedy, draws)
         if len(slots) != len(token_ids) or any(len(tokens) == 0 for _, tokens in prefills):
             raise ValueError("a step needs one token for each decoding slot and at least one for each prefill")
-        logits = self._forward([(s, [t]) for s, t in zip(slots, token_ids)] + list(prefills))
-        decoded = logits[: len(slots)]
-        return StepResult([torch.from_numpy(row) for row in logits[len(slots) :]],
+        # The chunks first: a chunk cut by the workspace's size is cut where its prefill alone would be.
+        logits = self._forward(list(prefills) + [(s, [t]) for s, t in zip(slots, token_ids)])
+        decoded = logits[len(prefills) :]
+        return StepResult([torch.from_numpy(row) for row in logits[: len(prefills)]],
                           None if not slots else greedy_picks(decoded) if greedy else torch.from_numpy(decoded))
 
     def copy_slot(self, source: int, target: int, length: int) -> None:
