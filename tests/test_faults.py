@@ -10,6 +10,7 @@ import pytest
 import torch
 from bitnet_tt import cli
 from bitnet_tt.api import LLM
+from bitnet_tt.backends.base import StepResult
 from bitnet_tt.backends.torch.backend import load_torch_backend
 from bitnet_tt.config import ModelConfig
 from bitnet_tt.engine import Engine
@@ -162,8 +163,8 @@ def test_a_backend_method_that_keeps_failing_stops_the_engine(tiny, method):
 
 def test_the_api_raises_a_one_line_error_for_a_failed_request(tiny):
     with LLM(tiny, max_batch=1, max_context=64, dtype="float32") as llm:
-        real = llm.backend.prefill
-        llm.backend.prefill = lambda slot, token_ids: torch.full_like(real(slot, token_ids), float("inf"))
+        real = llm.backend.step  # the prompt's logits come back infinite
+        llm.backend.step = lambda *args: StepResult([torch.full_like(x, float("inf")) for x in real(*args).prefill], None)
         with pytest.raises(GenerationError, match="non-finite logits"):
             llm.generate("Hello", max_new_tokens=4)
 

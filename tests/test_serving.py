@@ -127,8 +127,8 @@ def test_one_forward_pass_per_step_equals_separate_calls(tiny, tokenizer, chunk,
     assert outputs == expected and len(fused) == len(separate)
     assert any(p.prefill and p.decode for p in plans)  # steps that prefill while users decode
     for a, b in zip(fused, separate):
-        assert all(torch.equal(x, y) for x, y in zip(a.prefill, b.prefill)) and len(a.prefill) == len(b.prefill)
-        assert a.decode == b.decode if isinstance(a.decode, list) or a.decode is None else torch.equal(a.decode, b.decode)
+        assert len(a.prefill) == len(b.prefill) and all(torch.equal(x, y) for x, y in zip(a.prefill, b.prefill))
+        assert torch.equal(a.decode, b.decode) if isinstance(a.decode, torch.Tensor) else a.decode == b.decode
     if params.temperature == 0:  # and as whole prompts prefilled alone
         assert outputs == serve_while_prompts_arrive(tiny, tokenizer, SeparateCalls, WHOLE, params)[0]
 

@@ -35,8 +35,9 @@ from .stops import StopScanner
 
 logger = logging.getLogger("bitnet_tt.engine")
 PROMPT_OVERFLOW = ("error", "truncate")  # what to do with a prompt that does not fit the context
-# Failures of one backend method (step, or the prefill, decode, ... it made) with no success of it between them, before the engine
-# gives up (raises BackendBroken from step()) instead of failing request after request on a broken backend.
+# Failures of one backend method (step, or the prefill, decode, ... a step made) with no success of it between
+# them, before the engine gives up (raises BackendBroken from step()) instead of failing request after request
+# on a broken backend.
 MAX_BACKEND_FAILURES_IN_A_ROW = 3
 
 
@@ -189,11 +190,7 @@ class Engine:
         for request, logits in completed:
             self._contained([request], outputs, self._accept, request, logits, outputs)
         if plan.decode:
-            method = "decode_sampled" if draws else "decode_greedy" if greedy else "decode"
-            rows = self._part(plan.decode, outputs, method, result.decode)
-            accept = self._accept if method == "decode" else self._accept_token
-            for request, row in zip(plan.decode, [] if rows is None else rows):
-                self._contained([request], outputs, accept, request, row, outputs)
+            self._decoded(plan.decode, greedy, draws, result.decode, outputs)
             self.stats.decode_step_seconds.append(time.perf_counter() - called)
         self.last_plan = plan
         self.stats.steps += 1
@@ -226,6 +223,15 @@ class Engine:
             return None
         chunk.request.prefilled = chunk.stop
         return logits if chunk.completes_prompt else None
+
+    def _decoded(self, decoding: list[Request], greedy: bool, draws, part, outputs: list[RequestOutput]) -> None:
+        """Accept each decoding request's token: picked by the backend (greedy, or drawn on its device) or
+        sampled here from its logits."""
+        method = "decode_sampled" if draws else "decode_greedy" if greedy else "decode"
+        rows = self._part(decoding, outputs, method, part)
+        accept = self._accept if method == "decode" else self._accept_token
+        for request, row in zip(decoding, [] if rows is None else rows):
+            self._contained([request], outputs, accept, request, row, outputs)
 
     def _part(self, requests: list[Request], outputs: list[RequestOutput], method: str, part):
         """A part of the step's result, or None after failing `requests` when it is the error its call raised
