@@ -205,6 +205,8 @@ class Engine:
                       outputs: list[RequestOutput]) -> StepResult:
         """One backend call for the step's prefill chunks and decode rows; if it raises, every request of the
         step fails, and the result's parts are None."""
+        if not plan.prefill and not plan.decode:
+            return StepResult([], None)
         now = time.perf_counter()
         for chunk in plan.prefill:
             if chunk.start == chunk.request.cached_tokens:
