@@ -46,7 +46,7 @@ SHAPES_2B4T = sorted(set(ModelConfig.from_hf_dict(config_2b4t()).projection_shap
 
 @pytest.mark.parametrize("path", all_paths())
 @pytest.mark.parametrize("shape", SHAPES_2B4T, ids=lambda s: f"{s[0]}x{s[1]}")
-@pytest.mark.parametrize("tokens", [1, 8, 11])
+@pytest.mark.parametrize("tokens", [1, 8, 11, 48])  # 48: the GEMM on AVX2 and AVX-512 (gemm.h), tiles below
 def test_ternary_product_is_exact_at_2b4t_shapes(path, shape, tokens):
     rng = np.random.default_rng(hash((shape, tokens)) % 2**32)
     codes = rng.integers(-1, 2, shape, dtype=np.int8)
@@ -63,19 +63,21 @@ EDGES = {
 @pytest.mark.parametrize("path", all_paths())
 @pytest.mark.parametrize("edge", EDGES)
 @pytest.mark.parametrize("shape", [(2560, 6912), (13, 200), (5, 4), (9, 1000)], ids=lambda s: f"{s[0]}x{s[1]}")
-def test_ternary_product_is_exact_at_the_edges(path, edge, shape):
+@pytest.mark.parametrize("tokens", [9, 48])  # tiles; the GEMM
+def test_ternary_product_is_exact_at_the_edges(path, edge, shape, tokens):
     """Extremes of the int16 partial sums (6912 inputs: 54 blocks, several int16 stretches), and shapes whose
     rows are not a multiple of 4 and inputs not a multiple of 128 (padded with zero weights)."""
     value, weight = EDGES[edge]
     codes = np.full(shape, weight, dtype=np.int8)
-    x = np.full((9, shape[1]), value, dtype=np.int8)
+    x = np.full((tokens, shape[1]), value, dtype=np.int8)
     assert np.array_equal(int_product(codes, x, path), exact_product(x, codes))
 
 
-def test_every_path_and_thread_count_gives_the_same_integers():
+@pytest.mark.parametrize("tokens", [19, 48])  # tiles; the GEMM
+def test_every_path_and_thread_count_gives_the_same_integers(tokens):
     rng = np.random.default_rng(1)
     codes = rng.integers(-1, 2, (37, 300), dtype=np.int8)
-    x = rng.integers(-128, 128, (19, 300), dtype=np.int8)
+    x = rng.integers(-128, 128, (tokens, 300), dtype=np.int8)
     results = [int_product(codes, x, path, threads) for path in kernels.paths() for threads in (1, 2, 3)]
     assert all(np.array_equal(r, results[0]) for r in results)
 

@@ -52,13 +52,13 @@ static int path_available(int path) {
 #define ISA_COPY(path, name) name##_generic
 #endif
 
-/* The many-token GEMM of a path, or NULL where the tile kernel serves every token count. */
-static gemm_part_fn gemm_for(int path) {
+/* The many-token GEMM of a path for m tokens, or NULL where the tile kernel serves them. */
+static gemm_part_fn gemm_for(int path, int m) {
 #if defined(__x86_64__)
-    if (path == PATH_AVX512) return gemm_avx512;
-    if (path == PATH_AVX2) return gemm_avx2;
+    if (path == PATH_AVX512 && m >= GEMM_MIN_TOKENS_AVX512) return gemm_avx512;
+    if (path == PATH_AVX2 && m >= GEMM_MIN_TOKENS_AVX2) return gemm_avx2;
 #endif
-    (void)path;
+    (void)path, (void)m;
     return NULL;
 }
 
@@ -296,7 +296,7 @@ static PyObject *py_matmul(PyObject *self, PyObject *args) {
         release(&held);
         return NULL;
     }
-    gemm_part_fn gemm = m >= GEMM_MIN_TOKENS ? gemm_for(path) : NULL;
+    gemm_part_fn gemm = gemm_for(path, m);
     struct matmul_job tiles = {.args = job, .tile = tile_for(path)};
     Py_BEGIN_ALLOW_THREADS
     if (gemm)
