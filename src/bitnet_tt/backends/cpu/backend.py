@@ -35,10 +35,10 @@ class CPUOptions:
 
 class CPUBackend(Backend):
     copies_slots = True
-    # benchmarks/serving.py on a 2-core EPYC, a step as one pass (load average 10-12): chunks of 32 give
-    # 0.87-0.90x whole-prompt prefill's throughput with running streams at 2.3-3.2x a decode step (p99) while
-    # a long prompt arrives (8: 2.0x at 0.4x its prefill rate; 64: 5.8x and 0.91x); a step costs about its
-    # rows, so smaller chunks cost the prompt more than they save the streams. README, "Serving many users"
+    # benchmarks/serving.py on a 2-core EPYC under load (4-10), a step as one pass: chunks of 32 give 0.90-0.95x
+    # whole-prompt prefill's throughput with running streams at 1.9-3.4x a decode step (p99) while a long
+    # prompt arrives (16: 0.85x and 1.9-2.8x; 8: 0.76x and 1.5x at a third of the prefill rate); README,
+    # "Serving many users"
     default_prefill_chunk = 32
 
     def __init__(self, folder: Path, max_slots: int = 1, max_context: int | None = None,
