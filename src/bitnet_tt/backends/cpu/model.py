@@ -6,6 +6,15 @@ the residual adds are fp32 in the same order. What differs is float summation or
 squares, attention (fp32 dot products, softmax with a polynomial exp within 2 ulp) and the LM head (fp32
 sums of bf16 or int8 weights). Each fused step does what the golden model does in several:
 norm + int8 quantisation, relu(gate)^2 * up + norm + quantisation, projection + residual add.
+
+A step's decoder layers run as one native call (csrc/layers.c `layer`), each layer in this order:
+    attention block: x_q = quantise(input_layernorm(x));  qkv = qkv_proj(x_q)
+                     attention = attend(rope(q, k), cache <- k, v)     (kernels.attention_step)
+                     x += o_proj(quantise(attn_sub_norm(attention)))
+    MLP block:       [gate | up] = gate_up_proj(quantise(post_attention_layernorm(x)))
+                     x += down_proj(quantise(ffn_sub_norm(relu(gate)^2 * up)))
+Each step is one of the kernels this module also exposes (Activations.quantize, matmul, attention_step),
+with the same arguments: the layers give the same floats as those calls made one by one.
 """
 
 from __future__ import annotations
@@ -18,8 +27,8 @@ import torch
 
 from ..torch.model import rope_tables
 from . import kernels
-from .kernels import Activations, matmul
-from .weights import CPUWeights, drop_pages, mapping_of
+from .kernels import Activations
+from .weights import CPUWeights, Layer, drop_pages, mapping_of
 
 
 @dataclass(frozen=True)
@@ -48,6 +57,20 @@ class Workspace:
         self.mlp_acts = Activations(rows, cfg.intermediate_size)
         self.tokens = np.zeros(rows, np.int64)
 
+    def layer_buffers(self) -> tuple[np.ndarray, ...]:
+        """What the native layers write, in kernels.layer_stack's order."""
+        return (self.x, self.qkv, self.attention, self.gate_up,
+                *(array for acts in (self.hidden_acts, self.attention_acts, self.mlp_acts)
+                  for array in (acts.q, acts.scale, acts.sum)))
+
+
+def layer_weights(layer: Layer) -> tuple[np.ndarray, ...]:
+    """A layer's weights in kernels.layer_stack's order: the norms, then each projection's codes and scales."""
+    norms = [layer.norms[name] for name in ("input_layernorm", "self_attn.attn_sub_norm", "post_attention_layernorm",
+                                             "mlp.ffn_sub_norm")]
+    projections = [layer.projections[kind] for kind in ("qkv", "o_proj", "gate_up", "down")]
+    return (*norms, *(array for p in projections for array in (p.weight.data, p.scale)))
+
 
 class CPUModel:
     def __init__(self, weights: CPUWeights, max_slots: int, max_context: int, max_rows: int, path: int, threads: int):
@@ -59,6 +82,10 @@ class CPUModel:
         cos, sin = rope_tables(cfg, max_context, torch.float32, "cpu")
         self.rope_cos, self.rope_sin = cos.numpy(), sin.numpy()
         self.work = Workspace(weights, max_rows)
+        self.layers = kernels.layer_stack(cfg, max_rows, self.work.layer_buffers(), self.rope_cos, self.rope_sin,
+                                          self.cache, [layer_weights(layer) for layer in weights.layers])
+        # None, or fp64 [len(kernels.layer_components()), 3] that the layers add their time to (a profile's)
+        self.timings: np.ndarray | None = None
         # A mapped embedding that is not also the LM head is read a few rows per step, but each page fault
         # maps the file's cached neighbours too (MADV_RANDOM does not stop that): 2,048 random tokens left
         # 0.46 GB of it resident. Its pages are dropped after each lookup (they stay in the page cache).
@@ -75,38 +102,10 @@ class CPUModel:
                                 work.tokens, rows, x)
         if self.embed_mapping is not None:
             drop_pages(self.embed_mapping, w.embed)
-        for index, layer in enumerate(w.layers):
-            self._attention_block(index, layer, rows, spans)
-            self._mlp_block(layer, rows)
+        kernels.layers(self.layers, rows, spans, self.path, self.threads, self.timings)
         last = np.cumsum([seg.count for seg in segments]) - 1
         for i, row in enumerate(last):
             kernels.norm(x[row : row + 1], 1, w.final_norm, cfg.rms_norm_eps, work.final[i : i + 1])
         logits = np.empty((len(segments), cfg.vocab_size), np.float32)
         return kernels.head(w.head, work.final[: len(segments)], len(segments), logits, w.head_scales, self.path,
                             self.threads)
-
-    def _quantize(self, acts: Activations, x: np.ndarray, rows: int, norm: np.ndarray, gated: bool = False) -> None:
-        acts.quantize(x, rows, norm, self.config.rms_norm_eps, gated, self.path)
-
-    def _project(self, projection, acts: Activations, rows: int, out: np.ndarray, accumulate: bool = False) -> None:
-        matmul(projection.weight, acts, rows, out, projection.scale, accumulate, self.path, self.threads)
-
-    def _attention_block(self, index: int, layer, rows: int, spans: np.ndarray) -> None:
-        cfg, work = self.config, self.work
-        p = layer.projections
-        x, qkv = work.x[:rows], work.qkv[:rows]
-        self._quantize(work.hidden_acts, x, rows, layer.norms["input_layernorm"])
-        self._project(p["qkv"], work.hidden_acts, rows, qkv)
-        kernels.attention_step(qkv, rows, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, self.rope_cos, self.rope_sin,
-                               spans, self.cache[index], cfg.head_dim**-0.5, work.attention, self.path, self.threads)
-        self._quantize(work.attention_acts, work.attention[:rows], rows, layer.norms["self_attn.attn_sub_norm"])
-        self._project(p["o_proj"], work.attention_acts, rows, x, accumulate=True)
-
-    def _mlp_block(self, layer, rows: int) -> None:
-        work, p = self.work, layer.projections
-        x, gate_up = work.x[:rows], work.gate_up[:rows]
-        self._quantize(work.hidden_acts, x, rows, layer.norms["post_attention_layernorm"])
-        self._project(p["gate_up"], work.hidden_acts, rows, gate_up)
-        self._quantize(work.mlp_acts, gate_up, rows, layer.norms["mlp.ffn_sub_norm"], gated=True)
-        self._project(p["down"], work.mlp_acts, rows, x, accumulate=True)
-
