@@ -37,7 +37,7 @@ class CPUBackend(Backend):
     copies_slots = True
     # benchmarks/serving.py on a 2-core EPYC under load (4-10), a step as one pass: chunks of 32 give 0.90-0.95x
     # whole-prompt prefill's throughput with running streams at 1.9-3.4x a decode step (p99) while a long
-    # prompt arrives (16: 0.85x and 1.9-2.8x; 8: 0.76x and 1.5x at a third of the prefill rate); README,
+    # prompt arrives (16: 0.82-0.86x and 1.9-2.8x; 8: 0.76x and 1.5x at a third of the prefill rate); README,
     # "Serving many users"
     default_prefill_chunk = 32
 
