@@ -46,7 +46,7 @@ SHAPES_2B4T = sorted(set(ModelConfig.from_hf_dict(config_2b4t()).projection_shap
 
 @pytest.mark.parametrize("path", all_paths())
 @pytest.mark.parametrize("shape", SHAPES_2B4T, ids=lambda s: f"{s[0]}x{s[1]}")
-@pytest.mark.parametrize("tokens", [1, 2, 3, 4, 5, 8, 11])
+@pytest.mark.parametrize("tokens", [1, 2, 3, 4, 5, 8, 11, 48])  # 48: the GEMM on AVX2 and AVX-512 (gemm.h)
 def test_ternary_product_is_exact_at_2b4t_shapes(path, shape, tokens):
     rng = np.random.default_rng(hash((shape, tokens)) % 2**32)
     codes = rng.integers(-1, 2, shape, dtype=np.int8)
@@ -63,10 +63,10 @@ EDGES = {
 @pytest.mark.parametrize("path", all_paths())
 @pytest.mark.parametrize("edge", EDGES)
 @pytest.mark.parametrize("shape", [(2560, 6912), (13, 200), (5, 4), (9, 1000)], ids=lambda s: f"{s[0]}x{s[1]}")
-@pytest.mark.parametrize("tokens", [1, 3, 8, 9])
+@pytest.mark.parametrize("tokens", [1, 3, 8, 9, 48])
 def test_ternary_product_is_exact_at_the_edges(path, edge, shape, tokens):
     """Extremes of the int16 partial sums (6912 inputs: 54 blocks, several int16 stretches) and of the AVX-512
-    tile's scaled sums (its layouts differ with the token count; 9 tokens take the GEMM), and shapes whose
+    tile's scaled sums (its layouts differ with the token count; 48 tokens take the GEMM), and shapes whose
     rows are not a multiple of 4 and inputs not a multiple of 128 (padded with zero weights)."""
     value, weight = EDGES[edge]
     codes = np.full(shape, weight, dtype=np.int8)
@@ -74,10 +74,11 @@ def test_ternary_product_is_exact_at_the_edges(path, edge, shape, tokens):
     assert np.array_equal(int_product(codes, x, path), exact_product(x, codes))
 
 
-def test_every_path_and_thread_count_gives_the_same_integers():
+@pytest.mark.parametrize("tokens", [19, 48])  # tiles; the GEMM
+def test_every_path_and_thread_count_gives_the_same_integers(tokens):
     rng = np.random.default_rng(1)
     codes = rng.integers(-1, 2, (37, 300), dtype=np.int8)
-    x = rng.integers(-128, 128, (19, 300), dtype=np.int8)
+    x = rng.integers(-128, 128, (tokens, 300), dtype=np.int8)
     results = [int_product(codes, x, path, threads) for path in kernels.paths() for threads in (1, 2, 3)]
     assert all(np.array_equal(r, results[0]) for r in results)
 
@@ -249,6 +250,7 @@ def test_attention_matches_sdpa_and_is_identical_on_every_path(start, tokens, he
 
 
 def test_attention_of_several_slots_in_one_step_equals_one_call_per_slot():
+    """Decode rows, a short chunk and a prefill chunk of 9+ tokens (the prefill kernel, as alone) in one step."""
     from bitnet_tt.backends.torch.model import rope_tables
 
     cfg = ModelConfig.from_hf_dict({**config_2b4t(), "hidden_size": 256, "num_attention_heads": 4,
@@ -256,9 +258,9 @@ def test_attention_of_several_slots_in_one_step_equals_one_call_per_slot():
     heads, kv_heads, dim, positions = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, 16
     tables = tuple(t.numpy() for t in rope_tables(cfg, positions, torch.float32, "cpu"))
     rng = np.random.default_rng(8)
-    spans = [(1, 3, 1), (0, 0, 2), (2, 5, 1)]
-    qkv = rng.standard_normal((4, (heads + 2 * kv_heads) * dim)).astype(np.float32)
-    past = rng.standard_normal((3, 2, kv_heads, positions, dim)).astype(np.float32)
+    spans = [(1, 3, 1), (3, 2, 11), (0, 0, 2), (2, 5, 1)]
+    qkv = rng.standard_normal((15, (heads + 2 * kv_heads) * dim)).astype(np.float32)
+    past = rng.standard_normal((4, 2, kv_heads, positions, dim)).astype(np.float32)
     together_cache = past.copy()
     together = attention_step(qkv.copy(), heads, kv_heads, dim, tables, spans, together_cache, kernels.paths()[0])
     alone_cache, row = past.copy(), 0
