@@ -220,8 +220,8 @@ def test_greedy_decoding_picks_the_argmax_and_marks_a_slot_with_non_finite_logit
     rewind()
     forward = fast.model.forward
     for bad in (np.nan, np.inf, -np.inf):
-        def forward_with_a_bad_logit(tokens, segments, bad=bad):
-            out = forward(tokens, segments)
+        def forward_with_a_bad_logit(tokens, segments, logits_of, bad=bad):
+            out = forward(tokens, segments, logits_of)
             out[1, 7] = bad
             return out
 

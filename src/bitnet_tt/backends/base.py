@@ -10,6 +10,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -18,12 +19,21 @@ from ..errors import CapacityError
 from ..sampling import DeviceDraw
 
 
+class PrefillPart(NamedTuple):
+    """Prompt tokens to append to a slot in a step. A chunk before the prompt's last needs no logits (a backend
+    may then skip the LM head: in a long prompt's chunks it costs as much as the layers of a small model)."""
+
+    slot: int
+    token_ids: Sequence[int]
+    wants_logits: bool = True
+
+
 @dataclass
 class StepResult:
     """What Backend.step computed. An exception in place of a part: the separate call that computed it raised
     (its slots are in an unknown state; the other parts stand)."""
 
-    prefill: list[torch.Tensor | Exception]  # each chunk's last-token logits, fp32 [vocab]
+    prefill: list[torch.Tensor | None | Exception]  # each chunk's last-token logits, fp32 [vocab]; None: not wanted
     decode: torch.Tensor | list[int] | Exception | None  # logits [slots, vocab] or picked token ids; None: no slots
 
 
@@ -75,15 +85,18 @@ class Backend(ABC):
         """Like decode, but draw each slot's next token on the device (only when device_top_k_limit > 0)."""
         raise NotImplementedError(f"{type(self).__name__} has no device sampler (device_top_k_limit is 0)")
 
-    def step(self, prefills: Sequence[tuple[int, Sequence[int]]], slots: Sequence[int], token_ids: Sequence[int],
+    def step(self, prefills: Sequence[PrefillPart], slots: Sequence[int], token_ids: Sequence[int],
              greedy: bool = False, draws: Sequence[DeviceDraw] | None = None) -> StepResult:
-        """One engine step: append each (slot, tokens) prefill chunk, and one token to each of `slots` (as
+        """One engine step: append each prefill part's tokens to its slot, and one token to each of `slots` (as
         decode_greedy when `greedy`, decode_sampled with `draws`, else decode); all slots distinct.
 
         Here the chunks and the decode rows are separate calls, each one's error kept in its place; a backend
         that runs them in one forward pass (one fixed cost per step) overrides this, and then an error fails
         the whole step."""
-        prefilled = [_attempt(self.prefill, slot, tokens) for slot, tokens in prefills]
+        prefilled = []
+        for part in prefills:
+            logits = _attempt(self.prefill, part.slot, part.token_ids)
+            prefilled.append(logits if part.wants_logits or isinstance(logits, Exception) else None)
         if not slots:
             return StepResult(prefilled, None)
         if draws is not None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..backends.base import Backend, StepResult
+from ..backends.base import Backend, PrefillPart, StepResult
 from ..errors import BitNetError, CapacityError, GenerationError, RequestError
 from ..grammar import GrammarCompiler, TokenConstraint
 from ..sampling import (
@@ -182,15 +182,16 @@ class Engine:
         called = time.perf_counter()
         greedy = all(r.params.plain_greedy for r in plan.decode)  # no logits needed: the backend picks the tokens
         draws = None if greedy else self._device_draws(plan.decode)  # the backend samples on its device
-        result = self._backend_step(plan, greedy, draws, outputs)
-        completed = [(c.request, logits) for c, part in zip(plan.prefill, result.prefill)
-                     if (logits := self._prefilled(c, part, outputs)) is not None]
+        result = self._backend_step(plan, greedy, draws, outputs)  # None: it failed, and so have its requests
+        completed = [] if result is None else [(c.request, logits) for c, part in zip(plan.prefill, result.prefill)
+                                               if (logits := self._prefilled(c, part, outputs)) is not None]
         completed += self._copy_prefills(plan.copies, completed, outputs)
         # Every prompt is in its slot before any first token is accepted: one that ends at once frees its slot.
         for request, logits in completed:
             self._contained([request], outputs, self._accept, request, logits, outputs)
         if plan.decode:
-            self._decoded(plan.decode, greedy, draws, result.decode, outputs)
+            if result is not None:
+                self._decoded(plan.decode, greedy, draws, result.decode, outputs)
             self.stats.decode_step_seconds.append(time.perf_counter() - called)
         self.last_plan = plan
         self.stats.steps += 1
@@ -202,50 +203,47 @@ class Engine:
         return outputs
 
     def _backend_step(self, plan: StepPlan, greedy: bool, draws: list[DeviceDraw] | None,
-                      outputs: list[RequestOutput]) -> StepResult:
+                      outputs: list[RequestOutput]) -> StepResult | None:
         """One backend call for the step's prefill chunks and decode rows; if it raises, every request of the
-        step fails, and the result's parts are None."""
+        step fails, and the result is None."""
         if not plan.prefill and not plan.decode:
             return StepResult([], None)
         now = time.perf_counter()
         for chunk in plan.prefill:
             if chunk.start == chunk.request.cached_tokens:
                 chunk.request.stats.prefill_started = now
-        prefills = [(c.request.slot, c.request.prompt_ids[c.start : c.stop]) for c in plan.prefill]
+        prefills = [PrefillPart(c.request.slot, c.request.prompt_ids[c.start : c.stop], c.completes_prompt)
+                    for c in plan.prefill]
         slots, last = [r.slot for r in plan.decode], [r.output_ids[-1] for r in plan.decode]
         requests = [c.request for c in plan.prefill] + plan.decode
-        result = self._backend_call(requests, outputs, "step", self.backend.step, prefills, slots, last, greedy, draws)
-        return result or StepResult([None] * len(plan.prefill), None)
+        return self._backend_call(requests, outputs, "step", self.backend.step, prefills, slots, last, greedy, draws)
 
     def _prefilled(self, chunk: PrefillChunk, part, outputs: list[RequestOutput]) -> torch.Tensor | None:
         """Record the chunk's prefill; return the first token's logits when it completes the prompt (None
         otherwise, or when the prefill failed, and so has the request)."""
-        logits = self._part([chunk.request], outputs, "prefill", part)
-        if logits is None:
+        if self._failed([chunk.request], outputs, "prefill", part):
             return None
         chunk.request.prefilled = chunk.stop
-        return logits if chunk.completes_prompt else None
+        return part if chunk.completes_prompt else None
 
     def _decoded(self, decoding: list[Request], greedy: bool, draws, part, outputs: list[RequestOutput]) -> None:
         """Accept each decoding request's token: picked by the backend (greedy, or drawn on its device) or
         sampled here from its logits."""
         method = "decode_sampled" if draws else "decode_greedy" if greedy else "decode"
-        rows = self._part(decoding, outputs, method, part)
+        if self._failed(decoding, outputs, method, part):
+            return
         accept = self._accept if method == "decode" else self._accept_token
-        for request, row in zip(decoding, [] if rows is None else rows):
+        for request, row in zip(decoding, part):
             self._contained([request], outputs, accept, request, row, outputs)
 
-    def _part(self, requests: list[Request], outputs: list[RequestOutput], method: str, part):
-        """A part of the step's result, or None after failing `requests` when it is the error its call raised
-        (None already: the whole step failed)."""
-        if part is None:
-            return None
+    def _failed(self, requests: list[Request], outputs: list[RequestOutput], method: str, part) -> bool:
+        """Whether a part of the step's result is the error its call raised (then `requests` fail); counts the
+        method's failures in a row."""
         failed = isinstance(part, Exception)
         self._backend_failures[method] = self._backend_failures[method] + 1 if failed else 0
         if failed:
             self._fail(requests, part, outputs)
-            return None
-        return part
+        return failed
 
     def _copy_prefills(self, copies, completed, outputs) -> list[tuple[Request, torch.Tensor]]:
         """Requests with the same prompt as one prefilled in this step (the choices of an n > 1 request) get a

@@ -12,7 +12,7 @@ import torch
 
 from ...errors import BitNetError, CapacityError
 from ...sampling import DeviceDraw
-from ..base import Backend, StepResult
+from ..base import Backend, PrefillPart, StepResult
 from . import kernels
 from .model import CPUModel, Segment
 from .weights import LM_HEAD_DTYPES, load_cpu_weights
@@ -59,21 +59,23 @@ class CPUBackend(Backend):
     def prefill(self, slot: int, token_ids: Sequence[int]) -> torch.Tensor:
         if len(token_ids) == 0:
             raise ValueError("prefill needs at least one token")
-        return torch.from_numpy(self._forward([(slot, token_ids)])[0])
+        return torch.from_numpy(self._forward([PrefillPart(slot, token_ids)])[0])
 
-    def step(self, prefills: Sequence[tuple[int, Sequence[int]]], slots: Sequence[int], token_ids: Sequence[int],
+    def step(self, prefills: Sequence[PrefillPart], slots: Sequence[int], token_ids: Sequence[int],
              greedy: bool = False, draws: Sequence[DeviceDraw] | None = None) -> StepResult:
         """The decode rows and the prefill chunks in one forward pass: a pass has a fixed cost (reading every
         weight once, waking the threads) that a separate chunk pass would pay again."""
         if draws is not None:  # no device sampler: the base class keeps decode_sampled's error in its place
             return super().step(prefills, slots, token_ids, greedy, draws)
-        if len(slots) != len(token_ids) or any(len(tokens) == 0 for _, tokens in prefills):
+        if len(slots) != len(token_ids) or any(len(part.token_ids) == 0 for part in prefills):
             raise ValueError("a step needs one token for each decoding slot and at least one for each prefill")
         # The chunks first: a chunk cut by the workspace's size is cut where its prefill alone would be.
-        logits = self._forward(list(prefills) + [(s, [t]) for s, t in zip(slots, token_ids)])
-        decoded = logits[len(prefills) :]
-        return StepResult([torch.from_numpy(row) for row in logits[: len(prefills)]],
-                          None if not slots else greedy_picks(decoded) if greedy else torch.from_numpy(decoded))
+        logits = self._forward(list(prefills) + [PrefillPart(s, [t]) for s, t in zip(slots, token_ids)])
+        wanted = sum(part.wants_logits for part in prefills)
+        rows = iter(logits[:wanted])
+        prefilled = [torch.from_numpy(next(rows)) if part.wants_logits else None for part in prefills]
+        decoded = logits[wanted:]
+        return StepResult(prefilled, None if not slots else greedy_picks(decoded) if greedy else torch.from_numpy(decoded))
 
     def copy_slot(self, source: int, target: int, length: int) -> None:
         if not 0 < length <= self.slot_length(source) or self.slot_length(target) != 0 or source == target:
@@ -91,45 +93,37 @@ class CPUBackend(Backend):
     def _decode(self, slots: Sequence[int], token_ids: Sequence[int]) -> np.ndarray:
         if len(slots) != len(token_ids) or not slots:
             raise ValueError("decode needs one token for each of distinct slots")
-        return self._forward([(s, [t]) for s, t in zip(slots, token_ids)])
+        return self._forward([PrefillPart(s, [t]) for s, t in zip(slots, token_ids)])
 
-    def _forward(self, parts: list[tuple[int, Sequence[int]]]) -> np.ndarray:
+    def _forward(self, parts: list[PrefillPart]) -> np.ndarray:
         """Append each part's tokens to its slot (distinct slots) in as few forward passes as the workspaces
-        allow; return fp32 logits of each part's last token, [parts, vocab]."""
-        if len({slot for slot, _ in parts}) != len(parts):
+        allow; return fp32 logits of the last token of each part that wants them, [such parts, vocab]."""
+        if len({part.slot for part in parts}) != len(parts):
             raise ValueError("a step appends to each slot once (got a slot twice)")
-        starts = [self._reserve(slot, len(tokens)) for slot, tokens in parts]
-        self._check_tokens([t for _, tokens in parts for t in tokens])
-        passes = self._passes(parts, starts)
-        if len(passes) == 1:  # every part whole, in order: the pass's logits are the parts'
-            logits = self.model.forward(*passes[0][:2])
-        else:
-            logits = np.empty((len(parts), self.config.vocab_size), np.float32)
-            for tokens, segments, ends in passes:
-                out = self.model.forward(tokens, segments)
-                for row, part in enumerate(ends):
-                    if part is not None:
-                        logits[part] = out[row]
-        for slot, tokens in parts:
-            self._advance(slot, len(tokens))
-        return logits
+        starts = [self._reserve(part.slot, len(part.token_ids)) for part in parts]
+        self._check_tokens([t for part in parts for t in part.token_ids])
+        logits = [self.model.forward(*forward_pass) for forward_pass in self._passes(parts, starts)]
+        for part in parts:
+            self._advance(part.slot, len(part.token_ids))
+        return logits[0] if len(logits) == 1 else np.concatenate(logits)
 
-    def _passes(self, parts: list[tuple[int, Sequence[int]]], starts: list[int]) -> list[tuple]:
+    def _passes(self, parts: list[PrefillPart], starts: list[int]) -> list[tuple]:
         """The parts' rows cut into forward passes of at most max_rows: (tokens, segments, and for each segment
-        the part it ends or None); a part cut in two continues in the next pass, over its positions cached."""
+        whether it needs logits: it ends a part that wants them); a part cut in two continues in the next pass,
+        over its positions cached. The passes' logits, in order, are the parts'."""
         passes, room = [([], [], [])], self.max_rows
-        for part, ((slot, tokens), start) in enumerate(zip(parts, starts)):
-            offset = 0
+        for part, start in zip(parts, starts):
+            offset, tokens = 0, part.token_ids
             while offset < len(tokens):
                 if room == 0:
                     passes.append(([], [], []))
                     room = self.max_rows
                 piece = tokens[offset : offset + room]
-                rows, segments, ends = passes[-1]
+                rows, segments, logits_of = passes[-1]
                 rows += piece
-                segments.append(Segment(slot, start + offset, len(piece)))
+                segments.append(Segment(part.slot, start + offset, len(piece)))
                 offset += len(piece)
-                ends.append(part if offset == len(tokens) else None)
+                logits_of.append(part.wants_logits and offset == len(tokens))
                 room -= len(piece)
         return passes
 

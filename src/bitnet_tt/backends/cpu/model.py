@@ -91,8 +91,9 @@ class CPUModel:
         # 0.46 GB of it resident. Its pages are dropped after each lookup (they stay in the page cache).
         self.embed_mapping = mapping_of(weights.embed) if weights.head is not weights.embed else None
 
-    def forward(self, tokens: Sequence[int], segments: Sequence[Segment]) -> np.ndarray:
-        """Run the rows (segments in order) through the model; return fp32 logits of each segment's last row."""
+    def forward(self, tokens: Sequence[int], segments: Sequence[Segment], logits_of: Sequence[bool]) -> np.ndarray:
+        """Run the rows (segments in order) through the model; return fp32 logits of the last row of each segment
+        flagged in logits_of, [flagged, vocab] (the LM head runs for those rows only)."""
         cfg, w, work = self.config, self.weights, self.work
         rows = len(tokens)
         work.tokens[:rows] = tokens
@@ -103,9 +104,10 @@ class CPUModel:
         if self.embed_mapping is not None:
             drop_pages(self.embed_mapping, w.embed)
         kernels.layers(self.layers, rows, spans, self.path, self.threads, self.timings)
-        last = np.cumsum([seg.count for seg in segments]) - 1
+        last = (np.cumsum([seg.count for seg in segments]) - 1)[np.asarray(logits_of, bool)]
         for i, row in enumerate(last):
             kernels.norm(x[row : row + 1], 1, w.final_norm, cfg.rms_norm_eps, work.final[i : i + 1])
-        logits = np.empty((len(segments), cfg.vocab_size), np.float32)
-        return kernels.head(w.head, work.final[: len(segments)], len(segments), logits, w.head_scales, self.path,
-                            self.threads)
+        logits = np.empty((len(last), cfg.vocab_size), np.float32)
+        if len(last) == 0:
+            return logits
+        return kernels.head(w.head, work.final[: len(last)], len(last), logits, w.head_scales, self.path, self.threads)
