@@ -176,3 +176,18 @@ def test_greedy_decoding_picks_the_argmax_and_marks_a_slot_with_non_finite_logit
         fast.model.forward = forward_with_a_bad_logit
         assert fast.decode_greedy([0, 1], [4, 5]) == [int(logits[0].argmax()), -1]
         rewind()
+
+
+@pytest.mark.parametrize("theta, dim, length", [(500_000.0, 128, 4096), (10_000.0, 16, 300)])
+def test_rope_tables_within_one_ulp_of_torchs(theta, dim, length):
+    """The cpu backend's numpy RoPE tables: the golden model's fp32 frequencies, cos and sin within 1 ulp."""
+    from types import SimpleNamespace
+
+    from bitnet_tt.backends.cpu.model import rope_tables
+    from bitnet_tt.backends.torch.model import rope_tables as torch_rope_tables
+
+    config = SimpleNamespace(head_dim=dim, rope_theta=theta)
+    for ours, golden in zip(rope_tables(config, length), torch_rope_tables(config, length, torch.float32, "cpu")):
+        golden = golden.numpy()
+        assert ours.dtype == np.float32 and ours.shape == (length, dim)
+        assert np.all(np.abs(ours - golden) <= np.spacing(np.abs(golden)))

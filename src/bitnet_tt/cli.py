@@ -511,7 +511,7 @@ def is_hub_id(text: str) -> bool:
 
 def describe_hub_model(repo_id: str) -> dict:
     """What a hub model holds, from its config.json and safetensors index only (no weights are downloaded)."""
-    from .checkpoint import INDEX_FILE, SINGLE_FILE, SafetensorsIndex
+    from .tensorfiles import INDEX_FILE, SINGLE_FILE, SafetensorsIndex
     from .config import ModelConfig, read_config_json, read_json_object, validate_schema
     from .errors import CheckpointError
 

@@ -14,12 +14,23 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
-from ..torch.model import rope_tables
+from ...config import ModelConfig
 from . import kernels
 from .kernels import Activations, matmul
 from .weights import CPUWeights, drop_pages, mapping_of
+
+
+def rope_tables(config: ModelConfig, length: int) -> tuple[np.ndarray, np.ndarray]:
+    """fp32 cos/sin [length, head_dim] for HF's half-split RoPE, in numpy (the cpu backend runs without torch).
+    The frequencies are HF's fp32 ones (its fp32 power agrees with float64's rounded); cos and sin are rounded
+    from float64, so they may differ from torch's fp32 ones by 1 ulp (tests/test_cpu_backend.py)."""
+    dim = config.head_dim
+    exponents = np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)
+    inv_freq = np.float32(1.0) / (config.rope_theta ** exponents.astype(np.float64)).astype(np.float32)
+    freqs = np.arange(length, dtype=np.float32)[:, None] * inv_freq[None, :]
+    angles = np.concatenate((freqs, freqs), axis=-1).astype(np.float64)
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
 
 @dataclass(frozen=True)
@@ -56,8 +67,7 @@ class CPUModel:
         self.path, self.threads = path, threads
         # [layer, slot, key/value, kv head, position, head dim]; zero pages stay unmapped until written.
         self.cache = np.zeros((cfg.num_layers, max_slots, 2, cfg.num_kv_heads, max_context, cfg.head_dim), np.float32)
-        cos, sin = rope_tables(cfg, max_context, torch.float32, "cpu")
-        self.rope_cos, self.rope_sin = cos.numpy(), sin.numpy()
+        self.rope_cos, self.rope_sin = rope_tables(cfg, max_context)
         self.work = Workspace(weights, max_rows)
         # A mapped embedding that is not also the LM head is read a few rows per step, but each page fault
         # maps the file's cached neighbours too (MADV_RANDOM does not stop that): 2,048 random tokens left
