@@ -18,7 +18,7 @@ import numpy as np
 from ...config import ModelConfig
 from . import kernels
 from .kernels import Activations, matmul
-from .weights import CPUWeights, drop_pages, mapping_of
+from .weights import CPUWeights
 
 
 def rope_tables(config: ModelConfig, length: int) -> tuple[np.ndarray, np.ndarray]:
@@ -58,6 +58,7 @@ class Workspace:
         self.attention_acts = Activations(rows, cfg.q_size)
         self.mlp_acts = Activations(rows, cfg.intermediate_size)
         self.tokens = np.zeros(rows, np.int64)
+        self.embed_rows = np.zeros((rows, cfg.hidden_size), weights.embed.dtype) if weights.embed_rows else None
 
 
 class CPUModel:
@@ -69,10 +70,6 @@ class CPUModel:
         self.cache = np.zeros((cfg.num_layers, max_slots, 2, cfg.num_kv_heads, max_context, cfg.head_dim), np.float32)
         self.rope_cos, self.rope_sin = rope_tables(cfg, max_context)
         self.work = Workspace(weights, max_rows)
-        # A mapped embedding that is not also the LM head is read a few rows per step, but each page fault
-        # maps the file's cached neighbours too (MADV_RANDOM does not stop that): 2,048 random tokens left
-        # 0.46 GB of it resident. Its pages are dropped after each lookup (they stay in the page cache).
-        self.embed_mapping = mapping_of(weights.embed) if weights.head is not weights.embed else None
 
     def forward(self, tokens: Sequence[int], segments: Sequence[Segment]) -> np.ndarray:
         """Run the rows (segments in order) through the model; return fp32 logits of each segment's last row."""
@@ -81,10 +78,7 @@ class CPUModel:
         work.tokens[:rows] = tokens
         spans = np.array([(seg.slot, seg.start, seg.count) for seg in segments], np.int64)
         x = work.x[:rows]
-        kernels.require().embed(w.embed, kernels.weight_dtype(w.embed), cfg.vocab_size, cfg.hidden_size,
-                                work.tokens, rows, x)
-        if self.embed_mapping is not None:
-            drop_pages(self.embed_mapping, w.embed)
+        self._embed(rows, x)
         for index, layer in enumerate(w.layers):
             self._attention_block(index, layer, rows, spans)
             self._mlp_block(layer, rows)
@@ -94,6 +88,15 @@ class CPUModel:
         logits = np.empty((len(segments), cfg.vocab_size), np.float32)
         return kernels.head(w.head, work.final[: len(segments)], len(segments), logits, w.head_scales, self.path,
                             self.threads)
+
+    def _embed(self, rows: int, x: np.ndarray) -> None:
+        """The tokens' embeddings into x. A mapped embedding that is not also the LM head is read a few rows per
+        step, with file reads (weights.TableRows): its pages would stay resident, and each fault maps many."""
+        table, tokens, vocab = self.weights.embed, self.work.tokens, self.config.vocab_size
+        if self.weights.embed_rows is not None:
+            table = self.weights.embed_rows.read(tokens[:rows], self.work.embed_rows)
+            tokens, vocab = np.arange(rows, dtype=np.int64), rows
+        kernels.require().embed(table, kernels.weight_dtype(table), vocab, self.config.hidden_size, tokens, rows, x)
 
     def _quantize(self, acts: Activations, x: np.ndarray, rows: int, norm: np.ndarray, gated: bool = False) -> None:
         acts.quantize(x, rows, norm, self.config.rms_norm_eps, gated, self.path)
