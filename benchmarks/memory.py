@@ -1,7 +1,8 @@
 """Where the cpu backend's peak memory (VmHWM) comes from, phase by phase, at the 2B-4T shapes.
 
 One process per LM head dtype runs what benchmarks/cpu.py's batch-1 worker runs (load with one slot of the full
-context, an 8-token warm-up, prompts of 128 and 2,048 tokens, a 128-token prefill, decode steps) and prints,
+context, an 8-token warm-up, prompts of 128 and 2,048 tokens, a 128-token prefill, decode steps), then fills the
+slot to the model's full context (issue #13's situation: every KV-cache page written) and prints,
 after each phase: the peak resident set during that phase (the kernel's high-water mark is reset before it,
 /proc/self/clear_refs), the resident set after it, split into anonymous memory and file pages (a mapped
 checkpoint), and the modules that weigh most (torch?). 1 GB = 1e9 bytes.
@@ -75,6 +76,8 @@ def worker(folder: Path, head: str, threads: int, decode_steps: int) -> dict:
             ids = backend.decode_greedy([0], ids)
 
     phases.run(f"decode {decode_steps}", decode)
+    fill = backend.max_context - backend.slot_length(0)
+    phases.run(f"fill the slot ({backend.max_context})", lambda: backend.prefill(0, prompt(fill, fill)))
     return {"head": head, "rows": phases.rows, "overall_peak": phases.overall,
             "heavy_modules": sorted(m for m in ("torch", "safetensors.torch", "tqdm", "pydantic") if m in sys.modules)}
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from .config import ModelConfig, read_config_json
-from .errors import CheckpointError, ModelNotFoundError
+from .errors import CheckpointError
 from .folders import partial_folder, publish, remove_stale_partials
 from .tensorfiles import (
     CHECKSUMS_KEY,
@@ -37,9 +35,6 @@ from .tensorfiles import (
 )
 from .ternary import TernaryWeight, holds_unused_code, pack_2bit, ternarize_absmean, unpack_2bit, unpack_hf
 
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
 @dataclass
 class LayerWeights:
     norms: dict[str, torch.Tensor]  # HF module path -> [width]
@@ -54,37 +49,6 @@ class BitNetWeights:
     lm_head: torch.Tensor | None  # [vocab, hidden]; None when tied to the embedding
     layers: list[LayerWeights] = field(default_factory=list)
     source_format: str = ""
-
-
-# ---------------------------------------------------------------------------------------------
-# Finding the model
-
-
-def resolve_model(model: str | os.PathLike) -> Path:
-    """A local folder as is; otherwise a hub id, downloaded (or taken from the cache) with huggingface_hub."""
-    path = Path(model).expanduser()
-    if path.is_dir():
-        return path
-    if path.exists():
-        raise ModelNotFoundError(f"{path}: is a file; --model expects a model folder or a hub id")
-    text = str(model)
-    if not HUB_ID.match(text) or text.startswith((".", "/", "~")):
-        raise ModelNotFoundError(f"{path}: no such model folder")
-    return _download_from_hub(text)
-
-
-def _download_from_hub(repo_id: str) -> Path:
-    from huggingface_hub import snapshot_download
-
-    patterns = ["*.json", "*.safetensors", "*.jinja", "tokenizer*"]
-    try:
-        return Path(snapshot_download(repo_id, allow_patterns=patterns))
-    except Exception as exc:  # network, auth and cache errors all mean the same thing to the user
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ModelNotFoundError(
-            f"{repo_id}: not a local folder, and it could not be fetched from the Hugging Face hub "
-            f"(offline and not cached?): {reason}"
-        ) from None
 
 
 # ---------------------------------------------------------------------------------------------

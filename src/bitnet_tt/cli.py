@@ -479,7 +479,8 @@ def fit_history(engine, system, history, reserve: int):
 
 
 def cmd_convert(args) -> int:
-    from .checkpoint import convert_checkpoint, resolve_model
+    from .checkpoint import convert_checkpoint
+    from .tensorfiles import resolve_model
 
     started = time.perf_counter()
     src = resolve_model(args.src)
@@ -493,7 +494,8 @@ def cmd_convert(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from .checkpoint import describe_folder, resolve_model
+    from .checkpoint import describe_folder
+    from .tensorfiles import resolve_model
 
     if Path(args.model).expanduser().exists() or not is_hub_id(args.model):
         described = describe_folder(resolve_model(args.model))
@@ -504,7 +506,7 @@ def cmd_info(args) -> int:
 
 
 def is_hub_id(text: str) -> bool:
-    from .checkpoint import HUB_ID
+    from .tensorfiles import HUB_ID
 
     return bool(HUB_ID.match(text)) and not text.startswith((".", "/", "~"))
 

@@ -1,4 +1,4 @@
-"""Checked tensors from a model folder's safetensors files, as numpy arrays, and the model's format.
+"""A model folder: found (local or on the hub), its safetensors files' tensors as checked numpy arrays, its format.
 
 No torch here: the cpu backend loads, prefills and decodes without it (importing torch alone costs ~0.5 GB
 of memory); checkpoint.py turns these arrays into torch tensors for the torch and ttnn backends.
@@ -10,6 +10,8 @@ import hashlib
 import json
 import math
 import mmap
+import os
+import re
 from pathlib import Path
 from typing import Annotated
 
@@ -46,6 +48,42 @@ FLOAT_DTYPES = ("BF16", "F16", "F32")  # what a model's float tensors may be sto
 FLOATING = ("BF16", "F16", "F32", "F64")  # what must hold finite values
 MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit
 FINITE_CHUNK_BYTES = 1 << 21  # finite checks of bfloat16 bits go a cache-sized chunk at a time
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding the model
+
+
+def resolve_model(model: str | os.PathLike) -> Path:
+    """A local folder as is; otherwise a hub id, downloaded (or taken from the cache) with huggingface_hub."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ModelNotFoundError(f"{path}: is a file; --model expects a model folder or a hub id")
+    text = str(model)
+    if not HUB_ID.match(text) or text.startswith((".", "/", "~")):
+        raise ModelNotFoundError(f"{path}: no such model folder")
+    return _download_from_hub(text)
+
+
+def _download_from_hub(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "*.jinja", "tokenizer*"]
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception as exc:  # network, auth and cache errors all mean the same thing to the user
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ModelNotFoundError(
+            f"{repo_id}: not a local folder, and it could not be fetched from the Hugging Face hub "
+            f"(offline and not cached?): {reason}"
+        ) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading tensors
 
 
 def _shard_name(name: str) -> str:

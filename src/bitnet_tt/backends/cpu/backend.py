@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from ...errors import BitNetError, CapacityError
 from ..base import Backend
@@ -53,7 +52,7 @@ class CPUBackend(Backend):
         self.path_name = kernels.paths()[0] if options.path is None else options.path
         self.model = CPUModel(weights, max_slots, self.max_context, max(PREFILL_CHUNK, max_slots), path, self.threads)
 
-    def prefill(self, slot: int, token_ids: Sequence[int]) -> torch.Tensor:
+    def prefill(self, slot: int, token_ids: Sequence[int]) -> np.ndarray:
         if len(token_ids) == 0:
             raise ValueError("prefill needs at least one token")
         start = self._reserve(slot, len(token_ids))
@@ -62,7 +61,7 @@ class CPUBackend(Backend):
             chunk = token_ids[offset : offset + PREFILL_CHUNK]
             logits = self.model.forward(chunk, [Segment(slot, start + offset, len(chunk))])
         self._advance(slot, len(token_ids))
-        return torch.from_numpy(logits[0])
+        return logits[0]
 
     def copy_slot(self, source: int, target: int, length: int) -> None:
         if not 0 < length <= self.slot_length(source) or self.slot_length(target) != 0 or source == target:
@@ -71,18 +70,7 @@ class CPUBackend(Backend):
         cache[:, target, :, :, :length] = cache[:, source, :, :, :length]
         self._advance(target, length)
 
-    def decode(self, slots: Sequence[int], token_ids: Sequence[int]) -> torch.Tensor:
-        return torch.from_numpy(self._decode(slots, token_ids))
-
-    def decode_greedy(self, slots: Sequence[int], token_ids: Sequence[int]) -> list[int]:
-        """The base class's contract in numpy: torch's reductions over the logits cost more than a layer here
-        (its own thread pool wakes up and competes with the kernels' threads)."""
-        logits = self._decode(slots, token_ids)
-        picks = logits.argmax(-1)
-        picks[~(np.isfinite(logits.max(-1)) & np.isfinite(logits.min(-1)))] = -1  # max/min propagate NaN
-        return picks.tolist()
-
-    def _decode(self, slots: Sequence[int], token_ids: Sequence[int]) -> np.ndarray:
+    def decode(self, slots: Sequence[int], token_ids: Sequence[int]) -> np.ndarray:
         if len(slots) != len(token_ids) or len(set(slots)) != len(slots) or not slots:
             raise ValueError("decode needs one token for each of distinct slots")
         segments = [Segment(s, self._reserve(s, 1), 1) for s in slots]
@@ -91,6 +79,14 @@ class CPUBackend(Backend):
         for s in slots:
             self._advance(s, 1)
         return logits
+
+    def decode_greedy(self, slots: Sequence[int], token_ids: Sequence[int]) -> list[int]:
+        """The base class's contract in numpy (this backend never imports torch; its reductions over the logits
+        also cost more than a layer here: its own thread pool wakes up and competes with the kernels')."""
+        logits = self.decode(slots, token_ids)
+        picks = logits.argmax(-1)
+        picks[~(np.isfinite(logits.max(-1)) & np.isfinite(logits.min(-1)))] = -1  # max/min propagate NaN
+        return picks.tolist()
 
     def _check_tokens(self, token_ids: Sequence[int]) -> None:
         vocab = self.config.vocab_size
