@@ -147,15 +147,16 @@ class TensorFiles:
 
     def stored_dtype(self, name: str) -> str:
         """The tensor's dtype as the file names it ("BF16", "U8", ...)."""
-        path = self.file_of[name]
-        self._open(path)
-        return self._headers[path][1][name]["dtype"]
+        return self._checked_entry(name)[2]["dtype"]
 
-    def get(self, name: str, shape: tuple[int, ...] | None = None, dtypes: tuple[str, ...] | None = None,
-            into: np.ndarray | None = None) -> np.ndarray:
-        """A checked array (bfloat16 as its uint16 bits), of one of the stored `dtypes` ("U8", FLOAT_DTYPES, ...),
-        in its own memory or, with `into` (a uint8 buffer reused from call to call, so that no fresh pages are
-        touched per tensor), in the front of that buffer."""
+    def nbytes(self, name: str, shape: tuple[int, ...] | None = None, dtypes: tuple[str, ...] | None = None) -> int:
+        """The bytes get() reads for the tensor, after the checks of its header entry that get() makes."""
+        entry = self._checked_entry(name, shape, dtypes)[2]
+        return math.prod(entry["shape"]) * np.dtype(STORED_DTYPES[entry["dtype"]][0]).itemsize
+
+    def _checked_entry(self, name: str, shape: tuple[int, ...] | None = None,
+                       dtypes: tuple[str, ...] | None = None) -> tuple[Path, int, dict]:
+        """(file, offset of its data, header entry) of a tensor there, of `shape` and one of `dtypes` if given."""
         if name not in self.file_of:
             raise CheckpointError(f"{self.folder}: tensor '{name}' is missing")
         path = self.file_of[name]
@@ -171,6 +172,15 @@ class TensorFiles:
             names = ", ".join(STORED_DTYPES[d][1] for d in dtypes or STORED_DTYPES)
             raise CheckpointError(f"{path}: tensor '{name}' has unsupported dtype "
                                   f"{STORED_DTYPES.get(stored, (None, stored))[1]} (expected {names})")
+        return path, data_start, entry
+
+    def get(self, name: str, shape: tuple[int, ...] | None = None, dtypes: tuple[str, ...] | None = None,
+            into: np.ndarray | None = None) -> np.ndarray:
+        """A checked array (bfloat16 as its uint16 bits), of one of the stored `dtypes` ("U8", FLOAT_DTYPES, ...),
+        in its own memory or, with `into` (a uint8 buffer reused from call to call, so that no fresh pages are
+        touched per tensor), in the front of that buffer."""
+        path, data_start, entry = self._checked_entry(name, shape, dtypes)
+        stored = entry["dtype"]
         dtype = np.dtype(STORED_DTYPES[stored][0])
         if into is None:
             array = np.empty(entry["shape"], dtype)
