@@ -50,7 +50,8 @@ class BuildKernels(build_ext):
                 ext.extra_objects += self.compiler.compile(
                     [os.path.join(CSRC, source)], output_dir=os.path.join(self.build_temp, variant),
                     extra_postargs=COMMON_FLAGS + flags, depends=[os.path.join(CSRC, n) for n in ("kernels.h", "float_ops.h", "gemm.h", "pack.h", "fast_exp.h",
-                                                                                 "attention_prefill.h", "scratch.h")],
+                                                                                 "attention_prefill.h", "scratch.h", "layers.h", "paths.h",
+                                                                                 "vnni_avx512.h")],
                 )
             super().build_extension(ext)
         except (CCompilerError, DistutilsExecError, DistutilsPlatformError) as exc:
@@ -59,7 +60,7 @@ class BuildKernels(build_ext):
 
 kernels = Extension(
     "bitnet_tt.backends.cpu._kernels",
-    sources=[os.path.join(CSRC, name) for name in ("module.c", "pool.c", "tile_scalar.c", "pack.c", "scratch.c")],
+    sources=[os.path.join(CSRC, name) for name in ("module.c", "layers.c", "pool.c", "tile_scalar.c", "pack.c", "scratch.c")],
     # every source, so that a change to an instruction-set unit relinks the module
     depends=[os.path.join(CSRC, name) for name in sorted(os.listdir(CSRC))],
     extra_compile_args=COMMON_FLAGS,

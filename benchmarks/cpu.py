@@ -20,8 +20,8 @@ How it measures:
   (benchmarks/gguf_2b4t.py writes a GGUF of the same shapes; its docstring says how to quantise it to TQ2_0).
 - --engines: run only some of the engines (the side-by-side ratios need the engines they compare).
 - --profile: instead, where a cpu engine's decode step goes, per component (each projection kind, RoPE +
-  attention, norm + quantisation, LM head, Python outside the native calls) at batch 1 and 8, with GB/s against
-  the probe; then a best-of-N microbenchmark of each kernel over all layers' weights, less sensitive to a
+  attention, norm + quantisation: timed in C inside the layers' one native call; LM head, Python outside the
+  native calls) at batch 1 and 8, with GB/s against the probe; then a best-of-N microbenchmark of each kernel over all layers' weights, less sensitive to a
   busy machine: wall clock with --threads threads, and CPU time of one thread (against a one-thread probe).
 The machine may be shared: absolute figures are noisy, so everything is also printed as a ratio measured in
 the same run. Figures are printed, never asserted (tests/test_full_shapes.py asserts the memory bound).
@@ -172,50 +172,52 @@ class TimedKernels:
         return timed_call
 
 
-def projection_kinds(cfg) -> dict[tuple[int, int], str]:
-    """(rows, inputs) of each fused projection -> its name (backends/cpu/weights.FUSED)."""
-    return {(cfg.q_size + 2 * cfg.kv_size, cfg.hidden_size): "qkv", (cfg.hidden_size, cfg.q_size): "o_proj",
-            (2 * cfg.intermediate_size, cfg.hidden_size): "gate_up", (cfg.hidden_size, cfg.intermediate_size): "down"}
+LAYERS = "layers: rest of the call"
+NATIVE_NAMES = {"layers": LAYERS, "embed": "embedding", "norm": "final norm"}
 
 
-def component_of(cfg):
-    kinds = projection_kinds(cfg)
-    names = {"quantize": "norm + quantise", "embed": "embedding", "norm": "final norm"}
-
-    def component(name: str, args: tuple) -> tuple[str, int]:
-        if name == "matmul":
-            return kinds[(args[1], args[2])], memoryview(args[0]).nbytes
-        if name == "head":
-            return "LM head", memoryview(args[0]).nbytes
-        if name == "attention_step":  # RoPE, cache write, attention; reads keys and values up to each segment's end
-            kv_heads, dim, segments = args[3], args[4], args[7]
-            return "RoPE + attention", int(2 * kv_heads * dim * 4 * (segments[:, 1] + segments[:, 2]).sum())
-        return names.get(name, name), 0
-
-    return component
+def component_of(name: str, args: tuple) -> tuple[str, int]:
+    """A native call's component and the bytes it reads (the layers' call is split by its own timers)."""
+    if name == "head":
+        return "LM head", memoryview(args[0]).nbytes
+    return NATIVE_NAMES.get(name, name), 0
 
 
 def work_profile(args) -> dict:
+    import numpy as np
+
     from bitnet_tt.backends.cpu import kernels
 
     batches = [1, 8]
     backend = open_engine(args.engine, Path(args.model), max(batches), args.threads)
     vocab = backend.config.vocab_size
     first = [int(backend.prefill(s, prompt(32, s, vocab)).argmax()) for s in range(max(batches))]
-    native = kernels.require()
+    native, components = kernels.require(), kernels.layer_components()
     result = {"steps": {}, "micro": microbenchmark(backend, args)}
     for batch in batches:
         slots = list(range(batch))
         ids = backend.decode_greedy(slots, first[:batch])  # warm-up
-        timed = kernels._kernels = TimedKernels(native, component_of(backend.config))
+        layers = backend.model.timings = np.zeros((len(components), 3))
+        timed = kernels._kernels = TimedKernels(native, component_of)
         start, start_cpu = time.perf_counter(), time.thread_time()
         for _ in range(args.decode_steps):
             ids = backend.decode_greedy(slots, ids)
         result["steps"][batch] = {"step_s": (time.perf_counter() - start) / args.decode_steps,
                                   "step_cpu_s": (time.thread_time() - start_cpu) / args.decode_steps,
-                                  "totals": dict(timed.totals)}
-        kernels._kernels = native
+                                  "native_calls": sum(t[0] for t in timed.totals.values()),
+                                  "totals": with_layer_components(dict(timed.totals), components, layers)}
+        kernels._kernels, backend.model.timings = native, None
     return result
+
+
+def with_layer_components(totals: dict, components: tuple[str, ...], layers) -> dict:
+    """The native calls' totals with the layers' one call split into its components (timed in C); what the
+    components leave of that call (the layers' own loop and timers) stays under its name."""
+    whole = totals.pop(LAYERS)
+    for name, (seconds, calls, nbytes) in zip(components, layers.tolist()):
+        totals[name] = [calls, seconds, nbytes, 0.0]
+    totals[LAYERS] = [whole[0], whole[1] - float(layers[:, 0].sum()), 0, whole[3]]
+    return totals
 
 
 def microbenchmark(backend, args, passes: int = 7) -> list[dict]:
@@ -282,7 +284,7 @@ def report_profile(args, bandwidth: float, bandwidth_one: float, engine: str, re
         totals, step_s = step["totals"], step["step_s"]
         steps = args.decode_steps
         native_s = sum(t[1] for t in totals.values()) / steps
-        calls = sum(t[0] for t in totals.values()) / steps
+        calls = step["native_calls"] / steps
         print(f"\n  batch {batch}: {step_s * 1e3:.1f} ms/step, {int(batch) / step_s:.1f} tok/s, "
               f"{calls:.0f} native calls/step")
         print(f"  {'component':26}{'calls/step':>11}{'ms/step':>10}{'share':>8}{'GB/s':>8}{'of probe':>10}")

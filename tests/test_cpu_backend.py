@@ -82,6 +82,58 @@ def test_paths_give_identical_logits(model_factory):
     assert all(np.array_equal(x, logits[0]) for x in logits)
 
 
+def layers_one_call_at_a_time(model, rows, spans):
+    """The decoder layers as kernel calls from Python, one per step of a layer (the cpu model before its layers
+    became one native call)."""
+    cfg, work, path, threads = model.config, model.work, model.path, model.threads
+    x, qkv, attention, gate_up = work.x[:rows], work.qkv[:rows], work.attention[:rows], work.gate_up[:rows]
+    for index, layer in enumerate(model.weights.layers):
+        p, norms, eps = layer.projections, layer.norms, cfg.rms_norm_eps
+        work.hidden_acts.quantize(x, rows, norms["input_layernorm"], eps, path=path)
+        kernels.matmul(p["qkv"].weight, work.hidden_acts, rows, qkv, p["qkv"].scale, False, path, threads)
+        kernels.attention_step(qkv, rows, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, model.rope_cos, model.rope_sin,
+                               spans, model.cache[index], cfg.head_dim**-0.5, work.attention, path, threads)
+        work.attention_acts.quantize(attention, rows, norms["self_attn.attn_sub_norm"], eps, path=path)
+        kernels.matmul(p["o_proj"].weight, work.attention_acts, rows, x, p["o_proj"].scale, True, path, threads)
+        work.hidden_acts.quantize(x, rows, norms["post_attention_layernorm"], eps, path=path)
+        kernels.matmul(p["gate_up"].weight, work.hidden_acts, rows, gate_up, p["gate_up"].scale, False, path, threads)
+        work.mlp_acts.quantize(gate_up, rows, norms["mlp.ffn_sub_norm"], eps, gated=True, path=path)
+        kernels.matmul(p["down"].weight, work.mlp_acts, rows, x, p["down"].scale, True, path, threads)
+
+
+def prefill_and_decode(backend):
+    """Logits of prefills (one of 20 tokens: the many-token GEMM and attention) and two 3-slot decode steps."""
+    logits = [backend.prefill(slot, prompt) for slot, prompt in enumerate((list(range(3, 23)), [4, 5, 6], [9]))]
+    return logits + [backend.decode([0, 1, 2], [7, 8, 9]), backend.decode([2, 0, 1], [1, 2, 3])]
+
+
+@pytest.mark.parametrize("path", kernels.paths() if kernels.available() else ["scalar"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_native_layers_equal_the_kernels_called_one_by_one(model_factory, monkeypatch, path, threads):
+    folder, options = model_factory("packed"), CPUOptions(path=path, threads=threads)
+    native = prefill_and_decode(create_backend("cpu", folder, 3, progress=False, cpu_options=options))
+    reference = create_backend("cpu", folder, 3, progress=False, cpu_options=options)
+    monkeypatch.setattr(kernels, "layers", lambda stack, rows, spans, *_: layers_one_call_at_a_time(reference.model, rows, spans))
+    assert all(np.array_equal(a, b) for a, b in zip(native, prefill_and_decode(reference), strict=True))
+
+
+def test_the_layers_time_each_component_and_check_their_rows(model_factory):
+    backend = create_backend("cpu", model_factory("packed"), 2, progress=False)
+    model, cfg = backend.model, backend.config
+    model.timings = np.zeros((len(kernels.layer_components()), 3))
+    backend.prefill(0, [3, 4, 5])
+    timed = dict(zip(kernels.layer_components(), model.timings.tolist()))
+    qkv = model.weights.layers[0].projections["qkv"].weight
+    assert timed["norm + quantise"][1] == 4 * cfg.num_layers and timed["down"][1] == cfg.num_layers
+    assert timed["qkv"][2] == qkv.data.nbytes * cfg.num_layers
+    assert timed["RoPE + attention"][2] == 2 * cfg.kv_size * 4 * 3 * cfg.num_layers  # keys and values of 3 positions
+    rows = len(model.work.x)
+    with pytest.raises(ValueError, match=f"holds up to {rows} rows"):
+        kernels.layers(model.layers, rows + 1, np.array([(0, 0, rows + 1)], np.int64), 0, 1)
+    with pytest.raises(ValueError, match="outside the cache"):
+        kernels.layers(model.layers, 1, np.array([(2, 0, 1)], np.int64), 0, 1)
+
+
 def test_batched_decode_and_slots_equal_single_runs(model_factory):
     folder = model_factory("packed")
     fast, golden = backends(folder, slots=3)

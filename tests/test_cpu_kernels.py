@@ -46,7 +46,7 @@ SHAPES_2B4T = sorted(set(ModelConfig.from_hf_dict(config_2b4t()).projection_shap
 
 @pytest.mark.parametrize("path", all_paths())
 @pytest.mark.parametrize("shape", SHAPES_2B4T, ids=lambda s: f"{s[0]}x{s[1]}")
-@pytest.mark.parametrize("tokens", [1, 8, 11])
+@pytest.mark.parametrize("tokens", [1, 2, 3, 4, 5, 8, 11])
 def test_ternary_product_is_exact_at_2b4t_shapes(path, shape, tokens):
     rng = np.random.default_rng(hash((shape, tokens)) % 2**32)
     codes = rng.integers(-1, 2, shape, dtype=np.int8)
@@ -63,12 +63,14 @@ EDGES = {
 @pytest.mark.parametrize("path", all_paths())
 @pytest.mark.parametrize("edge", EDGES)
 @pytest.mark.parametrize("shape", [(2560, 6912), (13, 200), (5, 4), (9, 1000)], ids=lambda s: f"{s[0]}x{s[1]}")
-def test_ternary_product_is_exact_at_the_edges(path, edge, shape):
-    """Extremes of the int16 partial sums (6912 inputs: 54 blocks, several int16 stretches), and shapes whose
+@pytest.mark.parametrize("tokens", [1, 3, 8, 9])
+def test_ternary_product_is_exact_at_the_edges(path, edge, shape, tokens):
+    """Extremes of the int16 partial sums (6912 inputs: 54 blocks, several int16 stretches) and of the AVX-512
+    tile's scaled sums (its layouts differ with the token count; 9 tokens take the GEMM), and shapes whose
     rows are not a multiple of 4 and inputs not a multiple of 128 (padded with zero weights)."""
     value, weight = EDGES[edge]
     codes = np.full(shape, weight, dtype=np.int8)
-    x = np.full((9, shape[1]), value, dtype=np.int8)
+    x = np.full((tokens, shape[1]), value, dtype=np.int8)
     assert np.array_equal(int_product(codes, x, path), exact_product(x, codes))
 
 
@@ -127,7 +129,7 @@ def test_norm_and_quantisation_match_the_golden_model(gated):
 
 
 @pytest.mark.parametrize("gated", [False, True])
-def test_norm_and_quantisation_are_identical_on_every_path(gated):
+def test_norm_and_quantisation_are_identical_on_every_path_and_thread_count(gated):
     rng = np.random.default_rng(6)
     k = 2560 + 37  # vector lanes and a tail
     x = rng.standard_normal((3, 2 * k if gated else k)).astype(np.float32) * 4
@@ -135,9 +137,10 @@ def test_norm_and_quantisation_are_identical_on_every_path(gated):
     weight = (1 + 0.1 * rng.standard_normal(k)).astype(np.float32)
     results = []
     for path in kernels.paths():
-        acts = kernels.Activations(3, k)
-        acts.quantize(x, 3, weight, 1e-6, gated=gated, path=kernels.path_index(path))
-        results.append((acts.q, acts.scale, acts.sum))
+        for threads in (1, 2):
+            acts = kernels.Activations(3, k)
+            acts.quantize(x, 3, weight, 1e-6, gated=gated, path=kernels.path_index(path), threads=threads)
+            results.append((acts.q, acts.scale, acts.sum))
     for q, scale, total in results[1:]:
         assert np.array_equal(q, results[0][0]) and np.array_equal(scale, results[0][1])
         assert np.array_equal(total, results[0][2])
@@ -184,9 +187,10 @@ def attention_step(qkv, heads, kv_heads, dim, tables, spans, cache, path, thread
 
 
 # 9+ tokens take the prefill kernel (attention_prefill.c): several tokens and heads of a kv head per task;
-# head sizes whose output rows fit in registers (64, 128) and others (48); more heads per kv head than a task's rows.
+# head sizes whose output rows fit in registers (64, 128) and others (48); more heads per kv head than a task's rows;
+# decode tasks of two heads (even groups) and of one (a group of 3).
 @pytest.mark.parametrize("start,tokens", [(0, 1), (0, 7), (9, 1), (5, 4), (0, 9), (0, 32), (3, 21)])
-@pytest.mark.parametrize("heads,kv_heads,dim", [(8, 2, 64), (20, 5, 128), (40, 1, 48)])
+@pytest.mark.parametrize("heads,kv_heads,dim", [(8, 2, 64), (20, 5, 128), (40, 1, 48), (12, 4, 64)])
 def test_attention_matches_sdpa_and_is_identical_on_every_path(start, tokens, heads, kv_heads, dim):
     positions = 32
     rng = np.random.default_rng(6)

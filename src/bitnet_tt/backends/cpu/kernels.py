@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -112,12 +113,12 @@ class Activations:
         self.sum = np.zeros(rows, dtype=np.int32)
 
     def quantize(self, x: np.ndarray, m: int, norm_weight: np.ndarray | None = None, eps: float = 0.0,
-                 gated: bool = False, path: int | None = None) -> None:
+                 gated: bool = False, path: int | None = None, threads: int = 1) -> None:
         """Rows 0..m of x (fp32; [gate | up] halves when gated: relu(gate)^2 * up), RMS-normed with
         norm_weight when given, quantised per token as HF's ActQuant. path: path_index()'s number (None: the
-        best here; every path gives identical results)."""
+        best here; every path and thread count gives identical results)."""
         path = path_number(path)
-        _kernels.quantize(x, x.shape[-1], m, self.k, gated, norm_weight, eps, self.q, self.scale, self.sum, path)
+        _kernels.quantize(x, x.shape[-1], m, self.k, gated, norm_weight, eps, self.q, self.scale, self.sum, path, threads)
 
 
 def matmul(w: PackedTernary, acts: Activations, m: int, out: np.ndarray | None = None, weight_scale=None,
@@ -145,6 +146,31 @@ def attention_step(qkv: np.ndarray, rows: int, heads: int, kv_heads: int, head_d
     _kernels.attention_step(qkv, rows, heads, kv_heads, head_dim, cos, sin, segments, len(segments), cache, slots,
                             positions, scale, out, path, threads)
     return out
+
+
+def layer_stack(config, rows: int, workspace: Sequence[np.ndarray], cos: np.ndarray, sin: np.ndarray,
+                cache: np.ndarray, weights: Sequence[Sequence[np.ndarray]]):
+    """The model's decoder layers for layers(): the buffers of a step of up to `rows` rows (workspace: fp32 x,
+    qkv, attention, gate_up, then the hidden, attention and MLP activations' codes, scales and sums), the RoPE
+    tables, the KV cache [layers, slots, 2, kv heads, positions, head dim] and each layer's weights (norm
+    weights: input, attention sub-, post-attention, MLP sub-norm; then packed weights and scales of qkv,
+    o_proj, gate_up, down). The arrays stay referenced while it lives."""
+    dims = (config.num_layers, config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim,
+            config.intermediate_size, cache.shape[1], cache.shape[4], rows)
+    return require().layer_stack(dims, config.rms_norm_eps, config.head_dim**-0.5, tuple(workspace), cos, sin, cache,
+                                 list(weights))
+
+
+def layers(stack, rows: int, segments: np.ndarray, path: int, threads: int, timings: np.ndarray | None = None) -> None:
+    """Every decoder layer of a step over rows 0 .. rows - 1 of the stack's x, in place (segments as
+    attention_step's). timings: None, or fp64 [len(LAYER_COMPONENTS), 3] that each component's wall seconds,
+    calls and bytes read are added to."""
+    require().layers(stack, rows, segments, len(segments), path, threads, timings)
+
+
+def layer_components() -> tuple[str, ...]:
+    """The components layers() times, in the rows of its timings."""
+    return require().LAYER_COMPONENTS
 
 
 def norm(x: np.ndarray, m: int, weight: np.ndarray, eps: float, out: np.ndarray) -> np.ndarray:

@@ -6,6 +6,15 @@ the residual adds are fp32 in the same order. What differs is float summation or
 squares, attention (fp32 dot products, softmax with a polynomial exp within 2 ulp) and the LM head (fp32
 sums of bf16 or int8 weights). Each fused step does what the golden model does in several:
 norm + int8 quantisation, relu(gate)^2 * up + norm + quantisation, projection + residual add.
+
+A step's decoder layers run as one native call (csrc/layers.c `layer`), each layer in this order:
+    attention block: x_q = quantise(input_layernorm(x));  qkv = qkv_proj(x_q)
+                     attention = attend(rope(q, k), cache <- k, v)     (kernels.attention_step)
+                     x += o_proj(quantise(attn_sub_norm(attention)))
+    MLP block:       [gate | up] = gate_up_proj(quantise(post_attention_layernorm(x)))
+                     x += down_proj(quantise(ffn_sub_norm(relu(gate)^2 * up)))
+Each step is one of the kernels this module also exposes (Activations.quantize, matmul, attention_step),
+with the same arguments: the layers give the same floats as those calls made one by one.
 """
 
 from __future__ import annotations
@@ -17,8 +26,8 @@ import numpy as np
 
 from ...config import ModelConfig
 from . import kernels
-from .kernels import Activations, matmul
-from .weights import CPUWeights
+from .kernels import Activations
+from .weights import CPUWeights, Layer
 
 
 def rope_tables(config: ModelConfig, length: int) -> tuple[np.ndarray, np.ndarray]:
@@ -60,6 +69,20 @@ class Workspace:
         self.tokens = np.zeros(rows, np.int64)
         self.embed_rows = np.zeros((rows, cfg.hidden_size), weights.embed.dtype) if weights.embed_rows else None
 
+    def layer_buffers(self) -> tuple[np.ndarray, ...]:
+        """What the native layers write, in kernels.layer_stack's order."""
+        return (self.x, self.qkv, self.attention, self.gate_up,
+                *(array for acts in (self.hidden_acts, self.attention_acts, self.mlp_acts)
+                  for array in (acts.q, acts.scale, acts.sum)))
+
+
+def layer_weights(layer: Layer) -> tuple[np.ndarray, ...]:
+    """A layer's weights in kernels.layer_stack's order: the norms, then each projection's codes and scales."""
+    norms = [layer.norms[name] for name in ("input_layernorm", "self_attn.attn_sub_norm", "post_attention_layernorm",
+                                             "mlp.ffn_sub_norm")]
+    projections = [layer.projections[kind] for kind in ("qkv", "o_proj", "gate_up", "down")]
+    return (*norms, *(array for p in projections for array in (p.weight.data, p.scale)))
+
 
 class CPUModel:
     def __init__(self, weights: CPUWeights, max_slots: int, max_context: int, max_rows: int, path: int, threads: int):
@@ -70,6 +93,10 @@ class CPUModel:
         self.cache = np.zeros((cfg.num_layers, max_slots, 2, cfg.num_kv_heads, max_context, cfg.head_dim), np.float32)
         self.rope_cos, self.rope_sin = rope_tables(cfg, max_context)
         self.work = Workspace(weights, max_rows)
+        self.layers = kernels.layer_stack(cfg, max_rows, self.work.layer_buffers(), self.rope_cos, self.rope_sin,
+                                          self.cache, [layer_weights(layer) for layer in weights.layers])
+        # None, or fp64 [len(kernels.layer_components()), 3] that the layers add their time to (a profile's)
+        self.timings: np.ndarray | None = None
 
     def forward(self, tokens: Sequence[int], segments: Sequence[Segment]) -> np.ndarray:
         """Run the rows (segments in order) through the model; return fp32 logits of each segment's last row."""
@@ -79,9 +106,7 @@ class CPUModel:
         spans = np.array([(seg.slot, seg.start, seg.count) for seg in segments], np.int64)
         x = work.x[:rows]
         self._embed(rows, x)
-        for index, layer in enumerate(w.layers):
-            self._attention_block(index, layer, rows, spans)
-            self._mlp_block(layer, rows)
+        kernels.layers(self.layers, rows, spans, self.path, self.threads, self.timings)
         last = np.cumsum([seg.count for seg in segments]) - 1
         for i, row in enumerate(last):
             kernels.norm(x[row : row + 1], 1, w.final_norm, cfg.rms_norm_eps, work.final[i : i + 1])
@@ -97,29 +122,3 @@ class CPUModel:
             table = self.weights.embed_rows.read(tokens[:rows], self.work.embed_rows)
             tokens, vocab = np.arange(rows, dtype=np.int64), rows
         kernels.require().embed(table, kernels.weight_dtype(table), vocab, self.config.hidden_size, tokens, rows, x)
-
-    def _quantize(self, acts: Activations, x: np.ndarray, rows: int, norm: np.ndarray, gated: bool = False) -> None:
-        acts.quantize(x, rows, norm, self.config.rms_norm_eps, gated, self.path)
-
-    def _project(self, projection, acts: Activations, rows: int, out: np.ndarray, accumulate: bool = False) -> None:
-        matmul(projection.weight, acts, rows, out, projection.scale, accumulate, self.path, self.threads)
-
-    def _attention_block(self, index: int, layer, rows: int, spans: np.ndarray) -> None:
-        cfg, work = self.config, self.work
-        p = layer.projections
-        x, qkv = work.x[:rows], work.qkv[:rows]
-        self._quantize(work.hidden_acts, x, rows, layer.norms["input_layernorm"])
-        self._project(p["qkv"], work.hidden_acts, rows, qkv)
-        kernels.attention_step(qkv, rows, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, self.rope_cos, self.rope_sin,
-                               spans, self.cache[index], cfg.head_dim**-0.5, work.attention, self.path, self.threads)
-        self._quantize(work.attention_acts, work.attention[:rows], rows, layer.norms["self_attn.attn_sub_norm"])
-        self._project(p["o_proj"], work.attention_acts, rows, x, accumulate=True)
-
-    def _mlp_block(self, layer, rows: int) -> None:
-        work, p = self.work, layer.projections
-        x, gate_up = work.x[:rows], work.gate_up[:rows]
-        self._quantize(work.hidden_acts, x, rows, layer.norms["post_attention_layernorm"])
-        self._project(p["gate_up"], work.hidden_acts, rows, gate_up)
-        self._quantize(work.mlp_acts, gate_up, rows, layer.norms["mlp.ffn_sub_norm"], gated=True)
-        self._project(p["down"], work.mlp_acts, rows, x, accumulate=True)
-

@@ -46,11 +46,25 @@ typedef struct {
 
 INLINE float lane_at(const lanes *v, int l) { return v->part[l / WIDTH][l % WIDTH]; }
 
+typedef float vector_f32x4 __attribute__((vector_size(16)));
+typedef float vector_f32x8 __attribute__((vector_size(32)));
+
+/* The sum of the lanes in a fixed tree, the same on every path: pairs[l] = lane l + lane l + 8, quads[l] =
+ * pairs[l] + pairs[l + 4], then (quads 0 + 2) + (quads 1 + 3); as halves of registers, not lane by lane. */
 INLINE float lane_total(lanes acc) {
-    float pairs[LANES / 2];
-    for (int l = 0; l < LANES / 2; l++) pairs[l] = lane_at(&acc, l) + lane_at(&acc, l + LANES / 2);
-    float quads[LANES / 4];
-    for (int l = 0; l < LANES / 4; l++) quads[l] = pairs[l] + pairs[l + LANES / 4];
+    vector_f32x4 low, high;
+#if WIDTH == 16
+    vector_f32x8 half[2], pairs;
+    memcpy(half, &acc.part[0], sizeof half);
+    pairs = half[0] + half[1];
+    memcpy(&low, &pairs, sizeof low), memcpy(&high, (const float *)&pairs + 4, sizeof high);
+#elif WIDTH == 8
+    vector_f32 pairs = acc.part[0] + acc.part[1];
+    memcpy(&low, &pairs, sizeof low), memcpy(&high, (const float *)&pairs + 4, sizeof high);
+#else
+    low = acc.part[0] + acc.part[2], high = acc.part[1] + acc.part[3];
+#endif
+    vector_f32x4 quads = low + high;
     return (quads[0] + quads[2]) + (quads[1] + quads[3]);
 }
 
@@ -208,42 +222,92 @@ void NAME(head_rows)(const void *w, int dtype, const float *scales, int K, const
     }
 }
 
-INLINE float dot(const float *a, const float *b, int n) {
-    lanes acc;
-    memset(&acc, 0, sizeof acc);
+/* scores[i * stride + n] = q_i . key_n for H heads' q (dim floats apart) and N keys (H, N constants after
+ * inlining), each in LANES partial sums added by lane_total: each key load serves every head. */
+#define KEYS_PER_PASS 2
+INLINE void dots(const float *q, int H, const float *keys, int N, int dim, float *scores, size_t stride) {
+    lanes acc[MAX_HEADS_PER_TASK][KEYS_PER_PASS];
+    memset(acc, 0, sizeof acc);
     int k = 0;
-    for (; k + LANES <= n; k += LANES) {
-        lanes av = load_f32(a + k), bv = load_f32(b + k);
-        multiply_add(&acc, &av, &bv);
+    for (; k + LANES <= dim; k += LANES) {
+        lanes qv[MAX_HEADS_PER_TASK];
+        for (int i = 0; i < H; i++) qv[i] = load_f32(q + (size_t)i * dim + k);
+        for (int n = 0; n < N; n++) {
+            lanes kv = load_f32(keys + (size_t)n * dim + k);
+            for (int i = 0; i < H; i++) multiply_add(&acc[i][n], &qv[i], &kv);
+        }
     }
-    for (int l = 0; k + l < n; l++) acc.part[l / WIDTH][l % WIDTH] += a[k + l] * b[k + l];
-    return lane_total(acc);
+    for (int i = 0; i < H; i++)
+        for (int n = 0; n < N; n++) {
+            for (int l = 0; k + l < dim; l++)
+                acc[i][n].part[l / WIDTH][l % WIDTH] += q[(size_t)i * dim + k + l] * keys[(size_t)n * dim + k + l];
+            scores[i * stride + n] = lane_total(acc[i][n]);
+        }
 }
 
-void NAME(attention_tasks)(const struct attention_args *a, int task_begin, int task_end, float *scores) {
+/* o_i = sum_j p_i[j] * values[j] in j order from zero, for H heads (p rows `stride` apart, o rows dim apart)
+ * and V vectors of LANES (H, V constants after inlining): the sums stay in registers, each value load
+ * serves every head. */
+INLINE void weigh(const float *values, const float *p, size_t stride, int length, int H, int V, float *o, int dim) {
+    lanes acc[MAX_HEADS_PER_TASK][8];
+    memset(acc, 0, sizeof acc);
+    for (int j = 0; j < length; j++)
+        for (int c = 0; c < V; c++) {
+            lanes v = load_f32(values + ((size_t)j * V + c) * LANES);
+            for (int i = 0; i < H; i++) {
+                lanes pj;
+                for (int w = 0; w < PARTS; w++) pj.part[w] = (vector_f32){0} + p[i * stride + j];
+                multiply_add(&acc[i][c], &pj, &v);
+            }
+        }
+    for (int i = 0; i < H; i++) memcpy(o + (size_t)i * dim, acc[i], (size_t)V * sizeof acc[i][0]);
+}
+
+/* A row's softmax over its first `length` scores, in place: p = exp_nonpositive(s - max) * (1 / total). */
+INLINE void softmax(float *scores, int length) {
+    float top = -INFINITY;
+    for (int j = 0; j < length; j++) top = scores[j] > top ? scores[j] : top;
+    for (int j = 0; j < length; j++) scores[j] = exp_nonpositive(scores[j] - top);
+    float total = 0.0f;
+    for (int j = 0; j < length; j++) total += scores[j];
+    float inv = 1.0f / total;
+    for (int j = 0; j < length; j++) scores[j] *= inv;
+}
+
+#define HEADS_CASE(H, call) \
+    if (heads == 1) { const int H = 1; call; } else { const int H = 2; call; }
+
+/* Task = (token, heads_per_task heads of one kv head): their scores, softmax and weighted sum of values. */
+void NAME(attention_tasks)(const struct attention_args *a, int task_begin, int task_end, float *scores,
+                           size_t stride) {
+    const int dim = a->head_dim, heads = attention_heads_per_task(a->group), tasks_per_token = a->heads / heads;
     for (int task = task_begin; task < task_end; task++) {
-        int t = task / a->heads, h = task % a->heads;
+        int t = task / tasks_per_token, h = task % tasks_per_token * heads;
         int length = a->start + t + 1;  /* causal: token t sees positions 0 .. start + t */
-        const float *q = a->q + (size_t)t * a->q_stride + (size_t)h * a->head_dim;
+        const float *q = a->q + (size_t)t * a->q_stride + (size_t)h * dim;
         const float *keys = a->keys + (size_t)(h / a->group) * a->head_stride;
         const float *values = a->values + (size_t)(h / a->group) * a->head_stride;
-        float top = -INFINITY;
-        for (int j = 0; j < length; j++) {
-            scores[j] = dot(q, keys + (size_t)j * a->head_dim, a->head_dim) * a->scale;
-            top = scores[j] > top ? scores[j] : top;
+        int j = 0;
+        for (; j + KEYS_PER_PASS <= length; j += KEYS_PER_PASS)
+            HEADS_CASE(H, dots(q, H, keys + (size_t)j * dim, KEYS_PER_PASS, dim, scores + j, stride))
+        for (; j < length; j++) HEADS_CASE(H, dots(q, H, keys + (size_t)j * dim, 1, dim, scores + j, stride))
+        for (int i = 0; i < heads; i++) {
+            float *row = scores + i * stride;
+            for (j = 0; j < length; j++) row[j] *= a->scale;
+            softmax(row, length);
         }
-        float total = 0.0f;
-        for (int j = 0; j < length; j++) {
-            scores[j] = exp_nonpositive(scores[j] - top);
-            total += scores[j];
-        }
-        float *o = a->out + ((size_t)t * a->heads + h) * a->head_dim;
-        for (int d = 0; d < a->head_dim; d++) o[d] = 0.0f;
-        float inv = 1.0f / total;
-        for (int j = 0; j < length; j++) {
-            float p = scores[j] * inv;
-            const float *v = values + (size_t)j * a->head_dim;
-            for (int d = 0; d < a->head_dim; d++) o[d] += p * v[d];
+        float *o = a->out + ((size_t)t * a->heads + h) * dim;
+        if (dim == 64) {
+            HEADS_CASE(H, weigh(values, scores, stride, length, H, 4, o, dim))
+        } else if (dim == 128) {
+            HEADS_CASE(H, weigh(values, scores, stride, length, H, 8, o, dim))
+        } else {
+            for (int i = 0; i < heads; i++) {
+                float *oi = o + (size_t)i * dim, *p = scores + i * stride;
+                for (int d = 0; d < dim; d++) oi[d] = 0.0f;
+                for (j = 0; j < length; j++)
+                    for (int d = 0; d < dim; d++) oi[d] += p[j] * values[(size_t)j * dim + d];
+            }
         }
     }
 }
@@ -262,11 +326,30 @@ INLINE float sum_of_squares(const float *x, int k) {
     return total;
 }
 
+/* WIDTH lanes at a time, the tail one by one with the same per-element arithmetic: every copy gives the
+ * same floats whatever its width. Comparisons give lane masks (all ones or zeros); select(m, a, b) is
+ * m ? a : b lane by lane. */
+INLINE vector_f32 load_vector(const float *at) {
+    vector_f32 v;
+    memcpy(&v, at, sizeof v);
+    return v;
+}
+
+INLINE vector_f32 select(vector_i32 mask, vector_f32 a, vector_f32 b) {
+    return (vector_f32)(((vector_i32)a & mask) | ((vector_i32)b & ~mask));
+}
+
 /* One row's input to a projection: relu(gate)^2 * up when gated (row = [gate | up]), else the row; then,
  * with a norm weight, HF's RMSNorm: w * (x * rsqrt(mean(x^2) + eps)), all in fp32. */
 void NAME(prepare_row)(const float *row, int k, int gated, const float *norm_w, float eps, float *y) {
+    int i = 0;
     if (gated) {
-        for (int i = 0; i < k; i++) {
+        for (; i + WIDTH <= k; i += WIDTH) {
+            vector_f32 gate = load_vector(row + i), g = select(gate > 0.0f, gate, (vector_f32){0});
+            vector_f32 out = g * g * load_vector(row + k + i);
+            memcpy(y + i, &out, sizeof out);
+        }
+        for (; i < k; i++) {
             float g = row[i] > 0.0f ? row[i] : 0.0f;
             y[i] = g * g * row[k + i];
         }
@@ -275,19 +358,46 @@ void NAME(prepare_row)(const float *row, int k, int gated, const float *norm_w, 
     }
     if (!norm_w) return;
     float inv = 1.0f / sqrtf(sum_of_squares(y, k) / (float)k + eps);
-    for (int i = 0; i < k; i++) y[i] = norm_w[i] * (y[i] * inv);
+    for (i = 0; i + WIDTH <= k; i += WIDTH) {
+        vector_f32 out = load_vector(norm_w + i) * (load_vector(y + i) * inv);
+        memcpy(y + i, &out, sizeof out);
+    }
+    for (; i < k; i++) y[i] = norm_w[i] * (y[i] * inv);
 }
 
-/* HF's ActQuant: s = 127 / max(absmax, 1e-5), q = clamp(round_half_even(y * s), -128, 127). */
+/* Round half to even of |v| < 2^22 in the default rounding mode, as nearbyintf: adding 1.5 * 2^23 leaves
+ * no fraction bits. (Without -ffast-math the compiler keeps the add and the subtract.) */
+#define ROUNDING_SHIFT 12582912.0f
+
+INLINE float clamp_code(float v) { return v < -128.0f ? -128.0f : (v > 127.0f ? 127.0f : v); }
+
+/* HF's ActQuant: s = 127 / max(absmax, 1e-5), q = clamp(round_half_even(y * s), -128, 127). Clamping before
+ * rounding gives the same codes (the bounds are integers) and keeps the rounding trick's range. */
 void NAME(quantize_row)(const float *y, int k, int kp, int8_t *q, float *scale, int32_t *sum) {
-    float top = 0.0f;
-    for (int i = 0; i < k; i++) top = fabsf(y[i]) > top ? fabsf(y[i]) : top;
+    const vector_i32 magnitude = (vector_i32){0} + 0x7fffffff;
+    vector_f32 tops = {0};
+    int i = 0;
+    for (; i + WIDTH <= k; i += WIDTH) {
+        vector_f32 a = (vector_f32)((vector_i32)load_vector(y + i) & magnitude);
+        tops = select(a > tops, a, tops);
+    }
+    float top = 0.0f;  /* the largest magnitude, whatever the order (NaN never wins a comparison) */
+    for (int l = 0; l < WIDTH; l++) top = tops[l] > top ? tops[l] : top;
+    for (int j = i; j < k; j++) top = fabsf(y[j]) > top ? fabsf(y[j]) : top;
     float s = 127.0f / (top > 1e-5f ? top : 1e-5f);
+    vector_i32 totals = {0};
+    for (i = 0; i + WIDTH <= k; i += WIDTH) {
+        vector_f32 v = load_vector(y + i) * s;
+        v = select(v < -128.0f, (vector_f32){0} - 128.0f, select(v > 127.0f, (vector_f32){0} + 127.0f, v));
+        vector_i32 codes = __builtin_convertvector((v + ROUNDING_SHIFT) - ROUNDING_SHIFT, vector_i32);
+        vector_i8 narrow = __builtin_convertvector(codes, vector_i8);
+        memcpy(q + i, &narrow, sizeof narrow);
+        totals += codes;
+    }
     int32_t total = 0;
-    for (int i = 0; i < k; i++) {
-        float v = nearbyintf(y[i] * s);
-        v = v < -128.0f ? -128.0f : (v > 127.0f ? 127.0f : v);
-        q[i] = (int8_t)v;
+    for (int l = 0; l < WIDTH; l++) total += totals[l];
+    for (; i < k; i++) {
+        q[i] = (int8_t)((clamp_code(y[i] * s) + ROUNDING_SHIFT) - ROUNDING_SHIFT);
         total += q[i];
     }
     memset(q + k, 0, (size_t)(kp - k));

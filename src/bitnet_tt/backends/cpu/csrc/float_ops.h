@@ -18,10 +18,16 @@ struct attention_args {
     float scale;
 };
 
+/* A decode attention task: one token and this many heads of one kv head, which share each key and value
+ * load (the task's scores take that many rows of `positions` floats). */
+#define MAX_HEADS_PER_TASK 2
+static inline int attention_heads_per_task(int group) { return group % 2 ? 1 : 2; }
+
 #define FLOAT_OPS(suffix) \
     void head_rows##suffix(const void *w, int dtype, const float *scales, int K, const float *x, int M, int V, \
                            int v_begin, int v_end, float *out); \
-    void attention_tasks##suffix(const struct attention_args *a, int task_begin, int task_end, float *scores); \
+    void attention_tasks##suffix(const struct attention_args *a, int task_begin, int task_end, float *scores, \
+                                 size_t score_stride); \
     void prepare_row##suffix(const float *row, int k, int gated, const float *norm_w, float eps, float *y); \
     void quantize_row##suffix(const float *y, int k, int kp, int8_t *q, float *scale, int32_t *sum);
 

@@ -7,6 +7,7 @@
 #include "gemm.h"
 #include "kernels.h"
 #include "scratch.h"
+#include "vnni_avx512.h"
 
 #define TOKENS_PER_STEP 6
 #define INLINE static inline __attribute__((always_inline))
@@ -37,13 +38,6 @@ static void unpack_panel(const struct gemm_job *job, int block, uint8_t *panel) 
                 }
             }
     }
-}
-
-/* acc + codes . x by 4-byte groups. Written as asm because GCC copies and spills the 24 accumulators
- * around the intrinsic (its tied operand); the instruction is the same. */
-INLINE __m512i multiply_add(__m512i acc, __m512i codes, __m512i x) {
-    __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(codes), "v"(x));
-    return acc;
 }
 
 INLINE __m512i broadcast_quad(const int8_t *x) {

@@ -21,10 +21,11 @@
 #include "float_ops.h"
 #include "gemm.h"
 #include "kernels.h"
+#include "layers.h"
 #include "pack.h"
+#include "paths.h"
 #include "pool.h"
 
-enum path { PATH_SCALAR, PATH_AVX2, PATH_AVX512, PATH_NEON, PATH_NEONDOT, PATH_COUNT };
 static const char *PATH_NAMES[PATH_COUNT] = {"scalar", "avx2", "avx512", "neon", "neondot"};
 
 static int path_available(int path) {
@@ -44,45 +45,12 @@ static int path_available(int path) {
     }
 }
 
-/* The copy of a function compiled once per instruction set (float_ops.c, attention_prefill.c: ISA_SUFFIX)
- * that a path runs. */
-#if defined(__x86_64__)
-#define ISA_COPY(path, name) ((path) == PATH_AVX512 ? name##_avx512 : (path) == PATH_AVX2 ? name##_avx2 : name##_generic)
-#else
-#define ISA_COPY(path, name) name##_generic
-#endif
-
-/* The many-token GEMM of a path, or NULL where the tile kernel serves every token count. */
-static gemm_part_fn gemm_for(int path) {
-#if defined(__x86_64__)
-    if (path == PATH_AVX512) return gemm_avx512;
-    if (path == PATH_AVX2) return gemm_avx2;
-#endif
-    (void)path;
-    return NULL;
-}
-
-static tile_kernel tile_for(int path) {
-    switch (path) {
-#if defined(__x86_64__)
-    case PATH_AVX2: return tile_avx2;
-    case PATH_AVX512: return tile_avx512;
-#endif
-#if defined(__aarch64__)
-    case PATH_NEON: return tile_neon;
-    case PATH_NEONDOT: return tile_neondot;
-#endif
-    default: return tile_scalar;
-    }
-}
-
 typedef void (*head_fn)(const void *, int, const float *, int, const float *, int, int, int, int, float *);
-typedef void (*attention_fn)(const struct attention_args *, int, int, float *);
 
 /* ---------------------------------------------------------------------------------------------
  * Buffers */
 
-#define MAX_BUFFERS 12
+#define MAX_BUFFERS 16
 
 struct buffers {
     Py_buffer views[MAX_BUFFERS];
@@ -120,10 +88,6 @@ static int check_path(int path) {
     }
     return 1;
 }
-
-static int padded_inputs(int k) { return (k + BLOCK_INPUTS - 1) / BLOCK_INPUTS * BLOCK_INPUTS; }
-static int row_groups(int n) { return (n + ROWS_PER_GROUP - 1) / ROWS_PER_GROUP; }
-static Py_ssize_t packed_bytes(int n, int k) { return (Py_ssize_t)row_groups(n) * padded_inputs(k) / 4 * ROWS_PER_GROUP; }
 
 static PyObject *py_available_paths(PyObject *self, PyObject *args) {
     (void)self, (void)args;
@@ -231,39 +195,6 @@ static PyObject *py_pack(PyObject *self, PyObject *args) {
 /* ---------------------------------------------------------------------------------------------
  * Ternary matmul */
 
-struct matmul_job {
-    struct gemm_job args;
-    tile_kernel tile;
-};
-
-static void matmul_part(void *ctx, int group_begin, int group_end) {
-    const struct gemm_job *job = &((const struct matmul_job *)ctx)->args;
-    tile_kernel tile = ((const struct matmul_job *)ctx)->tile;
-    size_t group_bytes = (size_t)job->blocks * GROUP_BLOCK_BYTES;
-    int32_t raw[MAX_TILE_TOKENS * ROWS_PER_GROUP];
-    for (int g = group_begin; g < group_end; g++) {
-        for (int m0 = 0; m0 < job->m; m0 += MAX_TILE_TOKENS) {
-            int tokens = job->m - m0 < MAX_TILE_TOKENS ? job->m - m0 : MAX_TILE_TOKENS;
-            tile(job->packed + g * group_bytes, job->blocks, job->x + m0 * job->x_stride, job->x_stride, tokens, raw);
-            for (int t = 0; t < tokens; t++)
-                for (int r = 0; r < ROWS_PER_GROUP; r++) {
-                    int row = g * ROWS_PER_GROUP + r, token = m0 + t;
-                    if (row >= job->n) break;
-                    int32_t exact = raw[t * ROWS_PER_GROUP + r] - job->x_sum[token];
-                    size_t at = (size_t)token * job->n + row;
-                    if (job->mode == MATMUL_INT32) {
-                        ((int32_t *)job->out)[at] = exact;
-                    } else {
-                        /* The golden model's order: int32 -> fp32, / activation scale, * weight scale. */
-                        float y = (float)exact / job->x_scale[token] * job->w_scale[row];
-                        float *out = (float *)job->out + at;
-                        *out = job->mode == MATMUL_ADD ? *out + y : y;
-                    }
-                }
-        }
-    }
-}
-
 /* matmul(packed, n, k, x, x_sum, m, out, mode, x_scale, w_scale, path, threads):
  * x int8 [m, padded k], x_sum int32 [m]; out int32 [m, n] (mode 0) or fp32 [m, n] set (1) or added to (2)
  * with x_scale fp32 [m] and w_scale fp32 [n]. */
@@ -296,13 +227,8 @@ static PyObject *py_matmul(PyObject *self, PyObject *args) {
         release(&held);
         return NULL;
     }
-    gemm_part_fn gemm = m >= GEMM_MIN_TOKENS ? gemm_for(path) : NULL;
-    struct matmul_job tiles = {.args = job, .tile = tile_for(path)};
     Py_BEGIN_ALLOW_THREADS
-    if (gemm)
-        parallel_for(gemm, &job, (n + GEMM_ROWS - 1) / GEMM_ROWS, threads);
-    else
-        parallel_for(matmul_part, &tiles, row_groups(n), threads);
+    ternary_matmul(&job, path, threads);
     Py_END_ALLOW_THREADS
     release(&held);
     Py_RETURN_NONE;
@@ -311,24 +237,22 @@ static PyObject *py_matmul(PyObject *self, PyObject *args) {
 /* ---------------------------------------------------------------------------------------------
  * Norm and activation quantisation */
 
-typedef void (*prepare_fn)(const float *, int, int, const float *, float, float *);
-typedef void (*quantize_row_fn)(const float *, int, int, int8_t *, float *, int32_t *);
-
 static int best_path(void) {
     int path = PATH_COUNT - 1;
     while (!path_available(path)) path--;
     return path;
 }
 
-/* quantize(x, ld, m, k, gated, norm_w, eps, q, scale, sum[, path]) or normalise into out:
- * norm(x, ld, m, k, gated, norm_w, eps, out[, path]). The row kernels are float_ops.c's. */
-static PyObject *prepare_rows(PyObject *args, int quantized) {
+/* quantize(x, ld, m, k, gated, norm_w, eps, q, scale, sum[, path, threads]) or normalise into out:
+ * norm(x, ld, m, k, gated, norm_w, eps, out[, path, threads]). The row kernels are float_ops.c's. */
+static PyObject *py_prepare_rows(PyObject *args, int quantized) {
     PyObject *x_obj, *w_obj, *q_obj = Py_None, *scale_obj = Py_None, *sum_obj = Py_None, *out_obj = Py_None;
-    int ld, m, k, gated, path = best_path();
+    int ld, m, k, gated, path = best_path(), threads = 1;
     float eps;
-    int ok = quantized ? PyArg_ParseTuple(args, "OiiipOfOOO|i", &x_obj, &ld, &m, &k, &gated, &w_obj, &eps, &q_obj,
-                                          &scale_obj, &sum_obj, &path)
-                       : PyArg_ParseTuple(args, "OiiipOfO|i", &x_obj, &ld, &m, &k, &gated, &w_obj, &eps, &out_obj, &path);
+    int ok = quantized ? PyArg_ParseTuple(args, "OiiipOfOOO|ii", &x_obj, &ld, &m, &k, &gated, &w_obj, &eps, &q_obj,
+                                          &scale_obj, &sum_obj, &path, &threads)
+                       : PyArg_ParseTuple(args, "OiiipOfO|ii", &x_obj, &ld, &m, &k, &gated, &w_obj, &eps, &out_obj, &path,
+                                          &threads);
     if (!ok || !check_path(path)) return NULL;
     if (m <= 0 || k <= 0 || ld < (gated ? 2 * k : k))
         return PyErr_Format(PyExc_ValueError, "bad shape m=%d k=%d ld=%d", m, k, ld);
@@ -340,26 +264,21 @@ static PyObject *prepare_rows(PyObject *args, int quantized) {
     float *scale = buffer(&held, scale_obj, 1, (Py_ssize_t)m * 4, "scale", !quantized, &failed);
     int32_t *sum = buffer(&held, sum_obj, 1, (Py_ssize_t)m * 4, "sum", !quantized, &failed);
     float *out = buffer(&held, out_obj, 1, (Py_ssize_t)m * k * 4, "out", quantized, &failed);
-    float *row = failed ? NULL : malloc((size_t)k * sizeof *row);
-    if (failed || !row) {
+    if (failed) {
         release(&held);
-        return failed ? NULL : PyErr_NoMemory();
+        return NULL;
     }
+    struct rows_job job = {.x = x, .norm_w = w, .ld = (size_t)ld, .m = m, .k = k, .gated = gated, .path = path,
+                           .eps = eps, .q = q, .scale = scale, .sum = sum, .out = out};
     Py_BEGIN_ALLOW_THREADS
-    prepare_fn prepare_row = ISA_COPY(path, prepare_row);
-    quantize_row_fn quantize_row = ISA_COPY(path, quantize_row);
-    for (int i = 0; i < m; i++) {
-        prepare_row(x + (size_t)i * ld, k, gated, w, eps, quantized ? row : out + (size_t)i * k);
-        if (quantized) quantize_row(row, k, kp, q + (size_t)i * kp, scale + i, sum + i);
-    }
+    prepare_rows(&job, threads);
     Py_END_ALLOW_THREADS
-    free(row);
     release(&held);
     Py_RETURN_NONE;
 }
 
-static PyObject *py_quantize(PyObject *self, PyObject *args) { return prepare_rows(args, 1); }
-static PyObject *py_norm(PyObject *self, PyObject *args) { return prepare_rows(args, 0); }
+static PyObject *py_quantize(PyObject *self, PyObject *args) { return py_prepare_rows(args, 1); }
+static PyObject *py_norm(PyObject *self, PyObject *args) { return py_prepare_rows(args, 0); }
 
 /* ---------------------------------------------------------------------------------------------
  * Embedding rows */
@@ -475,44 +394,23 @@ static PyObject *py_head(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-/* HF's half-split rotation of `heads` vectors of `dim` floats in place, with one position's cos/sin rows. */
-static void rotate(float *x, int heads, int dim, const float *c, const float *s) {
-    int half = dim / 2;
-    for (int h = 0; h < heads; h++, x += dim)
-        for (int d = 0; d < half; d++) {
-            float lo = x[d], hi = x[d + half];
-            x[d] = lo * c[d] + (-hi) * s[d];
-            x[d + half] = hi * c[d + half] + lo * s[d + half];
+/* Whether a step's segments (slot, start, rows) lie in the cache and hold its rows; else a ValueError. */
+static int check_segments(const int64_t *seg, int count, int slots, int positions, int rows) {
+    int64_t total = 0;
+    for (int s = 0; s < count; s++) {
+        int64_t slot = seg[3 * s], start = seg[3 * s + 1], n = seg[3 * s + 2];
+        if (slot < 0 || slot >= slots || start < 0 || n <= 0 || start + n > positions) {
+            PyErr_Format(PyExc_ValueError, "segment %d (slot %lld, positions %lld..%lld) outside the cache", s,
+                         (long long)slot, (long long)start, (long long)(start + n - 1));
+            return 0;
         }
-}
-
-/* One step's attention: each segment is one slot's consecutive rows; its tasks (token, head) come after
- * the previous segments' in task numbering. */
-struct attention_job {
-    attention_fn fn;
-    struct attention_args *segments;
-    int *first_task;  /* [segments + 1] */
-    int count, positions;
-};
-
-/* Each thread keeps its scores row between calls: no allocation per step once it is large enough. */
-static _Thread_local float *thread_scores;
-static _Thread_local int thread_scores_size;
-
-static void attention_part(void *ctx, int begin, int end) {
-    const struct attention_job *job = ctx;
-    if (thread_scores_size < job->positions) {
-        float *grown = realloc(thread_scores, (size_t)job->positions * sizeof *grown);
-        if (!grown) abort();  /* a few KB per thread; nothing sensible is left to do without them */
-        thread_scores = grown;
-        thread_scores_size = job->positions;
+        total += n;
     }
-    for (int s = 0; s < job->count && begin < end; s++) {
-        int lo = job->first_task[s], hi = job->first_task[s + 1];
-        if (end <= lo || begin >= hi) continue;
-        int from = begin > lo ? begin : lo, to = end < hi ? end : hi;
-        job->fn(&job->segments[s], from - lo, to - lo, thread_scores);
+    if (total != rows) {
+        PyErr_Format(PyExc_ValueError, "segments hold %lld rows, the step has %d", (long long)total, rows);
+        return 0;
     }
+    return 1;
 }
 
 /* attention_step(qkv, rows, heads, kv_heads, dim, cos, sin, segments, count, cache, slots, positions, scale, out,
@@ -535,69 +433,172 @@ static PyObject *py_attention_step(PyObject *self, PyObject *args) {
     }
     struct buffers held = {.count = 0};
     int failed = 0, width = (heads + 2 * kv_heads) * dim;
-    size_t head_stride = (size_t)positions * dim, kv_bytes = (size_t)kv_heads * head_stride;
+    size_t kv_floats = (size_t)kv_heads * positions * dim;
     float *qkv = buffer(&held, qkv_obj, 1, (Py_ssize_t)rows * width * 4, "qkv", 0, &failed);
     const float *cos_t = buffer(&held, cos_obj, 0, (Py_ssize_t)positions * dim * 4, "cos", 0, &failed);
     const float *sin_t = buffer(&held, sin_obj, 0, (Py_ssize_t)positions * dim * 4, "sin", 0, &failed);
     const int64_t *seg = buffer(&held, seg_obj, 0, (Py_ssize_t)count * 3 * 8, "segments", 0, &failed);
-    float *cache = buffer(&held, cache_obj, 1, (Py_ssize_t)slots * 2 * kv_bytes * 4, "cache", 0, &failed);
+    float *cache = buffer(&held, cache_obj, 1, (Py_ssize_t)slots * 2 * kv_floats * 4, "cache", 0, &failed);
     float *out = buffer(&held, out_obj, 1, (Py_ssize_t)rows * heads * dim * 4, "out", 0, &failed);
-    int64_t total = 0;
-    for (int s = 0; !failed && s < count; s++) {
-        int64_t slot = seg[3 * s], start = seg[3 * s + 1], n = seg[3 * s + 2];
-        if (slot < 0 || slot >= slots || start < 0 || n <= 0 || start + n > positions) {
-            PyErr_Format(PyExc_ValueError, "segment %d (slot %lld, positions %lld..%lld) outside the cache", s,
-                         (long long)slot, (long long)start, (long long)(start + n - 1));
-            failed = 1;
-        }
-        total += n;
-    }
-    if (!failed && total != rows) {
-        PyErr_Format(PyExc_ValueError, "segments hold %lld rows, the step has %d", (long long)total, rows);
-        failed = 1;
-    }
-    struct attention_args *segments = failed ? NULL : malloc((size_t)count * sizeof *segments);
-    int *first_task = failed ? NULL : malloc((size_t)(count + 1) * sizeof *first_task);
-    if (failed || !segments || !first_task) {
-        free(segments), free(first_task);
+    if (failed || !check_segments(seg, count, slots, positions, rows)) {
         release(&held);
-        return failed ? NULL : PyErr_NoMemory();
+        return NULL;
     }
+    struct attention_step_job job = {.qkv = qkv, .cache = cache, .out = out, .cos = cos_t, .sin = sin_t, .segments = seg,
+                                     .count = count, .rows = rows, .heads = heads, .kv_heads = kv_heads, .head_dim = dim,
+                                     .positions = positions, .scale = scale};
+    int result;
     Py_BEGIN_ALLOW_THREADS
-    first_task[0] = 0;
-    for (int s = 0, row = 0; s < count; s++) {
-        int slot = (int)seg[3 * s], start = (int)seg[3 * s + 1], n = (int)seg[3 * s + 2];
-        float *keys = cache + (size_t)slot * 2 * kv_bytes, *values = keys + kv_bytes;
-        for (int i = 0; i < n; i++) {
-            float *q = qkv + (size_t)(row + i) * width, *k = q + heads * dim, *v = k + kv_heads * dim;
-            const float *c = cos_t + (size_t)(start + i) * dim, *sn = sin_t + (size_t)(start + i) * dim;
-            rotate(q, heads, dim, c, sn);
-            rotate(k, kv_heads, dim, c, sn);
-            for (int h = 0; h < kv_heads; h++) {
-                size_t at = h * head_stride + (size_t)(start + i) * dim;
-                memcpy(keys + at, k + h * dim, (size_t)dim * sizeof *k);
-                memcpy(values + at, v + h * dim, (size_t)dim * sizeof *v);
-            }
-        }
-        segments[s] = (struct attention_args){
-            .q = qkv + (size_t)row * width, .keys = keys, .values = values, .out = out + (size_t)row * heads * dim,
-            .q_stride = (size_t)width, .head_stride = head_stride, .heads = heads, .group = heads / kv_heads,
-            .head_dim = dim, .start = start, .scale = scale,
-        };
-        first_task[s + 1] = first_task[s] + n * heads;
-        row += n;
-    }
-    struct attention_job job = {.fn = ISA_COPY(path, attention_tasks), .segments = segments, .first_task = first_task,
-                                .count = count, .positions = positions};
-    /* A prefill (one segment of many tokens) takes the prefill kernel; decode steps the per-token one. */
-    struct prefill_attention_job prefill = {.args = segments[0], .tokens = rows, .positions = positions};
-    if (count == 1 && rows >= PREFILL_ATTENTION_MIN_TOKENS)
-        parallel_for(ISA_COPY(path, attention_prefill), &prefill, prefill_attention_tasks(&prefill), threads);
-    else
-        parallel_for(attention_part, &job, first_task[count], threads);
+    result = attention_step(&job, path, threads);
     Py_END_ALLOW_THREADS
-    free(segments), free(first_task);
     release(&held);
+    if (result) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * The layer stack */
+
+#define STACK_CAPSULE "bitnet_tt.layer_stack"
+#define WORKSPACE_ARRAYS 13
+#define LAYER_ARRAYS 12
+
+/* A layer stack and the views of every array it points into (held until the capsule is freed). */
+struct held_stack {
+    struct layer_stack stack;
+    struct layer_weights *weights;
+    struct buffers *held;  /* [layers + 1]: the workspace and tables, then each layer's weights */
+    int layers_held;
+};
+
+static void free_stack(PyObject *capsule) {
+    struct held_stack *h = PyCapsule_GetPointer(capsule, STACK_CAPSULE);
+    for (int i = 0; i < h->layers_held; i++) release(&h->held[i]);
+    free(h->weights), free(h->held), free(h);
+}
+
+/* The i-th item of a sequence as a buffer of at least `bytes` bytes. */
+static void *item(struct buffers *held, PyObject *seq, int i, int writable, Py_ssize_t bytes, const char *name,
+                  int *failed) {
+    if (*failed) return NULL;
+    PyObject *obj = PySequence_GetItem(seq, i);
+    if (!obj) {
+        *failed = 1;
+        return NULL;
+    }
+    void *data = buffer(held, obj, writable, bytes, name, 0, failed);
+    Py_DECREF(obj);
+    return data;
+}
+
+static void activations_of(struct buffers *held, PyObject *work, int first, int rows, int k, struct activations *acts,
+                           int *failed) {
+    acts->q = item(held, work, first, 1, (Py_ssize_t)rows * padded_inputs(k), "activation codes", failed);
+    acts->scale = item(held, work, first + 1, 1, (Py_ssize_t)rows * 4, "activation scales", failed);
+    acts->sum = item(held, work, first + 2, 1, (Py_ssize_t)rows * 4, "activation sums", failed);
+}
+
+static struct projection projection_of(struct buffers *held, PyObject *arrays, int first, int n, int k, int *failed) {
+    return (struct projection){.packed = item(held, arrays, first, 0, (Py_ssize_t)packed_bytes(n, k), "packed weights", failed),
+                               .scale = item(held, arrays, first + 1, 0, (Py_ssize_t)n * 4, "weight scales", failed)};
+}
+
+/* layer_stack((layers, hidden, heads, kv_heads, head_dim, intermediate, slots, positions, max_rows), eps,
+ * attention_scale, workspace, cos, sin, cache, weights) -> a capsule for layers().
+ * workspace: fp32 x [rows, hidden], qkv, attention, gate_up, then codes, scales and sums of the hidden,
+ * attention and MLP activations; cos/sin fp32 [positions, head_dim]; cache fp32 [layers, slots, 2, kv_heads,
+ * positions, head_dim]; weights: per layer (input, attention sub-, post-attention, MLP sub-norm weights, then
+ * packed weights and scales of qkv, o_proj, gate_up, down). */
+static PyObject *py_layer_stack(PyObject *self, PyObject *args) {
+    PyObject *work, *cos_obj, *sin_obj, *cache_obj, *weights;
+    struct layer_stack st = {0};
+    if (!PyArg_ParseTuple(args, "(iiiiiiiii)ffOOOOO", &st.layers, &st.hidden, &st.heads, &st.kv_heads, &st.head_dim,
+                          &st.intermediate, &st.slots, &st.positions, &st.max_rows, &st.eps, &st.attention_scale, &work,
+                          &cos_obj, &sin_obj, &cache_obj, &weights))
+        return NULL;
+    if (st.layers <= 0 || st.hidden <= 0 || st.heads <= 0 || st.kv_heads <= 0 || st.heads % st.kv_heads ||
+        st.head_dim <= 0 || st.head_dim % 2 || st.intermediate <= 0 || st.slots <= 0 || st.positions <= 0 ||
+        st.max_rows <= 0)
+        return PyErr_Format(PyExc_ValueError, "bad layer stack dimensions");
+    if (PySequence_Size(work) != WORKSPACE_ARRAYS || PySequence_Size(weights) != st.layers)
+        return PyErr_Format(PyExc_ValueError, "a layer stack needs %d workspace arrays and one weight tuple per layer",
+                            WORKSPACE_ARRAYS);
+    struct held_stack *h = calloc(1, sizeof *h);
+    if (h) h->held = calloc((size_t)st.layers + 1, sizeof *h->held), h->weights = calloc((size_t)st.layers, sizeof *h->weights);
+    if (!h || !h->held || !h->weights) {
+        if (h) free(h->held), free(h->weights), free(h);
+        return PyErr_NoMemory();
+    }
+    int failed = 0, rows = st.max_rows, q_size = st.heads * st.head_dim, kv_size = st.kv_heads * st.head_dim;
+    struct buffers *held = &h->held[0];
+    h->layers_held = 1;
+    st.x = item(held, work, 0, 1, (Py_ssize_t)rows * st.hidden * 4, "x", &failed);
+    st.qkv = item(held, work, 1, 1, (Py_ssize_t)rows * (q_size + 2 * kv_size) * 4, "qkv", &failed);
+    st.attention = item(held, work, 2, 1, (Py_ssize_t)rows * q_size * 4, "attention", &failed);
+    st.gate_up = item(held, work, 3, 1, (Py_ssize_t)rows * 2 * st.intermediate * 4, "gate_up", &failed);
+    activations_of(held, work, 4, rows, st.hidden, &st.hidden_acts, &failed);
+    activations_of(held, work, 7, rows, q_size, &st.attention_acts, &failed);
+    activations_of(held, work, 10, rows, st.intermediate, &st.mlp_acts, &failed);
+    Py_ssize_t table = (Py_ssize_t)st.positions * st.head_dim * 4;
+    st.cos = buffer(held, cos_obj, 0, table, "cos", 0, &failed);
+    st.sin = buffer(held, sin_obj, 0, table, "sin", 0, &failed);
+    st.cache = buffer(held, cache_obj, 1, (Py_ssize_t)st.layers * st.slots * 2 * kv_size * st.positions * 4, "cache", 0, &failed);
+    for (int i = 0; i < st.layers && !failed; i++) {
+        PyObject *arrays = PySequence_GetItem(weights, i);
+        if (!arrays || PySequence_Size(arrays) != LAYER_ARRAYS) {
+            if (!PyErr_Occurred()) PyErr_Format(PyExc_ValueError, "layer %d needs %d weight arrays", i, LAYER_ARRAYS);
+            Py_XDECREF(arrays);
+            failed = 1;
+            break;
+        }
+        held = &h->held[h->layers_held++];
+        struct layer_weights *w = &h->weights[i];
+        w->input_norm = item(held, arrays, 0, 0, (Py_ssize_t)st.hidden * 4, "input norm", &failed);
+        w->attention_norm = item(held, arrays, 1, 0, (Py_ssize_t)q_size * 4, "attention sub-norm", &failed);
+        w->post_attention_norm = item(held, arrays, 2, 0, (Py_ssize_t)st.hidden * 4, "post-attention norm", &failed);
+        w->mlp_norm = item(held, arrays, 3, 0, (Py_ssize_t)st.intermediate * 4, "MLP sub-norm", &failed);
+        w->qkv = projection_of(held, arrays, 4, q_size + 2 * kv_size, st.hidden, &failed);
+        w->o_proj = projection_of(held, arrays, 6, st.hidden, q_size, &failed);
+        w->gate_up = projection_of(held, arrays, 8, 2 * st.intermediate, st.hidden, &failed);
+        w->down = projection_of(held, arrays, 10, st.hidden, st.intermediate, &failed);
+        Py_DECREF(arrays);
+    }
+    st.weights = h->weights;
+    h->stack = st;
+    PyObject *capsule = failed ? NULL : PyCapsule_New(h, STACK_CAPSULE, free_stack);
+    if (!capsule) {
+        for (int i = 0; i < h->layers_held; i++) release(&h->held[i]);
+        free(h->weights), free(h->held), free(h);
+    }
+    return capsule;
+}
+
+/* layers(stack, rows, segments, count, path, threads, timings): every decoder layer of a step over rows 0 .. rows - 1
+ * of the stack's x (in place); segments int64 [count, 3] as attention_step's; timings None or fp64
+ * [len(LAYER_COMPONENTS), 3] that each component's seconds, calls and bytes read are added to. */
+static PyObject *py_layers(PyObject *self, PyObject *args) {
+    PyObject *capsule, *seg_obj, *timings_obj;
+    int rows, count, path, threads;
+    if (!PyArg_ParseTuple(args, "OiOiiiO", &capsule, &rows, &seg_obj, &count, &path, &threads, &timings_obj)) return NULL;
+    const struct held_stack *h = PyCapsule_GetPointer(capsule, STACK_CAPSULE);
+    if (!h || !check_path(path)) return NULL;
+    if (rows <= 0 || rows > h->stack.max_rows || count <= 0)
+        return PyErr_Format(PyExc_ValueError, "a step of %d rows in %d segments (the stack holds up to %d rows)", rows,
+                            count, h->stack.max_rows);
+    struct buffers held = {.count = 0};
+    int failed = 0;
+    const int64_t *seg = buffer(&held, seg_obj, 0, (Py_ssize_t)count * 3 * 8, "segments", 0, &failed);
+    double *timings = buffer(&held, timings_obj, 1, LAYER_COMPONENTS * 3 * 8, "timings", 1, &failed);
+    if (failed || !check_segments(seg, count, h->stack.slots, h->stack.positions, rows)) {
+        release(&held);
+        return NULL;
+    }
+    int result;
+    Py_BEGIN_ALLOW_THREADS
+    result = run_layers(&h->stack, rows, seg, count, path, threads, timings);
+    Py_END_ALLOW_THREADS
+    release(&held);
+    if (result) return PyErr_NoMemory();
     Py_RETURN_NONE;
 }
 
@@ -657,6 +658,8 @@ static PyMethodDef METHODS[] = {
     {"quantize_head", py_quantize_head, METH_VARARGS, "per-row int8 LM head"},
     {"head", py_head, METH_VARARGS, "LM head GEMV/GEMM in fp32 arithmetic"},
     {"attention_step", py_attention_step, METH_VARARGS, "RoPE, cache write and causal attention of a step's segments"},
+    {"layer_stack", py_layer_stack, METH_VARARGS, "a model's decoder layers and step buffers, for layers()"},
+    {"layers", py_layers, METH_VARARGS, "every decoder layer of a step in one call"},
     {"read_sum", py_read_sum, METH_VARARGS, "sum of 64-bit words: a read-bandwidth probe"},
     {NULL, NULL, 0, NULL},
 };
@@ -665,5 +668,12 @@ static struct PyModuleDef MODULE = {PyModuleDef_HEAD_INIT, "_kernels", "BitNet C
 
 PyMODINIT_FUNC PyInit__kernels(void) {
     init_spread();
-    return PyModule_Create(&MODULE);
+    PyObject *module = PyModule_Create(&MODULE), *names = PyTuple_New(LAYER_COMPONENTS);
+    for (int i = 0; names && i < LAYER_COMPONENTS; i++) PyTuple_SET_ITEM(names, i, PyUnicode_FromString(LAYER_COMPONENT_NAMES[i]));
+    if (!module || !names || PyModule_AddObject(module, "LAYER_COMPONENTS", names) < 0) {
+        Py_XDECREF(names);
+        Py_XDECREF(module);
+        return NULL;
+    }
+    return module;
 }

@@ -1,49 +1,69 @@
 /* AVX-512 VNNI tile kernel: one 64-byte load holds two rows' chunks of a block; vpdpbusd multiplies the
- * unsigned codes (0..2) by int8 activations broadcast to both halves and accumulates exactly in int32. */
+ * unsigned codes by int8 activations broadcast to both halves and accumulates exactly in int32.
+ *
+ * At one token, unpacking a field (a shift and a mask) costs two instructions per multiply-add. With few
+ * tokens the kernel keeps S accumulator sets and leaves field f in place in bits 2s..2s+1 (s = f % S), so
+ * fields 0..S-1 need no shift: set s sums 4^s times the codes, and the epilogue shifts it back (exactly:
+ * the sum is a multiple of 4^s; a lane of set 3 holds at most 64 * 2 * 128 * K / 32 in magnitude, within
+ * int32 below 4 million inputs). S = 4 (no shifts at all) for 1-2 tokens, 2 (one shift per load) for 3-4,
+ * 1 for more, where the accumulators of every set would not fit the 32 registers; the sets also give
+ * vpdpbusd independent chains to hide its latency when there are few tokens.
+ *
+ * Software prefetch only from 4 tokens on: with fewer, a block is so little work that the out-of-order
+ * window reaches far enough ahead in the stream, and prefetching measured 5-25% slower (Zen 4, one thread,
+ * weights from memory); with 8 tokens, leaving it out measured 25% slower. */
 #include <immintrin.h>
 
 #include "kernels.h"
+#include "vnni_avx512.h"
 
+#define PREFETCH_MIN_TOKENS 4
 #define PREFETCH_BYTES 2048
 
-static inline int32_t hsum_half(__m512i v, int upper) {
-    __m256i h = upper ? _mm512_extracti64x4_epi64(v, 1) : _mm512_castsi512_si256(v);
-    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
-    return _mm_cvtsi128_si32(s);
+/* The 4 row sums of a token: pair0 holds rows 0 and 1 (8 lanes each), pair1 rows 2 and 3. */
+static inline void store_row_sums(__m512i pair0, __m512i pair1, int32_t *out) {
+    /* 128-bit lane r: 4 partial sums of row r */
+    __m512i s = _mm512_add_epi32(_mm512_shuffle_i64x2(pair0, pair1, _MM_SHUFFLE(2, 0, 2, 0)),
+                                 _mm512_shuffle_i64x2(pair0, pair1, _MM_SHUFFLE(3, 1, 3, 1)));
+    s = _mm512_add_epi32(s, _mm512_shuffle_epi32(s, _MM_PERM_BADC));
+    s = _mm512_add_epi32(s, _mm512_shuffle_epi32(s, _MM_PERM_CDAB));
+    __m512i firsts = _mm512_permutexvar_epi32(_mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0), s);
+    _mm_storeu_si128((__m128i *)out, _mm512_castsi512_si128(firsts));
 }
 
-/* S accumulator sets (fields f with f % S == s): with few tokens, independent chains hide vpdpbusd's latency. */
 static inline __attribute__((always_inline)) void group_tokens(const uint8_t *group, int blocks, const int8_t *x,
                                                                size_t x_stride, int T, int32_t *out) {
     enum { MAX_SETS = 4 };
-    const int S = T == 1 ? 4 : T == 2 ? 2 : 1;
-    const __m512i mask = _mm512_set1_epi8(3);
-    __m512i acc[MAX_SETS][2][MAX_TILE_TOKENS];
-    for (int s = 0; s < S; s++)
+    const int S = T <= 2 ? 4 : T <= 4 ? 2 : 1;
+    __m512i mask[MAX_SETS], acc[MAX_SETS][2][MAX_TILE_TOKENS];
+    for (int s = 0; s < S; s++) {
+        mask[s] = _mm512_set1_epi8((char)(3 << (2 * s)));
         for (int t = 0; t < T; t++) acc[s][0][t] = acc[s][1][t] = _mm512_setzero_si512();
+    }
     for (int b = 0; b < blocks; b++) {
         const uint8_t *chunks = group + (size_t)b * GROUP_BLOCK_BYTES;
-        _mm_prefetch((const char *)chunks + PREFETCH_BYTES, _MM_HINT_T0);
-        _mm_prefetch((const char *)chunks + PREFETCH_BYTES + 64, _MM_HINT_T0);
+        if (T >= PREFETCH_MIN_TOKENS) {
+            _mm_prefetch((const char *)chunks + PREFETCH_BYTES, _MM_HINT_T0);
+            _mm_prefetch((const char *)chunks + PREFETCH_BYTES + 64, _MM_HINT_T0);
+        }
         __m512i pair0 = _mm512_loadu_si512(chunks), pair1 = _mm512_loadu_si512(chunks + 64);
         for (int f = 0; f < 4; f++) {
-            __m512i codes0 = _mm512_and_si512(_mm512_srli_epi16(pair0, 2 * f), mask);
-            __m512i codes1 = _mm512_and_si512(_mm512_srli_epi16(pair1, 2 * f), mask);
+            int s = f % S, shift = 2 * (f - s);
+            __m512i codes0 = _mm512_and_si512(shift ? _mm512_srli_epi16(pair0, shift) : pair0, mask[s]);
+            __m512i codes1 = _mm512_and_si512(shift ? _mm512_srli_epi16(pair1, shift) : pair1, mask[s]);
             for (int t = 0; t < T; t++) {
                 const __m256i *xb = (const __m256i *)(x + t * x_stride + (size_t)b * BLOCK_INPUTS + 32 * f);
                 __m512i xs = _mm512_broadcast_i64x4(_mm256_loadu_si256(xb));
-                acc[f % S][0][t] = _mm512_dpbusd_epi32(acc[f % S][0][t], codes0, xs);
-                acc[f % S][1][t] = _mm512_dpbusd_epi32(acc[f % S][1][t], codes1, xs);
+                acc[s][0][t] = multiply_add(acc[s][0][t], codes0, xs);
+                acc[s][1][t] = multiply_add(acc[s][1][t], codes1, xs);
             }
         }
     }
     for (int s = 1; s < S; s++)
         for (int t = 0; t < T; t++)
-            for (int p = 0; p < 2; p++) acc[0][p][t] = _mm512_add_epi32(acc[0][p][t], acc[s][p][t]);
-    for (int t = 0; t < T; t++)
-        for (int r = 0; r < ROWS_PER_GROUP; r++) out[t * ROWS_PER_GROUP + r] = hsum_half(acc[0][r / 2][t], r % 2);
+            for (int p = 0; p < 2; p++)
+                acc[0][p][t] = _mm512_add_epi32(acc[0][p][t], _mm512_srai_epi32(acc[s][p][t], 2 * s));
+    for (int t = 0; t < T; t++) store_row_sums(acc[0][0][t], acc[0][1][t], out + t * ROWS_PER_GROUP);
 }
 
 #define TOKENS_CASE(T) case T: group_tokens(group, blocks, x, x_stride, T, out); break;
