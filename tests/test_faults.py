@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 import random
 
+import numpy as np
 import pytest
-import torch
 from bitnet_tt import cli
 from bitnet_tt.api import LLM
 from bitnet_tt.backends.torch.backend import load_torch_backend
@@ -163,7 +163,7 @@ def test_a_backend_method_that_keeps_failing_stops_the_engine(tiny, method):
 def test_the_api_raises_a_one_line_error_for_a_failed_request(tiny):
     with LLM(tiny, max_batch=1, max_context=64, dtype="float32") as llm:
         real = llm.backend.prefill
-        llm.backend.prefill = lambda slot, token_ids: torch.full_like(real(slot, token_ids), float("inf"))
+        llm.backend.prefill = lambda slot, token_ids: np.full_like(real(slot, token_ids), np.inf)
         with pytest.raises(GenerationError, match="non-finite logits"):
             llm.generate("Hello", max_new_tokens=4)
 
