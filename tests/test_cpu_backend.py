@@ -102,8 +102,8 @@ def layers_one_call_at_a_time(model, rows, spans):
 
 
 def prefill_and_decode(backend):
-    """Logits of prefills (one of 20 tokens: the many-token GEMM and attention) and two 3-slot decode steps."""
-    logits = [backend.prefill(slot, prompt) for slot, prompt in enumerate((list(range(3, 23)), [4, 5, 6], [9]))]
+    """Logits of prefills (one of 50 tokens: the many-token GEMM and attention) and two 3-slot decode steps."""
+    logits = [backend.prefill(slot, prompt) for slot, prompt in enumerate((list(range(3, 53)), [4, 5, 6], [9]))]
     return logits + [backend.decode([0, 1, 2], [7, 8, 9]), backend.decode([2, 0, 1], [1, 2, 3])]
 
 

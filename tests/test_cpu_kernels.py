@@ -46,7 +46,7 @@ SHAPES_2B4T = sorted(set(ModelConfig.from_hf_dict(config_2b4t()).projection_shap
 
 @pytest.mark.parametrize("path", all_paths())
 @pytest.mark.parametrize("shape", SHAPES_2B4T, ids=lambda s: f"{s[0]}x{s[1]}")
-@pytest.mark.parametrize("tokens", [1, 2, 3, 4, 5, 8, 11])
+@pytest.mark.parametrize("tokens", [1, 2, 3, 4, 5, 8, 11, 48])  # 48: the GEMM on AVX2 and AVX-512 (gemm.h)
 def test_ternary_product_is_exact_at_2b4t_shapes(path, shape, tokens):
     rng = np.random.default_rng(hash((shape, tokens)) % 2**32)
     codes = rng.integers(-1, 2, shape, dtype=np.int8)
@@ -63,10 +63,10 @@ EDGES = {
 @pytest.mark.parametrize("path", all_paths())
 @pytest.mark.parametrize("edge", EDGES)
 @pytest.mark.parametrize("shape", [(2560, 6912), (13, 200), (5, 4), (9, 1000)], ids=lambda s: f"{s[0]}x{s[1]}")
-@pytest.mark.parametrize("tokens", [1, 3, 8, 9])
+@pytest.mark.parametrize("tokens", [1, 3, 8, 9, 48])
 def test_ternary_product_is_exact_at_the_edges(path, edge, shape, tokens):
     """Extremes of the int16 partial sums (6912 inputs: 54 blocks, several int16 stretches) and of the AVX-512
-    tile's scaled sums (its layouts differ with the token count; 9 tokens take the GEMM), and shapes whose
+    tile's scaled sums (its layouts differ with the token count; 48 tokens take the GEMM), and shapes whose
     rows are not a multiple of 4 and inputs not a multiple of 128 (padded with zero weights)."""
     value, weight = EDGES[edge]
     codes = np.full(shape, weight, dtype=np.int8)
@@ -74,10 +74,11 @@ def test_ternary_product_is_exact_at_the_edges(path, edge, shape, tokens):
     assert np.array_equal(int_product(codes, x, path), exact_product(x, codes))
 
 
-def test_every_path_and_thread_count_gives_the_same_integers():
+@pytest.mark.parametrize("tokens", [19, 48])  # tiles; the GEMM
+def test_every_path_and_thread_count_gives_the_same_integers(tokens):
     rng = np.random.default_rng(1)
     codes = rng.integers(-1, 2, (37, 300), dtype=np.int8)
-    x = rng.integers(-128, 128, (19, 300), dtype=np.int8)
+    x = rng.integers(-128, 128, (tokens, 300), dtype=np.int8)
     results = [int_product(codes, x, path, threads) for path in kernels.paths() for threads in (1, 2, 3)]
     assert all(np.array_equal(r, results[0]) for r in results)
 
@@ -156,28 +157,63 @@ def test_quantisation_without_norm_is_bit_exact():
         assert np.array_equal(acts.q, codes.numpy()) and np.array_equal(acts.scale, scale[:, 0].numpy())
 
 
-@pytest.mark.parametrize("dtype", ["bf16", "fp32", "int8"])
-def test_lm_head_matches_torch_and_is_identical_on_every_path(dtype):
+@pytest.mark.parametrize("k", [1100, 2560])  # 2B-4T's hidden size; and blocks of 32 and 64 with a tail
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_lm_head_matches_torch_and_is_identical_on_every_path(dtype, k):
     rng = np.random.default_rng(5)
-    table = torch.from_numpy(rng.standard_normal((301, 1100)).astype(np.float32))  # chunks of 512 and a tail
-    x = rng.standard_normal((6, 1100)).astype(np.float32)
-    scales = None
+    table = torch.from_numpy(rng.standard_normal((301, k)).astype(np.float32))
+    x = rng.standard_normal((9, k)).astype(np.float32)  # 9 tokens: a full pass of 8 (4 on AVX2) and more
     if dtype == "bf16":
         weights, reference_table = table.bfloat16().view(torch.uint16).numpy(), table.bfloat16().float()
-    elif dtype == "fp32":
-        weights, reference_table = table.numpy(), table
     else:
-        weights, scales = kernels.quantize_head(table.numpy())
-        reference_table = torch.from_numpy(weights.astype(np.float32) * scales[:, None])
-        assert np.abs(reference_table - table).max() <= scales.max() / 2 + 1e-6
+        weights, reference_table = table.numpy(), table
     reference = torch.from_numpy(x) @ reference_table.T
-    outs = [kernels.head(weights, x, 6, np.empty((6, 301), np.float32), scales, kernels.path_index(p), 2)
+    outs = [kernels.head(weights, x, 9, np.empty((9, 301), np.float32), None, kernels.path_index(p), 2)
             for p in kernels.paths()]
     assert all(np.array_equal(o, outs[0]) for o in outs)
     assert torch.allclose(torch.from_numpy(outs[0]), reference, rtol=1e-5, atol=1e-4)
     for p in kernels.paths():  # a token's logits do not depend on the batch it is in
-        alone = kernels.head(weights, x[2:3], 1, np.empty((1, 301), np.float32), scales, kernels.path_index(p), 2)
-        assert np.array_equal(alone[0], outs[0][2])
+        for m in (1, 2, 3):
+            alone = np.empty((m, 301), np.float32)
+            kernels.head(weights, x[2 : 2 + m], m, alone, None, kernels.path_index(p), 2)
+            assert np.array_equal(alone, outs[0][2 : 2 + m])
+
+
+def int8_head_reference(codes: np.ndarray, scales: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """The int8 head's definition: x quantised per token as HF's ActQuant (s = 127 / absmax, codes rounded half
+    to even), the exact integer product with the codes, then / s * the row's scale, in fp32."""
+    s = np.float32(127) / np.maximum(np.abs(x).max(axis=1, keepdims=True), np.float32(1e-5))
+    q = np.clip(np.rint(x * s), -128, 127).astype(np.int64)
+    dots = (q @ codes.astype(np.int64).T).astype(np.float32)
+    return dots / s * scales
+
+
+@pytest.mark.parametrize("k", [100, 1100, 2560])
+def test_int8_lm_head_is_exact_on_every_path(k):
+    rng = np.random.default_rng(6)
+    table = rng.standard_normal((67, k)).astype(np.float32)
+    codes, scales = kernels.quantize_head(table)
+    assert np.abs(codes.astype(np.float32) * scales[:, None] - table).max() <= scales.max() / 2 + 1e-6
+    x = rng.standard_normal((11, k)).astype(np.float32)
+    reference = int8_head_reference(codes, scales, x)
+    for p in kernels.paths():
+        for m in (1, 2, 3, 8, 11):
+            out = kernels.head(codes, x[:m], m, np.empty((m, 67), np.float32), scales, kernels.path_index(p), 2)
+            assert np.array_equal(out, reference[:m]), (p, m)
+
+
+def test_int8_lm_head_edge_values_are_exact():
+    """Codes of -128 and 127 against activations at +-127 (AVX2's maddubs pairs reach 2 x 128 x 127)."""
+    k = 640
+    codes = np.empty((4, k), np.int8)
+    codes[0], codes[1], codes[2], codes[3] = -128, 127, np.tile([-128, 127], k // 2), np.tile([127, -128], k // 2)
+    scales = np.full(4, 0.5, np.float32)
+    x = np.stack([np.full(k, 3.0), np.full(k, -3.0), np.tile([3.0, -3.0], k // 2)]).astype(np.float32)
+    reference = int8_head_reference(codes, scales, x)
+    assert np.isclose(reference[0, 0], -128 * 3.0 * k * 0.5)  # dot -128 x 127 x k, / (127 / 3), x 0.5
+    for p in kernels.paths():
+        out = kernels.head(codes, x, 3, np.empty((3, 4), np.float32), scales, kernels.path_index(p))
+        assert np.array_equal(out, reference), p
 
 
 def attention_step(qkv, heads, kv_heads, dim, tables, spans, cache, path, threads=2):
@@ -214,6 +250,7 @@ def test_attention_matches_sdpa_and_is_identical_on_every_path(start, tokens, he
 
 
 def test_attention_of_several_slots_in_one_step_equals_one_call_per_slot():
+    """Decode rows, a short chunk and a prefill chunk of 9+ tokens (the prefill kernel, as alone) in one step."""
     from bitnet_tt.backends.torch.model import rope_tables
 
     cfg = ModelConfig.from_hf_dict({**config_2b4t(), "hidden_size": 256, "num_attention_heads": 4,
@@ -221,9 +258,9 @@ def test_attention_of_several_slots_in_one_step_equals_one_call_per_slot():
     heads, kv_heads, dim, positions = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, 16
     tables = tuple(t.numpy() for t in rope_tables(cfg, positions, torch.float32, "cpu"))
     rng = np.random.default_rng(8)
-    spans = [(1, 3, 1), (0, 0, 2), (2, 5, 1)]
-    qkv = rng.standard_normal((4, (heads + 2 * kv_heads) * dim)).astype(np.float32)
-    past = rng.standard_normal((3, 2, kv_heads, positions, dim)).astype(np.float32)
+    spans = [(1, 3, 1), (3, 2, 11), (0, 0, 2), (2, 5, 1)]
+    qkv = rng.standard_normal((15, (heads + 2 * kv_heads) * dim)).astype(np.float32)
+    past = rng.standard_normal((4, 2, kv_heads, positions, dim)).astype(np.float32)
     together_cache = past.copy()
     together = attention_step(qkv.copy(), heads, kv_heads, dim, tables, spans, together_cache, kernels.paths()[0])
     alone_cache, row = past.copy(), 0

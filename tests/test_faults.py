@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 from bitnet_tt import cli
 from bitnet_tt.api import LLM
+from bitnet_tt.backends import create_backend
+from bitnet_tt.backends.base import StepResult
 from bitnet_tt.backends.torch.backend import load_torch_backend
 from bitnet_tt.config import ModelConfig
 from bitnet_tt.engine import Engine
@@ -160,10 +162,42 @@ def test_a_backend_method_that_keeps_failing_stops_the_engine(tiny, method):
     assert all(r.finish_reason == "error" for r in requests)
 
 
+def test_a_failed_step_of_one_forward_pass_fails_its_requests_and_the_engine_goes_on(tiny):
+    """The cpu backend runs a step's prompt chunk and decode rows in one forward pass: when it raises, every
+    request of the step fails (their slots are in an unknown state); later requests are served as before, and a
+    step that keeps failing stops the engine."""
+    engine = Engine(create_backend("cpu", tiny, 2, max_context=64, progress=False),
+                    Tokenizer(tiny, ModelConfig.from_folder(tiny)))
+    decoding = engine.submit("first", GREEDY)
+    engine.step()
+    arriving = engine.submit("second", GREEDY)
+    model = engine.backend.model
+    forward, failures = model.forward, iter([RuntimeError("flaky device")])
+
+    def forward_failing(*args):
+        if (error := next(failures, None)) is not None:
+            raise error
+        return forward(*args)
+
+    model.forward = forward_failing
+    engine.step()
+    assert decoding.finish_reason == arriving.finish_reason == "error" and len(decoding.output_ids) == 1
+    again = engine.submit("second", GREEDY)
+    engine.run()
+    served_alone = Engine(create_backend("cpu", tiny, 1, max_context=64, progress=False), engine.tokenizer)
+    assert again.output_ids == served_alone.generate(["second"], GREEDY)[0].output_ids
+    failures = iter([RuntimeError("device lost")] * MAX_BACKEND_FAILURES_IN_A_ROW)
+    for i in range(2 * MAX_BACKEND_FAILURES_IN_A_ROW):  # each step admits two
+        engine.submit(f"prompt {i}", GREEDY)
+    with pytest.raises(BackendBroken, match="step failed 3 times in a row"):
+        for _ in range(MAX_BACKEND_FAILURES_IN_A_ROW):
+            engine.step()
+
+
 def test_the_api_raises_a_one_line_error_for_a_failed_request(tiny):
     with LLM(tiny, max_batch=1, max_context=64, dtype="float32") as llm:
-        real = llm.backend.prefill
-        llm.backend.prefill = lambda slot, token_ids: np.full_like(real(slot, token_ids), np.inf)
+        real = llm.backend.step  # the prompt's logits come back infinite
+        llm.backend.step = lambda *args: StepResult([np.full_like(x, np.inf) for x in real(*args).prefill], None)
         with pytest.raises(GenerationError, match="non-finite logits"):
             llm.generate("Hello", max_new_tokens=4)
 

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from bitnet_tt import LLM
+from bitnet_tt.backends.base import Backend
+from bitnet_tt.backends.cpu.backend import CPUBackend
 from bitnet_tt.backends.torch.backend import TorchBackend, load_torch_backend
 from bitnet_tt.engine import Engine
 from bitnet_tt.engine.slots import SlotPool
@@ -78,6 +81,57 @@ def test_chunked_prefill_equals_whole_prompt_prefill(tiny, tokenizer, chunk):
         assert torch.equal(chunked_logits[slot][-1], whole_logits[slot][-1])
     assert max(p.prefill_tokens for p in plans) == min(chunk, 145)
     assert sum(p.prefill_tokens for p in plans) == 145  # every prompt token prefilled once
+
+
+# --- one forward pass per step (cpu backend) -------------------------------------------------------------
+
+
+class SeparateCalls(CPUBackend):
+    """The cpu backend with the base class's step: a forward pass for each chunk and one for the decode rows."""
+
+    step = Backend.step
+
+
+def record_steps(engine: Engine) -> list:
+    """Observe what each backend step returns."""
+    results = []
+    step = engine.backend.step
+
+    def recording(*args):
+        results.append(step(*args))
+        return results[-1]
+
+    engine.backend.step = recording
+    return results
+
+
+def serve_while_prompts_arrive(tiny, tokenizer, backend_type, chunk, params):
+    """Three users start, then two prompts (one longer than the workspace's rows) arrive while they decode."""
+    engine = Engine(backend_type(tiny, max_slots=5, max_context=512, progress=False), tokenizer, prefill_chunk=chunk)
+    results = record_steps(engine)
+    users = [engine.submit(random_prompt(n, seed), params) for seed, n in enumerate((3, 11, 20))]
+    for _ in range(2):
+        engine.step()
+    arriving = [engine.submit(random_prompt(n, 10 + n), params) for n in (40, 300)]
+    plans = steps_until(engine, lambda: not engine.has_work())
+    return [r.output_ids for r in users + arriving], results, plans
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 32, WHOLE])
+@pytest.mark.parametrize("params", [greedy(24), SamplingParams(temperature=0.8, max_new_tokens=24, ignore_eos=True,
+                                                                 seed=5)], ids=["greedy", "sampled"])
+def test_one_forward_pass_per_step_equals_separate_calls(tiny, tokenizer, chunk, params):
+    """Bit for bit: the prefill chunks' and the decode rows' logits (or greedy picks) of every step, on the cpu
+    backend in fp32; a row at a wrong position or in a wrong slot would change them."""
+    outputs, fused, plans = serve_while_prompts_arrive(tiny, tokenizer, CPUBackend, chunk, params)
+    expected, separate, _ = serve_while_prompts_arrive(tiny, tokenizer, SeparateCalls, chunk, params)
+    assert outputs == expected and len(fused) == len(separate)
+    assert any(p.prefill and p.decode for p in plans)  # steps that prefill while users decode
+    for a, b in zip(fused, separate):
+        assert len(a.prefill) == len(b.prefill) and all(np.array_equal(x, y) for x, y in zip(a.prefill, b.prefill))
+        assert np.array_equal(a.decode, b.decode) if isinstance(a.decode, np.ndarray) else a.decode == b.decode
+    if params.temperature == 0:  # and as whole prompts prefilled alone
+        assert outputs == serve_while_prompts_arrive(tiny, tokenizer, SeparateCalls, WHOLE, params)[0]
 
 
 # --- scheduling, fairness, cancellation ------------------------------------------------------------------

@@ -2,13 +2,14 @@
 
 A backend owns a fixed pool of KV-cache slots (one per concurrent user), each with its own context
 of up to `max_context` tokens. The engine prefills prompts into slots, decodes one token for many
-slots at once, and frees slots when requests finish.
+slots at once, and frees slots when requests finish; each engine step is one `step` call.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..config import ModelConfig
@@ -21,6 +22,15 @@ if TYPE_CHECKING:  # torch is imported by the backends that compute in it, never
     from ..sampling import DeviceDraw
 
     Logits = np.ndarray | torch.Tensor  # fp32 on the CPU: np.asarray views either without a copy
+
+
+@dataclass
+class StepResult:
+    """What Backend.step computed. An exception in place of a part: the separate call that computed it raised
+    (its slots are in an unknown state; the other parts stand)."""
+
+    prefill: list[Logits | Exception]  # each chunk's last-token logits, fp32 [vocab]
+    decode: Logits | list[int] | Exception | None  # logits [slots, vocab] or picked token ids; None: no slots
 
 
 class Backend(ABC):
@@ -73,6 +83,21 @@ class Backend(ABC):
         """Like decode, but draw each slot's next token on the device (only when device_top_k_limit > 0)."""
         raise NotImplementedError(f"{type(self).__name__} has no device sampler (device_top_k_limit is 0)")
 
+    def step(self, prefills: Sequence[tuple[int, Sequence[int]]], slots: Sequence[int], token_ids: Sequence[int],
+             greedy: bool = False, draws: Sequence[DeviceDraw] | None = None) -> StepResult:
+        """One engine step: append each (slot, tokens) prefill chunk, and one token to each of `slots` (as
+        decode_greedy when `greedy`, decode_sampled with `draws`, else decode); all slots distinct.
+
+        Here the chunks and the decode rows are separate calls, each one's error kept in its place; a backend
+        that runs them in one forward pass (one fixed cost per step) overrides this, and then an error fails
+        the whole step."""
+        prefilled = [_attempt(self.prefill, slot, tokens) for slot, tokens in prefills]
+        if not slots:
+            return StepResult(prefilled, None)
+        if draws is not None:
+            return StepResult(prefilled, _attempt(self.decode_sampled, slots, token_ids, draws))
+        return StepResult(prefilled, _attempt(self.decode_greedy if greedy else self.decode, slots, token_ids))
+
     def copy_slot(self, source: int, target: int, length: int) -> None:
         """Make the empty `target` slot's context the first `length` positions of `source`'s (only when
         copies_slots): the same state a prefill of those tokens into `target` would leave."""
@@ -120,3 +145,11 @@ class Backend(ABC):
 
     def _advance(self, slot: int, count: int) -> None:
         self._lengths[slot] += count
+
+
+def _attempt(fn, *args):
+    """fn(*args), or the exception it raised."""
+    try:
+        return fn(*args)
+    except Exception as exc:
+        return exc

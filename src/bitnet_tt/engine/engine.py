@@ -1,5 +1,6 @@
-"""Continuous batching over a backend's slots: each step decodes every running slot in one call and prefills
-the next prompt chunks (scheduler.py), reusing cached prompt prefixes (slots.py); it streams text and cancels."""
+"""Continuous batching over a backend's slots: each step decodes every running slot and prefills the next
+prompt chunks (scheduler.py) in one backend call, reusing cached prompt prefixes (slots.py); it streams text
+and cancels."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..backends.base import Backend
+from ..backends.base import Backend, StepResult
 from ..errors import BitNetError, CapacityError, GenerationError, RequestError
 from ..grammar import GrammarCompiler, TokenConstraint
 from ..sampling import (
@@ -38,8 +39,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("bitnet_tt.engine")
 PROMPT_OVERFLOW = ("error", "truncate")  # what to do with a prompt that does not fit the context
-# Failures of one backend method (prefill, decode, ...) with no success of it between them, before the engine
-# gives up (raises BackendBroken from step()) instead of failing request after request on a broken backend.
+# Failures of one backend method (step, or the prefill, decode, ... a step made) with no success of it between
+# them, before the engine gives up (raises BackendBroken from step()) instead of failing request after request
+# on a broken backend.
 MAX_BACKEND_FAILURES_IN_A_ROW = 3
 
 
@@ -181,34 +183,73 @@ class Engine:
         for request in plan.admitted:
             self._running[request.slot] = request
             self.backend.keep_prefix(request.slot, request.cached_tokens)
-        completed = [(c.request, logits) for c in plan.prefill if (logits := self._prefill(c, outputs)) is not None]
+        called = time.perf_counter()
+        greedy = all(r.params.plain_greedy for r in plan.decode)  # no logits needed: the backend picks the tokens
+        draws = None if greedy else self._device_draws(plan.decode)  # the backend samples on its device
+        result = self._backend_step(plan, greedy, draws, outputs)
+        completed = [(c.request, logits) for c, part in zip(plan.prefill, result.prefill)
+                     if (logits := self._prefilled(c, part, outputs)) is not None]
         completed += self._copy_prefills(plan.copies, completed, outputs)
         # Every prompt is in its slot before any first token is accepted: one that ends at once frees its slot.
         for request, logits in completed:
             self._contained([request], outputs, self._accept, request, logits, outputs)
         if plan.decode:
-            self._decode(plan.decode, outputs)
+            self._decoded(plan.decode, greedy, draws, result.decode, outputs)
+            self.stats.decode_step_seconds.append(time.perf_counter() - called)
         self.last_plan = plan
         self.stats.steps += 1
         self.stats.step_seconds += time.perf_counter() - started
         self._deliver(outputs)
         method, failures = max(self._backend_failures.items(), key=lambda item: item[1], default=(None, 0))
         if failures >= MAX_BACKEND_FAILURES_IN_A_ROW:
-            raise BackendBroken(f"the backend's {method.__name__} failed {failures} times in a row")
+            raise BackendBroken(f"the backend's {method} failed {failures} times in a row")
         return outputs
 
-    def _prefill(self, chunk: PrefillChunk, outputs: list[RequestOutput]) -> Logits | None:
-        """Append the chunk to its request's slot; return the first token's logits when the prompt is complete
-        (None otherwise, or when the prefill failed, and so has the request)."""
-        request = chunk.request
-        if chunk.start == request.cached_tokens:
-            request.stats.prefill_started = time.perf_counter()
-        tokens = request.prompt_ids[chunk.start : chunk.stop]
-        logits = self._backend_call([request], outputs, self.backend.prefill, request.slot, tokens)
+    def _backend_step(self, plan: StepPlan, greedy: bool, draws: list[DeviceDraw] | None,
+                      outputs: list[RequestOutput]) -> StepResult:
+        """One backend call for the step's prefill chunks and decode rows; if it raises, every request of the
+        step fails, and the result's parts are None."""
+        if not plan.prefill and not plan.decode:
+            return StepResult([], None)
+        now = time.perf_counter()
+        for chunk in plan.prefill:
+            if chunk.start == chunk.request.cached_tokens:
+                chunk.request.stats.prefill_started = now
+        prefills = [(c.request.slot, c.request.prompt_ids[c.start : c.stop]) for c in plan.prefill]
+        slots, last = [r.slot for r in plan.decode], [r.output_ids[-1] for r in plan.decode]
+        requests = [c.request for c in plan.prefill] + plan.decode
+        result = self._backend_call(requests, outputs, "step", self.backend.step, prefills, slots, last, greedy, draws)
+        return result or StepResult([None] * len(plan.prefill), None)
+
+    def _prefilled(self, chunk: PrefillChunk, part, outputs: list[RequestOutput]) -> Logits | None:
+        """Record the chunk's prefill; return the first token's logits when it completes the prompt (None
+        otherwise, or when the prefill failed, and so has the request)."""
+        logits = self._part([chunk.request], outputs, "prefill", part)
         if logits is None:
             return None
-        request.prefilled = chunk.stop
+        chunk.request.prefilled = chunk.stop
         return logits if chunk.completes_prompt else None
+
+    def _decoded(self, decoding: list[Request], greedy: bool, draws, part, outputs: list[RequestOutput]) -> None:
+        """Accept each decoding request's token: picked by the backend (greedy, or drawn on its device) or
+        sampled here from its logits."""
+        method = "decode_sampled" if draws else "decode_greedy" if greedy else "decode"
+        rows = self._part(decoding, outputs, method, part)
+        accept = self._accept if method == "decode" else self._accept_token
+        for request, row in zip(decoding, [] if rows is None else rows):
+            self._contained([request], outputs, accept, request, row, outputs)
+
+    def _part(self, requests: list[Request], outputs: list[RequestOutput], method: str, part):
+        """A part of the step's result, or None after failing `requests` when it is the error its call raised
+        (None already: the whole step failed)."""
+        if part is None:
+            return None
+        failed = isinstance(part, Exception)
+        self._backend_failures[method] = self._backend_failures[method] + 1 if failed else 0
+        if failed:
+            self._fail(requests, part, outputs)
+            return None
+        return part
 
     def _copy_prefills(self, copies, completed, outputs) -> list[tuple[Request, Logits]]:
         """Requests with the same prompt as one prefilled in this step (the choices of an n > 1 request) get a
@@ -218,7 +259,8 @@ class Engine:
         for source, target in copies:
             if id(source) in logits_of:
                 target.stats.prefill_started = time.perf_counter()
-                logits = self._backend_call([target], outputs, self._copy_prefill, source, target, logits_of[id(source)])
+                logits = self._backend_call([target], outputs, "copy_slot", self._copy_prefill, source, target,
+                                            logits_of[id(source)])
                 if logits is not None:
                     target.prefilled = len(target.prompt_ids)
                     copied.append((target, logits))
@@ -229,25 +271,10 @@ class Engine:
         self.backend.copy_slot(source.slot, target.slot, len(target.prompt_ids))
         return logits
 
-    def _decode(self, decoding: list[Request], outputs: list[RequestOutput]) -> None:
-        """One batched decode call for every slot whose prompt was prefilled in an earlier step."""
-        started = time.perf_counter()
-        slots, last = [r.slot for r in decoding], [r.output_ids[-1] for r in decoding]
-        if all(r.params.plain_greedy for r in decoding):  # no logits needed: the backend picks the tokens
-            call, args, accept = self.backend.decode_greedy, (slots, last), self._accept_token
-        elif draws := self._device_draws(decoding):  # the backend samples on its device
-            call, args, accept = self.backend.decode_sampled, (slots, last, draws), self._accept_token
-        else:
-            call, args, accept = self.backend.decode, (slots, last), self._accept
-        rows = self._backend_call(decoding, outputs, call, *args)
-        for request, row in zip(decoding, [] if rows is None else rows):
-            self._contained([request], outputs, accept, request, row, outputs)
-        self.stats.decode_step_seconds.append(time.perf_counter() - started)
-
-    def _backend_call(self, requests: list[Request], outputs: list[RequestOutput], fn, *args):
+    def _backend_call(self, requests: list[Request], outputs: list[RequestOutput], method: str, fn, *args):
         """fn(*args), timed; if it raises, the requests it served fail (they hold slots of unknown state)."""
         result = self._contained(requests, outputs, self._timed, fn, *args)
-        self._backend_failures[fn] = 0 if result is not None else self._backend_failures[fn] + 1
+        self._backend_failures[method] = 0 if result is not None else self._backend_failures[method] + 1
         return result
 
     def _contained(self, requests: list[Request], outputs: list[RequestOutput], fn, *args):
@@ -255,15 +282,18 @@ class Engine:
         try:
             return fn(*args)
         except Exception as exc:
-            if isinstance(exc, BitNetError):
-                message = str(exc)
-            else:
-                logger.error("generating %s failed", ", ".join(r.id for r in requests), exc_info=exc)
-                message = "internal error while generating (details are in the log)"
-            for request in requests:
-                if not request.finished:
-                    self._finish(request, "error", outputs, error=message)
+            self._fail(requests, exc, outputs)
             return None
+
+    def _fail(self, requests: list[Request], exc: Exception, outputs: list[RequestOutput]) -> None:
+        if isinstance(exc, BitNetError):
+            message = str(exc)
+        else:
+            logger.error("generating %s failed", ", ".join(r.id for r in requests), exc_info=exc)
+            message = "internal error while generating (details are in the log)"
+        for request in requests:
+            if not request.finished:
+                self._finish(request, "error", outputs, error=message)
 
     def _device_draws(self, decoding: list[Request]) -> list[DeviceDraw] | None:
         """Each request's draw for the backend's device sampler, or None when any of them needs the logits."""

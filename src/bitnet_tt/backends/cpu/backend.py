@@ -10,18 +10,19 @@ from pathlib import Path
 import numpy as np
 
 from ...errors import BitNetError, CapacityError
-from ..base import Backend
+from ...sampling import DeviceDraw
+from ..base import Backend, StepResult
 from . import kernels
 from .model import CPUModel, Segment
 from .weights import LM_HEAD_DTYPES, load_cpu_weights
 
-PREFILL_CHUNK = 256  # prompt tokens per forward pass: bounds the workspaces
+PREFILL_CHUNK = 256  # prompt tokens per forward pass besides the decode rows: bounds the workspaces
 
 
 @dataclass(frozen=True)
 class CPUOptions:
     threads: int | None = None  # None: the physical cores this process may run on
-    lm_head: str = "bf16"  # "bf16" (HF's numerics) or "int8" (per-row scaled: less memory traffic)
+    lm_head: str = "bf16"  # "bf16" (HF's numerics) or "int8" (per-row codes x int8 activations: less traffic)
     path: str | None = None  # instruction-set path (kernels.paths()); None: the best here
 
     def __post_init__(self):
@@ -33,8 +34,9 @@ class CPUOptions:
 
 class CPUBackend(Backend):
     copies_slots = True
-    # benchmarks/serving.py on a quiet 2-core EPYC: chunks of 32 give 0.78x whole-prompt prefill's throughput
-    # with running streams at 5x a decode step (p99) while a long prompt arrives (16: 0.71x and 3.5x); README,
+    # benchmarks/serving.py on a 2-core EPYC under load (4-10), a step as one pass: chunks of 32 give 0.90-0.95x
+    # whole-prompt prefill's throughput with running streams at 1.9-3.4x a decode step (p99) while a long
+    # prompt arrives (16: 0.82-0.86x and 1.9-2.8x; 8: 0.76x and 1.5x at a third of the prefill rate); README,
     # "Serving many users"
     default_prefill_chunk = 32
 
@@ -50,18 +52,26 @@ class CPUBackend(Backend):
         self.options = options
         self.threads = threads
         self.path_name = kernels.paths()[0] if options.path is None else options.path
-        self.model = CPUModel(weights, max_slots, self.max_context, max(PREFILL_CHUNK, max_slots), path, self.threads)
+        self.max_rows = PREFILL_CHUNK + max_slots  # a step's decode rows and a chunk fit in one pass
+        self.model = CPUModel(weights, max_slots, self.max_context, self.max_rows, path, self.threads)
 
     def prefill(self, slot: int, token_ids: Sequence[int]) -> np.ndarray:
         if len(token_ids) == 0:
             raise ValueError("prefill needs at least one token")
-        start = self._reserve(slot, len(token_ids))
-        self._check_tokens(token_ids)
-        for offset in range(0, len(token_ids), PREFILL_CHUNK):
-            chunk = token_ids[offset : offset + PREFILL_CHUNK]
-            logits = self.model.forward(chunk, [Segment(slot, start + offset, len(chunk))])
-        self._advance(slot, len(token_ids))
-        return logits[0]
+        return self._forward([(slot, token_ids)])[0]
+
+    def step(self, prefills: Sequence[tuple[int, Sequence[int]]], slots: Sequence[int], token_ids: Sequence[int],
+             greedy: bool = False, draws: Sequence[DeviceDraw] | None = None) -> StepResult:
+        """The decode rows and the prefill chunks in one forward pass: a pass has a fixed cost (reading every
+        weight once, waking the threads) that a separate chunk pass would pay again."""
+        if draws is not None:  # no device sampler: the base class keeps decode_sampled's error in its place
+            return super().step(prefills, slots, token_ids, greedy, draws)
+        if len(slots) != len(token_ids) or any(len(tokens) == 0 for _, tokens in prefills):
+            raise ValueError("a step needs one token for each decoding slot and at least one for each prefill")
+        # The chunks first: a chunk cut by the workspace's size is cut where its prefill alone would be.
+        logits = self._forward(list(prefills) + [(s, [t]) for s, t in zip(slots, token_ids)])
+        decoded = logits[len(prefills) :]
+        return StepResult(list(logits[: len(prefills)]), None if not slots else greedy_picks(decoded) if greedy else decoded)
 
     def copy_slot(self, source: int, target: int, length: int) -> None:
         if not 0 < length <= self.slot_length(source) or self.slot_length(target) != 0 or source == target:
@@ -70,23 +80,53 @@ class CPUBackend(Backend):
         cache[:, target, :, :, :length] = cache[:, source, :, :, :length]
         self._advance(target, length)
 
+    def decode_greedy(self, slots: Sequence[int], token_ids: Sequence[int]) -> list[int]:
+        return greedy_picks(self.decode(slots, token_ids))
+
     def decode(self, slots: Sequence[int], token_ids: Sequence[int]) -> np.ndarray:
-        if len(slots) != len(token_ids) or len(set(slots)) != len(slots) or not slots:
+        if len(slots) != len(token_ids) or not slots:
             raise ValueError("decode needs one token for each of distinct slots")
-        segments = [Segment(s, self._reserve(s, 1), 1) for s in slots]
-        self._check_tokens(token_ids)
-        logits = self.model.forward(token_ids, segments)
-        for s in slots:
-            self._advance(s, 1)
+        return self._forward([(s, [t]) for s, t in zip(slots, token_ids)])
+
+    def _forward(self, parts: list[tuple[int, Sequence[int]]]) -> np.ndarray:
+        """Append each part's tokens to its slot (distinct slots) in as few forward passes as the workspaces
+        allow; return fp32 logits of each part's last token, [parts, vocab]."""
+        if len({slot for slot, _ in parts}) != len(parts):
+            raise ValueError("a step appends to each slot once (got a slot twice)")
+        starts = [self._reserve(slot, len(tokens)) for slot, tokens in parts]
+        self._check_tokens([t for _, tokens in parts for t in tokens])
+        passes = self._passes(parts, starts)
+        if len(passes) == 1:  # every part whole, in order: the pass's logits are the parts'
+            logits = self.model.forward(*passes[0][:2])
+        else:
+            logits = np.empty((len(parts), self.config.vocab_size), np.float32)
+            for tokens, segments, ends in passes:
+                out = self.model.forward(tokens, segments)
+                for row, part in enumerate(ends):
+                    if part is not None:
+                        logits[part] = out[row]
+        for slot, tokens in parts:
+            self._advance(slot, len(tokens))
         return logits
 
-    def decode_greedy(self, slots: Sequence[int], token_ids: Sequence[int]) -> list[int]:
-        """The base class's contract in numpy (this backend never imports torch; its reductions over the logits
-        also cost more than a layer here: its own thread pool wakes up and competes with the kernels')."""
-        logits = self.decode(slots, token_ids)
-        picks = logits.argmax(-1)
-        picks[~(np.isfinite(logits.max(-1)) & np.isfinite(logits.min(-1)))] = -1  # max/min propagate NaN
-        return picks.tolist()
+    def _passes(self, parts: list[tuple[int, Sequence[int]]], starts: list[int]) -> list[tuple]:
+        """The parts' rows cut into forward passes of at most max_rows: (tokens, segments, and for each segment
+        the part it ends or None); a part cut in two continues in the next pass, over its positions cached."""
+        passes, room = [([], [], [])], self.max_rows
+        for part, ((slot, tokens), start) in enumerate(zip(parts, starts)):
+            offset = 0
+            while offset < len(tokens):
+                if room == 0:
+                    passes.append(([], [], []))
+                    room = self.max_rows
+                piece = tokens[offset : offset + room]
+                rows, segments, ends = passes[-1]
+                rows += piece
+                segments.append(Segment(slot, start + offset, len(piece)))
+                offset += len(piece)
+                ends.append(part if offset == len(tokens) else None)
+                room -= len(piece)
+        return passes
 
     def _check_tokens(self, token_ids: Sequence[int]) -> None:
         vocab = self.config.vocab_size
@@ -100,6 +140,14 @@ class CPUBackend(Backend):
             "weights in memory": f"{w.code_bytes() / 1e6:.0f} MB of 2-bit codes, "
                                  f"{w.head.nbytes / 1e6:.0f} MB LM head ({w.head.dtype}), embedding mapped from the file",
         }
+
+
+def greedy_picks(logits: np.ndarray) -> list[int]:
+    """Backend.decode_greedy's picks in numpy (this backend never imports torch; its reductions over the logits
+    also cost more than a layer here: its own thread pool wakes up and competes with the kernels')."""
+    picks = logits.argmax(-1)
+    picks[~(np.isfinite(logits.max(-1)) & np.isfinite(logits.min(-1)))] = -1  # max/min propagate NaN
+    return picks.tolist()
 
 
 def physical_cores() -> int:

@@ -185,8 +185,9 @@ def weight_dtype(table: np.ndarray) -> int:
 
 def head(table: np.ndarray, x: np.ndarray, m: int, out: np.ndarray, scales: np.ndarray | None = None,
          path: int | None = None, threads: int = 1) -> np.ndarray:
-    """out [m, vocab] = x [m, k] @ table^T in fp32 arithmetic; table bf16 (as uint16), fp32, or int8 rows
-    times scales."""
+    """out [m, vocab] = x [m, k] @ table^T; table bf16 (as uint16) or fp32, in fp32 arithmetic (the same bits
+    on every path and batch size), or int8 rows times scales: then x is quantised per token as the BitNet
+    activations (absmax to int8) and the products are exact integers, / x's scale * scales."""
     path = path_number(path)
     vocab, k = table.shape
     _kernels.head(table, weight_dtype(table), scales, vocab, k, x, m, out, path, threads)

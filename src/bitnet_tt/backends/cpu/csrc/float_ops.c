@@ -79,145 +79,254 @@ INLINE void multiply_add(lanes *acc, const lanes *a, const lanes *b) {
     for (int p = 0; p < PARTS; p++) acc->part[p] += a->part[p] * b->part[p];
 }
 
-/* WIDTH weights from w[at ..] as fp32: bf16 is the top half of an fp32, int8 converts exactly. */
-INLINE vector_f32 load_weight_part(const void *w, int dtype, size_t at) {
+/* ---------------------------------------------------------------------------------------------
+ * The LM head: out[m * V + v] = x[m] . W[v] (times the row's scale), rows v_begin .. v_end.
+ *
+ * bf16 / fp32 rows, in fp32 arithmetic. A row is read in blocks of HEAD_FLOAT_BLOCK inputs, each as two
+ * sets of LANES weights: for bf16 the two halves of each 32-bit word (inputs 2l and 2l + 1 of the block:
+ * a shift and a mask widen them, where widening 16-bit lanes took shuffles), for fp32 inputs l and
+ * LANES + l. head_prepare lays each token's x out the same way (zero-padded to whole blocks). Lane l of a
+ * logit's sum adds (first * x_first + second * x_second) block after block; the logit is lane_total of
+ * the LANES sums times the row's scale: the same order on every path, whatever the batch.
+ *
+ * int8 rows: each token's x is quantised as HF's ActQuant (codes q, s = 127 / absmax) and dotted with a
+ * row's codes in exact int32 on every path (AVX-512 VNNI: vpdpbusd of q + 128 minus 128 x the row's code
+ * sum; AVX2: maddubs of |w| and q with w's sign, pairs <= 2 x 128 x 127; scalar); the logit is
+ * dot / s * the row's scale.
+ */
+
+_Static_assert(HEAD_FLOAT_BLOCK == 2 * LANES, "a head block is two sets of LANES weights");
+
+/* Tokens per pass over the weights and rows per tile (their sums stay in registers together). */
 #if defined(__AVX512F__)
-    if (dtype == WEIGHT_BF16)
-        return (vector_f32)_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const void *)((const uint16_t *)w + at))), 16);
-    if (dtype == WEIGHT_INT8)
-        return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const void *)((const int8_t *)w + at))));
-#elif defined(__AVX2__)
-    if (dtype == WEIGHT_BF16)
-        return (vector_f32)_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const void *)((const uint16_t *)w + at))), 16);
-    if (dtype == WEIGHT_INT8)
-        return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const void *)((const int8_t *)w + at))));
+#define HEAD_FLOAT_TOKENS 8
+#define HEAD_MAX_TILE_ROWS 2
 #else
-    if (dtype == WEIGHT_BF16) {
-        vector_u16 h;
-        memcpy(&h, (const uint16_t *)w + at, sizeof h);
-        return (vector_f32)(__builtin_convertvector(h, vector_u32) << 16);
-    }
-    if (dtype == WEIGHT_INT8) {
-        vector_i8 c;
-        memcpy(&c, (const int8_t *)w + at, sizeof c);
-        return __builtin_convertvector(__builtin_convertvector(c, vector_i32), vector_f32);
-    }
+#define HEAD_FLOAT_TOKENS 4
+#define HEAD_MAX_TILE_ROWS 1
 #endif
-    vector_f32 v;
-    memcpy(&v, (const float *)w + at, sizeof v);
-    return v;
-}
+/* One row at a time for 1 or 2 tokens: streaming two rows at once measured 2x slower from memory. */
+#define HEAD_TILE_ROWS(M) ((M) <= 2 ? 1 : HEAD_MAX_TILE_ROWS)
+#define HEAD_INT8_TOKENS 8
 
-INLINE lanes load_weights(const void *w, int dtype, size_t at) {
-    lanes v;
-    for (int p = 0; p < PARTS; p++) v.part[p] = load_weight_part(w, dtype, at + (size_t)p * WIDTH);
-    return v;
-}
-
-INLINE float weight_at(const void *w, int dtype, size_t i) {
-    if (dtype == WEIGHT_BF16) {
-        uint32_t bits = (uint32_t)((const uint16_t *)w)[i] << 16;
-        float f;
-        memcpy(&f, &bits, sizeof f);
-        return f;
-    }
-    return dtype == WEIGHT_INT8 ? (float)((const int8_t *)w)[i] : ((const float *)w)[i];
-}
-
-/* Tokens per pass over the head's weights: 2 x HEAD_PASS_TOKENS accumulators stay in registers. */
-#if defined(__AVX512F__)
-#define HEAD_PASS_TOKENS 8
-#else
-#define HEAD_PASS_TOKENS 4
-#endif
-
-/* With more than 2 tokens a block of rows goes over the inputs a chunk at a time, so that the tokens'
- * chunk of x (8 x 256 fp32: 8 KB) stays in L1 while the block's rows use it; the partial sums wait in
- * memory between chunks. With 1 or 2 tokens x fits whole and each row streams in one go (one stream at a
- * time: interleaving rows' streams measured slower). */
+/* With more than 2 tokens a block of rows goes over the inputs a chunk of HEAD_CHUNK_BLOCKS at a time, so
+ * that the tokens' chunk of x (8 x 256 fp32: 8 KB) stays in L1 while the block's rows use it; the sums wait
+ * in memory between chunks. With 1 or 2 tokens each row streams whole. */
 #define HEAD_BLOCK_ROWS 8
-#define HEAD_CHUNK_INPUTS(M) ((M) <= 2 ? 1 << 30 : 256)
+#define HEAD_CHUNK_BLOCKS(M) ((M) <= 2 ? 1 << 30 : 8)
 
-/* A row's partial sums for one token: two sets of LANES, for even and odd steps of LANES inputs (two
- * independent chains of adds); the logit is lane_total(even + odd). */
-typedef struct {
-    lanes even, odd;
-} head_sums;
-
-/* acc[m] += W[v, k] * x[m, k] over inputs [k_begin, k_end) (whole pairs of LANES steps from an even
- * step) for M tokens (a constant after inlining): each weight vector is widened once for all tokens. */
-INLINE void head_tile(const void *w, int dtype, int v, int k_begin, int k_end, int K, const float *x, int M,
-                      head_sums *acc) {
-    head_sums sums[HEAD_PASS_TOKENS];
-    for (int m = 0; m < M; m++) sums[m] = acc[m];
-    const size_t row = (size_t)v * K;
-    for (int k = k_begin; k < k_end; k += 2 * LANES) {
-        lanes even = load_weights(w, dtype, row + k), odd = load_weights(w, dtype, row + k + LANES);
-#pragma GCC unroll 8
+void NAME(head_prepare)(int dtype, const float *x, int K, int M, void *prepared) {
+    int kp = head_padded_k(dtype, K);
+    if (dtype == WEIGHT_INT8) {
+        int8_t *q = prepared;
+        float *scales = (float *)(q + (size_t)M * kp);
         for (int m = 0; m < M; m++) {
-            lanes x_even = load_f32(x + (size_t)m * K + k), x_odd = load_f32(x + (size_t)m * K + k + LANES);
-            multiply_add(&sums[m].even, &even, &x_even);
-            multiply_add(&sums[m].odd, &odd, &x_odd);
+            int32_t sum;
+            NAME(quantize_row)(x + (size_t)m * K, K, kp, q + (size_t)m * kp, &scales[m], &sum);
+        }
+        return;
+    }
+    float *xp = prepared;
+    for (int m = 0; m < M; m++)
+        for (int k = 0; k < kp; k++) {
+            int block = k - k % HEAD_FLOAT_BLOCK, lane = k % LANES, second = k % HEAD_FLOAT_BLOCK >= LANES;
+            int source = block + (dtype == WEIGHT_BF16 ? 2 * lane + second : second * LANES + lane);
+            xp[(size_t)m * kp + k] = source < K ? x[(size_t)m * K + source] : 0.0f;
+        }
+}
+
+/* Block b of a bf16 or fp32 row as its two sets of LANES fp32 weights. */
+INLINE void load_head_block(const void *row, int dtype, int b, lanes *first, lanes *second) {
+    for (int p = 0; p < PARTS; p++) {
+        if (dtype == WEIGHT_BF16) {
+            vector_u32 words;
+            memcpy(&words, (const uint32_t *)row + (size_t)b * LANES + p * WIDTH, sizeof words);
+            first->part[p] = (vector_f32)(words << 16);
+            second->part[p] = (vector_f32)(words & 0xffff0000u);
+        } else {
+            const float *at = (const float *)row + (size_t)b * HEAD_FLOAT_BLOCK + p * WIDTH;
+            memcpy(&first->part[p], at, sizeof first->part[p]);
+            memcpy(&second->part[p], at + LANES, sizeof second->part[p]);
         }
     }
-    for (int m = 0; m < M; m++) acc[m] = sums[m];
 }
 
-/* out[m * V + v] = sum_k W[v, k] * x[m, k] * scale for rows v_begin .. v_end. Each lane of each set is
- * summed in input order whatever the blocking, so a logit depends neither on the batch nor on the
- * instruction set. */
-INLINE void head_span(const void *w, int dtype, const float *scales, int K, const float *x, int M, int V, int v_begin,
-                      int v_end, float *out) {
-    const int pairs = K / (2 * LANES) * 2 * LANES;
-    head_sums acc[HEAD_BLOCK_ROWS][HEAD_PASS_TOKENS];
+/* sum += first * x_first + second * x_second, lane by lane (multiplies and adds: no FMA). */
+INLINE void add_head_block(lanes *sum, const lanes *first, const lanes *second, const float *xb) {
+    lanes x_first = load_f32(xb), x_second = load_f32(xb + LANES);
+    for (int p = 0; p < PARTS; p++)
+        sum->part[p] += first->part[p] * x_first.part[p] + second->part[p] * x_second.part[p];
+}
+
+/* acc[r][m] over blocks [b_begin, b_end) of rows v .. v + R for M tokens (R, M constants after inlining):
+ * each block of weights is widened once for all tokens, each token's block of x loaded once for all rows. */
+INLINE void float_tile(const char *w, int dtype, size_t row_bytes, int v, int R, int b_begin, int b_end,
+                       const float *x, int kp, int M, lanes acc[][HEAD_FLOAT_TOKENS]) {
+    lanes sums[HEAD_MAX_TILE_ROWS][HEAD_FLOAT_TOKENS];
+    for (int r = 0; r < R; r++)
+        for (int m = 0; m < M; m++) sums[r][m] = acc[r][m];
+    for (int b = b_begin; b < b_end; b++) {
+        lanes first[HEAD_MAX_TILE_ROWS], second[HEAD_MAX_TILE_ROWS];
+        for (int r = 0; r < R; r++) load_head_block(w + (size_t)(v + r) * row_bytes, dtype, b, &first[r], &second[r]);
+#pragma GCC unroll 8
+        for (int m = 0; m < M; m++)
+            for (int r = 0; r < R; r++)
+                add_head_block(&sums[r][m], &first[r], &second[r], x + (size_t)m * kp + (size_t)b * HEAD_FLOAT_BLOCK);
+    }
+    for (int r = 0; r < R; r++)
+        for (int m = 0; m < M; m++) acc[r][m] = sums[r][m];
+}
+
+INLINE void float_span(const void *w, int dtype, const float *scales, int K, const float *x, int M, int V,
+                       int v_begin, int v_end, float *out) {
+    const int kp = head_padded_k(dtype, K), blocks = K / HEAD_FLOAT_BLOCK, size = dtype == WEIGHT_BF16 ? 2 : 4;
+    const size_t row_bytes = (size_t)K * size;
+    lanes acc[HEAD_BLOCK_ROWS][HEAD_FLOAT_TOKENS];
     for (int v0 = v_begin; v0 < v_end; v0 += HEAD_BLOCK_ROWS) {
         int rows = v_end - v0 < HEAD_BLOCK_ROWS ? v_end - v0 : HEAD_BLOCK_ROWS;
         memset(acc, 0, sizeof acc);
-        for (int k0 = 0; k0 < pairs; k0 += HEAD_CHUNK_INPUTS(M)) {
-            int k1 = pairs - k0 < HEAD_CHUNK_INPUTS(M) ? pairs : k0 + HEAD_CHUNK_INPUTS(M);
-            for (int r = 0; r < rows; r++) head_tile(w, dtype, v0 + r, k0, k1, K, x, M, acc[r]);
+        for (int b0 = 0; b0 < blocks; b0 += HEAD_CHUNK_BLOCKS(M)) {
+            int b1 = blocks - b0 < HEAD_CHUNK_BLOCKS(M) ? blocks : b0 + HEAD_CHUNK_BLOCKS(M), r = 0;
+            for (; r + HEAD_TILE_ROWS(M) <= rows; r += HEAD_TILE_ROWS(M))
+                float_tile(w, dtype, row_bytes, v0 + r, HEAD_TILE_ROWS(M), b0, b1, x, kp, M, acc + r);
+            for (; r < rows; r++) float_tile(w, dtype, row_bytes, v0 + r, 1, b0, b1, x, kp, M, acc + r);
         }
         for (int r = 0; r < rows; r++) {
-            size_t base = (size_t)(v0 + r) * K;
-            for (int m = 0; m < M; m++) {
-                lanes *even = &acc[r][m].even, *odd = &acc[r][m].odd;
-                for (int l = 0; pairs + l < K; l++)  /* the tail: even lanes, then odd ones */
-                    (l < LANES ? even : odd)->part[l % LANES / WIDTH][l % WIDTH] +=
-                        weight_at(w, dtype, base + pairs + l) * x[(size_t)m * K + pairs + l];
-                for (int p = 0; p < PARTS; p++) even->part[p] += odd->part[p];
-                out[(size_t)m * V + v0 + r] = lane_total(*even) * (scales ? scales[v0 + r] : 1.0f);
+            const int whole = blocks * HEAD_FLOAT_BLOCK;
+            if (whole < K) {  /* the last, partial block: zero-padded like x */
+                float padded[HEAD_FLOAT_BLOCK] = {0};
+                const char *row = (const char *)w + (size_t)(v0 + r) * row_bytes;
+                memcpy(padded, row + (size_t)whole * size, (size_t)(K - whole) * size);
+                lanes first, second;
+                load_head_block(padded, dtype, 0, &first, &second);
+                for (int m = 0; m < M; m++)
+                    add_head_block(&acc[r][m], &first, &second, x + (size_t)m * kp + whole);
             }
+            for (int m = 0; m < M; m++)
+                out[(size_t)m * V + v0 + r] = lane_total(acc[r][m]) * (scales ? scales[v0 + r] : 1.0f);
         }
     }
 }
 
-#define HEAD_TOKENS_CASE(DT, MM) \
-    case MM: head_span(w, DT, scales, K, xm, MM, V, v_begin, v_end, om); break;
-
-#if HEAD_PASS_TOKENS == 8
-#define HEAD_DTYPE(DT) \
-    switch (tokens) { \
-    HEAD_TOKENS_CASE(DT, 1) HEAD_TOKENS_CASE(DT, 2) HEAD_TOKENS_CASE(DT, 3) HEAD_TOKENS_CASE(DT, 4) \
-    HEAD_TOKENS_CASE(DT, 5) HEAD_TOKENS_CASE(DT, 6) HEAD_TOKENS_CASE(DT, 7) default: HEAD_TOKENS_CASE(DT, 8) \
-    }
+/* dots[r * M + m] = exact int32 sum over inputs [0, K) of rows v .. v + R (R, M constants after inlining)
+ * times each token's codes: the vector loop covers whole HEAD_INT8_BLOCKs, the rest is added in C. */
+INLINE void int8_tile(const int8_t *w, int K, int v, int R, const int8_t *q, int kp, int M, int32_t *dots) {
+#if defined(__AVX512VNNI__) || defined(__AVX2__)
+    const int vector_k = K / HEAD_INT8_BLOCK * HEAD_INT8_BLOCK;
 #else
-#define HEAD_DTYPE(DT) \
-    switch (tokens) { \
-    HEAD_TOKENS_CASE(DT, 1) HEAD_TOKENS_CASE(DT, 2) HEAD_TOKENS_CASE(DT, 3) default: HEAD_TOKENS_CASE(DT, 4) \
-    }
+    const int vector_k = 0;
 #endif
+#if defined(__AVX512VNNI__)
+    /* vpdpbusd's latency would bound one chain of sums per row and token: 1 or 2 tokens keep 4 chains, on
+     * successive 64-byte steps. */
+    enum { CHAINS = 4 };
+    const int chains = M <= 2 ? CHAINS : 1;
+    const __m512i bias = _mm512_set1_epi8((char)0x80);
+    __m512i sums[HEAD_MAX_TILE_ROWS][HEAD_INT8_TOKENS][CHAINS], offsets[HEAD_MAX_TILE_ROWS][CHAINS];
+    for (int c = 0; c < chains; c++)
+        for (int r = 0; r < R; r++) {
+            offsets[r][c] = _mm512_setzero_si512();
+            for (int m = 0; m < M; m++) sums[r][m][c] = _mm512_setzero_si512();
+        }
+    for (int k = 0; k < vector_k; k += 64 * chains)
+        for (int c = 0; c < chains && k + 64 * c < vector_k; c++) {
+            __m512i codes[HEAD_MAX_TILE_ROWS];
+            for (int r = 0; r < R; r++) {
+                codes[r] = _mm512_loadu_si512(w + (size_t)(v + r) * K + k + 64 * c);
+                offsets[r][c] = _mm512_dpbusd_epi32(offsets[r][c], bias, codes[r]);  /* 128 x the codes' sum */
+            }
+            for (int m = 0; m < M; m++) {
+                const int8_t *at = q + (size_t)m * kp + k + 64 * c;
+                __m512i shifted = _mm512_xor_si512(_mm512_loadu_si512(at), bias);  /* q + 128 as unsigned */
+                for (int r = 0; r < R; r++) sums[r][m][c] = _mm512_dpbusd_epi32(sums[r][m][c], shifted, codes[r]);
+            }
+        }
+    for (int r = 0; r < R; r++)
+        for (int m = 0; m < M; m++) {
+            __m512i total = _mm512_sub_epi32(sums[r][m][0], offsets[r][0]);
+            for (int c = 1; c < chains; c++)
+                total = _mm512_add_epi32(total, _mm512_sub_epi32(sums[r][m][c], offsets[r][c]));
+            dots[r * M + m] = _mm512_reduce_add_epi32(total);
+        }
+#elif defined(__AVX2__)
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i sums[HEAD_MAX_TILE_ROWS][HEAD_INT8_TOKENS];
+    for (int r = 0; r < R; r++)
+        for (int m = 0; m < M; m++) sums[r][m] = _mm256_setzero_si256();
+    for (int k = 0; k < vector_k; k += 32) {
+        __m256i codes[HEAD_MAX_TILE_ROWS], magnitudes[HEAD_MAX_TILE_ROWS];
+        for (int r = 0; r < R; r++) {
+            codes[r] = _mm256_loadu_si256((const void *)(w + (size_t)(v + r) * K + k));
+            magnitudes[r] = _mm256_abs_epi8(codes[r]);
+        }
+        for (int m = 0; m < M; m++) {
+            __m256i x = _mm256_loadu_si256((const void *)(q + (size_t)m * kp + k));
+            for (int r = 0; r < R; r++) {
+                __m256i pairs = _mm256_maddubs_epi16(magnitudes[r], _mm256_sign_epi8(x, codes[r]));
+                sums[r][m] = _mm256_add_epi32(sums[r][m], _mm256_madd_epi16(pairs, ones));
+            }
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int m = 0; m < M; m++) {
+            __m128i s = _mm_add_epi32(_mm256_castsi256_si128(sums[r][m]), _mm256_extracti128_si256(sums[r][m], 1));
+            s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+            dots[r * M + m] = _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1)));
+        }
+#else
+    for (int i = 0; i < R * M; i++) dots[i] = 0;
+#endif
+    for (int r = 0; r < R; r++)
+        for (int m = 0; m < M; m++) {
+            const int8_t *row = w + (size_t)(v + r) * K, *xq = q + (size_t)m * kp;
+            int32_t total = 0;
+            for (int k = vector_k; k < K; k++) total += row[k] * xq[k];
+            dots[r * M + m] += total;
+        }
+}
 
-/* Up to HEAD_PASS_TOKENS tokens per pass over the weights. */
-void NAME(head_rows)(const void *w, int dtype, const float *scales, int K, const float *x, int M, int V,
+INLINE void int8_span(const int8_t *w, const float *scales, int K, const int8_t *q, const float *x_scales, int M,
+                      int V, int v_begin, int v_end, float *out) {
+    const int kp = head_padded_k(WEIGHT_INT8, K);
+    int32_t dots[HEAD_MAX_TILE_ROWS * HEAD_INT8_TOKENS];
+    for (int v = v_begin; v < v_end; v += HEAD_TILE_ROWS(M)) {
+        int rows = v_end - v < HEAD_TILE_ROWS(M) ? v_end - v : HEAD_TILE_ROWS(M);
+        if (rows == HEAD_TILE_ROWS(M)) int8_tile(w, K, v, HEAD_TILE_ROWS(M), q, kp, M, dots);
+        else
+            for (int r = 0; r < rows; r++) int8_tile(w, K, v + r, 1, q, kp, M, dots + r * M);
+        for (int r = 0; r < rows; r++)
+            for (int m = 0; m < M; m++)
+                out[(size_t)m * V + v + r] = (float)dots[r * M + m] / x_scales[m] * scales[v + r];
+    }
+}
+
+#define TOKEN_CASES_4(SPAN) case 1: SPAN(1); break; case 2: SPAN(2); break; case 3: SPAN(3); break; default: SPAN(4);
+#define TOKEN_CASES_8(SPAN) \
+    case 1: SPAN(1); break; case 2: SPAN(2); break; case 3: SPAN(3); break; case 4: SPAN(4); break; \
+    case 5: SPAN(5); break; case 6: SPAN(6); break; case 7: SPAN(7); break; default: SPAN(8);
+#define TOKEN_CASES(PASS, SPAN) CAT(TOKEN_CASES_, PASS)(SPAN)
+
+/* prepared: head_prepare's layout of M tokens; up to a pass of tokens per pass over the weights. */
+void NAME(head_rows)(const void *w, int dtype, const float *scales, int K, const void *prepared, int M, int V,
                      int v_begin, int v_end, float *out) {
-    for (int m0 = 0; m0 < M; m0 += HEAD_PASS_TOKENS) {
-        int tokens = M - m0 < HEAD_PASS_TOKENS ? M - m0 : HEAD_PASS_TOKENS;
-        const float *xm = x + (size_t)m0 * K;
+    const int kp = head_padded_k(dtype, K), pass = dtype == WEIGHT_INT8 ? HEAD_INT8_TOKENS : HEAD_FLOAT_TOKENS;
+    for (int m0 = 0; m0 < M; m0 += pass) {
+        int tokens = M - m0 < pass ? M - m0 : pass;
         float *om = out + (size_t)m0 * V;
-        switch (dtype) {
-        case WEIGHT_BF16: HEAD_DTYPE(WEIGHT_BF16) break;
-        case WEIGHT_F32: HEAD_DTYPE(WEIGHT_F32) break;
-        default: HEAD_DTYPE(WEIGHT_INT8) break;
+        if (dtype == WEIGHT_INT8) {
+            const int8_t *q = (const int8_t *)prepared + (size_t)m0 * kp;
+            const float *x_scales = (const float *)((const int8_t *)prepared + (size_t)M * kp) + m0;
+#define INT8_SPAN(MM) int8_span(w, scales, K, q, x_scales, MM, V, v_begin, v_end, om)
+            switch (tokens) { TOKEN_CASES(HEAD_INT8_TOKENS, INT8_SPAN) }
+        } else {
+            const float *x = (const float *)prepared + (size_t)m0 * kp;
+#define BF16_SPAN(MM) float_span(w, WEIGHT_BF16, scales, K, x, MM, V, v_begin, v_end, om)
+#define F32_SPAN(MM) float_span(w, WEIGHT_F32, scales, K, x, MM, V, v_begin, v_end, om)
+            if (dtype == WEIGHT_BF16) {
+                switch (tokens) { TOKEN_CASES(HEAD_FLOAT_TOKENS, BF16_SPAN) }
+            } else {
+                switch (tokens) { TOKEN_CASES(HEAD_FLOAT_TOKENS, F32_SPAN) }
+            }
         }
     }
 }

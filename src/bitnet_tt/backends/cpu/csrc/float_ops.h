@@ -7,6 +7,21 @@
 
 enum weight_dtype { WEIGHT_BF16 = 0, WEIGHT_F32 = 1, WEIGHT_INT8 = 2 };
 
+/* The LM head's tokens as its kernels read them (head_prepare): for a bf16 or fp32 head each token's x,
+ * reordered to the weights' lanes and zero-padded to whole blocks of HEAD_FLOAT_BLOCK; for an int8 head
+ * each token's int8 codes, zero-padded to HEAD_INT8_BLOCK, then the tokens' fp32 scales. */
+#define HEAD_FLOAT_BLOCK 32
+#define HEAD_INT8_BLOCK 64
+
+static inline int head_padded_k(int dtype, int k) {
+    int block = dtype == WEIGHT_INT8 ? HEAD_INT8_BLOCK : HEAD_FLOAT_BLOCK;
+    return (k + block - 1) / block * block;
+}
+
+static inline size_t head_prepared_bytes(int dtype, int k, int m) {
+    return (size_t)m * head_padded_k(dtype, k) * (dtype == WEIGHT_INT8 ? 1 : 4) + (dtype == WEIGHT_INT8 ? (size_t)m * 4 : 0);
+}
+
 /* Causal attention of T query tokens at positions start .. start + T - 1 over one slot's cache. */
 struct attention_args {
     const float *q;       /* token t, head h at q + t * q_stride + h * head_dim */
@@ -24,7 +39,8 @@ struct attention_args {
 static inline int attention_heads_per_task(int group) { return group % 2 ? 1 : 2; }
 
 #define FLOAT_OPS(suffix) \
-    void head_rows##suffix(const void *w, int dtype, const float *scales, int K, const float *x, int M, int V, \
+    void head_prepare##suffix(int dtype, const float *x, int K, int M, void *prepared); \
+    void head_rows##suffix(const void *w, int dtype, const float *scales, int K, const void *prepared, int M, int V, \
                            int v_begin, int v_end, float *out); \
     void attention_tasks##suffix(const struct attention_args *a, int task_begin, int task_end, float *scores, \
                                  size_t score_stride); \

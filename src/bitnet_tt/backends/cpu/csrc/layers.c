@@ -14,13 +14,13 @@
 /* ---------------------------------------------------------------------------------------------
  * Ternary matmul */
 
-/* The many-token GEMM of a path, or NULL where the tile kernel serves every token count. */
-static gemm_part_fn gemm_for(int path) {
+/* The many-token GEMM of a path for m tokens, or NULL where the tile kernel serves them. */
+static gemm_part_fn gemm_for(int path, int m) {
 #if defined(__x86_64__)
-    if (path == PATH_AVX512) return gemm_avx512;
-    if (path == PATH_AVX2) return gemm_avx2;
+    if (path == PATH_AVX512 && m >= GEMM_MIN_TOKENS_AVX512) return gemm_avx512;
+    if (path == PATH_AVX2 && m >= GEMM_MIN_TOKENS_AVX2) return gemm_avx2;
 #endif
-    (void)path;
+    (void)path, (void)m;
     return NULL;
 }
 
@@ -72,7 +72,7 @@ static void matmul_part(void *ctx, int group_begin, int group_end) {
 }
 
 void ternary_matmul(const struct gemm_job *job, int path, int threads) {
-    gemm_part_fn gemm = job->m >= GEMM_MIN_TOKENS ? gemm_for(path) : NULL;
+    gemm_part_fn gemm = gemm_for(path, job->m);
     struct matmul_job tiles = {.args = job, .tile = tile_for(path)};
     if (gemm)
         parallel_for(gemm, (void *)job, (job->n + GEMM_ROWS - 1) / GEMM_ROWS, threads);
@@ -112,8 +112,9 @@ static void rotate(float *x, int heads, int dim, const float *c, const float *s)
         }
 }
 
-/* One step's attention: each segment is one slot's consecutive rows; its tasks (token, heads: float_ops.h)
- * come after the previous segments' in task numbering. */
+/* One step's attention over its short segments (one slot's consecutive rows each, fewer than
+ * PREFILL_ATTENTION_MIN_TOKENS): a segment's tasks (token, heads: float_ops.h) come after the previous
+ * segments' in task numbering; a long segment has none (the prefill kernel serves it). */
 struct attention_job {
     attention_fn fn;
     struct attention_args *segments;
@@ -127,7 +128,7 @@ static void attention_part(void *ctx, int begin, int end) {
     float *scores = thread_scratch(SCRATCH_ATTENTION, MAX_HEADS_PER_TASK * stride * sizeof *scores);
     for (int s = 0; s < job->count && begin < end; s++) {
         int lo = job->first_task[s], hi = job->first_task[s + 1];
-        if (end <= lo || begin >= hi) continue;
+        if (lo == hi || end <= lo || begin >= hi) continue;
         int from = begin > lo ? begin : lo, to = end < hi ? end : hi;
         job->fn(&job->segments[s], from - lo, to - lo, scores, stride);
     }
@@ -162,17 +163,21 @@ int attention_step(const struct attention_step_job *a, int path, int threads) {
             .q_stride = (size_t)width, .head_stride = head_stride, .heads = heads, .group = heads / kv_heads,
             .head_dim = dim, .start = start, .scale = a->scale,
         };
-        first_task[s + 1] = first_task[s] + n * heads / attention_heads_per_task(heads / kv_heads);
+        int short_segment = n < PREFILL_ATTENTION_MIN_TOKENS;
+        first_task[s + 1] = first_task[s] + (short_segment ? n * heads / attention_heads_per_task(heads / kv_heads) : 0);
         row += n;
     }
+    /* Decode rows and short chunks share the per-token kernel; each prefill chunk of many tokens takes the
+     * prefill kernel, whatever else the step holds (the same arithmetic as a step of that chunk alone). */
     struct attention_job job = {.fn = ISA_COPY(path, attention_tasks), .segments = segments, .first_task = first_task,
                                 .count = a->count, .positions = a->positions};
-    /* A prefill (one segment of many tokens) takes the prefill kernel; decode steps the per-token one. */
-    struct prefill_attention_job prefill = {.args = segments[0], .tokens = a->rows, .positions = a->positions};
-    if (a->count == 1 && a->rows >= PREFILL_ATTENTION_MIN_TOKENS)
-        parallel_for(ISA_COPY(path, attention_prefill), &prefill, prefill_attention_tasks(&prefill), threads);
-    else
-        parallel_for(attention_part, &job, first_task[a->count], threads);
+    if (first_task[a->count]) parallel_for(attention_part, &job, first_task[a->count], threads);
+    for (int s = 0; s < a->count; s++) {
+        int n = (int)a->segments[3 * s + 2];
+        struct prefill_attention_job prefill = {.args = segments[s], .tokens = n, .positions = a->positions};
+        if (n >= PREFILL_ATTENTION_MIN_TOKENS)
+            parallel_for(ISA_COPY(path, attention_prefill), &prefill, prefill_attention_tasks(&prefill), threads);
+    }
     free(segments), free(first_task);
     return 0;
 }

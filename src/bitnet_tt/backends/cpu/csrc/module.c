@@ -25,6 +25,7 @@
 #include "pack.h"
 #include "paths.h"
 #include "pool.h"
+#include "scratch.h"
 
 static const char *PATH_NAMES[PATH_COUNT] = {"scalar", "avx2", "avx512", "neon", "neondot"};
 
@@ -45,7 +46,7 @@ static int path_available(int path) {
     }
 }
 
-typedef void (*head_fn)(const void *, int, const float *, int, const float *, int, int, int, int, float *);
+typedef void (*head_fn)(const void *, int, const float *, int, const void *, int, int, int, int, float *);
 
 /* ---------------------------------------------------------------------------------------------
  * Buffers */
@@ -353,17 +354,19 @@ static PyObject *py_quantize_head(PyObject *self, PyObject *args) {
 struct head_job {
     head_fn fn;
     const void *w;
-    const float *scales, *x;
+    const float *scales;
+    const void *prepared;  /* head_prepare's layout of the tokens */
     float *out;
     int dtype, k, m, vocab;
 };
 
 static void head_part(void *ctx, int begin, int end) {
     const struct head_job *job = ctx;
-    job->fn(job->w, job->dtype, job->scales, job->k, job->x, job->m, job->vocab, begin, end, job->out);
+    job->fn(job->w, job->dtype, job->scales, job->k, job->prepared, job->m, job->vocab, begin, end, job->out);
 }
 
-/* head(w, dtype, scales, vocab, k, x, m, out, path, threads): out fp32 [m, vocab] = x [m, k] @ w^T (* scales). */
+/* head(w, dtype, scales, vocab, k, x, m, out, path, threads): out fp32 [m, vocab] = x [m, k] @ w^T (* scales);
+ * an int8 head quantises x per token first (float_ops.c). */
 static PyObject *py_head(PyObject *self, PyObject *args) {
     PyObject *w_obj, *scales_obj, *x_obj, *out_obj;
     int dtype, vocab, k, m, path, threads;
@@ -380,14 +383,17 @@ static PyObject *py_head(PyObject *self, PyObject *args) {
         .fn = ISA_COPY(path, head_rows), .dtype = dtype, .k = k, .m = m, .vocab = vocab,
         .w = buffer(&held, w_obj, 0, (Py_ssize_t)vocab * k * dtype_size(dtype), "w", 0, &failed),
         .scales = buffer(&held, scales_obj, 0, (Py_ssize_t)vocab * 4, "scales", dtype != WEIGHT_INT8, &failed),
-        .x = buffer(&held, x_obj, 0, (Py_ssize_t)m * k * 4, "x", 0, &failed),
         .out = buffer(&held, out_obj, 1, (Py_ssize_t)m * vocab * 4, "out", 0, &failed),
     };
+    const float *x = buffer(&held, x_obj, 0, (Py_ssize_t)m * k * 4, "x", 0, &failed);
     if (failed) {
         release(&held);
         return NULL;
     }
     Py_BEGIN_ALLOW_THREADS
+    void *prepared = thread_scratch(SCRATCH_HEAD_INPUTS, head_prepared_bytes(dtype, k, m));
+    ISA_COPY(path, head_prepare)(dtype, x, k, m, prepared);
+    job.prepared = prepared;
     parallel_for(head_part, &job, vocab, threads);
     Py_END_ALLOW_THREADS
     release(&held);
