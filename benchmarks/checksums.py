@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
-from bitnet_tt import checkpoint  # noqa: E402
+from bitnet_tt import checkpoint, tensorfiles  # noqa: E402
 from bitnet_tt.synthetic import config_2b4t, write_random_model  # noqa: E402
 
 
@@ -52,12 +52,12 @@ def timed(function) -> float:
 
 
 def load_unverified(folder: Path):
-    original = checkpoint.verify_recorded_files
-    checkpoint.verify_recorded_files = lambda files: None
+    original = tensorfiles.verify_recorded_files
+    tensorfiles.verify_recorded_files = lambda files: None
     try:
         return checkpoint.load_weights(folder, progress=False)
     finally:
-        checkpoint.verify_recorded_files = original
+        tensorfiles.verify_recorded_files = original
 
 
 def main() -> None:
@@ -73,10 +73,11 @@ def main() -> None:
     for _ in range(args.repeats):
         checked.append(timed(lambda: checkpoint.load_weights(folder, progress=False)))
         unchecked.append(timed(lambda: load_unverified(folder)))
-    files = checkpoint.TensorFiles(folder)
-    tensors = [files.get(name) for name in sorted(files.file_of)]
-    hashing = timed(lambda: [checkpoint.tensor_sha256(t) for t in tensors])
-    finite = timed(lambda: [checkpoint.all_finite(t) for t in tensors if t.is_floating_point()])
+    files = tensorfiles.TensorFiles(folder)
+    arrays = {name: files.get(name) for name in sorted(files.file_of)}
+    hashing = timed(lambda: [tensorfiles.array_sha256(a) for a in arrays.values()])
+    finite = timed(lambda: [tensorfiles.all_finite(a) for name, a in arrays.items()
+                            if files.stored_dtype(name) in tensorfiles.FLOATING])
 
     load, bare = statistics.median(checked), statistics.median(unchecked)
     print(f"CPU: {cpu_name()} ({os.cpu_count()} cores); converted 2B-4T file: {size / 1e9:.2f} GB")

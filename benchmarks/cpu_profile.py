@@ -45,14 +45,14 @@ def patched(owner, attribute: str, name: str):
 def profile_load(folder: Path, threads: int):
     from contextlib import ExitStack
 
-    from bitnet_tt import checkpoint
+    from bitnet_tt import tensorfiles
     from bitnet_tt.backends.cpu import kernels, weights
 
     hooks = [(weights, "open_model", "open model, side-file checksums"),
-             (checkpoint, "read_tensor", "file reads of read tensors"),
-             (checkpoint, "tensor_sha256", "checksums of read tensors"),
-             (checkpoint, "all_finite", "finite checks (all tensors)"),
-             (checkpoint.TensorFiles, "check_stored", "mapped tables: checksum + finite [background]"),
+             (tensorfiles, "read_into", "file reads of read tensors"),
+             (tensorfiles, "array_sha256", "checksums of read tensors"),
+             (tensorfiles, "all_finite", "finite checks (read tensors, mapped tables' chunks)"),
+             (tensorfiles.TensorFiles, "check_stored", "mapped tables: checksum + finite [background]"),
              (kernels.PackedTernary, "__init__", "repack 2-bit codes into the kernels' layout"),
              (weights, "int8_head", "int8 LM head conversion")]
     TIMES.clear()

@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from bitnet_tt.backends.torch.backend import load_torch_backend
-from bitnet_tt.checkpoint import convert_checkpoint, load_weights, resolve_model
+from bitnet_tt.checkpoint import convert_checkpoint, load_weights
+from bitnet_tt.tensorfiles import resolve_model
 from bitnet_tt.errors import CheckpointError, ConfigError, ModelNotFoundError
 from bitnet_tt.ternary import pack_2bit, pack_hf, ternarize_absmean, unpack_2bit, unpack_hf
 from conftest import FP64_BOUND, load_hf_golden

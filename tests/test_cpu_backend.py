@@ -3,6 +3,9 @@ the int8 LM head, memory-mapped embedding, options and errors."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -25,6 +28,12 @@ def backends(folder, slots=1, **cpu):
     fast = create_backend("cpu", folder, slots, progress=False, cpu_options=CPUOptions(**cpu) if cpu else None)
     golden = create_backend("torch", folder, slots, dtype="float32", progress=False)
     return fast, golden
+
+
+def logits_of(cpu_logits: np.ndarray) -> torch.Tensor:
+    """The cpu backend's logits (numpy: it never imports torch) as a tensor, to compare with the golden's."""
+    assert isinstance(cpu_logits, np.ndarray) and cpu_logits.dtype == np.float32
+    return torch.from_numpy(cpu_logits)
 
 
 def greedy(backend, prompt, steps, slot=0):
@@ -56,9 +65,9 @@ def test_logits_match_the_golden_model_to_float_rounding(model_factory, path):
     tie can flip an int8 code; the golden checks hold fp32 runs to 1 - PCC <= 1e-3 of the exact logits."""
     fast, golden = backends(model_factory("packed"), path=path)
     prompt = list(range(3, 40))
-    a, b = fast.prefill(0, prompt), golden.prefill(0, prompt)
+    a, b = logits_of(fast.prefill(0, prompt)), golden.prefill(0, prompt)
     assert torch.allclose(a, b, rtol=0, atol=1e-5 * b.abs().max())
-    a, b = fast.decode([0], [5]), golden.decode([0], [5])
+    a, b = logits_of(fast.decode([0], [5])), golden.decode([0], [5])
     assert torch.allclose(a, b, rtol=0, atol=1e-5 * b.abs().max())
     long_prompt = list(range(7, 295, 3))  # RoPE far from position 0
     a, b = fast.prefill(0, long_prompt), golden.prefill(0, long_prompt)
@@ -70,7 +79,7 @@ def test_paths_give_identical_logits(model_factory):
     runs = [create_backend("cpu", folder, 1, progress=False, cpu_options=CPUOptions(path=p, threads=t))
             for p in kernels.paths() for t in (1, 2)]
     logits = [b.prefill(0, list(range(3, 50))) for b in runs]
-    assert all(torch.equal(x, logits[0]) for x in logits)
+    assert all(np.array_equal(x, logits[0]) for x in logits)
 
 
 def layers_one_call_at_a_time(model, rows, spans):
@@ -105,7 +114,7 @@ def test_the_native_layers_equal_the_kernels_called_one_by_one(model_factory, mo
     native = prefill_and_decode(create_backend("cpu", folder, 3, progress=False, cpu_options=options))
     reference = create_backend("cpu", folder, 3, progress=False, cpu_options=options)
     monkeypatch.setattr(kernels, "layers", lambda stack, rows, spans, *_: layers_one_call_at_a_time(reference.model, rows, spans))
-    assert all(torch.equal(a, b) for a, b in zip(native, prefill_and_decode(reference), strict=True))
+    assert all(np.array_equal(a, b) for a, b in zip(native, prefill_and_decode(reference), strict=True))
 
 
 def test_the_layers_time_each_component_and_check_their_rows(model_factory):
@@ -135,14 +144,14 @@ def test_batched_decode_and_slots_equal_single_runs(model_factory):
     tokens = {0: 11, 1: 12, 2: 13}
     for _ in range(5):
         slots = [2, 0, 1]
-        a = fast.decode(slots, [tokens[s] for s in slots])
+        a = logits_of(fast.decode(slots, [tokens[s] for s in slots]))
         b = golden.decode(slots, [tokens[s] for s in slots])
         assert all(1 - pcc(x, y) <= 1e-3 for x, y in zip(a, b)) and torch.equal(a.argmax(-1), b.argmax(-1))
         tokens = {s: int(t) for s, t in zip(slots, a.argmax(-1))}
     fast.free(1)
     assert fast.slot_length(1) == 0 and fast.slot_length(2) == len(prompts[2]) + 5
     single, _ = backends(folder)
-    assert torch.allclose(fast.prefill(1, [7, 8]), single.prefill(0, [7, 8]), rtol=0, atol=1e-5)
+    assert np.allclose(fast.prefill(1, [7, 8]), single.prefill(0, [7, 8]), rtol=0, atol=1e-5)
 
 
 def test_copied_slot_and_kept_prefix_continue_like_a_fresh_prefill(model_factory):
@@ -151,11 +160,11 @@ def test_copied_slot_and_kept_prefix_continue_like_a_fresh_prefill(model_factory
     fast.prefill(0, prompt)
     fast.copy_slot(0, 1, 20)
     fast.prefill(2, prompt[:20])
-    assert torch.equal(fast.prefill(1, prompt[20:]), fast.prefill(2, prompt[20:]))
+    assert np.array_equal(fast.prefill(1, prompt[20:]), fast.prefill(2, prompt[20:]))
     fast.keep_prefix(1, 10)
     fast.free(2)
     fast.prefill(2, prompt[:10])
-    assert torch.equal(fast.decode([1], [7]), fast.decode([2], [7]))
+    assert np.array_equal(fast.decode([1], [7]), fast.decode([2], [7]))
 
 
 def test_long_prompt_runs_in_chunks(model_factory):
@@ -171,7 +180,7 @@ def test_int8_lm_head_is_close_to_bf16(model_factory):
     int8 = create_backend("cpu", folder, 1, progress=False, cpu_options=CPUOptions(lm_head="int8"))
     prompt = list(range(3, 60))
     a, b = bf16.prefill(0, prompt), int8.prefill(0, prompt)
-    assert pcc(a, b) > 0.999 and not torch.equal(a, b)
+    assert pcc(a, b) > 0.999 and not np.array_equal(a, b)
     assert int8.model.weights.head.dtype == np.int8
 
 
@@ -228,3 +237,30 @@ def test_greedy_decoding_picks_the_argmax_and_marks_a_slot_with_non_finite_logit
         fast.model.forward = forward_with_a_bad_logit
         assert fast.decode_greedy([0, 1], [4, 5]) == [int(logits[0].argmax()), -1]
         rewind()
+
+
+@pytest.mark.parametrize("theta, dim, length", [(500_000.0, 128, 4096), (10_000.0, 16, 300)])
+def test_rope_tables_within_one_ulp_of_torchs(theta, dim, length):
+    """The cpu backend's numpy RoPE tables: the golden model's fp32 frequencies, cos and sin within 1 ulp."""
+    from types import SimpleNamespace
+
+    from bitnet_tt.backends.cpu.model import rope_tables
+    from bitnet_tt.backends.torch.model import rope_tables as torch_rope_tables
+
+    config = SimpleNamespace(head_dim=dim, rope_theta=theta)
+    for ours, golden in zip(rope_tables(config, length), torch_rope_tables(config, length, torch.float32, "cpu")):
+        golden = golden.numpy()
+        assert ours.dtype == np.float32 and ours.shape == (length, dim)
+        assert np.all(np.abs(ours - golden) <= np.spacing(np.abs(golden)))
+
+
+@pytest.mark.parametrize("lm_head, temperature", [("bf16", "0"), ("int8", "0.8")])
+def test_generation_on_a_converted_model_never_imports_torch(converted, lm_head, temperature):
+    """`bitnet-tt generate --backend cpu`: loading, prefill, decode and sampling run without torch (~0.5 GB)."""
+    child = ("import sys\nfrom bitnet_tt.cli import main\n"
+             f"code = main(['generate', '--model', sys.argv[1], '--backend', 'cpu', '--lm-head', '{lm_head}', "
+             f"'--max-new-tokens', '4', '--temperature', '{temperature}', '--quiet', 'hi'])\n"
+             "print('exit', code, 'torch imported', 'torch' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", child, str(converted)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "exit 0 torch imported False"

@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 import random
 
+import numpy as np
 import pytest
-import torch
 from bitnet_tt import cli
 from bitnet_tt.api import LLM
 from bitnet_tt.backends import create_backend
@@ -197,7 +197,7 @@ def test_a_failed_step_of_one_forward_pass_fails_its_requests_and_the_engine_goe
 def test_the_api_raises_a_one_line_error_for_a_failed_request(tiny):
     with LLM(tiny, max_batch=1, max_context=64, dtype="float32") as llm:
         real = llm.backend.step  # the prompt's logits come back infinite
-        llm.backend.step = lambda *args: StepResult([torch.full_like(x, float("inf")) for x in real(*args).prefill], None)
+        llm.backend.step = lambda *args: StepResult([np.full_like(x, np.inf) for x in real(*args).prefill], None)
         with pytest.raises(GenerationError, match="non-finite logits"):
             llm.generate("Hello", max_new_tokens=4)
 

@@ -19,12 +19,12 @@ from safetensors.torch import load_file, save_file
 from bitnet_tt.checkpoint import (
     CHECKSUMS_KEY,
     CONVERTED_FILE,
-    UNCHECKED_FORMAT,
     convert_checkpoint,
     load_weights,
     read_header,
     write_safetensors,
 )
+from bitnet_tt.tensorfiles import UNCHECKED_FORMAT
 from bitnet_tt.errors import CheckpointError
 from bitnet_tt.ternary import pack_2bit, unpack_2bit
 

@@ -46,7 +46,7 @@ class LLM:
                  max_context: int | None = None, prefill_chunk: int | None = None, dtype: str | None = None,
                  device: str = "cpu", progress: bool = False, tt_options=None, cpu_options=None):
         from .backends import create_backend
-        from .checkpoint import resolve_model
+        from .tensorfiles import resolve_model
         from .engine import Engine
         from .tokenizer import Tokenizer
 
@@ -156,6 +156,8 @@ def check_capacity(max_batch: int, max_context: int | None, prefill_chunk: int |
 
 def check_torch_device(device: str) -> None:
     """A device that computes: 'meta' (shapes only) and unknown names are refused before loading."""
+    if device == "cpu":
+        return  # the cpu backend's default: no need to import torch to know it
     import torch
 
     try:

@@ -479,7 +479,8 @@ def fit_history(engine, system, history, reserve: int):
 
 
 def cmd_convert(args) -> int:
-    from .checkpoint import convert_checkpoint, resolve_model
+    from .checkpoint import convert_checkpoint
+    from .tensorfiles import resolve_model
 
     started = time.perf_counter()
     src = resolve_model(args.src)
@@ -493,7 +494,8 @@ def cmd_convert(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from .checkpoint import describe_folder, resolve_model
+    from .checkpoint import describe_folder
+    from .tensorfiles import resolve_model
 
     if Path(args.model).expanduser().exists() or not is_hub_id(args.model):
         described = describe_folder(resolve_model(args.model))
@@ -504,14 +506,14 @@ def cmd_info(args) -> int:
 
 
 def is_hub_id(text: str) -> bool:
-    from .checkpoint import HUB_ID
+    from .tensorfiles import HUB_ID
 
     return bool(HUB_ID.match(text)) and not text.startswith((".", "/", "~"))
 
 
 def describe_hub_model(repo_id: str) -> dict:
     """What a hub model holds, from its config.json and safetensors index only (no weights are downloaded)."""
-    from .checkpoint import INDEX_FILE, SINGLE_FILE, SafetensorsIndex
+    from .tensorfiles import INDEX_FILE, SINGLE_FILE, SafetensorsIndex
     from .config import ModelConfig, read_config_json, read_json_object, validate_schema
     from .errors import CheckpointError
 

@@ -51,11 +51,11 @@ def next_token_logits(backend: Backend, tokens: Sequence[int],
     """(logits [k, vocab], targets [k]) step by step for a batch of windows, one slot each."""
     for slot, w in enumerate(batch):
         backend.free(slot)
-    heads = [backend.prefill(slot, tokens[w.start : w.first_scored]) for slot, w in enumerate(batch)]
+    heads = [torch.as_tensor(backend.prefill(slot, tokens[w.start : w.first_scored])) for slot, w in enumerate(batch)]
     yield torch.stack(heads), torch.tensor([tokens[w.first_scored] for w in batch])
     for offset in range(1, max(w.end - w.first_scored for w in batch)):
         active = [(slot, w.first_scored + offset) for slot, w in enumerate(batch) if w.first_scored + offset < w.end]
-        logits = backend.decode([s for s, _ in active], [tokens[p - 1] for _, p in active])
+        logits = torch.as_tensor(backend.decode([s for s, _ in active], [tokens[p - 1] for _, p in active]))
         yield logits, torch.tensor([tokens[p] for _, p in active])
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 
-import torch
+import numpy as np
 
 from .errors import RequestError
 from .tokenizer import Tokenizer
@@ -52,14 +52,13 @@ class TokenConstraint:
     def __init__(self, matcher, vocab_size: int):
         self._matcher = matcher
         self._vocab_size = vocab_size
-        self._bit = torch.arange(8, dtype=torch.uint8)
 
-    def allowed(self) -> torch.Tensor:
+    def allowed(self) -> np.ndarray:
         """A bool mask [vocab]: True where the token keeps the output on the grammar (end ids once complete)."""
         # llguidance's bitmask: 32-bit little-endian words, token i at bit i % 8 of byte i // 8. (Its
         # llguidance.torch helpers would import torch.compile, seconds of start-up for what this line does.)
-        mask = torch.frombuffer(bytearray(self._matcher.compute_bitmask()), dtype=torch.uint8)
-        return ((mask.unsqueeze(1) >> self._bit) & 1).flatten()[: self._vocab_size].bool()
+        mask = np.frombuffer(self._matcher.compute_bitmask(), dtype=np.uint8)
+        return np.unpackbits(mask, bitorder="little")[: self._vocab_size].astype(bool)
 
     def accept(self, token_id: int) -> None:
         if not self._matcher.consume_token(token_id):

@@ -1,11 +1,15 @@
-"""Sampling parameters and the pure functions that turn one row of logits into a token."""
+"""Sampling parameters and the pure functions that turn one row of logits into a token.
+
+In numpy, not torch: the engine on the cpu backend then runs without importing torch (~0.5 GB of memory).
+Logits may come as numpy arrays or CPU torch tensors (np.asarray views either).
+"""
 
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
 
-import torch
+import numpy as np
 
 from .errors import GenerationError, RequestError
 
@@ -105,11 +109,11 @@ def device_sampleable(params: SamplingParams, top_k_limit: int) -> bool:
             and min(params.temperature, params.top_p) >= DEVICE_SAMPLER_FLOOR)
 
 
-def device_draw(params: SamplingParams, generator: torch.Generator | None) -> DeviceDraw:
+def device_draw(params: SamplingParams, generator: np.random.Generator | None) -> DeviceDraw:
     """The request's next draw, its seed taken from the request's generator."""
     if params.greedy:
         return DeviceDraw(top_k=1, top_p=1.0, temperature=1.0, seed=0)
-    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+    seed = int((generator or np.random.default_rng()).integers(0, 2**31 - 1))
     return DeviceDraw(top_k=params.top_k, top_p=params.top_p, temperature=params.temperature, seed=seed)
 
 
@@ -120,79 +124,94 @@ class TokenChoice:
     top: list[tuple[int, float]] = field(default_factory=list)
 
 
-def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt_ids, output_ids) -> torch.Tensor:
+@np.errstate(over="ignore")  # held at the largest finite value below
+def apply_penalties(logits: np.ndarray, params: SamplingParams, prompt_ids, output_ids) -> np.ndarray:
     """The penalties and the logit bias, in place; the result stays finite (a penalty as small as 5e-324 would
     overflow even float64: such logits are held at the dtype's largest value, which keeps them first)."""
     if params.repetition_penalty != 1.0:
-        seen = torch.tensor(sorted(set(prompt_ids) | set(output_ids)), dtype=torch.long)
+        seen = np.array(sorted(set(prompt_ids) | set(output_ids)), dtype=np.int64)
         if len(seen):
             values = logits[seen]
             p = params.repetition_penalty
-            logits[seen] = torch.where(values > 0, values / p, values * p)
+            logits[seen] = np.where(values > 0, values / p, values * p)
     if (params.presence_penalty or params.frequency_penalty) and output_ids:
         counts = Counter(output_ids)
-        ids = torch.tensor(list(counts), dtype=torch.long)
-        freq = torch.tensor(list(counts.values()), dtype=logits.dtype)
+        ids = np.array(list(counts), dtype=np.int64)
+        freq = np.array(list(counts.values()), dtype=logits.dtype)
         logits[ids] -= params.presence_penalty + params.frequency_penalty * freq
     if params.logit_bias:
         ids, biases = zip(*params.logit_bias)
-        logits[list(ids)] += torch.tensor(biases, dtype=logits.dtype)
-    largest = torch.finfo(logits.dtype).max
-    return logits.clamp_(-largest, largest)
+        logits[list(ids)] += np.array(biases, dtype=logits.dtype)
+    largest = np.finfo(logits.dtype).max
+    return np.clip(logits, -largest, largest, out=logits)
 
 
-def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+def softmax(logits: np.ndarray) -> np.ndarray:
+    exp = np.exp(logits - logits.max())
+    return exp / exp.sum()
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max()
+    return shifted - np.log(np.exp(shifted).sum())
+
+
+@np.errstate(over="ignore")  # a tiny temperature sends logits to -inf: meant
+def filter_logits(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
     """Temperature, then top-k, top-p and min-p: removed tokens get -inf. Finite logits give finite or -inf
     results for every accepted setting: the largest logit is subtracted before the division, so the top token
     scales to exactly 0 and a tiny temperature sends the others to -inf, never to NaN."""
     logits = (logits - logits.max()) / params.temperature
-    if 0 < params.top_k < logits.numel():
-        kth = torch.topk(logits, params.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if 0 < params.top_k < logits.size:
+        kth = np.partition(logits, -params.top_k)[-params.top_k]
+        logits = np.where(logits < kth, -np.inf, logits)
     if params.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        probs = sorted_logits.softmax(-1)
+        order = np.argsort(-logits, kind="stable")
+        probs = softmax(logits[order])
         # keep the smallest prefix whose mass reaches top_p; the most likely token stays however small top_p is
-        drop = (probs.cumsum(-1) - probs) >= params.top_p
+        drop = (np.cumsum(probs) - probs) >= params.top_p
         drop[0] = False
-        logits = logits.index_fill(0, order[drop], float("-inf"))
+        logits = logits.copy()
+        logits[order[drop]] = -np.inf
     if params.min_p > 0.0:
-        probs = logits.softmax(-1)
-        logits = logits.masked_fill(probs < params.min_p * probs.max(), float("-inf"))
+        probs = softmax(logits)
+        logits = np.where(probs < params.min_p * probs.max(), -np.inf, logits)
     return logits
 
 
 NON_FINITE_LOGITS = "the model produced non-finite logits (NaN or infinity) for this request"
 
 
-def check_finite(logits: torch.Tensor) -> None:
-    if not bool(torch.isfinite(logits).all()):
+def check_finite(logits: np.ndarray) -> None:
+    if not np.isfinite(logits).all():
         raise GenerationError(NON_FINITE_LOGITS)
 
 
 def sample_token(
-    logits: torch.Tensor, params: SamplingParams, prompt_ids, output_ids, generator: torch.Generator | None,
-    allowed: torch.Tensor | None = None,
+    logits, params: SamplingParams, prompt_ids, output_ids, generator: np.random.Generator | None,
+    allowed: np.ndarray | None = None,
 ) -> TokenChoice:
-    """Pick the next token from logits [vocab] for one request; only where `allowed` (bool [vocab]) is True when
-    given (a grammar's mask). The sampler works in float64, where the smallest accepted top_p, temperature and
-    penalty (down to 5e-324) are representable; fp32 rounds them to 0. Non-finite logits raise GenerationError.
-    Log-probs stay those of the model's own distribution."""
-    check_finite(logits)
-    raw = logits
-    logits = apply_penalties(logits.to(torch.float64, copy=True), params, prompt_ids, output_ids)
+    """Pick the next token from fp32 logits [vocab] (a numpy array or a CPU torch tensor) for one request; only
+    where `allowed` (bool [vocab]) is True when given (a grammar's mask). The sampler works in float64, where the
+    smallest accepted top_p, temperature and penalty (down to 5e-324) are representable; fp32 rounds them to 0.
+    Non-finite logits raise GenerationError. Log-probs stay those of the model's own distribution."""
+    raw = np.asarray(logits)
+    check_finite(raw)
+    logits = apply_penalties(raw.astype(np.float64), params, prompt_ids, output_ids)
     if allowed is not None:
-        logits = logits.masked_fill(~allowed, float("-inf"))
+        logits = np.where(allowed, logits, -np.inf)
     if params.greedy:
         token = int(logits.argmax())
     else:
-        probs = filter_logits(logits, params).softmax(-1)
-        token = int(torch.multinomial(probs, 1, generator=generator))
+        probs = softmax(filter_logits(logits, params))
+        token = int((generator or np.random.default_rng()).choice(probs.size, p=probs))
     choice = TokenChoice(token)
     if params.logprobs or params.top_logprobs:
-        logprobs = raw.float().log_softmax(-1)
+        logprobs = log_softmax(raw.astype(np.float32))
         choice.logprob = float(logprobs[token])
         if params.top_logprobs:
-            top = torch.topk(logprobs, params.top_logprobs)
-            choice.top = list(zip(top.indices.tolist(), top.values.tolist()))
+            count = min(params.top_logprobs, logprobs.size)
+            top = np.argpartition(-logprobs, count - 1)[:count]
+            top = top[np.argsort(-logprobs[top], kind="stable")]
+            choice.top = [(int(t), float(logprobs[t])) for t in top]
     return choice

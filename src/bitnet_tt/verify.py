@@ -7,10 +7,14 @@ how many greedy tokens the two produce identically (each fed its own tokens) up 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from .backends.base import Backend
+
+if TYPE_CHECKING:
+    from .backends.base import Logits
 
 PROMPT_LENGTHS = (1, 7, 33, 128, 300, 1000)
 PCC_TARGET = 0.99  # the Tenstorrent backend's target against the PyTorch backend
@@ -24,7 +28,8 @@ class PromptResult:
     top5_overlap: float
 
 
-def pcc(a: torch.Tensor, b: torch.Tensor) -> float:
+def pcc(a: Logits, b: Logits) -> float:
+    a, b = torch.as_tensor(a), torch.as_tensor(b)
     return torch.corrcoef(torch.stack([a.flatten().double(), b.flatten().double()]))[0, 1].item()
 
 
@@ -39,7 +44,7 @@ def compare_logits(candidate: Backend, reference: Backend, prompts: list[list[in
     for ids in prompts:
         candidate.free(0)
         reference.free(0)
-        got, want = candidate.prefill(0, ids), reference.prefill(0, ids)
+        got, want = torch.as_tensor(candidate.prefill(0, ids)), torch.as_tensor(reference.prefill(0, ids))
         top5 = set(got.topk(5).indices.tolist()) & set(want.topk(5).indices.tolist())
         results.append(PromptResult(len(ids), pcc(got, want), int(got.argmax()) == int(want.argmax()), len(top5) / 5))
     return results

@@ -10,13 +10,18 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
-
-import torch
+from typing import TYPE_CHECKING, NamedTuple
 
 from ..config import ModelConfig
 from ..errors import CapacityError
-from ..sampling import DeviceDraw
+
+if TYPE_CHECKING:  # torch is imported by the backends that compute in it, never for the cpu backend
+    import numpy as np
+    import torch
+
+    from ..sampling import DeviceDraw
+
+    Logits = np.ndarray | torch.Tensor  # fp32 on the CPU: np.asarray views either without a copy
 
 
 class PrefillPart(NamedTuple):
@@ -33,8 +38,8 @@ class StepResult:
     """What Backend.step computed. An exception in place of a part: the separate call that computed it raised
     (its slots are in an unknown state; the other parts stand)."""
 
-    prefill: list[torch.Tensor | None | Exception]  # each chunk's last-token logits, fp32 [vocab]; None: not wanted
-    decode: torch.Tensor | list[int] | Exception | None  # logits [slots, vocab] or picked token ids; None: no slots
+    prefill: list[Logits | None | Exception]  # each chunk's last-token logits, fp32 [vocab]; None: not wanted
+    decode: Logits | list[int] | Exception | None  # logits [slots, vocab] or picked token ids; None: no slots
 
 
 class Backend(ABC):
@@ -67,18 +72,20 @@ class Backend(ABC):
         self._lengths = [0] * max_slots
 
     @abstractmethod
-    def prefill(self, slot: int, token_ids: Sequence[int]) -> torch.Tensor:
+    def prefill(self, slot: int, token_ids: Sequence[int]) -> Logits:
         """Append `token_ids` to the slot's context; return fp32 logits of the last token, [vocab]."""
 
     @abstractmethod
-    def decode(self, slots: Sequence[int], token_ids: Sequence[int]) -> torch.Tensor:
+    def decode(self, slots: Sequence[int], token_ids: Sequence[int]) -> Logits:
         """Append one token to each slot, each at its own position; return fp32 logits [len(slots), vocab]."""
 
     def decode_greedy(self, slots: Sequence[int], token_ids: Sequence[int]) -> list[int]:
         """Like decode, but return each slot's most likely next token; a device backend picks it on the
         device and sends back token ids instead of logits. -1 marks a slot whose logits are not finite
         (the engine fails its request); a device pick cannot tell (not checked on a card)."""
-        logits = self.decode(slots, token_ids)
+        import torch  # the backends that rely on this method compute in torch
+
+        logits = torch.as_tensor(self.decode(slots, token_ids))
         return logits.argmax(-1).masked_fill(~torch.isfinite(logits).all(-1), -1).tolist()
 
     def decode_sampled(self, slots: Sequence[int], token_ids: Sequence[int], draws: Sequence[DeviceDraw]) -> list[int]:

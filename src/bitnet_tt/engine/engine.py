@@ -12,8 +12,9 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
+import numpy as np
 
 from ..backends.base import Backend, PrefillPart, StepResult
 from ..errors import BitNetError, CapacityError, GenerationError, RequestError
@@ -32,6 +33,9 @@ from .request import Request, RequestOutput, RequestStatus
 from .scheduler import PrefillChunk, Scheduler, StepPlan
 from .slots import SlotPool
 from .stops import StopScanner
+
+if TYPE_CHECKING:
+    from ..backends.base import Logits
 
 logger = logging.getLogger("bitnet_tt.engine")
 PROMPT_OVERFLOW = ("error", "truncate")  # what to do with a prompt that does not fit the context
@@ -109,7 +113,7 @@ class Engine:
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         request = Request(
             id=request_id or f"req-{next(self._ids)}", prompt_ids=ids, params=params, on_output=on_output,
-            generator=torch.Generator().manual_seed(seed), constraint=self._constraint(params),
+            generator=np.random.default_rng(seed), constraint=self._constraint(params),
         )
         with self._lock:
             self._text[request.id] = _TextState(StreamDecoder(self.tokenizer), StopScanner(params.stop))
@@ -218,7 +222,7 @@ class Engine:
         requests = [c.request for c in plan.prefill] + plan.decode
         return self._backend_call(requests, outputs, "step", self.backend.step, prefills, slots, last, greedy, draws)
 
-    def _prefilled(self, chunk: PrefillChunk, part, outputs: list[RequestOutput]) -> torch.Tensor | None:
+    def _prefilled(self, chunk: PrefillChunk, part, outputs: list[RequestOutput]) -> Logits | None:
         """Record the chunk's prefill; return the first token's logits when it completes the prompt (None
         otherwise, or when the prefill failed, and so has the request)."""
         if self._failed([chunk.request], outputs, "prefill", part):
@@ -245,7 +249,7 @@ class Engine:
             self._fail(requests, part, outputs)
         return failed
 
-    def _copy_prefills(self, copies, completed, outputs) -> list[tuple[Request, torch.Tensor]]:
+    def _copy_prefills(self, copies, completed, outputs) -> list[tuple[Request, Logits]]:
         """Requests with the same prompt as one prefilled in this step (the choices of an n > 1 request) get a
         copy of its slot's context and its logits; a copy whose source failed is prefilled in later steps."""
         logits_of = {id(request): logits for request, logits in completed}
@@ -260,7 +264,7 @@ class Engine:
                     copied.append((target, logits))
         return copied
 
-    def _copy_prefill(self, source: Request, target: Request, logits: torch.Tensor) -> torch.Tensor:
+    def _copy_prefill(self, source: Request, target: Request, logits: Logits) -> Logits:
         """Give `target` the context `source`'s prefill left in its slot; return that prefill's logits."""
         self.backend.copy_slot(source.slot, target.slot, len(target.prompt_ids))
         return logits
@@ -348,7 +352,7 @@ class Engine:
 
     # -- one sampled token --------------------------------------------------------------------------
 
-    def _accept(self, request: Request, logits: torch.Tensor, outputs: list[RequestOutput]) -> None:
+    def _accept(self, request: Request, logits: Logits, outputs: list[RequestOutput]) -> None:
         constraint = request.constraint
         allowed = constraint.allowed() if constraint else None
         choice = sample_token(logits, request.params, request.prompt_ids, request.output_ids, request.generator,

@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import torch
+import numpy as np
 
 from ..grammar import TokenConstraint
 from ..sampling import SamplingParams, TokenChoice
@@ -76,7 +76,7 @@ class Request:
     finish_reason: str | None = None  # "stop", "length", "cancelled", "error"
     error: str | None = None  # with finish_reason "error": what went wrong, in one line
     stats: RequestStats = field(default_factory=RequestStats)
-    generator: torch.Generator | None = None
+    generator: np.random.Generator | None = None
     constraint: TokenConstraint | None = None  # the grammar its output must follow (response_format)
 
     @property

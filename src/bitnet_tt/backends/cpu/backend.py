@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from ...errors import BitNetError, CapacityError
 from ...sampling import DeviceDraw
@@ -56,10 +55,10 @@ class CPUBackend(Backend):
         self.max_rows = PREFILL_CHUNK + max_slots  # a step's decode rows and a chunk fit in one pass
         self.model = CPUModel(weights, max_slots, self.max_context, self.max_rows, path, self.threads)
 
-    def prefill(self, slot: int, token_ids: Sequence[int]) -> torch.Tensor:
+    def prefill(self, slot: int, token_ids: Sequence[int]) -> np.ndarray:
         if len(token_ids) == 0:
             raise ValueError("prefill needs at least one token")
-        return torch.from_numpy(self._forward([PrefillPart(slot, token_ids)])[0])
+        return self._forward([PrefillPart(slot, token_ids)])[0]
 
     def step(self, prefills: Sequence[PrefillPart], slots: Sequence[int], token_ids: Sequence[int],
              greedy: bool = False, draws: Sequence[DeviceDraw] | None = None) -> StepResult:
@@ -73,9 +72,9 @@ class CPUBackend(Backend):
         logits = self._forward(list(prefills) + [PrefillPart(s, [t]) for s, t in zip(slots, token_ids)])
         wanted = sum(part.wants_logits for part in prefills)
         rows = iter(logits[:wanted])
-        prefilled = [torch.from_numpy(next(rows)) if part.wants_logits else None for part in prefills]
+        prefilled = [next(rows) if part.wants_logits else None for part in prefills]
         decoded = logits[wanted:]
-        return StepResult(prefilled, None if not slots else greedy_picks(decoded) if greedy else torch.from_numpy(decoded))
+        return StepResult(prefilled, None if not slots else greedy_picks(decoded) if greedy else decoded)
 
     def copy_slot(self, source: int, target: int, length: int) -> None:
         if not 0 < length <= self.slot_length(source) or self.slot_length(target) != 0 or source == target:
@@ -84,13 +83,10 @@ class CPUBackend(Backend):
         cache[:, target, :, :, :length] = cache[:, source, :, :, :length]
         self._advance(target, length)
 
-    def decode(self, slots: Sequence[int], token_ids: Sequence[int]) -> torch.Tensor:
-        return torch.from_numpy(self._decode(slots, token_ids))
-
     def decode_greedy(self, slots: Sequence[int], token_ids: Sequence[int]) -> list[int]:
-        return greedy_picks(self._decode(slots, token_ids))
+        return greedy_picks(self.decode(slots, token_ids))
 
-    def _decode(self, slots: Sequence[int], token_ids: Sequence[int]) -> np.ndarray:
+    def decode(self, slots: Sequence[int], token_ids: Sequence[int]) -> np.ndarray:
         if len(slots) != len(token_ids) or not slots:
             raise ValueError("decode needs one token for each of distinct slots")
         return self._forward([PrefillPart(s, [t]) for s, t in zip(slots, token_ids)])
@@ -142,8 +138,8 @@ class CPUBackend(Backend):
 
 
 def greedy_picks(logits: np.ndarray) -> list[int]:
-    """Backend.decode_greedy's picks in numpy: torch's reductions over the logits cost more than a layer here
-    (its own thread pool wakes up and competes with the kernels' threads)."""
+    """Backend.decode_greedy's picks in numpy (this backend never imports torch; its reductions over the logits
+    also cost more than a layer here: its own thread pool wakes up and competes with the kernels')."""
     picks = logits.argmax(-1)
     picks[~(np.isfinite(logits.max(-1)) & np.isfinite(logits.min(-1)))] = -1  # max/min propagate NaN
     return picks.tolist()

@@ -23,12 +23,23 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
-from ..torch.model import rope_tables
+from ...config import ModelConfig
 from . import kernels
 from .kernels import Activations
-from .weights import CPUWeights, Layer, drop_pages, mapping_of
+from .weights import CPUWeights, Layer
+
+
+def rope_tables(config: ModelConfig, length: int) -> tuple[np.ndarray, np.ndarray]:
+    """fp32 cos/sin [length, head_dim] for HF's half-split RoPE, in numpy (the cpu backend runs without torch).
+    The frequencies are HF's fp32 ones (its fp32 power agrees with float64's rounded); cos and sin are rounded
+    from float64, so they may differ from torch's fp32 ones by 1 ulp (tests/test_cpu_backend.py)."""
+    dim = config.head_dim
+    exponents = np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)
+    inv_freq = np.float32(1.0) / (config.rope_theta ** exponents.astype(np.float64)).astype(np.float32)
+    freqs = np.arange(length, dtype=np.float32)[:, None] * inv_freq[None, :]
+    angles = np.concatenate((freqs, freqs), axis=-1).astype(np.float64)
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
 
 @dataclass(frozen=True)
@@ -56,6 +67,7 @@ class Workspace:
         self.attention_acts = Activations(rows, cfg.q_size)
         self.mlp_acts = Activations(rows, cfg.intermediate_size)
         self.tokens = np.zeros(rows, np.int64)
+        self.embed_rows = np.zeros((rows, cfg.hidden_size), weights.embed.dtype) if weights.embed_rows else None
 
     def layer_buffers(self) -> tuple[np.ndarray, ...]:
         """What the native layers write, in kernels.layer_stack's order."""
@@ -79,17 +91,12 @@ class CPUModel:
         self.path, self.threads = path, threads
         # [layer, slot, key/value, kv head, position, head dim]; zero pages stay unmapped until written.
         self.cache = np.zeros((cfg.num_layers, max_slots, 2, cfg.num_kv_heads, max_context, cfg.head_dim), np.float32)
-        cos, sin = rope_tables(cfg, max_context, torch.float32, "cpu")
-        self.rope_cos, self.rope_sin = cos.numpy(), sin.numpy()
+        self.rope_cos, self.rope_sin = rope_tables(cfg, max_context)
         self.work = Workspace(weights, max_rows)
         self.layers = kernels.layer_stack(cfg, max_rows, self.work.layer_buffers(), self.rope_cos, self.rope_sin,
                                           self.cache, [layer_weights(layer) for layer in weights.layers])
         # None, or fp64 [len(kernels.layer_components()), 3] that the layers add their time to (a profile's)
         self.timings: np.ndarray | None = None
-        # A mapped embedding that is not also the LM head is read a few rows per step, but each page fault
-        # maps the file's cached neighbours too (MADV_RANDOM does not stop that): 2,048 random tokens left
-        # 0.46 GB of it resident. Its pages are dropped after each lookup (they stay in the page cache).
-        self.embed_mapping = mapping_of(weights.embed) if weights.head is not weights.embed else None
 
     def forward(self, tokens: Sequence[int], segments: Sequence[Segment], logits_of: Sequence[bool]) -> np.ndarray:
         """Run the rows (segments in order) through the model; return fp32 logits of the last row of each segment
@@ -99,10 +106,7 @@ class CPUModel:
         work.tokens[:rows] = tokens
         spans = np.array([(seg.slot, seg.start, seg.count) for seg in segments], np.int64)
         x = work.x[:rows]
-        kernels.require().embed(w.embed, kernels.weight_dtype(w.embed), cfg.vocab_size, cfg.hidden_size,
-                                work.tokens, rows, x)
-        if self.embed_mapping is not None:
-            drop_pages(self.embed_mapping, w.embed)
+        self._embed(rows, x)
         kernels.layers(self.layers, rows, spans, self.path, self.threads, self.timings)
         last = (np.cumsum([seg.count for seg in segments]) - 1)[np.asarray(logits_of, bool)]
         for i, row in enumerate(last):
@@ -111,3 +115,12 @@ class CPUModel:
         if len(last) == 0:
             return logits
         return kernels.head(w.head, work.final[: len(last)], len(last), logits, w.head_scales, self.path, self.threads)
+
+    def _embed(self, rows: int, x: np.ndarray) -> None:
+        """The tokens' embeddings into x. A mapped embedding that is not also the LM head is read a few rows per
+        step, with file reads (weights.TableRows): its pages would stay resident, and each fault maps many."""
+        table, tokens, vocab = self.weights.embed, self.work.tokens, self.config.vocab_size
+        if self.weights.embed_rows is not None:
+            table = self.weights.embed_rows.read(tokens[:rows], self.work.embed_rows)
+            tokens, vocab = np.arange(rows, dtype=np.int64), rows
+        kernels.require().embed(table, kernels.weight_dtype(table), vocab, self.config.hidden_size, tokens, rows, x)

@@ -2,24 +2,25 @@
 the safetensors file, the LM head in bf16 (as stored) or int8 per row.
 
 Layers are read one at a time: a converted checkpoint's 2-bit codes are repacked without ever becoming
-int8; the other formats expand one projection to int8 codes at a time (checkpoint.PROJECTION_READERS).
+int8; the other formats expand one projection to int8 codes at a time (checkpoint.PROJECTION_READERS, in
+torch: only those formats import it).
 """
 
 from __future__ import annotations
 
 import mmap
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
-from ...checkpoint import PROJECTION_READERS, TensorFiles, check_scale, open_model, read_header
 from ...config import ModelConfig
 from ...errors import BitNetError, CheckpointError
+from ...tensorfiles import FLOAT_DTYPES, TensorFiles, check_scale, float32, open_model, read_header
 from .kernels import PackedTernary, quantize_head
 
 LM_HEAD_DTYPES = ("bf16", "int8")
@@ -52,6 +53,7 @@ class CPUWeights:
     head_scales: np.ndarray | None  # fp32 [vocab] for an int8 head
     final_norm: np.ndarray
     layers: list[Layer]
+    embed_rows: TableRows | None = None  # reads embedding rows when the head is not the embedding (int8)
 
     def code_bytes(self) -> int:
         return sum(p.weight.data.nbytes for layer in self.layers for p in layer.projections.values())
@@ -74,16 +76,17 @@ def load_cpu_weights(folder: Path, lm_head: str = "bf16", progress: bool = True,
         head_scales = None
         if lm_head == "int8":
             head, head_scales = int8_head(head)
+        embed_rows = TableRows.of(embed, files.file_of["model.embed_tokens.weight"]) if head is not embed else None
         staging = np.empty(max(fused_codes_bytes(config).values()), np.uint8) if fmt == "converted" else None
         layers = []
         for i in tqdm(range(config.num_layers), desc=f"loading {fmt} weights", unit="layer",
                       disable=not progress or None, leave=False):
             layers.append(read_layer(files, fmt, config, f"model.layers.{i}.", threads, staging))
-        final_norm = float_vector(files.get("model.norm.weight", (config.hidden_size,)))
+        final_norm = float_vector(files, "model.norm.weight", config.hidden_size)
         for done in checks:
             done.result()  # raises the check's CheckpointError
     files.check_all_read()
-    return CPUWeights(config, embed, head, head_scales, final_norm, layers)
+    return CPUWeights(config, embed, head, head_scales, final_norm, layers, embed_rows)
 
 
 def fused_codes_bytes(config: ModelConfig) -> dict[str, int]:
@@ -96,33 +99,34 @@ def read_layer(files: TensorFiles, fmt: str, config: ModelConfig, prefix: str, t
                staging: np.ndarray | None) -> Layer:
     """One layer; a converted checkpoint's codes pass through `staging` (reused for every projection)."""
     shapes = config.projection_shapes()
-    norms = {name: float_vector(files.get(prefix + name + ".weight", (width,)))
-             for name, width in config.norm_shapes().items()}
+    norms = {name: float_vector(files, prefix + name + ".weight", width) for name, width in config.norm_shapes().items()}
     projections = {}
     for key, names in FUSED.items():
         if fmt == "converted":  # 2-bit codes straight from the file, rows of the fused projection in order
             at = 0
             for n in names:
                 out, inp = shapes[n]
-                files.get(prefix + n + ".packed", (out, inp // 4), (torch.uint8,), into=staging[at:])
+                files.get(prefix + n + ".packed", (out, inp // 4), ("U8",), into=staging[at:])
                 at += out * inp // 4
-            scales = [files.get(prefix + n + ".scale", (), (torch.float32,)) for n in names]
+            scales = [float(files.get(prefix + n + ".scale", (), ("F32",))) for n in names]
             k = shapes[names[0]][1]
             weight = PackedTernary.from_2bit(staging[:at].reshape(-1, k // 4), threads)
         else:
+            from ...checkpoint import PROJECTION_READERS  # torch, for these formats only
+
             read = [PROJECTION_READERS[fmt](files, prefix + n, shapes[n], config) for n in names]
-            scales = [w.scale for w in read]
-            weight = PackedTernary.from_codes(torch.cat([w.codes for w in read]).numpy(), threads)
+            scales = [float(w.scale) for w in read]
+            weight = PackedTernary.from_codes(np.concatenate([w.codes.numpy() for w in read]), threads)
         for n, s in zip(names, scales):
-            check_scale(files, prefix + n, float(s))
+            check_scale(files, prefix + n, s)
         rows = [shapes[n][0] for n in names]
-        scale = np.concatenate([np.full(r, float(s.float()), dtype=np.float32) for r, s in zip(rows, scales)])
+        scale = np.concatenate([np.full(r, s, dtype=np.float32) for r, s in zip(rows, scales)])
         projections[key] = Projection(weight, scale)
     return Layer(norms, projections)
 
 
-def float_vector(tensor: torch.Tensor) -> np.ndarray:
-    return tensor.float().numpy()
+def float_vector(files: TensorFiles, name: str, width: int) -> np.ndarray:
+    return float32(files.get(name, (width,), FLOAT_DTYPES))
 
 
 def mapped_table(files: TensorFiles, name: str, shape: tuple[int, int], check: Callable[[str], None]) -> np.ndarray:
@@ -136,7 +140,7 @@ def mapped_table(files: TensorFiles, name: str, shape: tuple[int, int], check: C
     entry = header.get(name)
     dtype = {"BF16": np.uint16, "F32": np.float32}.get(entry["dtype"]) if entry else None
     if dtype is None:
-        return files.get(name, shape, (torch.float16,)).float().numpy()
+        return float32(files.get(name, shape, ("F16",)))
     begin, end = entry["data_offsets"]
     if list(entry["shape"]) != list(shape) or end - begin != shape[0] * shape[1] * np.dtype(dtype).itemsize:
         raise CheckpointError(f"{path}: tensor '{name}' has shape {entry['shape']}, expected {list(shape)}")
@@ -158,6 +162,31 @@ def int8_head(table: np.ndarray, chunk_rows: int = 4096) -> tuple[np.ndarray, np
         if mapping is not None:
             drop_pages(mapping, table[rows])
     return codes, scales
+
+
+class TableRows:
+    """A mapped table's rows read with file reads: a page fault on the mapping maps a whole folio of the page
+    cache (up to 2 MB, hundreds of rows: 128 random tokens faulted 0.24 GB in before their pages were dropped)."""
+
+    def __init__(self, path: Path, offset: int, row_bytes: int):
+        self.file = open(path, "rb", buffering=0)
+        self.offset, self.row_bytes = offset, row_bytes
+
+    @classmethod
+    def of(cls, table: np.ndarray, path: Path) -> TableRows | None:
+        """Rows of a table mapped from `path` (None for one in the process's own memory)."""
+        mapping = mapping_of(table)
+        if mapping is None:
+            return None
+        offset = table.ctypes.data - np.frombuffer(mapping, np.uint8, count=1).ctypes.data  # mapped from 0
+        return cls(path, offset, table.strides[0])
+
+    def read(self, tokens: Sequence[int], out: np.ndarray) -> np.ndarray:
+        """The tokens' rows into `out` [len(tokens), width] (the table's dtype)."""
+        for row, token in zip(out, tokens):
+            if os.preadv(self.file.fileno(), [row], self.offset + int(token) * self.row_bytes) != self.row_bytes:
+                raise CheckpointError(f"{self.file.name}: the embedding table is truncated")
+        return out[: len(tokens)]
 
 
 def mapping_of(table: np.ndarray) -> mmap.mmap | None:
