@@ -34,11 +34,10 @@ class CPUOptions:
 
 class CPUBackend(Backend):
     copies_slots = True
-    # benchmarks/serving.py on a 2-core EPYC under load (4-10), a step as one pass: chunks of 32 give 0.90-0.95x
-    # whole-prompt prefill's throughput with running streams at 1.9-3.4x a decode step (p99) while a long
-    # prompt arrives (16: 0.82-0.86x and 1.9-2.8x; 8: 0.76x and 1.5x at a third of the prefill rate); README,
-    # "Serving many users"
-    default_prefill_chunk = 32
+    # benchmarks/serving.py on a quiet 2-core EPYC (load 1.7-1.9), a step as one pass: chunks of 16 keep running
+    # streams at 1.85-1.94x a decode step (p99) while a 2,048-token prompt arrives, at 0.87-0.98x whole-prompt
+    # prefill's throughput; chunks of 32: 4.64x at 0.93x. README, "Serving many users"
+    default_prefill_chunk = 16
 
     def __init__(self, folder: Path, max_slots: int = 1, max_context: int | None = None,
                  options: CPUOptions | None = None, progress: bool = True):
