@@ -335,7 +335,7 @@ def test_without_a_chunk_the_engine_takes_the_backends_default(tiny, tokenizer):
     plans = steps_until(engine, lambda: request.finished)
     assert [c.stop - c.start for p in plans for c in p.prefill] == [5, 5, 2]
     with LLM(tiny, backend="cpu", max_batch=1) as llm:
-        assert llm.engine.scheduler.prefill_chunk == 32  # the cpu backend's, by measurement (README)
+        assert llm.engine.scheduler.prefill_chunk == 16  # the cpu backend's, by measurement (README)
 
 
 def test_prefill_chunk_and_cache_prompt_options_are_checked(tiny):
