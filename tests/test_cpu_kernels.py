@@ -46,7 +46,7 @@ SHAPES_2B4T = sorted(set(ModelConfig.from_hf_dict(config_2b4t()).projection_shap
 
 @pytest.mark.parametrize("path", all_paths())
 @pytest.mark.parametrize("shape", SHAPES_2B4T, ids=lambda s: f"{s[0]}x{s[1]}")
-# 1-8: every tile size; 11: tiles of 6 and 5 (layers.c evens them out); 48: the GEMM on AVX2 and AVX-512 (gemm.h)
+# 1-8: every tile size; 11: tiles of 8 and 3; 48: the GEMM on AVX2 and AVX-512 (gemm.h)
 @pytest.mark.parametrize("tokens", [1, 2, 3, 4, 5, 6, 7, 8, 11, 48])
 def test_ternary_product_is_exact_at_2b4t_shapes(path, shape, tokens):
     rng = np.random.default_rng(hash((shape, tokens)) % 2**32)

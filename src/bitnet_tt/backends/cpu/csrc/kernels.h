@@ -7,9 +7,7 @@
  * (0, 1, 2 for -1, 0, +1). Padding rows and inputs hold 1 (a zero weight).
  *
  * Activations are int8, one row of `padded_k` bytes per token (zeros past K). A kernel computes
- * sum_k (code + 1) * x and subtracts the row's activation sum: the exact int32 product. A tile kernel reads
- * block b of token t at x + t * token_stride + b * block_stride: (padded_k, BLOCK_INPUTS) for the rows as
- * they are, or (BLOCK_INPUTS, tokens * BLOCK_INPUTS) for a copy with the tokens' blocks interleaved.
+ * sum_k (code + 1) * x and subtracts the row's activation sum: the exact int32 product.
  */
 #ifndef BITNET_CPU_KERNELS_H
 #define BITNET_CPU_KERNELS_H
@@ -26,19 +24,17 @@
 
 /* One call of a tile kernel: rows [4g, 4g+4) of a group times `tokens` (1..MAX_TILE_TOKENS) activation
  * rows; writes the raw sums sum_k (code + 1) * x into out[t * 4 + r]. */
-#define TILE_KERNEL(name) \
-    void name(const uint8_t *group, int blocks, const int8_t *x, size_t token_stride, size_t block_stride, int tokens, \
-              int32_t *out)
-typedef TILE_KERNEL((*tile_kernel));
+typedef void (*tile_kernel)(const uint8_t *group, int blocks, const int8_t *x, size_t x_stride, int tokens,
+                            int32_t *out);
 
-TILE_KERNEL(tile_scalar);
+void tile_scalar(const uint8_t *group, int blocks, const int8_t *x, size_t x_stride, int tokens, int32_t *out);
 #if defined(__x86_64__) || defined(_M_X64)
-TILE_KERNEL(tile_avx2);
-TILE_KERNEL(tile_avx512);
+void tile_avx2(const uint8_t *group, int blocks, const int8_t *x, size_t x_stride, int tokens, int32_t *out);
+void tile_avx512(const uint8_t *group, int blocks, const int8_t *x, size_t x_stride, int tokens, int32_t *out);
 #endif
 #if defined(__aarch64__)
-TILE_KERNEL(tile_neon);
-TILE_KERNEL(tile_neondot);
+void tile_neon(const uint8_t *group, int blocks, const int8_t *x, size_t x_stride, int tokens, int32_t *out);
+void tile_neondot(const uint8_t *group, int blocks, const int8_t *x, size_t x_stride, int tokens, int32_t *out);
 #endif
 
 #endif

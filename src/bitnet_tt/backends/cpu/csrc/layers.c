@@ -38,49 +38,20 @@ static tile_kernel tile_for(int path) {
     }
 }
 
-/* Tokens per tile call: the fewest calls, as even as possible (9 tokens: 5 + 4, not 8 + 1: a call of few
- * tokens reads its weights for little work). */
-static int tile_chunk(int m) {
-    int calls = (m + MAX_TILE_TOKENS - 1) / MAX_TILE_TOKENS;
-    return (m + calls - 1) / calls;
-}
-
-/* Whether a path's tile kernel reads each chunk of tokens with their blocks interleaved (kernels.h): AVX2,
- * whose loads from 8 rows thousands of bytes apart measured slower than from one contiguous stretch
- * (tile_avx2.c); the other paths read the rows as they are. */
-static int interleaves_tokens(int path) { return path == PATH_AVX2; }
-
 struct matmul_job {
     const struct gemm_job *args;
     tile_kernel tile;
-    const int8_t *x;  /* the activations as the tile kernel reads them: args->x, or their interleaved copy */
-    int interleaved, chunk;
 };
 
-/* Each chunk of `chunk` tokens of x (rows of `stride` bytes) into `copy`, at the same offset, with the
- * chunk's tokens' blocks interleaved: block b of its token t at (b * tokens + t) * BLOCK_INPUTS. */
-static void interleave_tokens(const int8_t *x, size_t stride, int m, int blocks, int chunk, int8_t *copy) {
-    for (int m0 = 0; m0 < m; m0 += chunk) {
-        int tokens = m - m0 < chunk ? m - m0 : chunk;
-        for (int t = 0; t < tokens; t++)
-            for (int b = 0; b < blocks; b++)
-                memcpy(copy + m0 * stride + ((size_t)b * tokens + t) * BLOCK_INPUTS,
-                       x + (m0 + t) * stride + (size_t)b * BLOCK_INPUTS, BLOCK_INPUTS);
-    }
-}
-
 static void matmul_part(void *ctx, int group_begin, int group_end) {
-    const struct matmul_job *tiles = ctx;
-    const struct gemm_job *job = tiles->args;
+    const struct gemm_job *job = ((const struct matmul_job *)ctx)->args;
+    tile_kernel tile = ((const struct matmul_job *)ctx)->tile;
     size_t group_bytes = (size_t)job->blocks * GROUP_BLOCK_BYTES;
     int32_t raw[MAX_TILE_TOKENS * ROWS_PER_GROUP];
     for (int g = group_begin; g < group_end; g++) {
-        for (int m0 = 0; m0 < job->m; m0 += tiles->chunk) {
-            int tokens = job->m - m0 < tiles->chunk ? job->m - m0 : tiles->chunk;
-            size_t token_stride = tiles->interleaved ? BLOCK_INPUTS : job->x_stride;
-            size_t block_stride = tiles->interleaved ? (size_t)tokens * BLOCK_INPUTS : BLOCK_INPUTS;
-            tiles->tile(job->packed + g * group_bytes, job->blocks, tiles->x + m0 * job->x_stride, token_stride,
-                        block_stride, tokens, raw);
+        for (int m0 = 0; m0 < job->m; m0 += MAX_TILE_TOKENS) {
+            int tokens = job->m - m0 < MAX_TILE_TOKENS ? job->m - m0 : MAX_TILE_TOKENS;
+            tile(job->packed + g * group_bytes, job->blocks, job->x + m0 * job->x_stride, job->x_stride, tokens, raw);
             for (int t = 0; t < tokens; t++)
                 for (int r = 0; r < ROWS_PER_GROUP; r++) {
                     int row = g * ROWS_PER_GROUP + r, token = m0 + t;
@@ -102,19 +73,11 @@ static void matmul_part(void *ctx, int group_begin, int group_end) {
 
 void ternary_matmul(const struct gemm_job *job, int path, int threads) {
     gemm_part_fn gemm = gemm_for(path, job->m);
-    if (gemm) {
+    struct matmul_job tiles = {.args = job, .tile = tile_for(path)};
+    if (gemm)
         parallel_for(gemm, (void *)job, (job->n + GEMM_ROWS - 1) / GEMM_ROWS, threads);
-        return;
-    }
-    struct matmul_job tiles = {.args = job, .tile = tile_for(path), .x = job->x,
-                               .interleaved = interleaves_tokens(path) && job->m > 1, .chunk = tile_chunk(job->m)};
-    if (tiles.interleaved) {
-        /* the calling thread's copy, read by every thread of this call */
-        int8_t *copy = thread_scratch(SCRATCH_TILE_INPUTS, (size_t)job->m * job->x_stride);
-        interleave_tokens(job->x, job->x_stride, job->m, job->blocks, tiles.chunk, copy);
-        tiles.x = copy;
-    }
-    parallel_for(matmul_part, &tiles, row_groups(job->n), threads);
+    else
+        parallel_for(matmul_part, &tiles, row_groups(job->n), threads);
 }
 
 /* ---------------------------------------------------------------------------------------------

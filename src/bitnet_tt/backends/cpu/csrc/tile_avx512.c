@@ -32,8 +32,7 @@ static inline void store_row_sums(__m512i pair0, __m512i pair1, int32_t *out) {
 }
 
 static inline __attribute__((always_inline)) void group_tokens(const uint8_t *group, int blocks, const int8_t *x,
-                                                               size_t token_stride, size_t block_stride, int T,
-                                                               int32_t *out) {
+                                                               size_t x_stride, int T, int32_t *out) {
     enum { MAX_SETS = 4 };
     const int S = T <= 2 ? 4 : T <= 4 ? 2 : 1;
     __m512i mask[MAX_SETS], acc[MAX_SETS][2][MAX_TILE_TOKENS];
@@ -53,7 +52,7 @@ static inline __attribute__((always_inline)) void group_tokens(const uint8_t *gr
             __m512i codes0 = _mm512_and_si512(shift ? _mm512_srli_epi16(pair0, shift) : pair0, mask[s]);
             __m512i codes1 = _mm512_and_si512(shift ? _mm512_srli_epi16(pair1, shift) : pair1, mask[s]);
             for (int t = 0; t < T; t++) {
-                const __m256i *xb = (const __m256i *)(x + t * token_stride + b * block_stride + 32 * f);
+                const __m256i *xb = (const __m256i *)(x + t * x_stride + (size_t)b * BLOCK_INPUTS + 32 * f);
                 __m512i xs = _mm512_broadcast_i64x4(_mm256_loadu_si256(xb));
                 acc[s][0][t] = multiply_add(acc[s][0][t], codes0, xs);
                 acc[s][1][t] = multiply_add(acc[s][1][t], codes1, xs);
@@ -67,10 +66,9 @@ static inline __attribute__((always_inline)) void group_tokens(const uint8_t *gr
     for (int t = 0; t < T; t++) store_row_sums(acc[0][0][t], acc[0][1][t], out + t * ROWS_PER_GROUP);
 }
 
-#define TOKENS_CASE(T) case T: group_tokens(group, blocks, x, token_stride, block_stride, T, out); break;
+#define TOKENS_CASE(T) case T: group_tokens(group, blocks, x, x_stride, T, out); break;
 
-void tile_avx512(const uint8_t *group, int blocks, const int8_t *x, size_t token_stride, size_t block_stride,
-                 int tokens, int32_t *out) {
+void tile_avx512(const uint8_t *group, int blocks, const int8_t *x, size_t x_stride, int tokens, int32_t *out) {
     switch (tokens) {
     TOKENS_CASE(1) TOKENS_CASE(2) TOKENS_CASE(3) TOKENS_CASE(4) TOKENS_CASE(5) TOKENS_CASE(6) TOKENS_CASE(7)
     TOKENS_CASE(8)

@@ -17,16 +17,15 @@ static inline int32x4_t block_dot(int32x4_t acc, uint8x16_t codes, int8x16_t xs)
 #endif
 }
 
-void TILE_NAME(const uint8_t *group, int blocks, const int8_t *x, size_t token_stride, size_t block_stride, int tokens,
-               int32_t *out) {
+void TILE_NAME(const uint8_t *group, int blocks, const int8_t *x, size_t x_stride, int tokens, int32_t *out) {
     const uint8x16_t mask = vdupq_n_u8(3);
     for (int t = 0; t < tokens; t++) {
-        const int8_t *xt = x + t * token_stride;
+        const int8_t *xt = x + t * x_stride;
         for (int r = 0; r < ROWS_PER_GROUP; r++) {
             int32x4_t acc = vdupq_n_s32(0);
             for (int b = 0; b < blocks; b++) {
                 const uint8_t *chunk = group + ((size_t)b * ROWS_PER_GROUP + r) * CHUNK_BYTES;
-                const int8_t *xb = xt + b * block_stride;
+                const int8_t *xb = xt + (size_t)b * BLOCK_INPUTS;
                 for (int half = 0; half < 2; half++) {
                     uint8x16_t v = vld1q_u8(chunk + 16 * half);
                     acc = block_dot(acc, vandq_u8(v, mask), vld1q_s8(xb + 16 * half));
