@@ -9,7 +9,7 @@
  *
  * The empty asm after each add keeps every accumulator's adds in program order: without it GCC
  * reassociates a block's int16 adds into trees over all its maddubs, which needs more than the 16 ymm
- * registers at 4+ tokens and spilled (8 tokens: 1.4x the time; exactness is unaffected either way, the
+ * registers at 4+ tokens and spilled (8 tokens: 1.26x the time; exactness is unaffected either way, the
  * sums being exact integers). */
 #include <immintrin.h>
 
