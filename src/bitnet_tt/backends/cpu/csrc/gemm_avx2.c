@@ -20,32 +20,48 @@
 #define INLINE static inline __attribute__((always_inline))
 #define UNROLLED _Pragma("GCC unroll 8")
 
-/* As gemm_avx512.c's unpack_panel, 8 rows (2 row groups) per gather. */
+/* Dword q of 8 rows' 32-byte chunks into lane i of out[q] (an 8 x 8 transpose of dwords). */
+static inline void transpose_dwords(const __m256i rows[ROWS_PER_VECTOR], __m256i out[ROWS_PER_VECTOR]) {
+    __m256i pairs[8], quads[8];
+    for (int i = 0; i < 4; i++) {
+        pairs[2 * i] = _mm256_unpacklo_epi32(rows[2 * i], rows[2 * i + 1]);      /* q 0, 1 | 4, 5 */
+        pairs[2 * i + 1] = _mm256_unpackhi_epi32(rows[2 * i], rows[2 * i + 1]);  /* q 2, 3 | 6, 7 */
+    }
+    for (int h = 0; h < 2; h++)  /* rows 4h .. 4h + 3 */
+        for (int i = 0; i < 2; i++) {
+            quads[4 * h + 2 * i] = _mm256_unpacklo_epi64(pairs[4 * h + i], pairs[4 * h + 2 + i]);      /* q 2i | 2i + 4 */
+            quads[4 * h + 2 * i + 1] = _mm256_unpackhi_epi64(pairs[4 * h + i], pairs[4 * h + 2 + i]);  /* q 2i + 1 | 2i + 5 */
+        }
+    for (int q = 0; q < 4; q++) {
+        out[q] = _mm256_permute2x128_si256(quads[q], quads[4 + q], 0x20);
+        out[q + 4] = _mm256_permute2x128_si256(quads[q], quads[4 + q], 0x31);
+    }
+}
+
+/* The panel of rows 64 * block .. + 63, 8 rows (2 row groups) at a time: each block's 8 chunks are loaded and
+ * transposed, so that vector q holds dword q of every row's chunk; field f of its bytes is the quad of inputs
+ * 32f + 4q .. + 3 of the block. Rows of row groups past the weights get zeros (their sums are not stored). */
 static void unpack_panel(const struct gemm_job *job, int block, uint8_t *panel) {
     const __m256i mask = _mm256_set1_epi8(3);
     int groups = (job->n + ROWS_PER_GROUP - 1) / ROWS_PER_GROUP;
     size_t group_bytes = (size_t)job->blocks * GROUP_BLOCK_BYTES;
-    int lane_offsets[ROWS_PER_VECTOR];
-    for (int i = 0; i < ROWS_PER_VECTOR; i++) lane_offsets[i] = (int)((i / 4) * group_bytes + (i % 4) * CHUNK_BYTES);
-    __m256i index = _mm256_loadu_si256((const __m256i *)lane_offsets);
-    for (int v = 0; v < GEMM_ROWS / ROWS_PER_VECTOR; v++) {
-        int first_group = block * (GEMM_ROWS / ROWS_PER_GROUP) + v * 2;
-        int present = groups - first_group;
-        __m256i lanes = _mm256_setr_epi32(-(present > 0), -(present > 0), -(present > 0), -(present > 0),
-                                          -(present > 1), -(present > 1), -(present > 1), -(present > 1));
-        const uint8_t *base = job->packed + (size_t)first_group * group_bytes;
-        for (int b = 0; b < job->blocks; b++)
-            for (int q = 0; q < CHUNK_BYTES / 4; q++) {
-                __m256i words = _mm256_mask_i32gather_epi32(_mm256_setzero_si256(),
-                                                            (const int *)(base + (size_t)b * GROUP_BLOCK_BYTES + 4 * q),
-                                                            index, lanes, 1);
+    for (int b = 0; b < job->blocks; b++)  /* the block's 8 KB of the panel written whole, while in L1 */
+        for (int v = 0; v < GEMM_ROWS / ROWS_PER_VECTOR; v++) {
+            int first_group = block * (GEMM_ROWS / ROWS_PER_GROUP) + v * 2;
+            const uint8_t *chunks = job->packed + (size_t)first_group * group_bytes + (size_t)b * GROUP_BLOCK_BYTES;
+            __m256i rows[ROWS_PER_VECTOR], words[ROWS_PER_VECTOR];
+            for (int i = 0; i < ROWS_PER_VECTOR; i++)
+                rows[i] = first_group + i / 4 < groups
+                              ? _mm256_loadu_si256((const __m256i *)(chunks + (i / 4) * group_bytes + (i % 4) * CHUNK_BYTES))
+                              : _mm256_setzero_si256();
+            transpose_dwords(rows, words);
+            for (int q = 0; q < CHUNK_BYTES / 4; q++)
                 for (int f = 0; f < 4; f++) {
                     size_t k4 = (size_t)b * (BLOCK_INPUTS / 4) + 8 * f + q;
                     _mm256_store_si256((__m256i *)(panel + (k4 * GEMM_ROWS + (size_t)v * ROWS_PER_VECTOR) * 4),
-                                       _mm256_and_si256(_mm256_srli_epi32(words, 2 * f), mask));
+                                       _mm256_and_si256(_mm256_srli_epi32(words[q], 2 * f), mask));
                 }
-            }
-    }
+        }
 }
 
 /* acc16 + the pair sums of codes . x, written as asm because GCC computes all products of a step first and then
