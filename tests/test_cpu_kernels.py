@@ -76,7 +76,7 @@ def test_ternary_product_is_exact_at_the_edges(path, edge, shape, tokens):
     assert np.array_equal(int_product(codes, x, path), exact_product(x, codes))
 
 
-@pytest.mark.parametrize("tokens", [19, 48])  # tiles; the GEMM
+@pytest.mark.parametrize("tokens", [9, 19, 48])  # tiles; AVX2's GEMM with an edge tile, AVX-512's tiles; the GEMM
 def test_every_path_and_thread_count_gives_the_same_integers(tokens):
     rng = np.random.default_rng(1)
     codes = rng.integers(-1, 2, (37, 300), dtype=np.int8)
