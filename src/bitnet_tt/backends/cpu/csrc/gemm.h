@@ -17,11 +17,12 @@
 #define PANEL_VECTORS (GEMM_ROWS / 16)
 /* Below this many tokens the tile kernels (which unpack per tile) are faster: best of 9 of one thread's CPU
  * time over a layer's 2B-4T projections on a Zen 4 (at 16 tokens the GEMM took 1.45x as long on AVX-512;
- * about equal from 48). AVX2, on a Zen 3 (int16 GEMM, transposing unpack): at 12 and 16 tokens the GEMM ran
- * at 123-220 GOP/s against the tiles' 94-168, at 8 tokens 76-120 against 95-106. A step of 8 decoding users
- * and a prefill chunk of 8-32 tokens lands in between. */
+ * about equal from 48). AVX2, on a Zen 3, the int16 GEMM against the in-order tile (tile_avx2.c), one thread,
+ * best of 7 over a layer, alternating builds: 12 tokens 12.8-14.6 ms against 11.7-12.3, 16: 20.5-28.0 against
+ * 12.6-18.6, 20: 26.4-28.0 against 17.9-19.4; about equal from 24 to 48. A step of 8 decoding users and a
+ * prefill chunk of 8-32 tokens lands in between. */
 #define GEMM_MIN_TOKENS_AVX512 48
-#define GEMM_MIN_TOKENS_AVX2 12
+#define GEMM_MIN_TOKENS_AVX2 24
 
 enum matmul_mode { MATMUL_INT32 = 0, MATMUL_STORE = 1, MATMUL_ADD = 2 };
 
