@@ -188,6 +188,25 @@ def int8_head_reference(codes: np.ndarray, scales: np.ndarray, x: np.ndarray) ->
     return dots / s * scales
 
 
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_head_quantisation_is_the_same_on_every_path(dtype):
+    """Codes: round half to even of value / scale (an fp32 division), scale = row absmax / 127 (1 for a zero
+    row); rows of 1100 values (vectors and a tail), ties, on every path and with 2 threads."""
+    rng = np.random.default_rng(8)
+    table = (rng.standard_normal((37, 1100)) * rng.choice([1e-3, 1.0, 1e3], (37, 1))).astype(np.float32)
+    table[0] = 0.0
+    table[1, :2], table[1, 2:255] = [-127.0, 127.0], np.arange(-126, 127) + 0.5  # scale 1: exact ties
+    weights = torch.from_numpy(table).bfloat16().view(torch.uint16).numpy() if dtype == "bf16" else table
+    values = torch.from_numpy(weights).view(torch.bfloat16).float().numpy() if dtype == "bf16" else table
+    top = np.abs(values).max(axis=1)
+    scales = np.where(top > 0, top / np.float32(127), np.float32(1)).astype(np.float32)
+    codes = np.rint(values / scales[:, None]).astype(np.int8)
+    for p in kernels.paths():
+        for threads in (1, 2):
+            got_codes, got_scales = kernels.quantize_head(weights, kernels.path_index(p), threads)
+            assert np.array_equal(got_codes, codes) and np.array_equal(got_scales, scales), (p, threads)
+
+
 @pytest.mark.parametrize("k", [100, 1100, 2560])
 def test_int8_lm_head_is_exact_on_every_path(k):
     rng = np.random.default_rng(6)

@@ -554,3 +554,69 @@ void NAME(quantize_row)(const float *y, int k, int kp, int8_t *q, float *scale, 
     *scale = s;
     *sum = total;
 }
+
+/* A bf16 or fp32 table's WIDTH values from index `at`. */
+INLINE vector_f32 table_vector(const void *table, int dtype, size_t at) {
+    if (dtype == WEIGHT_BF16) {
+        vector_u16 bits;
+        memcpy(&bits, (const uint16_t *)table + at, sizeof bits);
+        return (vector_f32)(__builtin_convertvector(bits, vector_u32) << 16);
+    }
+    return load_vector((const float *)table + at);
+}
+
+INLINE float table_scalar(const void *table, int dtype, size_t at) {
+    if (dtype == WEIGHT_F32) return ((const float *)table)[at];
+    uint32_t bits = (uint32_t)((const uint16_t *)table)[at] << 16;
+    float value;
+    memcpy(&value, &bits, sizeof value);
+    return value;
+}
+
+/* Rounds value / scale to a code (|value / scale| <= 127 + rounding: no clamp needed). */
+INLINE vector_i32 head_code(vector_f32 value, float scale) {
+    return __builtin_convertvector(((value / scale) + ROUNDING_SHIFT) - ROUNDING_SHIFT, vector_i32);
+}
+
+/* 4 x WIDTH codes in [-128, 127] as bytes, in order (GCC narrows a vector_i32 to bytes one lane at a time on
+ * AVX2: two saturating packs and a lane permute instead). */
+INLINE void store_codes(int8_t *at, const vector_i32 codes[4]) {
+#if defined(__AVX2__) && !defined(__AVX512F__)
+    __m256i low = _mm256_packs_epi32((__m256i)codes[0], (__m256i)codes[1]);
+    __m256i high = _mm256_packs_epi32((__m256i)codes[2], (__m256i)codes[3]);
+    __m256i bytes = _mm256_packs_epi16(low, high);  /* 4-byte groups 0-3 of each 128-bit half, in each half */
+    _mm256_storeu_si256((void *)at, _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+#else
+    for (int j = 0; j < 4; j++) {
+        vector_i8 narrow = __builtin_convertvector(codes[j], vector_i8);
+        memcpy(at + j * WIDTH, &narrow, sizeof narrow);
+    }
+#endif
+}
+
+/* Rows [v_begin, v_end) of a bf16 or fp32 LM head as int8: scale = absmax / 127 (1 for a zero row), code =
+ * round half to even of value / scale (a division, as nearbyintf(value / scale); |code| <= 127), 4 x WIDTH
+ * values at a time and the tail one by one: the same codes on every path. */
+void NAME(quantize_head_rows)(const void *table, int dtype, int k, int v_begin, int v_end, int8_t *q, float *scales) {
+    const vector_i32 magnitude = (vector_i32){0} + 0x7fffffff;
+    for (int v = v_begin; v < v_end; v++) {
+        const size_t row = (size_t)v * k;
+        vector_f32 tops = {0};
+        int i = 0;
+        for (; i + WIDTH <= k; i += WIDTH) {
+            vector_f32 a = (vector_f32)((vector_i32)table_vector(table, dtype, row + i) & magnitude);
+            tops = select(a > tops, a, tops);
+        }
+        float top = 0.0f;
+        for (int l = 0; l < WIDTH; l++) top = fmaxf(top, tops[l]);
+        for (int j = i; j < k; j++) top = fmaxf(top, fabsf(table_scalar(table, dtype, row + j)));
+        const float scale = top > 0.0f ? top / 127.0f : 1.0f;
+        for (i = 0; i + 4 * WIDTH <= k; i += 4 * WIDTH) {
+            vector_i32 codes[4];
+            for (int j = 0; j < 4; j++) codes[j] = head_code(table_vector(table, dtype, row + i + j * WIDTH), scale);
+            store_codes(q + row + i, codes);
+        }
+        for (; i < k; i++) q[row + i] = (int8_t)nearbyintf(table_scalar(table, dtype, row + i) / scale);
+        scales[v] = scale;
+    }
+}

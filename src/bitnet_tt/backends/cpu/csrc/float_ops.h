@@ -47,7 +47,8 @@ static inline int attention_heads_per_task(int group) { return group % 2 ? 1 : 2
     void attention_tasks##suffix(const struct attention_args *a, int task_begin, int task_end, float *scores, \
                                  size_t score_stride); \
     void prepare_row##suffix(const float *row, int k, int gated, const float *norm_w, float eps, float *y); \
-    void quantize_row##suffix(const float *y, int k, int kp, int8_t *q, float *scale, int32_t *sum);
+    void quantize_row##suffix(const float *y, int k, int kp, int8_t *q, float *scale, int32_t *sum); \
+    void quantize_head_rows##suffix(const void *table, int dtype, int k, int v_begin, int v_end, int8_t *q, float *scales);
 
 FLOAT_OPS(_generic)
 #if defined(__x86_64__) || defined(_M_X64)
