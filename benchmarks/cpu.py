@@ -16,7 +16,7 @@ How it measures:
   only --golden-ttft prompts (128): on an AVX2-only CPU its int8 GEMM prefills about a token per second.
 - The int8 head's cost: logits of both heads on the same hidden states (the decode steps of the int8 run):
   PCC, top-1 agreement and KL(bf16 || int8) in nats. The weights are random, so perplexity means nothing.
-- --profile-prefill: instead, where the cpu backend's load and prefill time go, per component
+- --profile-prefill: instead, where the cpu backend's load (with each --engines cpu LM head) and prefill time go, per component
   (benchmarks/cpu_profile.py), with a best-of-N microbenchmark of the prefill GEMM.
 - --llama-bench PATH --gguf FILE: llama.cpp's own figures (pp128, tg32) from its llama-bench, same threads
   (benchmarks/gguf_2b4t.py writes a GGUF of the same shapes; its docstring says how to quantise it to TQ2_0).
@@ -504,7 +504,8 @@ def main() -> None:
         import cpu_profile
 
         print(f"{cpu_name()} | {args.threads} threads | load average {os.getloadavg()[0]:.1f}")
-        cpu_profile.profile_load(model, args.threads)
+        for engine in [e for e in args.engines if e.startswith("cpu-")]:  # the load of each LM head
+            cpu_profile.profile_load(model, args.threads, engine.removeprefix("cpu-"))
         cpu_profile.profile_prefill(model, args.threads, args.profile_tokens, args.profile_repeats)
         cpu_profile.gemm_microbenchmark(model, args.threads, args.profile_tokens)
         return

@@ -42,7 +42,7 @@ def patched(owner, attribute: str, name: str):
         setattr(owner, attribute, original)
 
 
-def profile_load(folder: Path, threads: int):
+def profile_load(folder: Path, threads: int, lm_head: str = "bf16"):
     from contextlib import ExitStack
 
     from bitnet_tt import tensorfiles
@@ -55,14 +55,14 @@ def profile_load(folder: Path, threads: int):
              (tensorfiles.TensorFiles, "check_stored", "mapped tables: checksum + finite [background]"),
              (kernels.PackedTernary, "__init__", "repack 2-bit codes into the kernels' layout"),
              (weights, "int8_head", "int8 LM head conversion")]
-    TIMES.clear()
+    TIMES.clear(), COUNTS.clear()
     with ExitStack() as stack:
         for owner, attribute, name in hooks:
             stack.enter_context(patched(owner, attribute, name))
         start, cpu_start = time.perf_counter(), time.process_time()
-        loaded = weights.load_cpu_weights(folder, "bf16", progress=False, threads=threads)
+        loaded = weights.load_cpu_weights(folder, lm_head, progress=False, threads=threads)
         total, cpu_s = time.perf_counter() - start, time.process_time() - cpu_start
-    print(f"\nload of {folder} (bf16 head, {threads} threads): {total:.2f} s; CPU time of all threads {cpu_s:.2f} s")
+    print(f"\nload of {folder} ({lm_head} head, {threads} threads): {total:.2f} s; CPU time of all threads {cpu_s:.2f} s")
     for name, seconds in sorted(TIMES.items(), key=lambda item: -item[1]):
         print(f"  {name:52} {seconds:7.3f} s  {seconds / total:5.0%}  ({COUNTS[name]} calls)")
     return loaded

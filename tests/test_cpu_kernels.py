@@ -165,7 +165,7 @@ def test_quantisation_without_norm_is_bit_exact():
 def test_lm_head_matches_torch_and_is_identical_on_every_path(dtype, k):
     rng = np.random.default_rng(5)
     table = torch.from_numpy(rng.standard_normal((301, k)).astype(np.float32))
-    x = rng.standard_normal((9, k)).astype(np.float32)  # 9 tokens: a full pass of 8 (4 on AVX2) and more
+    x = rng.standard_normal((9, k)).astype(np.float32)  # 9 tokens: a full pass of 8 and more
     if dtype == "bf16":
         weights, reference_table = table.bfloat16().view(torch.uint16).numpy(), table.bfloat16().float()
     else:
@@ -176,10 +176,10 @@ def test_lm_head_matches_torch_and_is_identical_on_every_path(dtype, k):
     assert all(np.array_equal(o, outs[0]) for o in outs)
     assert torch.allclose(torch.from_numpy(outs[0]), reference, rtol=1e-5, atol=1e-4)
     for p in kernels.paths():  # a token's logits do not depend on the batch it is in
-        for m in (1, 2, 3):
+        for m in (1, 2, 3, 5, 8):
             alone = np.empty((m, 301), np.float32)
-            kernels.head(weights, x[2 : 2 + m], m, alone, None, kernels.path_index(p), 2)
-            assert np.array_equal(alone, outs[0][2 : 2 + m])
+            kernels.head(weights, x[9 - m :], m, alone, None, kernels.path_index(p), 2)
+            assert np.array_equal(alone, outs[0][9 - m :])
 
 
 def int8_head_reference(codes: np.ndarray, scales: np.ndarray, x: np.ndarray) -> np.ndarray:
@@ -189,6 +189,25 @@ def int8_head_reference(codes: np.ndarray, scales: np.ndarray, x: np.ndarray) ->
     q = np.clip(np.rint(x * s), -128, 127).astype(np.int64)
     dots = (q @ codes.astype(np.int64).T).astype(np.float32)
     return dots / s * scales
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_head_quantisation_is_the_same_on_every_path(dtype):
+    """Codes: round half to even of value / scale (an fp32 division), scale = row absmax / 127 (1 for a zero
+    row); rows of 1100 values (vectors and a tail), ties, on every path and with 2 threads."""
+    rng = np.random.default_rng(8)
+    table = (rng.standard_normal((37, 1100)) * rng.choice([1e-3, 1.0, 1e3], (37, 1))).astype(np.float32)
+    table[0] = 0.0
+    table[1, :2], table[1, 2:255] = [-127.0, 127.0], np.arange(-126, 127) + 0.5  # scale 1: exact ties
+    weights = torch.from_numpy(table).bfloat16().view(torch.uint16).numpy() if dtype == "bf16" else table
+    values = torch.from_numpy(weights).view(torch.bfloat16).float().numpy() if dtype == "bf16" else table
+    top = np.abs(values).max(axis=1)
+    scales = np.where(top > 0, top / np.float32(127), np.float32(1)).astype(np.float32)
+    codes = np.rint(values / scales[:, None]).astype(np.int8)
+    for p in kernels.paths():
+        for threads in (1, 2):
+            got_codes, got_scales = kernels.quantize_head(weights, kernels.path_index(p), threads)
+            assert np.array_equal(got_codes, codes) and np.array_equal(got_scales, scales), (p, threads)
 
 
 @pytest.mark.parametrize("k", [100, 1100, 2560])

@@ -201,9 +201,10 @@ def head(table: np.ndarray, x: np.ndarray, m: int, out: np.ndarray, scales: np.n
     return out
 
 
-def quantize_head(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-row int8 LM head: codes [vocab, k] and fp32 scales (row absmax / 127)."""
+def quantize_head(table: np.ndarray, path: int | None = None, threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row int8 LM head: codes [vocab, k] (round half to even of value / scale) and fp32 scales (row absmax
+    / 127), the same on every path."""
     vocab, k = table.shape
     codes, scales = np.empty((vocab, k), dtype=np.int8), np.empty(vocab, dtype=np.float32)
-    _kernels.quantize_head(table, weight_dtype(table), vocab, k, codes, scales)
+    _kernels.quantize_head(table, weight_dtype(table), vocab, k, codes, scales, path_number(path), threads)
     return codes, scales

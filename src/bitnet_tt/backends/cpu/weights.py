@@ -76,7 +76,7 @@ def load_cpu_weights(folder: Path, lm_head: str = "bf16", progress: bool = True,
             head = mapped_table(files, "lm_head.weight", shape, check)
         head_scales = None
         if lm_head == "int8":
-            head, head_scales = int8_head(head)
+            head, head_scales = int8_head(head, threads)
         embed_rows = TableRows.of(embed, files.file_of["model.embed_tokens.weight"]) if head is not embed else None
         staging = np.empty(max(fused_codes_bytes(config).values()), np.uint8) if fmt != "bf16-master" else None
         layers = []
@@ -177,14 +177,14 @@ def mapped_table(files: TensorFiles, name: str, shape: tuple[int, int], check: C
     return np.frombuffer(mapping, dtype=dtype, count=shape[0] * shape[1], offset=data_start + begin).reshape(shape)
 
 
-def int8_head(table: np.ndarray, chunk_rows: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+def int8_head(table: np.ndarray, threads: int = 1, chunk_rows: int = 4096) -> tuple[np.ndarray, np.ndarray]:
     """The LM head as int8 rows, quantised a chunk at a time; a mapped table's pages are dropped after each
     chunk (clean file pages, read again if a token's row is needed), so the bf16 head is never resident whole."""
     codes, scales = np.empty(table.shape, np.int8), np.empty(table.shape[0], np.float32)
     mapping = mapping_of(table)
     for start in range(0, table.shape[0], chunk_rows):
         rows = slice(start, start + chunk_rows)
-        codes[rows], scales[rows] = quantize_head(table[rows])
+        codes[rows], scales[rows] = quantize_head(table[rows], threads=threads)
         if mapping is not None:
             drop_pages(mapping, table[rows])
     return codes, scales

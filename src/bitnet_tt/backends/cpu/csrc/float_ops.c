@@ -68,6 +68,12 @@ INLINE float lane_total(lanes acc) {
     return (quads[0] + quads[2]) + (quads[1] + quads[3]);
 }
 
+INLINE vector_f32 load_vector(const float *at) {
+    vector_f32 v;
+    memcpy(&v, at, sizeof v);
+    return v;
+}
+
 INLINE lanes load_f32(const float *at) {
     lanes v;
     for (int p = 0; p < PARTS; p++) memcpy(&v.part[p], at + p * WIDTH, sizeof v.part[p]);
@@ -93,114 +99,155 @@ INLINE void multiply_add(lanes *acc, const lanes *a, const lanes *b) {
  * row's codes in exact int32 on every path (AVX-512 VNNI: vpdpbusd of q + 128 minus 128 x the row's code
  * sum; AVX2: maddubs of |w| and q with w's sign, pairs <= 2 x 128 x 127; scalar); the logit is
  * dot / s * the row's scale.
+ *
+ * The tokens of a pass over the weights lie interleaved block by block (head_at): one pointer and constant
+ * offsets reach every token's block, where a pointer per token ran out of general registers (spills in
+ * the inner loop).
  */
 
 _Static_assert(HEAD_FLOAT_BLOCK == 2 * LANES, "a head block is two sets of LANES weights");
 
 /* Tokens per pass over the weights and rows per tile (their sums stay in registers together). */
-#if defined(__AVX512F__)
 #define HEAD_FLOAT_TOKENS 8
+#define HEAD_INT8_TOKENS 8
+#if defined(__AVX512F__)
 #define HEAD_MAX_TILE_ROWS 2
 #else
-#define HEAD_FLOAT_TOKENS 4
 #define HEAD_MAX_TILE_ROWS 1
 #endif
 /* One row at a time for 1 or 2 tokens: streaming two rows at once measured 2x slower from memory. */
 #define HEAD_TILE_ROWS(M) ((M) <= 2 ? 1 : HEAD_MAX_TILE_ROWS)
-#define HEAD_INT8_TOKENS 8
 
 /* With more than 2 tokens a block of rows goes over the inputs a chunk of HEAD_CHUNK_BLOCKS at a time, so
  * that the tokens' chunk of x (8 x 256 fp32: 8 KB) stays in L1 while the block's rows use it; the sums wait
- * in memory between chunks. With 1 or 2 tokens each row streams whole. */
+ * in memory between chunks. With 1 or 2 tokens each row streams whole. A tile adds all parts of the lanes
+ * at once where the tokens' sums fit in 8 registers, else one part (WIDTH lanes) at a time: 8 tokens' sums
+ * fit in AVX2's registers (all parts at once: 10% faster from memory at 3 and 4 tokens on a Zen 3). */
 #define HEAD_BLOCK_ROWS 8
 #define HEAD_CHUNK_BLOCKS(M) ((M) <= 2 ? 1 << 30 : 8)
+#define HEAD_TILE_PARTS(M) ((M) * PARTS <= 8 ? PARTS : 1)
+
+/* Where input k of token m lies in head_prepare's layout of a pass of T tokens (block: the head's block). */
+INLINE size_t head_at(int k, int m, int T, int block) { return ((size_t)(k / block) * T + m) * block + k % block; }
+
+INLINE int pass_tokens(int M, int m0, int pass) { return M - m0 < pass ? M - m0 : pass; }
 
 void NAME(head_prepare)(int dtype, const float *x, int K, int M, void *prepared) {
     int kp = head_padded_k(dtype, K);
     if (dtype == WEIGHT_INT8) {
-        int8_t *q = prepared;
+        int8_t *q = prepared, *codes = q + (size_t)M * (kp + 4);  /* one token's codes in order, then spread */
         float *scales = (float *)(q + (size_t)M * kp);
         for (int m = 0; m < M; m++) {
+            int m0 = m - m % HEAD_INT8_TOKENS, tokens = pass_tokens(M, m0, HEAD_INT8_TOKENS);
             int32_t sum;
-            NAME(quantize_row)(x + (size_t)m * K, K, kp, q + (size_t)m * kp, &scales[m], &sum);
+            NAME(quantize_row)(x + (size_t)m * K, K, kp, codes, &scales[m], &sum);
+            for (int k = 0; k < kp; k += HEAD_INT8_BLOCK)
+                memcpy(q + (size_t)m0 * kp + head_at(k, m - m0, tokens, HEAD_INT8_BLOCK), codes + k, HEAD_INT8_BLOCK);
         }
         return;
     }
     float *xp = prepared;
-    for (int m = 0; m < M; m++)
+    for (int m = 0; m < M; m++) {
+        int m0 = m - m % HEAD_FLOAT_TOKENS, tokens = pass_tokens(M, m0, HEAD_FLOAT_TOKENS);
         for (int k = 0; k < kp; k++) {
             int block = k - k % HEAD_FLOAT_BLOCK, lane = k % LANES, second = k % HEAD_FLOAT_BLOCK >= LANES;
             int source = block + (dtype == WEIGHT_BF16 ? 2 * lane + second : second * LANES + lane);
-            xp[(size_t)m * kp + k] = source < K ? x[(size_t)m * K + source] : 0.0f;
-        }
-}
-
-/* Block b of a bf16 or fp32 row as its two sets of LANES fp32 weights. */
-INLINE void load_head_block(const void *row, int dtype, int b, lanes *first, lanes *second) {
-    for (int p = 0; p < PARTS; p++) {
-        if (dtype == WEIGHT_BF16) {
-            vector_u32 words;
-            memcpy(&words, (const uint32_t *)row + (size_t)b * LANES + p * WIDTH, sizeof words);
-            first->part[p] = (vector_f32)(words << 16);
-            second->part[p] = (vector_f32)(words & 0xffff0000u);
-        } else {
-            const float *at = (const float *)row + (size_t)b * HEAD_FLOAT_BLOCK + p * WIDTH;
-            memcpy(&first->part[p], at, sizeof first->part[p]);
-            memcpy(&second->part[p], at + LANES, sizeof second->part[p]);
+            xp[(size_t)m0 * kp + head_at(k, m - m0, tokens, HEAD_FLOAT_BLOCK)] =
+                source < K ? x[(size_t)m * K + source] : 0.0f;
         }
     }
 }
 
-/* sum += first * x_first + second * x_second, lane by lane (multiplies and adds: no FMA). */
-INLINE void add_head_block(lanes *sum, const lanes *first, const lanes *second, const float *xb) {
-    lanes x_first = load_f32(xb), x_second = load_f32(xb + LANES);
-    for (int p = 0; p < PARTS; p++)
-        sum->part[p] += first->part[p] * x_first.part[p] + second->part[p] * x_second.part[p];
+/* Part p of block b of a bf16 or fp32 row: the WIDTH weights of its first and of its second set. */
+INLINE void load_head_part(const void *row, int dtype, int b, int p, vector_f32 *first, vector_f32 *second) {
+    if (dtype == WEIGHT_BF16) {
+        vector_u32 words;
+        memcpy(&words, (const uint32_t *)row + (size_t)b * LANES + p * WIDTH, sizeof words);
+        *first = (vector_f32)(words << 16);
+        *second = (vector_f32)(words & 0xffff0000u);
+    } else {
+        const float *at = (const float *)row + (size_t)b * HEAD_FLOAT_BLOCK + p * WIDTH;
+        memcpy(first, at, sizeof *first);
+        memcpy(second, at + LANES, sizeof *second);
+    }
 }
 
-/* acc[r][m] over blocks [b_begin, b_end) of rows v .. v + R for M tokens (R, M constants after inlining):
- * each block of weights is widened once for all tokens, each token's block of x loaded once for all rows. */
-INLINE void float_tile(const char *w, int dtype, size_t row_bytes, int v, int R, int b_begin, int b_end,
-                       const float *x, int kp, int M, lanes acc[][HEAD_FLOAT_TOKENS]) {
-    lanes sums[HEAD_MAX_TILE_ROWS][HEAD_FLOAT_TOKENS];
+/* sum += first * x_first + second * x_second for part p of a token's block xb of x (multiplies and adds:
+ * no FMA). */
+INLINE void add_head_part(vector_f32 *sum, vector_f32 first, vector_f32 second, const float *xb, int p) {
+    *sum += first * load_vector(xb + p * WIDTH) + second * load_vector(xb + LANES + p * WIDTH);
+}
+
+/* Parts [p, p + P) of acc[r][m] over blocks [b_begin, b_end) of rows v .. v + R for M tokens (R, M, P
+ * constants after inlining): each part of a block of weights is widened once for all tokens, each token's
+ * part of x loaded once for all rows. */
+INLINE void float_tile(const char *w, int dtype, size_t row_bytes, int v, int R, int p, int P, int b_begin,
+                       int b_end, const float *x, int M, lanes acc[][HEAD_FLOAT_TOKENS]) {
+    vector_f32 sums[HEAD_MAX_TILE_ROWS][HEAD_FLOAT_TOKENS][PARTS];
     for (int r = 0; r < R; r++)
-        for (int m = 0; m < M; m++) sums[r][m] = acc[r][m];
+        for (int m = 0; m < M; m++)
+            for (int i = 0; i < P; i++) sums[r][m][i] = acc[r][m].part[p + i];
     for (int b = b_begin; b < b_end; b++) {
-        lanes first[HEAD_MAX_TILE_ROWS], second[HEAD_MAX_TILE_ROWS];
-        for (int r = 0; r < R; r++) load_head_block(w + (size_t)(v + r) * row_bytes, dtype, b, &first[r], &second[r]);
+        const float *xb = x + (size_t)b * M * HEAD_FLOAT_BLOCK;
+        vector_f32 first[HEAD_MAX_TILE_ROWS][PARTS], second[HEAD_MAX_TILE_ROWS][PARTS];
+        for (int r = 0; r < R; r++)
+            for (int i = 0; i < P; i++)
+                load_head_part(w + (size_t)(v + r) * row_bytes, dtype, b, p + i, &first[r][i], &second[r][i]);
 #pragma GCC unroll 8
         for (int m = 0; m < M; m++)
             for (int r = 0; r < R; r++)
-                add_head_block(&sums[r][m], &first[r], &second[r], x + (size_t)m * kp + (size_t)b * HEAD_FLOAT_BLOCK);
+                for (int i = 0; i < P; i++)
+                    add_head_part(&sums[r][m][i], first[r][i], second[r][i], xb + m * HEAD_FLOAT_BLOCK, p + i);
     }
     for (int r = 0; r < R; r++)
-        for (int m = 0; m < M; m++) acc[r][m] = sums[r][m];
+        for (int m = 0; m < M; m++)
+            for (int i = 0; i < P; i++) acc[r][m].part[p + i] = sums[r][m][i];
+}
+
+/* Asks for the chunk that rows v .. v + R read next (after blocks [.., b_end): the next chunk of each, or
+ * after the last one the first chunk of the row HEAD_BLOCK_ROWS on) while their tiles work on this one:
+ * with a block's rows each read a chunk at a time, the hardware prefetchers fell behind (AVX2 Zen 3,
+ * 8 tokens: 2x slower from memory without). */
+INLINE void prefetch_next_chunk(const void *w, size_t row_bytes, size_t block_bytes, int v, int R, int b_end,
+                                int blocks, int chunk, int v_end) {
+    if (b_end >= blocks) v += HEAD_BLOCK_ROWS, b_end = 0;
+    int end = blocks - b_end < chunk ? blocks : b_end + chunk;
+    for (int r = 0; r < R && v + r < v_end; r++) {
+        const char *row = (const char *)w + (size_t)(v + r) * row_bytes;
+        for (size_t at = (size_t)b_end * block_bytes; at < (size_t)end * block_bytes; at += 64) __builtin_prefetch(row + at, 0, 3);
+    }
 }
 
 INLINE void float_span(const void *w, int dtype, const float *scales, int K, const float *x, int M, int V,
                        int v_begin, int v_end, float *out) {
-    const int kp = head_padded_k(dtype, K), blocks = K / HEAD_FLOAT_BLOCK, size = dtype == WEIGHT_BF16 ? 2 : 4;
-    const size_t row_bytes = (size_t)K * size;
+    const int blocks = K / HEAD_FLOAT_BLOCK, size = dtype == WEIGHT_BF16 ? 2 : 4, R = HEAD_TILE_ROWS(M);
+    const int P = HEAD_TILE_PARTS(M);
+    const size_t row_bytes = (size_t)K * size, block_bytes = (size_t)HEAD_FLOAT_BLOCK * size;
     lanes acc[HEAD_BLOCK_ROWS][HEAD_FLOAT_TOKENS];
     for (int v0 = v_begin; v0 < v_end; v0 += HEAD_BLOCK_ROWS) {
         int rows = v_end - v0 < HEAD_BLOCK_ROWS ? v_end - v0 : HEAD_BLOCK_ROWS;
         memset(acc, 0, sizeof acc);
         for (int b0 = 0; b0 < blocks; b0 += HEAD_CHUNK_BLOCKS(M)) {
             int b1 = blocks - b0 < HEAD_CHUNK_BLOCKS(M) ? blocks : b0 + HEAD_CHUNK_BLOCKS(M), r = 0;
-            for (; r + HEAD_TILE_ROWS(M) <= rows; r += HEAD_TILE_ROWS(M))
-                float_tile(w, dtype, row_bytes, v0 + r, HEAD_TILE_ROWS(M), b0, b1, x, kp, M, acc + r);
-            for (; r < rows; r++) float_tile(w, dtype, row_bytes, v0 + r, 1, b0, b1, x, kp, M, acc + r);
+            for (; r + R <= rows; r += R) {
+                if (M > 2) prefetch_next_chunk(w, row_bytes, block_bytes, v0 + r, R, b1, blocks, HEAD_CHUNK_BLOCKS(M), v_end);
+                for (int p = 0; p < PARTS; p += P) float_tile(w, dtype, row_bytes, v0 + r, R, p, P, b0, b1, x, M, acc + r);
+            }
+            for (; r < rows; r++)
+                for (int p = 0; p < PARTS; p += P) float_tile(w, dtype, row_bytes, v0 + r, 1, p, P, b0, b1, x, M, acc + r);
         }
         for (int r = 0; r < rows; r++) {
             const int whole = blocks * HEAD_FLOAT_BLOCK;
             if (whole < K) {  /* the last, partial block: zero-padded like x */
                 float padded[HEAD_FLOAT_BLOCK] = {0};
-                const char *row = (const char *)w + (size_t)(v0 + r) * row_bytes;
-                memcpy(padded, row + (size_t)whole * size, (size_t)(K - whole) * size);
-                lanes first, second;
-                load_head_block(padded, dtype, 0, &first, &second);
-                for (int m = 0; m < M; m++)
-                    add_head_block(&acc[r][m], &first, &second, x + (size_t)m * kp + whole);
+                memcpy(padded, (const char *)w + (size_t)(v0 + r) * row_bytes + (size_t)whole * size,
+                       (size_t)(K - whole) * size);
+                for (int p = 0; p < PARTS; p++) {
+                    vector_f32 first, second;
+                    load_head_part(padded, dtype, 0, p, &first, &second);
+                    for (int m = 0; m < M; m++)
+                        add_head_part(&acc[r][m].part[p], first, second, x + ((size_t)blocks * M + m) * HEAD_FLOAT_BLOCK, p);
+                }
             }
             for (int m = 0; m < M; m++)
                 out[(size_t)m * V + v0 + r] = lane_total(acc[r][m]) * (scales ? scales[v0 + r] : 1.0f);
@@ -209,8 +256,9 @@ INLINE void float_span(const void *w, int dtype, const float *scales, int K, con
 }
 
 /* dots[r * M + m] = exact int32 sum over inputs [0, K) of rows v .. v + R (R, M constants after inlining)
- * times each token's codes: the vector loop covers whole HEAD_INT8_BLOCKs, the rest is added in C. */
-INLINE void int8_tile(const int8_t *w, int K, int v, int R, const int8_t *q, int kp, int M, int32_t *dots) {
+ * times each token's codes q (a pass of M tokens): the vector loop covers whole HEAD_INT8_BLOCKs, the rest
+ * is added in C. */
+INLINE void int8_tile(const int8_t *w, int K, int v, int R, const int8_t *q, int M, int32_t *dots) {
 #if defined(__AVX512VNNI__) || defined(__AVX2__)
     const int vector_k = K / HEAD_INT8_BLOCK * HEAD_INT8_BLOCK;
 #else
@@ -236,7 +284,7 @@ INLINE void int8_tile(const int8_t *w, int K, int v, int R, const int8_t *q, int
                 offsets[r][c] = _mm512_dpbusd_epi32(offsets[r][c], bias, codes[r]);  /* 128 x the codes' sum */
             }
             for (int m = 0; m < M; m++) {
-                const int8_t *at = q + (size_t)m * kp + k + 64 * c;
+                const int8_t *at = q + head_at(k + 64 * c, m, M, HEAD_INT8_BLOCK);
                 __m512i shifted = _mm512_xor_si512(_mm512_loadu_si512(at), bias);  /* q + 128 as unsigned */
                 for (int r = 0; r < R; r++) sums[r][m][c] = _mm512_dpbusd_epi32(sums[r][m][c], shifted, codes[r]);
             }
@@ -253,20 +301,22 @@ INLINE void int8_tile(const int8_t *w, int K, int v, int R, const int8_t *q, int
     __m256i sums[HEAD_MAX_TILE_ROWS][HEAD_INT8_TOKENS];
     for (int r = 0; r < R; r++)
         for (int m = 0; m < M; m++) sums[r][m] = _mm256_setzero_si256();
-    for (int k = 0; k < vector_k; k += 32) {
-        __m256i codes[HEAD_MAX_TILE_ROWS], magnitudes[HEAD_MAX_TILE_ROWS];
-        for (int r = 0; r < R; r++) {
-            codes[r] = _mm256_loadu_si256((const void *)(w + (size_t)(v + r) * K + k));
-            magnitudes[r] = _mm256_abs_epi8(codes[r]);
-        }
-        for (int m = 0; m < M; m++) {
-            __m256i x = _mm256_loadu_si256((const void *)(q + (size_t)m * kp + k));
+    for (int kb = 0; kb < vector_k; kb += HEAD_INT8_BLOCK)
+        for (int k = kb; k < kb + HEAD_INT8_BLOCK; k += 32) {
+            const int8_t *xk = q + (size_t)kb * M + (k - kb);  /* token 0's codes from k */
+            __m256i codes[HEAD_MAX_TILE_ROWS], magnitudes[HEAD_MAX_TILE_ROWS];
             for (int r = 0; r < R; r++) {
-                __m256i pairs = _mm256_maddubs_epi16(magnitudes[r], _mm256_sign_epi8(x, codes[r]));
-                sums[r][m] = _mm256_add_epi32(sums[r][m], _mm256_madd_epi16(pairs, ones));
+                codes[r] = _mm256_loadu_si256((const void *)(w + (size_t)(v + r) * K + k));
+                magnitudes[r] = _mm256_abs_epi8(codes[r]);
+            }
+            for (int m = 0; m < M; m++) {
+                __m256i x = _mm256_loadu_si256((const void *)(xk + m * HEAD_INT8_BLOCK));
+                for (int r = 0; r < R; r++) {
+                    __m256i pairs = _mm256_maddubs_epi16(magnitudes[r], _mm256_sign_epi8(x, codes[r]));
+                    sums[r][m] = _mm256_add_epi32(sums[r][m], _mm256_madd_epi16(pairs, ones));
+                }
             }
         }
-    }
     for (int r = 0; r < R; r++)
         for (int m = 0; m < M; m++) {
             __m128i s = _mm_add_epi32(_mm256_castsi256_si128(sums[r][m]), _mm256_extracti128_si256(sums[r][m], 1));
@@ -278,54 +328,51 @@ INLINE void int8_tile(const int8_t *w, int K, int v, int R, const int8_t *q, int
 #endif
     for (int r = 0; r < R; r++)
         for (int m = 0; m < M; m++) {
-            const int8_t *row = w + (size_t)(v + r) * K, *xq = q + (size_t)m * kp;
+            const int8_t *row = w + (size_t)(v + r) * K;
             int32_t total = 0;
-            for (int k = vector_k; k < K; k++) total += row[k] * xq[k];
+            for (int k = vector_k; k < K; k++) total += row[k] * q[head_at(k, m, M, HEAD_INT8_BLOCK)];
             dots[r * M + m] += total;
         }
 }
 
 INLINE void int8_span(const int8_t *w, const float *scales, int K, const int8_t *q, const float *x_scales, int M,
                       int V, int v_begin, int v_end, float *out) {
-    const int kp = head_padded_k(WEIGHT_INT8, K);
     int32_t dots[HEAD_MAX_TILE_ROWS * HEAD_INT8_TOKENS];
     for (int v = v_begin; v < v_end; v += HEAD_TILE_ROWS(M)) {
         int rows = v_end - v < HEAD_TILE_ROWS(M) ? v_end - v : HEAD_TILE_ROWS(M);
-        if (rows == HEAD_TILE_ROWS(M)) int8_tile(w, K, v, HEAD_TILE_ROWS(M), q, kp, M, dots);
+        if (rows == HEAD_TILE_ROWS(M)) int8_tile(w, K, v, HEAD_TILE_ROWS(M), q, M, dots);
         else
-            for (int r = 0; r < rows; r++) int8_tile(w, K, v + r, 1, q, kp, M, dots + r * M);
+            for (int r = 0; r < rows; r++) int8_tile(w, K, v + r, 1, q, M, dots + r * M);
         for (int r = 0; r < rows; r++)
             for (int m = 0; m < M; m++)
                 out[(size_t)m * V + v + r] = (float)dots[r * M + m] / x_scales[m] * scales[v + r];
     }
 }
 
-#define TOKEN_CASES_4(SPAN) case 1: SPAN(1); break; case 2: SPAN(2); break; case 3: SPAN(3); break; default: SPAN(4);
-#define TOKEN_CASES_8(SPAN) \
+#define TOKEN_CASES(SPAN) \
     case 1: SPAN(1); break; case 2: SPAN(2); break; case 3: SPAN(3); break; case 4: SPAN(4); break; \
     case 5: SPAN(5); break; case 6: SPAN(6); break; case 7: SPAN(7); break; default: SPAN(8);
-#define TOKEN_CASES(PASS, SPAN) CAT(TOKEN_CASES_, PASS)(SPAN)
 
 /* prepared: head_prepare's layout of M tokens; up to a pass of tokens per pass over the weights. */
 void NAME(head_rows)(const void *w, int dtype, const float *scales, int K, const void *prepared, int M, int V,
                      int v_begin, int v_end, float *out) {
     const int kp = head_padded_k(dtype, K), pass = dtype == WEIGHT_INT8 ? HEAD_INT8_TOKENS : HEAD_FLOAT_TOKENS;
     for (int m0 = 0; m0 < M; m0 += pass) {
-        int tokens = M - m0 < pass ? M - m0 : pass;
+        int tokens = pass_tokens(M, m0, pass);
         float *om = out + (size_t)m0 * V;
         if (dtype == WEIGHT_INT8) {
             const int8_t *q = (const int8_t *)prepared + (size_t)m0 * kp;
             const float *x_scales = (const float *)((const int8_t *)prepared + (size_t)M * kp) + m0;
 #define INT8_SPAN(MM) int8_span(w, scales, K, q, x_scales, MM, V, v_begin, v_end, om)
-            switch (tokens) { TOKEN_CASES(HEAD_INT8_TOKENS, INT8_SPAN) }
+            switch (tokens) { TOKEN_CASES(INT8_SPAN) }
         } else {
             const float *x = (const float *)prepared + (size_t)m0 * kp;
 #define BF16_SPAN(MM) float_span(w, WEIGHT_BF16, scales, K, x, MM, V, v_begin, v_end, om)
 #define F32_SPAN(MM) float_span(w, WEIGHT_F32, scales, K, x, MM, V, v_begin, v_end, om)
             if (dtype == WEIGHT_BF16) {
-                switch (tokens) { TOKEN_CASES(HEAD_FLOAT_TOKENS, BF16_SPAN) }
+                switch (tokens) { TOKEN_CASES(BF16_SPAN) }
             } else {
-                switch (tokens) { TOKEN_CASES(HEAD_FLOAT_TOKENS, F32_SPAN) }
+                switch (tokens) { TOKEN_CASES(F32_SPAN) }
             }
         }
     }
@@ -438,11 +485,6 @@ INLINE float sum_of_squares(const float *x, int k) {
 /* WIDTH lanes at a time, the tail one by one with the same per-element arithmetic: every copy gives the
  * same floats whatever its width. Comparisons give lane masks (all ones or zeros); select(m, a, b) is
  * m ? a : b lane by lane. */
-INLINE vector_f32 load_vector(const float *at) {
-    vector_f32 v;
-    memcpy(&v, at, sizeof v);
-    return v;
-}
 
 INLINE vector_f32 select(vector_i32 mask, vector_f32 a, vector_f32 b) {
     return (vector_f32)(((vector_i32)a & mask) | ((vector_i32)b & ~mask));
@@ -512,4 +554,70 @@ void NAME(quantize_row)(const float *y, int k, int kp, int8_t *q, float *scale, 
     memset(q + k, 0, (size_t)(kp - k));
     *scale = s;
     *sum = total;
+}
+
+/* A bf16 or fp32 table's WIDTH values from index `at`. */
+INLINE vector_f32 table_vector(const void *table, int dtype, size_t at) {
+    if (dtype == WEIGHT_BF16) {
+        vector_u16 bits;
+        memcpy(&bits, (const uint16_t *)table + at, sizeof bits);
+        return (vector_f32)(__builtin_convertvector(bits, vector_u32) << 16);
+    }
+    return load_vector((const float *)table + at);
+}
+
+INLINE float table_scalar(const void *table, int dtype, size_t at) {
+    if (dtype == WEIGHT_F32) return ((const float *)table)[at];
+    uint32_t bits = (uint32_t)((const uint16_t *)table)[at] << 16;
+    float value;
+    memcpy(&value, &bits, sizeof value);
+    return value;
+}
+
+/* Rounds value / scale to a code (|value / scale| <= 127 + rounding: no clamp needed). */
+INLINE vector_i32 head_code(vector_f32 value, float scale) {
+    return __builtin_convertvector(((value / scale) + ROUNDING_SHIFT) - ROUNDING_SHIFT, vector_i32);
+}
+
+/* 4 x WIDTH codes in [-128, 127] as bytes, in order (GCC narrows a vector_i32 to bytes one lane at a time on
+ * AVX2: two saturating packs and a lane permute instead). */
+INLINE void store_codes(int8_t *at, const vector_i32 codes[4]) {
+#if defined(__AVX2__) && !defined(__AVX512F__)
+    __m256i low = _mm256_packs_epi32((__m256i)codes[0], (__m256i)codes[1]);
+    __m256i high = _mm256_packs_epi32((__m256i)codes[2], (__m256i)codes[3]);
+    __m256i bytes = _mm256_packs_epi16(low, high);  /* 4-byte groups 0-3 of each 128-bit half, in each half */
+    _mm256_storeu_si256((void *)at, _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+#else
+    for (int j = 0; j < 4; j++) {
+        vector_i8 narrow = __builtin_convertvector(codes[j], vector_i8);
+        memcpy(at + j * WIDTH, &narrow, sizeof narrow);
+    }
+#endif
+}
+
+/* Rows [v_begin, v_end) of a bf16 or fp32 LM head as int8: scale = absmax / 127 (1 for a zero row), code =
+ * round half to even of value / scale (a division, as nearbyintf(value / scale); |code| <= 127), 4 x WIDTH
+ * values at a time and the tail one by one: the same codes on every path. */
+void NAME(quantize_head_rows)(const void *table, int dtype, int k, int v_begin, int v_end, int8_t *q, float *scales) {
+    const vector_i32 magnitude = (vector_i32){0} + 0x7fffffff;
+    for (int v = v_begin; v < v_end; v++) {
+        const size_t row = (size_t)v * k;
+        vector_f32 tops = {0};
+        int i = 0;
+        for (; i + WIDTH <= k; i += WIDTH) {
+            vector_f32 a = (vector_f32)((vector_i32)table_vector(table, dtype, row + i) & magnitude);
+            tops = select(a > tops, a, tops);
+        }
+        float top = 0.0f;
+        for (int l = 0; l < WIDTH; l++) top = fmaxf(top, tops[l]);
+        for (int j = i; j < k; j++) top = fmaxf(top, fabsf(table_scalar(table, dtype, row + j)));
+        const float scale = top > 0.0f ? top / 127.0f : 1.0f;
+        for (i = 0; i + 4 * WIDTH <= k; i += 4 * WIDTH) {
+            vector_i32 codes[4];
+            for (int j = 0; j < 4; j++) codes[j] = head_code(table_vector(table, dtype, row + i + j * WIDTH), scale);
+            store_codes(q + row + i, codes);
+        }
+        for (; i < k; i++) q[row + i] = (int8_t)nearbyintf(table_scalar(table, dtype, row + i) / scale);
+        scales[v] = scale;
+    }
 }

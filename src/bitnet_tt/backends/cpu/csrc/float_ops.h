@@ -7,9 +7,10 @@
 
 enum weight_dtype { WEIGHT_BF16 = 0, WEIGHT_F32 = 1, WEIGHT_INT8 = 2 };
 
-/* The LM head's tokens as its kernels read them (head_prepare): for a bf16 or fp32 head each token's x,
- * reordered to the weights' lanes and zero-padded to whole blocks of HEAD_FLOAT_BLOCK; for an int8 head
- * each token's int8 codes, zero-padded to HEAD_INT8_BLOCK, then the tokens' fp32 scales. */
+/* The LM head's tokens as its kernels read them (head_prepare), in passes of up to 8 tokens, each pass's
+ * tokens interleaved block by block: for a bf16 or fp32 head each token's x, reordered to the weights'
+ * lanes and zero-padded to whole blocks of HEAD_FLOAT_BLOCK; for an int8 head each token's int8 codes,
+ * zero-padded to HEAD_INT8_BLOCK, then the tokens' fp32 scales, then room for one token's codes in order. */
 #define HEAD_FLOAT_BLOCK 32
 #define HEAD_INT8_BLOCK 64
 
@@ -19,7 +20,8 @@ static inline int head_padded_k(int dtype, int k) {
 }
 
 static inline size_t head_prepared_bytes(int dtype, int k, int m) {
-    return (size_t)m * head_padded_k(dtype, k) * (dtype == WEIGHT_INT8 ? 1 : 4) + (dtype == WEIGHT_INT8 ? (size_t)m * 4 : 0);
+    size_t kp = (size_t)head_padded_k(dtype, k);
+    return dtype == WEIGHT_INT8 ? (size_t)m * (kp + 4) + kp : (size_t)m * kp * 4;
 }
 
 /* Causal attention of T query tokens at positions start .. start + T - 1 over one slot's cache. */
@@ -45,7 +47,8 @@ static inline int attention_heads_per_task(int group) { return group % 2 ? 1 : 2
     void attention_tasks##suffix(const struct attention_args *a, int task_begin, int task_end, float *scores, \
                                  size_t score_stride); \
     void prepare_row##suffix(const float *row, int k, int gated, const float *norm_w, float eps, float *y); \
-    void quantize_row##suffix(const float *y, int k, int kp, int8_t *q, float *scale, int32_t *sum);
+    void quantize_row##suffix(const float *y, int k, int kp, int8_t *q, float *scale, int32_t *sum); \
+    void quantize_head_rows##suffix(const void *table, int dtype, int k, int v_begin, int v_end, int8_t *q, float *scales);
 
 FLOAT_OPS(_generic)
 #if defined(__x86_64__) || defined(_M_X64)

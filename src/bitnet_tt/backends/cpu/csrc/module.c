@@ -320,29 +320,44 @@ static PyObject *py_embed(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-/* quantize_head(table, dtype, vocab, k, q, scales): per-row int8 (scale = absmax / 127) of the LM head. */
+typedef void (*quantize_head_fn)(const void *, int, int, int, int, int8_t *, float *);
+
+struct quantize_head_job {
+    quantize_head_fn fn;
+    const void *table;
+    int8_t *q;
+    float *scales;
+    int dtype, k;
+};
+
+static void quantize_head_part(void *ctx, int begin, int end) {
+    const struct quantize_head_job *job = ctx;
+    job->fn(job->table, job->dtype, job->k, begin, end, job->q, job->scales);
+}
+
+/* quantize_head(table, dtype, vocab, k, q, scales, path, threads): per-row int8 (scale = absmax / 127) of the
+ * LM head (float_ops.c). */
 static PyObject *py_quantize_head(PyObject *self, PyObject *args) {
     PyObject *table_obj, *q_obj, *scales_obj;
-    int dtype, vocab, k;
-    if (!PyArg_ParseTuple(args, "OiiiOO", &table_obj, &dtype, &vocab, &k, &q_obj, &scales_obj)) return NULL;
+    int dtype, vocab, k, path, threads;
+    if (!PyArg_ParseTuple(args, "OiiiOOii", &table_obj, &dtype, &vocab, &k, &q_obj, &scales_obj, &path, &threads))
+        return NULL;
+    if (!check_path(path)) return NULL;
     if (dtype == WEIGHT_INT8) return PyErr_Format(PyExc_ValueError, "the LM head to quantise is bf16 or fp32");
     struct buffers held = {.count = 0};
     int failed = 0;
-    const void *table = buffer(&held, table_obj, 0, (Py_ssize_t)vocab * k * dtype_size(dtype), "table", 0, &failed);
-    int8_t *q = buffer(&held, q_obj, 1, (Py_ssize_t)vocab * k, "q", 0, &failed);
-    float *scales = buffer(&held, scales_obj, 1, (Py_ssize_t)vocab * 4, "scales", 0, &failed);
+    struct quantize_head_job job = {
+        .fn = ISA_COPY(path, quantize_head_rows), .dtype = dtype, .k = k,
+        .table = buffer(&held, table_obj, 0, (Py_ssize_t)vocab * k * dtype_size(dtype), "table", 0, &failed),
+        .q = buffer(&held, q_obj, 1, (Py_ssize_t)vocab * k, "q", 0, &failed),
+        .scales = buffer(&held, scales_obj, 1, (Py_ssize_t)vocab * 4, "scales", 0, &failed),
+    };
     if (failed) {
         release(&held);
         return NULL;
     }
     Py_BEGIN_ALLOW_THREADS
-    for (int v = 0; v < vocab; v++) {
-        float top = 0.0f;
-        for (int j = 0; j < k; j++) top = fmaxf(top, fabsf(table_value(table, dtype, (size_t)v * k + j)));
-        float scale = top > 0.0f ? top / 127.0f : 1.0f;
-        for (int j = 0; j < k; j++) q[(size_t)v * k + j] = (int8_t)nearbyintf(table_value(table, dtype, (size_t)v * k + j) / scale);
-        scales[v] = scale;
-    }
+    parallel_for(quantize_head_part, &job, vocab, threads);
     Py_END_ALLOW_THREADS
     release(&held);
     Py_RETURN_NONE;
