@@ -38,7 +38,7 @@ def measured_pacer(limit: float = 1.5) -> Pacer:
 
 def test_the_fit_recovers_a_linear_cost():
     fit = measured_pacer().fit
-    assert np.allclose(fit.coefficients, (PER_ROW, PER_PAIR))
+    assert np.allclose(fit.coefficients, (0, PER_ROW, PER_PAIR))
 
 
 def test_the_fit_never_has_a_negative_coefficient():
@@ -65,6 +65,16 @@ def test_a_budget_gives_one_token_when_none_fits_and_then_none():
     budget = pacer.budget(8, max_tokens=64)
     assert budget.take(100_000, 50) == 1  # progress: the step's first chunk gets a token
     assert budget.take(0, 50) == 0 and budget.exhausted
+
+
+def test_where_the_fixed_cost_of_mixing_exceeds_the_budget_a_chunk_gets_as_much_again():
+    pacer = Pacer(chunk_work, limit=1.5)
+    pacer.observe(8, [], DECODE)
+    fixed = 0.6 * DECODE  # more than the 0.5 decode step the limit leaves
+    for start, count in ((0, 8), (100, 4), (300, 6), (40, 12)):
+        pacer.observe(8, [(start, count)], DECODE + fixed + PER_ROW * count)
+    assert np.allclose(pacer.fit.coefficients, (fixed, PER_ROW, 0))
+    assert pacer.budget(8, max_tokens=64).take(1000, 1000) == int(fixed / PER_ROW)
 
 
 def test_without_decoding_users_or_a_measured_decode_step_there_is_no_cost_budget():

@@ -6,21 +6,23 @@ the prompt so far): a late chunk of a 2,048-token prompt costs several times an 
 a ratio that differs from CPU to CPU and kernel to kernel, so no fixed chunk holds the running users' latency
 everywhere. The engine measures it instead: a mixed step's backend time minus the recent decode-only steps'
 (their median) is what its chunks cost; a least-squares fit of that over recent mixed steps,
-extra = per_row * rows + per_pair * pairs (Backend.chunk_work: a chunk's rows and attention pairs), predicts a
-candidate chunk's, and each prefilling request gets the most tokens that keep the step's predicted extra within
-(limit - 1) decode steps. Every step still gives the first prefilling request at least one token (progress) and
-no step more than the engine's prefill_chunk; until the fit has data, chunks are at most PROBE_TOKENS.
+extra = fixed + per_row * rows + per_pair * pairs (Backend.chunk_work: a chunk's rows and attention pairs),
+predicts a candidate chunk's, and each prefilling request gets the most tokens that keep the step's predicted
+extra within (limit - 1) decode steps. Every step still gives the first prefilling request at least one token
+(progress), and no step more than the engine's prefill_chunk; until the fit has data, chunks are at most
+PROBE_TOKENS.
 """
 
 from __future__ import annotations
 
+import itertools
 import statistics
 from collections import deque
 from collections.abc import Callable
 
 import numpy as np
 
-MIXED_STEP_LIMIT = 1.5  # a mixed step's target, in decode-only steps: margin below the ITL goal's 2x for noise
+MIXED_STEP_LIMIT = 1.75  # a mixed step's target, in decode-only steps: a margin below the ITL goal's 2x for noise
 DECODE_WINDOW = 9  # decode-only steps whose median is "a decode step"
 FIT_WINDOW = 32  # mixed steps the fit uses: recent, so that it follows the machine's load
 PROBE_TOKENS = 8  # a chunk's size while the fit has too few mixed steps to predict one
@@ -29,39 +31,41 @@ ChunkWork = Callable[[int, int], tuple[float, float]]  # (start, count) -> (rows
 
 
 class ChunkCostFit:
-    """extra seconds = per_row * rows + per_pair * pairs, fit (non-negative) over recent mixed steps."""
+    """extra seconds = fixed + per_row * rows + per_pair * pairs, fit (non-negative) over recent mixed steps: fixed
+    is what mixing any prompt tokens into a step costs (on the cpu backend, another pass of the tile kernel over
+    the weights once the rows outgrow its tile)."""
 
     def __init__(self):
-        self.samples: deque[tuple[float, float, float]] = deque(maxlen=FIT_WINDOW)
+        self.samples: deque[tuple[float, float, float, float]] = deque(maxlen=FIT_WINDOW)
         self.coefficients: np.ndarray | None = None
 
     def add(self, rows: float, pairs: float, extra: float) -> None:
-        self.samples.append((rows, pairs, extra))
+        self.samples.append((1.0, rows, pairs, extra))
         if len(self.samples) >= 2:
             data = np.array(self.samples)
-            self.coefficients = non_negative_fit(data[:, :2], data[:, 2])
+            self.coefficients = non_negative_fit(data[:, :3], data[:, 3])
+
+    @property
+    def fixed(self) -> float:
+        return float(self.coefficients[0])
 
     def predict(self, rows: float, pairs: float) -> float:
-        return float(self.coefficients @ (rows, pairs))
+        return float(self.coefficients @ (1.0, rows, pairs))
 
 
 def non_negative_fit(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Least squares y ~ x @ c with c >= 0, for two columns: the unconstrained fit, or else the better one-column
-    fit (the optimum of a convex problem with one bound active)."""
-    scale = np.maximum(np.abs(x).max(axis=0), 1e-30)  # columns of tokens and of millions of pairs
-    c = np.linalg.lstsq(x / scale, y, rcond=None)[0]
-    if (c >= 0).all():
-        return c / scale
-    best, best_error = np.zeros(2), float(y @ y)
-    for j in range(2):
-        column = x[:, j]
-        if column @ column > 0:
-            one = np.zeros(2)
-            one[j] = max(0.0, float(column @ y / (column @ column)))
-            error = float(np.sum((y - x @ one) ** 2))
-            if error < best_error:
-                best, best_error = one, error
-    return best
+    """Least squares y ~ x @ c with c >= 0, for a few columns: the best of the fits on each subset of columns whose
+    coefficients come out non-negative (the optimum is one of them: the others' bounds are active)."""
+    scale = np.maximum(np.abs(x).max(axis=0), 1e-30)  # columns of ones, tokens and millions of pairs
+    scaled, columns = x / scale, x.shape[1]
+    best, best_error = np.zeros(columns), float(y @ y)
+    for subset in itertools.chain.from_iterable(itertools.combinations(range(columns), k) for k in range(1, columns + 1)):
+        c = np.zeros(columns)
+        c[list(subset)] = np.linalg.lstsq(scaled[:, subset], y, rcond=None)[0]
+        error = float(np.sum((y - scaled @ c) ** 2))
+        if (c >= 0).all() and error < best_error - 1e-15:
+            best, best_error = c, error
+    return best / scale
 
 
 class Pacer:
@@ -113,14 +117,17 @@ class CostBudget:
         return count
 
     def _fitting(self, start: int, most: int) -> int:
-        """The largest count <= most whose predicted cost fits (the cost grows with the count): binary search."""
+        """The largest count <= most whose predicted cost fits (the cost grows with the count): binary search.
+        Where the fixed cost of mixing alone exceeds the budget (the limit cannot hold), a chunk may cost up to
+        twice that: prompt tokens then get at least as much of the step as the overhead of mixing them in."""
         fit = self.pacer.fit
         if fit.coefficients is None:
             return most
+        allowed = max(self.seconds, 2 * fit.fixed) if self.first else self.seconds
         low, high = 0, most
         while low < high:
             middle = (low + high + 1) // 2
-            if fit.predict(*self.pacer.chunk_work(start, middle)) <= self.seconds:
+            if fit.predict(*self.pacer.chunk_work(start, middle)) <= allowed:
                 low = middle
             else:
                 high = middle - 1
