@@ -13,8 +13,10 @@ import torch
 from bitnet_tt.backends import create_backend, default_backend
 from bitnet_tt.backends.cpu import kernels
 from bitnet_tt.backends.cpu.backend import CPUOptions
+from bitnet_tt.backends.cpu.weights import hf_to_2bit
 from bitnet_tt.checkpoint import convert_checkpoint
 from bitnet_tt.errors import BitNetError, CapacityError
+from bitnet_tt.ternary import pack_hf
 from bitnet_tt.verify import pcc
 
 
@@ -184,6 +186,17 @@ def test_int8_lm_head_is_close_to_bf16(model_factory):
     assert int8.model.weights.head.dtype == np.int8
 
 
+@pytest.mark.parametrize("rows, inputs", [(8, 256), (12, 130), (4, 7)])
+def test_hugging_face_packed_bytes_repack_like_their_codes(rows, inputs):
+    codes = torch.randint(-1, 2, (rows, inputs), generator=torch.Generator().manual_seed(inputs), dtype=torch.int8)
+    codes[0, :3] = torch.tensor([-1, 0, 1])
+    staged = np.empty((rows, -(-inputs // 4)), np.uint8)
+    hf_to_2bit(pack_hf(codes).numpy(), staged)
+    from_bytes = kernels.PackedTernary.from_2bit(staged, k=inputs)
+    from_codes = kernels.PackedTernary.from_codes(codes.numpy())
+    assert (from_bytes.n, from_bytes.k) == (rows, inputs) and np.array_equal(from_bytes.data, from_codes.data)
+
+
 def test_embedding_is_mapped_from_the_file(model_factory):
     fast = create_backend("cpu", model_factory("packed"), 1, progress=False)
     embed = fast.model.weights.embed
@@ -254,13 +267,16 @@ def test_rope_tables_within_one_ulp_of_torchs(theta, dim, length):
         assert np.all(np.abs(ours - golden) <= np.spacing(np.abs(golden)))
 
 
-@pytest.mark.parametrize("lm_head, temperature", [("bf16", "0"), ("int8", "0.8")])
-def test_generation_on_a_converted_model_never_imports_torch(converted, lm_head, temperature):
-    """`bitnet-tt generate --backend cpu`: loading, prefill, decode and sampling run without torch (~0.5 GB)."""
+@pytest.mark.parametrize("fmt, lm_head, temperature", [("converted", "bf16", "0"), ("converted", "int8", "0.8"),
+                                                       ("packed", "bf16", "0")])
+def test_generation_never_imports_torch(model_factory, converted, fmt, lm_head, temperature):
+    """`bitnet-tt generate --backend cpu` on a converted or Hugging Face packed model: loading, prefill, decode and
+    sampling run without torch (~0.5 GB)."""
+    folder = converted if fmt == "converted" else model_factory("packed")
     child = ("import sys\nfrom bitnet_tt.cli import main\n"
              f"code = main(['generate', '--model', sys.argv[1], '--backend', 'cpu', '--lm-head', '{lm_head}', "
              f"'--max-new-tokens', '4', '--temperature', '{temperature}', '--quiet', 'hi'])\n"
              "print('exit', code, 'torch imported', 'torch' in sys.modules)")
-    proc = subprocess.run([sys.executable, "-c", child, str(converted)], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", child, str(folder)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1] == "exit 0 torch imported False"

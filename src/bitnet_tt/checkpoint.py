@@ -14,6 +14,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -30,6 +31,7 @@ from .tensorfiles import (
     check_scale,
     detect_format,
     open_model,
+    packed_projection,
     read_header,
     read_optional_bytes,
 )
@@ -126,18 +128,8 @@ def _read_master(files: TensorFiles, name: str, shape, config: ModelConfig) -> T
 
 
 def _read_packed(files: TensorFiles, name: str, shape, config: ModelConfig) -> TernaryWeight:
-    out, inp = shape
-    if out % 4:
-        raise CheckpointError(f"{files.folder}: '{name}' has {out} output rows, not a multiple of 4, so it cannot be packed")
-    packed = torch_tensor(files, name + ".weight", (out // 4, inp), ("U8", "I8"))
-    stored = torch_tensor(files, name + ".weight_scale", (1,), FLOAT_DTYPES).float().reshape(())
-    packed = packed.view(torch.uint8)
-    if holds_unused_code(packed):
-        raise CheckpointError(f"{files.file_of[name + '.weight']}: '{name}.weight' holds the unused 2-bit code 3")
-    codes = unpack_hf(packed)
-    # autobitlinear multiplies by weight_scale; bitlinear divides by it (see notes on checkpoints).
-    scale = stored if config.linear_class == "autobitlinear" else 1.0 / stored
-    return TernaryWeight(codes, scale)
+    packed, scale = packed_projection(files, name, shape, config.linear_class)  # see notes on checkpoints
+    return TernaryWeight(unpack_hf(torch.from_numpy(packed)), torch.from_numpy(np.asarray(scale, np.float32)))
 
 
 def _read_converted(files: TensorFiles, name: str, shape, config: ModelConfig) -> TernaryWeight:

@@ -281,6 +281,22 @@ def float32(array: np.ndarray) -> np.ndarray:
     return array.astype(np.float32)
 
 
+def packed_projection(files: TensorFiles, name: str, shape: tuple[int, int], linear_class: str) -> tuple[np.ndarray, np.float32]:
+    """Hugging Face's packed ternary projection `name` [out, in]: its bytes uint8 [out/4, in] (bits 2s..2s+1 of
+    byte [r, i] hold row s * out/4 + r, input i, as code + 1) and the multiplier of its codes: autobitlinear
+    multiplies by weight_scale, bitlinear divides by it (in fp32; a tiny scale overflows to inf, which
+    check_scale refuses)."""
+    out, inp = shape
+    if out % 4:
+        raise CheckpointError(f"{files.folder}: '{name}' has {out} output rows, not a multiple of 4, so it cannot be packed")
+    packed = files.get(name + ".weight", (out // 4, inp), ("U8", "I8")).view(np.uint8)
+    if (packed & (packed >> 1) & 0x55).any():
+        raise CheckpointError(f"{files.file_of[name + '.weight']}: '{name}.weight' holds the unused 2-bit code 3")
+    stored = float32(files.get(name + ".weight_scale", (1,), FLOAT_DTYPES)).reshape(())
+    with np.errstate(over="ignore", divide="ignore"):
+        return packed, stored if linear_class == "autobitlinear" else np.float32(1.0) / stored
+
+
 def check_scale(files: TensorFiles, name: str, scale: float) -> None:
     if not (math.isfinite(scale) and scale > 0):
         raise CheckpointError(f"{files.folder}: '{name}' has the scale {scale}; a scale must be finite and positive")

@@ -97,10 +97,17 @@ class PackedTernary:
         return cls(codes.astype(np.int8, copy=False), *codes.shape, from_2bit=False, threads=threads)
 
     @classmethod
-    def from_2bit(cls, packed: np.ndarray, threads: int = 1, path: int | None = None) -> PackedTernary:
+    def from_2bit(cls, packed: np.ndarray, threads: int = 1, path: int | None = None, k: int | None = None) -> PackedTernary:
         """The converted checkpoint's uint8 [n, k/4] (ternary.pack_2bit), repacked without expanding to int8
-        (path: path_index()'s number, None: the best here)."""
-        return cls(packed, packed.shape[0], packed.shape[1] * 4, from_2bit=True, threads=threads, path=path)
+        (path: path_index()'s number, None: the best here). k: the inputs when fewer than the bytes hold (the
+        last byte's spare fields must hold 1, a zero weight: the layout pads with zero weights anyway)."""
+        stored = packed.shape[1] * 4
+        k = stored if k is None else k
+        if not stored - 4 < k <= stored:
+            raise ValueError(f"{k} inputs do not fit rows of {packed.shape[1]} bytes")
+        matrix = cls(packed, packed.shape[0], stored, from_2bit=True, threads=threads, path=path)
+        matrix.k = k
+        return matrix
 
 
 class Activations:

@@ -1,9 +1,10 @@
 """The CPU backend's weights: ternary projections in the kernels' 2-bit layout, the embedding mapped from
 the safetensors file, the LM head in bf16 (as stored) or int8 per row.
 
-Layers are read one at a time: a converted checkpoint's 2-bit codes are repacked without ever becoming
-int8; the other formats expand one projection to int8 codes at a time (checkpoint.PROJECTION_READERS, in
-torch: only those formats import it).
+Layers are read one at a time: a converted or packed checkpoint's 2-bit codes are repacked without ever
+becoming int8 (a packed one's bytes are first rearranged into the converted layout); bf16 master weights
+are quantised one projection at a time (checkpoint.PROJECTION_READERS, in torch: only that format imports
+it).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from tqdm import tqdm
 
 from ...config import ModelConfig
 from ...errors import BitNetError, CheckpointError
-from ...tensorfiles import FLOAT_DTYPES, TensorFiles, check_scale, float32, open_model, read_header
+from ...tensorfiles import FLOAT_DTYPES, TensorFiles, check_scale, float32, open_model, packed_projection, read_header
 from .kernels import PackedTernary, quantize_head
 
 LM_HEAD_DTYPES = ("bf16", "int8")
@@ -77,7 +78,7 @@ def load_cpu_weights(folder: Path, lm_head: str = "bf16", progress: bool = True,
         if lm_head == "int8":
             head, head_scales = int8_head(head)
         embed_rows = TableRows.of(embed, files.file_of["model.embed_tokens.weight"]) if head is not embed else None
-        staging = np.empty(max(fused_codes_bytes(config).values()), np.uint8) if fmt == "converted" else None
+        staging = np.empty(max(fused_codes_bytes(config).values()), np.uint8) if fmt != "bf16-master" else None
         layers = []
         for i in tqdm(range(config.num_layers), desc=f"loading {fmt} weights", unit="layer",
                       disable=not progress or None, leave=False):
@@ -90,39 +91,64 @@ def load_cpu_weights(folder: Path, lm_head: str = "bf16", progress: bool = True,
 
 
 def fused_codes_bytes(config: ModelConfig) -> dict[str, int]:
-    """Bytes of each fused projection's 2-bit codes in a converted checkpoint."""
+    """Bytes of each fused projection's 2-bit codes in the converted layout (inputs padded to 4)."""
     shapes = config.projection_shapes()
-    return {key: sum(shapes[n][0] * shapes[n][1] // 4 for n in names) for key, names in FUSED.items()}
+    return {key: sum(shapes[n][0] * -(-shapes[n][1] // 4) for n in names) for key, names in FUSED.items()}
 
 
 def read_layer(files: TensorFiles, fmt: str, config: ModelConfig, prefix: str, threads: int,
                staging: np.ndarray | None) -> Layer:
-    """One layer; a converted checkpoint's codes pass through `staging` (reused for every projection)."""
+    """One layer; a converted or packed checkpoint's codes pass through `staging` (reused for every projection)."""
     shapes = config.projection_shapes()
     norms = {name: float_vector(files, prefix + name + ".weight", width) for name, width in config.norm_shapes().items()}
     projections = {}
     for key, names in FUSED.items():
-        if fmt == "converted":  # 2-bit codes straight from the file, rows of the fused projection in order
-            at = 0
-            for n in names:
-                out, inp = shapes[n]
-                files.get(prefix + n + ".packed", (out, inp // 4), ("U8",), into=staging[at:])
-                at += out * inp // 4
-            scales = [float(files.get(prefix + n + ".scale", (), ("F32",))) for n in names]
-            k = shapes[names[0]][1]
-            weight = PackedTernary.from_2bit(staging[:at].reshape(-1, k // 4), threads)
-        else:
-            from ...checkpoint import PROJECTION_READERS  # torch, for these formats only
+        k = shapes[names[0]][1]
+        if fmt == "bf16-master":
+            from ...checkpoint import PROJECTION_READERS  # torch, for this format only
 
             read = [PROJECTION_READERS[fmt](files, prefix + n, shapes[n], config) for n in names]
             scales = [float(w.scale) for w in read]
             weight = PackedTernary.from_codes(np.concatenate([w.codes.numpy() for w in read]), threads)
+        else:  # 2-bit codes in the converted layout, rows of the fused projection in order
+            at, scales = 0, []
+            for n in names:
+                out, inp = shapes[n]
+                flat = staging[at: at + out * -(-inp // 4)]
+                if fmt == "converted":
+                    files.get(prefix + n + ".packed", (out, inp // 4), ("U8",), into=flat)
+                    scales.append(float(files.get(prefix + n + ".scale", (), ("F32",))))
+                else:
+                    packed, scale = packed_projection(files, prefix + n, shapes[n], config.linear_class)
+                    hf_to_2bit(packed, flat.reshape(out, -1))
+                    scales.append(float(scale))
+                at += flat.size
+            weight = PackedTernary.from_2bit(staging[:at].reshape(-1, -(-k // 4)), threads, k=k)
         for n, s in zip(names, scales):
             check_scale(files, prefix + n, s)
         rows = [shapes[n][0] for n in names]
         scale = np.concatenate([np.full(r, s, dtype=np.float32) for r, s in zip(rows, scales)])
         projections[key] = Projection(weight, scale)
     return Layer(norms, projections)
+
+
+def hf_to_2bit(packed: np.ndarray, rows: np.ndarray) -> None:
+    """Hugging Face's packed bytes [out/4, in] into the converted layout `rows` [out, ceil(in/4)] (byte q of a
+    row: inputs 4q..4q+3 in bits 0, 2, 4, 6; missing inputs padded with code + 1 = 1, a zero weight). Read as
+    little-endian words of 4 inputs, field s of every byte is gathered from bits 8t..8t+1 into bits 2t..2t+1:
+    a few whole-array operations instead of expanding 4 codes per byte."""
+    quarter, inputs = packed.shape
+    if inputs % 4:
+        packed = np.pad(packed, ((0, 0), (0, -inputs % 4)), constant_values=0x55)
+    words = np.ascontiguousarray(packed).view("<u4")
+    fields, moved = np.empty_like(words), np.empty_like(words)
+    for s in range(4):
+        np.right_shift(words, 2 * s, out=fields)
+        np.bitwise_and(fields, 0x03030303, out=fields)
+        for shift in (6, 12):  # bits 8, 16, 24 -> 2, (10), 18 -> 2, 4, 6
+            np.right_shift(fields, shift, out=moved)
+            np.bitwise_or(fields, moved, out=fields)
+        np.copyto(rows[s * quarter:(s + 1) * quarter], fields, casting="unsafe")  # the low byte
 
 
 def float_vector(files: TensorFiles, name: str, width: int) -> np.ndarray:
