@@ -29,8 +29,8 @@ from ..sampling import (
     sample_token,
 )
 from ..tokenizer import ChatMessage, StreamDecoder, Tokenizer
-from .request import Request, RequestOutput, RequestStatus
 from .pacing import MIXED_STEP_LIMIT, Pacer
+from .request import Request, RequestOutput, RequestStatus
 from .scheduler import PrefillChunk, Scheduler, StepPlan
 from .slots import SlotPool
 from .stops import StopScanner
