@@ -59,7 +59,8 @@ def non_negative_fit(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     scale = np.maximum(np.abs(x).max(axis=0), 1e-30)  # columns of ones, tokens and millions of pairs
     scaled, columns = x / scale, x.shape[1]
     best, best_error = np.zeros(columns), float(y @ y)
-    for subset in itertools.chain.from_iterable(itertools.combinations(range(columns), k) for k in range(1, columns + 1)):
+    subsets = (subset for k in range(1, columns + 1) for subset in itertools.combinations(range(columns), k))
+    for subset in subsets:
         c = np.zeros(columns)
         c[list(subset)] = np.linalg.lstsq(scaled[:, subset], y, rcond=None)[0]
         error = float(np.sum((y - scaled @ c) ** 2))
@@ -90,7 +91,8 @@ class Pacer:
         if not decode_rows or not self.decode_seconds:
             return None
         extra = (self.limit - 1) * statistics.median(self.decode_seconds)
-        return CostBudget(self, extra, max_tokens if self.fit.coefficients is not None else min(max_tokens, PROBE_TOKENS))
+        probing = self.fit.coefficients is None
+        return CostBudget(self, extra, min(max_tokens, PROBE_TOKENS) if probing else max_tokens)
 
 
 class CostBudget:
