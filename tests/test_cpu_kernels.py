@@ -46,7 +46,9 @@ SHAPES_2B4T = sorted(set(ModelConfig.from_hf_dict(config_2b4t()).projection_shap
 
 @pytest.mark.parametrize("path", all_paths())
 @pytest.mark.parametrize("shape", SHAPES_2B4T, ids=lambda s: f"{s[0]}x{s[1]}")
-@pytest.mark.parametrize("tokens", [1, 2, 3, 4, 5, 8, 11, 48])  # 48: the GEMM on AVX2 and AVX-512 (gemm.h)
+# 1-8: every tile size; 11: tiles of 8 and 3; 48, 53: the GEMM on AVX2 and AVX-512 (gemm.h), in full
+# micro-tiles of 6 tokens and with a tile of 5
+@pytest.mark.parametrize("tokens", [1, 2, 3, 4, 5, 6, 7, 8, 11, 48, 53])
 def test_ternary_product_is_exact_at_2b4t_shapes(path, shape, tokens):
     rng = np.random.default_rng(hash((shape, tokens)) % 2**32)
     codes = rng.integers(-1, 2, shape, dtype=np.int8)
@@ -63,10 +65,11 @@ EDGES = {
 @pytest.mark.parametrize("path", all_paths())
 @pytest.mark.parametrize("edge", EDGES)
 @pytest.mark.parametrize("shape", [(2560, 6912), (13, 200), (5, 4), (9, 1000)], ids=lambda s: f"{s[0]}x{s[1]}")
-@pytest.mark.parametrize("tokens", [1, 3, 8, 9, 48])
+@pytest.mark.parametrize("tokens", [1, 3, 8, 9, 48, 53])
 def test_ternary_product_is_exact_at_the_edges(path, edge, shape, tokens):
-    """Extremes of the int16 partial sums (6912 inputs: 54 blocks, several int16 stretches) and of the AVX-512
-    tile's scaled sums (its layouts differ with the token count; 48 tokens take the GEMM), and shapes whose
+    """Extremes of the int16 partial sums (6912 inputs: 54 blocks, several int16 stretches; the AVX2 GEMM's
+    stretches of 64 quads reach -32768 with all -128) and of the AVX-512 tile's scaled sums (its layouts differ
+    with the token count; 48 and 53 tokens take the GEMM), and shapes whose
     rows are not a multiple of 4 and inputs not a multiple of 128 (padded with zero weights)."""
     value, weight = EDGES[edge]
     codes = np.full(shape, weight, dtype=np.int8)
@@ -74,7 +77,7 @@ def test_ternary_product_is_exact_at_the_edges(path, edge, shape, tokens):
     assert np.array_equal(int_product(codes, x, path), exact_product(x, codes))
 
 
-@pytest.mark.parametrize("tokens", [19, 48])  # tiles; the GEMM
+@pytest.mark.parametrize("tokens", [9, 19, 48])  # tiles; AVX2's GEMM with an edge tile, AVX-512's tiles; the GEMM
 def test_every_path_and_thread_count_gives_the_same_integers(tokens):
     rng = np.random.default_rng(1)
     codes = rng.integers(-1, 2, (37, 300), dtype=np.int8)

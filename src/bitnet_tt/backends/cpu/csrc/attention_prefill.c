@@ -1,7 +1,13 @@
 /* Prefill attention (attention_prefill.h), compiled once per instruction set (ISA_SUFFIX names the copy)
  * with GCC's vector extensions, contraction off: every copy gives the same floats. Against the per-token
  * kernel only the dot products' summation order differs (here each score sums its head_dim products in
- * order; there in 16 partial sums); the softmax (fast_exp.h) and the weighted sum of values are the same. */
+ * order; there in 16 partial sums); the softmax (fast_exp.h) and the weighted sum of values are the same.
+ *
+ * A task's query rows (its tokens x the heads of its kv head) are transposed once, so that each score tile
+ * multiplies 8 rows' values of one dimension (a vector) by one key's value (a broadcast): keys are read in
+ * their cache layout, once per task, and the scores land column-wise, [key][row]. The softmax then runs
+ * across 8 rows at a time (each row's sums still in key order), and the values are weighed in chunks of keys
+ * that stay in L1 while every row and dimension of the task passes over them. */
 #include <math.h>
 #include <string.h>
 
@@ -9,12 +15,20 @@
 #include "fast_exp.h"
 #include "scratch.h"
 
-#define LANES 16
+#define LANES 8
 #define CAT2(a, b) a##b
 #define CAT(a, b) CAT2(a, b)
 #define NAME(base) CAT(base, ISA_SUFFIX)
+#define INLINE static inline __attribute__((always_inline))
 
 typedef float lanes_f32 __attribute__((vector_size(LANES * 4)));
+typedef int32_t lanes_i32 __attribute__((vector_size(LANES * 4)));
+
+#define ROW_VECTORS 4   /* score tile: 4 x 8 rows x KEYS_PER_STEP keys in 8 registers */
+#define KEYS_PER_STEP 2
+#define VALUE_ROWS 4    /* weigh tile: 4 rows x VALUE_VECTORS x 8 dimensions in 8 registers */
+#define VALUE_VECTORS 2
+#define KEY_CHUNK 64    /* keys whose values (32 KB at head_dim 128) every tile of a task weighs in turn */
 
 static inline lanes_f32 load_lanes(const float *p) {
     lanes_f32 v;
@@ -22,133 +36,192 @@ static inline lanes_f32 load_lanes(const float *p) {
     return v;
 }
 
-#define INLINE static inline __attribute__((always_inline))
-#define SCORE_ROWS 4
-#define VALUE_ROWS 2
-#define MAX_VECTORS 8  /* head_dim up to 128 keeps a row's output in registers */
+static inline void store_lanes(float *p, lanes_f32 v) { memcpy(p, &v, sizeof v); }
 
-/* Rows [r0, r0 + R) of the task (R a constant after inlining) against the transposed key block: each key
- * vector is loaded once for all of them. */
-INLINE void score_block(const struct attention_args *a, const float *const *q, int R, const float *key_block,
-                        float *out, size_t stride) {
-    lanes_f32 acc[SCORE_ROWS] = {{0}};
-    for (int d = 0; d < a->head_dim; d++) {
-        lanes_f32 k = load_lanes(key_block + d * LANES);
-        for (int r = 0; r < R; r++) acc[r] += k * q[r][d];
-    }
-    for (int r = 0; r < R; r++) {
-        lanes_f32 scaled = acc[r] * a->scale;
-        memcpy(out + r * stride, &scaled, sizeof scaled);
+/* Where a task's rows are: row r is token t0 + r / group and head kv * group + r % group. */
+struct task_rows {
+    const struct attention_args *a;
+    int kv, t0, rows, pitch;  /* pitch: rows rounded up to LANES, the transposed layouts' row count */
+};
+
+static const float *query_row(const struct task_rows *task, int r) {
+    const struct attention_args *a = task->a;
+    return a->q + (size_t)(task->t0 + r / a->group) * a->q_stride + (size_t)(task->kv * a->group + r % a->group) * a->head_dim;
+}
+
+static float *output_row(const struct task_rows *task, int r) {
+    const struct attention_args *a = task->a;
+    return a->out + ((size_t)(task->t0 + r / a->group) * a->heads + task->kv * a->group + r % a->group) * a->head_dim;
+}
+
+static int row_length(const struct task_rows *task, int r) { return task->a->start + task->t0 + r / task->a->group + 1; }
+
+/* q_t[d][r] = the rows' queries, zeros in the padding rows. */
+static void transpose_queries(const struct task_rows *task, float *q_t) {
+    int dim = task->a->head_dim;
+    for (int r = 0; r < task->pitch; r++) {
+        const float *q = r < task->rows ? query_row(task, r) : NULL;
+        for (int d = 0; d < dim; d++) q_t[(size_t)d * task->pitch + r] = q ? q[d] : 0.0f;
     }
 }
 
-/* scores[r][j] = q_r . key_j * scale for the task's rows and keys 0 .. longest - 1, 16 keys at a time. */
-static void score_rows(const struct attention_args *a, const float *keys, int kv, int t0, int rows, int longest,
-                       float *key_block, float *scores, size_t stride) {
-    int dim = a->head_dim;
-    for (int j0 = 0; j0 < longest; j0 += LANES) {
-        int count = longest - j0 < LANES ? longest - j0 : LANES;
-        for (int i = 0; i < count; i++)
-            for (int d = 0; d < dim; d++) key_block[d * LANES + i] = keys[(size_t)(j0 + i) * dim + d];
-        for (int i = count; i < LANES; i++)
-            for (int d = 0; d < dim; d++) key_block[d * LANES + i] = 0.0f;
-        for (int r0 = 0; r0 < rows; r0 += SCORE_ROWS) {
-            const float *q[SCORE_ROWS];
-            int n = rows - r0 < SCORE_ROWS ? rows - r0 : SCORE_ROWS;
-            for (int r = 0; r < n; r++)
-                q[r] = a->q + (size_t)(t0 + (r0 + r) / a->group) * a->q_stride + (size_t)(kv * a->group + (r0 + r) % a->group) * dim;
-            float *out = scores + r0 * stride + j0;
-            switch (n) {
-            case 1: score_block(a, q, 1, key_block, out, stride); break;
-            case 2: score_block(a, q, 2, key_block, out, stride); break;
-            case 3: score_block(a, q, 3, key_block, out, stride); break;
-            default: score_block(a, q, 4, key_block, out, stride); break;
+/* scores[j][8 * rv ...] for keys j0 .. j0 + J - 1 and row vectors rv0 .. rv0 + RV - 1 (RV, J constants after
+ * inlining): each sums its head_dim products in order, then is scaled. */
+INLINE void score_tile(const struct task_rows *task, const float *q_t, const float *keys, int j0, int rv0, int RV,
+                       int J, float *scores) {
+    int dim = task->a->head_dim;
+    lanes_f32 acc[ROW_VECTORS][KEYS_PER_STEP] = {{{0}}};
+    const float *q = q_t + (size_t)rv0 * LANES, *k = keys + (size_t)j0 * dim;
+    for (int d = 0; d < dim; d++) {
+        lanes_f32 qd[ROW_VECTORS];
+        for (int rv = 0; rv < RV; rv++) qd[rv] = load_lanes(q + (size_t)d * task->pitch + rv * LANES);
+        for (int j = 0; j < J; j++) {
+            float kd = k[(size_t)j * dim + d];
+            for (int rv = 0; rv < RV; rv++) acc[rv][j] += qd[rv] * kd;
+        }
+    }
+    for (int j = 0; j < J; j++)
+        for (int rv = 0; rv < RV; rv++)
+            store_lanes(scores + (size_t)(j0 + j) * task->pitch + (rv0 + rv) * LANES, acc[rv][j] * task->a->scale);
+}
+
+#define ROW_CASES(J) \
+    switch (task->pitch / LANES - rv0 < ROW_VECTORS ? task->pitch / LANES - rv0 : ROW_VECTORS) { \
+    case 1: score_tile(task, q_t, keys, j0, rv0, 1, J, scores); break; \
+    case 2: score_tile(task, q_t, keys, j0, rv0, 2, J, scores); break; \
+    case 3: score_tile(task, q_t, keys, j0, rv0, 3, J, scores); break; \
+    default: score_tile(task, q_t, keys, j0, rv0, 4, J, scores); break; \
+    }
+
+static void score_rows(const struct task_rows *task, const float *q_t, const float *keys, int longest, float *scores) {
+    for (int j0 = 0; j0 < longest; j0 += KEYS_PER_STEP)
+        for (int rv0 = 0; rv0 < task->pitch / LANES; rv0 += ROW_VECTORS) {
+            if (longest - j0 >= 2) {
+                ROW_CASES(2)
+            } else {
+                ROW_CASES(1)
             }
         }
-    }
 }
 
-/* A row's softmax over its first `length` scores, in place, normalised (p = e / total), as float_ops.c. */
-static void softmax(float *scores, int length) {
-    float top = -INFINITY;
-    for (int j = 0; j < length; j++) top = scores[j] > top ? scores[j] : top;
-    float total = 0.0f;
-    for (int j = 0; j < length; j++) {
-        scores[j] = exp_nonpositive(scores[j] - top);
-        total += scores[j];
-    }
-    float inv = 1.0f / total;
-    for (int j = 0; j < length; j++) scores[j] *= inv;
+/* where mask: a, elsewhere b (mask lanes all ones or zeros, as vector comparisons give). */
+static inline lanes_f32 select_lanes(lanes_i32 mask, lanes_f32 a, lanes_f32 b) {
+    return (lanes_f32)((mask & (lanes_i32)a) | (~mask & (lanes_i32)b));
 }
 
-/* o_r = sum_j p_r[j] * value_j for R rows of the same length (R, V = head_dim / 16 constants after
- * inlining): the outputs stay in registers and each value vector is loaded once for all rows. */
-INLINE void weigh_block(const float *values, const float *const *p, int length, float *const *o, int R, int V) {
-    lanes_f32 acc[VALUE_ROWS][MAX_VECTORS] = {{{0}}};
-    for (int j = 0; j < length; j++) {
-        const float *v = values + (size_t)j * V * LANES;
-        for (int c = 0; c < V; c++) {
-            lanes_f32 vc = load_lanes(v + c * LANES);
-            for (int r = 0; r < R; r++) acc[r][c] += p[r][j] * vc;
+/* fast_exp.h's exp_nonpositive in every lane. */
+static inline lanes_f32 exp_nonpositive_lanes(lanes_f32 x) {
+    const lanes_f32 floor = {-87.0f, -87.0f, -87.0f, -87.0f, -87.0f, -87.0f, -87.0f, -87.0f};
+    x = select_lanes(x < floor, floor, x);
+    lanes_f32 n, p;
+    EXP_NONPOSITIVE_STEPS(x, n, p);
+    return p * (lanes_f32)((__builtin_convertvector(n, lanes_i32) + 127) << 23);
+}
+
+/* Each row's softmax over its own length, 8 rows (a column of the layout) at a time: as float_ops.c's
+ * (p = exp_nonpositive(s - max) * (1 / total), the total summed in key order); past a row's length, p = 0. */
+static void softmax_columns(const struct task_rows *task, int longest, float *scores) {
+    const lanes_f32 zero = {0};
+    for (int r0 = 0; r0 < task->pitch; r0 += LANES) {
+        lanes_i32 length;
+        lanes_f32 top, total = zero;
+        for (int l = 0; l < LANES; l++) {
+            length[l] = r0 + l < task->rows ? row_length(task, r0 + l) : 0;
+            top[l] = -INFINITY;
+        }
+        for (int j = 0; j < longest; j++) {
+            lanes_f32 s = load_lanes(scores + (size_t)j * task->pitch + r0);
+            top = select_lanes((j < length) & (s > top), s, top);
+        }
+        for (int j = 0; j < longest; j++) {
+            float *at = scores + (size_t)j * task->pitch + r0;
+            lanes_f32 e = select_lanes(j < length, exp_nonpositive_lanes(load_lanes(at) - top), zero);
+            store_lanes(at, e);
+            total += e;
+        }
+        lanes_f32 inv = 1.0f / total;
+        for (int j = 0; j < longest; j++) {
+            float *at = scores + (size_t)j * task->pitch + r0;
+            store_lanes(at, load_lanes(at) * inv);
         }
     }
-    for (int r = 0; r < R; r++) memcpy(o[r], acc[r], (size_t)V * sizeof acc[r][0]);
 }
 
-/* Other head sizes: one row at a time through memory, as float_ops.c. */
-static void weigh_row(const float *values, const float *p, int length, float *o, int dim) {
-    for (int d = 0; d < dim; d++) o[d] = 0.0f;
-    for (int j = 0; j < length; j++)
-        for (int d = 0; d < dim; d++) o[d] += p[j] * values[(size_t)j * dim + d];
-}
-
-#define VECTOR_CASES(R) \
-    switch (dim / LANES) { \
-    case 1: weigh_block(values, p, length, o, R, 1); break; \
-    case 2: weigh_block(values, p, length, o, R, 2); break; \
-    case 4: weigh_block(values, p, length, o, R, 4); break; \
-    case 6: weigh_block(values, p, length, o, R, 6); break; \
-    default: weigh_block(values, p, length, o, R, 8); break; \
-    }
-
-/* Rows of the same token (the heads of one kv head) share their length: weighed two at a time. */
-static void weigh_rows(const float *values, float *const *p_rows, float *const *o_rows, int n, int length, int dim) {
-    int fast = dim % LANES == 0 && (dim / LANES <= 2 || dim / LANES == 4 || dim / LANES == 6 || dim / LANES == 8);
-    for (int r0 = 0; r0 < n; r0 += VALUE_ROWS) {
-        const float *const *p = (const float *const *)p_rows + r0;
-        float *const *o = o_rows + r0;
-        if (!fast) {
-            for (int r = 0; r < n - r0 && r < VALUE_ROWS; r++) weigh_row(values, p[r], length, o[r], dim);
-        } else if (n - r0 >= VALUE_ROWS) {
-            VECTOR_CASES(2)
-        } else {
-            VECTOR_CASES(1)
+/* Rows r0 .. r0 + R - 1, dimensions 8 * c0 .. + 8C - 1 (R, C constants after inlining) over keys j0 .. j1 - 1:
+ * o += p[j][r] * value_j, the sums continued in memory from the previous chunk (first: from zero). */
+INLINE void weigh_tile(const struct task_rows *task, const float *p, const float *values, float *const *o, int r0,
+                       int c0, int j0, int j1, int R, int C) {
+    int dim = task->a->head_dim;
+    lanes_f32 acc[VALUE_ROWS][VALUE_VECTORS] = {{{0}}};
+    if (j0 > 0)
+        for (int r = 0; r < R; r++)
+            for (int c = 0; c < C; c++) acc[r][c] = load_lanes(o[r] + (c0 + c) * LANES);
+    for (int j = j0; j < j1; j++) {
+        const float *v = values + (size_t)j * dim + c0 * LANES;
+        lanes_f32 vc[VALUE_VECTORS];
+        for (int c = 0; c < C; c++) vc[c] = load_lanes(v + c * LANES);
+        for (int r = 0; r < R; r++) {
+            float pr = p[(size_t)j * task->pitch + r0 + r];
+            for (int c = 0; c < C; c++) acc[r][c] += pr * vc[c];
         }
     }
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < C; c++) store_lanes(o[r] + (c0 + c) * LANES, acc[r][c]);
+}
+
+#define VALUE_ROW_CASES(C) \
+    switch (task->rows - r0 < VALUE_ROWS ? task->rows - r0 : VALUE_ROWS) { \
+    case 1: weigh_tile(task, p, values, o + r0, r0, c0, j0, j1, 1, C); break; \
+    case 2: weigh_tile(task, p, values, o + r0, r0, c0, j0, j1, 2, C); break; \
+    case 3: weigh_tile(task, p, values, o + r0, r0, c0, j0, j1, 3, C); break; \
+    default: weigh_tile(task, p, values, o + r0, r0, c0, j0, j1, 4, C); break; \
+    }
+
+/* Dimensions past the last multiple of 8, one row at a time, in the same order. */
+static void weigh_tail(const struct task_rows *task, const float *p, const float *values, float *const *o, int longest) {
+    int dim = task->a->head_dim;
+    for (int r = 0; r < task->rows; r++)
+        for (int d = dim / LANES * LANES; d < dim; d++) {
+            float sum = 0.0f;
+            for (int j = 0; j < longest; j++) sum += p[(size_t)j * task->pitch + r] * values[(size_t)j * dim + d];
+            o[r][d] = sum;
+        }
+}
+
+static void weigh_rows(const struct task_rows *task, const float *p, const float *values, float *const *o, int longest) {
+    int vectors = task->a->head_dim / LANES;
+    for (int j0 = 0; j0 < longest; j0 += KEY_CHUNK) {
+        int j1 = longest - j0 < KEY_CHUNK ? longest : j0 + KEY_CHUNK;
+        for (int c0 = 0; c0 < vectors; c0 += VALUE_VECTORS)
+            for (int r0 = 0; r0 < task->rows; r0 += VALUE_ROWS) {
+                if (vectors - c0 >= 2) {
+                    VALUE_ROW_CASES(2)
+                } else {
+                    VALUE_ROW_CASES(1)
+                }
+            }
+    }
+    weigh_tail(task, p, values, o, longest);
 }
 
 void NAME(attention_prefill)(void *ctx, int task_begin, int task_end) {
     const struct prefill_attention_job *job = ctx;
     const struct attention_args *a = &job->args;
     int per_task = prefill_tokens_per_task(a->group), kv_heads = a->heads / a->group;
-    size_t stride = (size_t)(job->positions + LANES - 1) / LANES * LANES;
-    float *key_block = thread_scratch(SCRATCH_ATTENTION, ((size_t)a->head_dim * LANES + (size_t)per_task * a->group * stride) * sizeof(float));
-    float *scores = key_block + (size_t)a->head_dim * LANES;
+    int most_rows = per_task * a->group, pitch = (most_rows + LANES - 1) / LANES * LANES;
+    float *q_t = thread_scratch(SCRATCH_ATTENTION, ((size_t)a->head_dim + (size_t)job->positions) * pitch * sizeof(float) +
+                                                       (size_t)most_rows * sizeof(float *));
+    float *scores = q_t + (size_t)a->head_dim * pitch;
+    float **o = (float **)(scores + (size_t)job->positions * pitch);
     for (int task = task_begin; task < task_end; task++) {
         int kv = task % kv_heads, t0 = task / kv_heads * per_task;
         int tokens = job->tokens - t0 < per_task ? job->tokens - t0 : per_task, rows = tokens * a->group;
-        const float *keys = a->keys + (size_t)kv * a->head_stride, *values = a->values + (size_t)kv * a->head_stride;
-        score_rows(a, keys, kv, t0, rows, a->start + t0 + tokens, key_block, scores, stride);
-        for (int t = t0; t < t0 + tokens; t++)
-            for (int i0 = 0; i0 < a->group; i0 += PREFILL_QUERY_ROWS) {
-                float *p[PREFILL_QUERY_ROWS], *o[PREFILL_QUERY_ROWS];
-                int length = a->start + t + 1, n = a->group - i0 < PREFILL_QUERY_ROWS ? a->group - i0 : PREFILL_QUERY_ROWS;
-                for (int i = 0; i < n; i++) {
-                    p[i] = scores + ((size_t)(t - t0) * a->group + i0 + i) * stride;
-                    o[i] = a->out + ((size_t)t * a->heads + kv * a->group + i0 + i) * a->head_dim;
-                    softmax(p[i], length);
-                }
-                weigh_rows(values, p, o, n, length, a->head_dim);
-            }
+        struct task_rows rows_of = {.a = a, .kv = kv, .t0 = t0, .rows = rows, .pitch = (rows + LANES - 1) / LANES * LANES};
+        int longest = a->start + t0 + tokens;
+        for (int r = 0; r < rows; r++) o[r] = output_row(&rows_of, r);
+        transpose_queries(&rows_of, q_t);
+        score_rows(&rows_of, q_t, a->keys + (size_t)kv * a->head_stride, longest, scores);
+        softmax_columns(&rows_of, longest, scores);
+        weigh_rows(&rows_of, scores, a->values + (size_t)kv * a->head_stride, o, longest);
     }
 }

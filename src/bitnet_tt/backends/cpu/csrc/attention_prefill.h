@@ -1,6 +1,6 @@
 /* Causal attention of many query tokens (prefill) over one slot's cache: each task takes one kv head and a
- * few tokens, so every block of 16 keys is transposed once and scored against all the task's query rows
- * (tokens x the heads sharing that kv head) as 16-lane multiply-adds, without a horizontal sum per key. */
+ * few tokens, so every key and value is read once per task for all the task's query rows (tokens x the heads
+ * sharing that kv head), scored as 8-row multiply-adds without a horizontal sum per key. */
 #ifndef BITNET_CPU_ATTENTION_PREFILL_H
 #define BITNET_CPU_ATTENTION_PREFILL_H
 

@@ -16,11 +16,12 @@
 #define GEMM_ROWS 64
 #define PANEL_VECTORS (GEMM_ROWS / 16)
 /* Below this many tokens the tile kernels (which unpack per tile) are faster: best of 9 of one thread's CPU
- * time over a layer's 2B-4T projections on a Zen 4 (at 16 tokens the GEMM took 1.45x as long on AVX-512 and
- * 1.27x on AVX2; about equal from 48 and from 32). A step of 8 decoding users and a prefill chunk of 8-32
- * tokens lands in between. */
+ * time over a layer's 2B-4T projections on a Zen 4 (at 16 tokens the GEMM took 1.45x as long on AVX-512;
+ * about equal from 48). AVX2, on a Zen 3 (int16 GEMM, transposing unpack): at 12 and 16 tokens the GEMM ran
+ * at 123-220 GOP/s against the tiles' 94-168, at 8 tokens 76-120 against 95-106. A step of 8 decoding users
+ * and a prefill chunk of 8-32 tokens lands in between. */
 #define GEMM_MIN_TOKENS_AVX512 48
-#define GEMM_MIN_TOKENS_AVX2 24
+#define GEMM_MIN_TOKENS_AVX2 12
 
 enum matmul_mode { MATMUL_INT32 = 0, MATMUL_STORE = 1, MATMUL_ADD = 2 };
 
