@@ -11,16 +11,17 @@ What is measured, and how (greedy, ignore_eos, random token-id prompts; the engi
   prompt prefilled in chunks of C with nobody decoding. It picks the default --prefill-chunk.
 - interference: 8 users decode; a 2,048-token prompt arrives. Inter-token latency (ITL) p99 of the 8
   streams from its arrival until its first token, over their p99 in as many steps just before it (goal
-  <= 2x), with chunked prefill (--prefill-chunk) and with whole-prompt prefill (today's behaviour); and
-  the arriving prompt's own time to first token (median).
+  <= 2x), with chunked prefill (--prefill-chunk; on a backend that paces prefill, paced chunks of at most
+  that, engine/pacing.py, and fixed ones) and with whole-prompt prefill; and the arriving prompt's own time
+  to first token (median).
 - prefix: a chat's second turn over a 1,500-token history (the first turn's prompt and reply, then a new
   30-token message): time to first token without the prefix cache (cache_prompt false) over with it
   (goal >= 5x).
 - throughput: 8 users, each sending 3 requests one after the other (128-token prompts, 64 tokens each; user
   i's first request is cut to (i + 1) / 8 of that, so that the users fall out of step), so that prompts
-  arrive while the others decode: every generated token over the wall time, chunked over whole-prompt
-  prefill (goal: 1x within noise).
-Sections other than sweep run --rounds times, alternating the two settings; ratios use pooled figures.
+  arrive while the others decode: every generated token over the wall time, chunked (as in interference)
+  over whole-prompt prefill (goal: 1x within noise).
+Sections other than sweep run --rounds times, alternating the settings; ratios use pooled figures.
 The machine may be shared: read ratios, not absolute times. Figures are printed, never asserted.
 """
 
@@ -61,9 +62,10 @@ class Bench:
         self.backend, self.tokenizer = backend, tokenizer
         self.gen = torch.Generator().manual_seed(0)
 
-    def engine(self, chunk: int) -> Engine:
-        """A fresh engine on the shared backend (its slot pool starts empty: nothing cached)."""
-        return Engine(self.backend, self.tokenizer, prefill_chunk=chunk)
+    def engine(self, chunk: int, paced: bool = True) -> Engine:
+        """A fresh engine on the shared backend (its slot pool starts empty: nothing cached); paced: chunks sized
+        by measured step times (if the backend paces prefill), else fixed."""
+        return Engine(self.backend, self.tokenizer, prefill_chunk=chunk, **({} if paced else {"mixed_step_limit": None}))
 
     def prompt(self, length: int) -> list[int]:
         return torch.randint(0, self.backend.config.vocab_size - 3, (length,), generator=self.gen).tolist()
@@ -86,7 +88,7 @@ class Bench:
     def sweep(self, chunks: list[int], pairs: int) -> list[tuple[int, float, float, float]]:
         rows = []
         for chunk in chunks:
-            engine = self.engine(chunk)
+            engine = self.engine(chunk, paced=False)
             alone = timed(lambda: engine.generate([self.prompt(SWEEP_ALONE)], greedy(1, cache_prompt=False)))
             users = self.start_users(engine)
             mixed, plain = [], []
@@ -100,9 +102,9 @@ class Bench:
                          SWEEP_ALONE / alone))
         return rows
 
-    def interference(self, chunk: int) -> tuple[list[float], list[float], float]:
+    def interference(self, chunk: int, paced: bool) -> tuple[list[float], list[float], float]:
         """ITL gaps (s) of the running users before and while a long prompt arrives, and its TTFT (s)."""
-        engine = self.engine(chunk)
+        engine = self.engine(chunk, paced)
         users = self.start_users(engine)
         steps = -(-ARRIVING_PROMPT // chunk)
         marks = [len(u.stats.token_times) for u in users]
@@ -125,12 +127,12 @@ class Bench:
         engine.run()
         return second.stats.first_token - second.stats.submitted
 
-    def throughput(self, chunk: int) -> float:
+    def throughput(self, chunk: int, paced: bool) -> float:
         """Every generated token over the wall time: 8 users, each sending its next request when one ends.
         User i's first request is cut to (i + 1) / 8 of the tokens, so that the users fall out of step and
         prompts arrive while the others decode, whatever the prefill (in step, whole-prompt prefill would
         batch all 8 prompts into one step every round)."""
-        engine = self.engine(chunk)
+        engine = self.engine(chunk, paced)
         started = time.perf_counter()
         current = [engine.submit(self.prompt(THROUGHPUT_PROMPT), greedy(THROUGHPUT_TOKENS * (i + 1) // USERS))
                    for i in range(USERS)]
@@ -207,15 +209,21 @@ def main(argv=None) -> None:
             print(f"{chunk:>6} {ratio:>10.2f}x {rate:>14.1f} {alone:>12.1f}")
 
     chunk = args.prefill_chunk or backend.default_prefill_chunk
+    paced = backend.paces_prefill
+    settings = [(chunk, paced, f"{'paced' if paced else 'chunks'} <= {chunk}")]
+    settings += [(chunk, False, f"chunks of {chunk}")] * paced + [(whole, False, "whole prompt")]
     if "interference" in sections:
-        runs = {c: [bench.interference(c) for _ in range(args.rounds)] for c in (chunk, whole)}
+        runs = {label: [] for _, _, label in settings}
+        for _ in range(args.rounds):
+            for c, pace, label in settings:
+                runs[label].append(bench.interference(c, pace))
         print(f"\ninterference: ITL of {USERS} streams while a {ARRIVING_PROMPT}-token prompt arrives ({args.rounds} rounds)")
         print(f"{'prefill':>16} {'p99 before ms':>14} {'p99 during ms':>14} {'ratio':>7}  (goal <= 2x)"
               f" {'its TTFT s':>11}")
-        for c, label in ((chunk, f"chunks of {chunk}"), (whole, "whole prompt")):
-            before = percentile([g for b, _, _ in runs[c] for g in b], 99)
-            during = percentile([g for _, d, _ in runs[c] for g in d], 99)
-            ttft = statistics.median(t for _, _, t in runs[c])
+        for label, figures in runs.items():
+            before = percentile([g for b, _, _ in figures for g in b], 99)
+            during = percentile([g for _, d, _ in figures for g in d], 99)
+            ttft = statistics.median(t for _, _, t in figures)
             print(f"{label:>16} {1000 * before:>14.1f} {1000 * during:>14.1f} {during / before:>6.2f}x"
                   f"               {ttft:>11.1f}")
 
@@ -230,15 +238,16 @@ def main(argv=None) -> None:
         print(f"without the prefix cache {1000 * off:.1f} ms, with it {1000 * on:.1f} ms: {off / on:.1f}x faster (goal >= 5x)")
 
     if "throughput" in sections:
-        figures = {chunk: [], whole: []}
+        figures = {label: [] for _, _, label in settings}
         for _ in range(args.rounds):
-            for c in (chunk, whole):
-                figures[c].append(bench.throughput(c))
-        chunked, whole_prompts = statistics.median(figures[chunk]), statistics.median(figures[whole])
+            for c, pace, label in settings:
+                figures[label].append(bench.throughput(c, pace))
+        whole_prompts = statistics.median(figures["whole prompt"])
         print(f"\nthroughput: {USERS} users, {THROUGHPUT_REQUESTS} requests each, one after the other "
               f"({THROUGHPUT_PROMPT}-token prompts, {THROUGHPUT_TOKENS} tokens; median of {args.rounds})")
-        print(f"chunks of {chunk} {chunked:.1f} tokens/s, whole prompts {whole_prompts:.1f} tokens/s: "
-              f"{chunked / whole_prompts:.2f}x (goal: 1x within noise)")
+        for label, rates in figures.items():
+            rate = statistics.median(rates)
+            print(f"{label:>16} {rate:.1f} tokens/s: {rate / whole_prompts:.2f}x whole prompts' (goal: 1x within noise)")
 
 
 if __name__ == "__main__":

@@ -107,7 +107,8 @@ def record_steps(engine: Engine) -> list:
 
 def serve_while_prompts_arrive(tiny, tokenizer, backend_type, chunk, params):
     """Three users start, then two prompts (one longer than the workspace's rows) arrive while they decode."""
-    engine = Engine(backend_type(tiny, max_slots=5, max_context=512, progress=False), tokenizer, prefill_chunk=chunk)
+    engine = Engine(backend_type(tiny, max_slots=5, max_context=512, progress=False), tokenizer, prefill_chunk=chunk,
+                    mixed_step_limit=None)  # fixed chunks: both runs' steps alike
     results = record_steps(engine)
     users = [engine.submit(random_prompt(n, seed), params) for seed, n in enumerate((3, 11, 20))]
     for _ in range(2):

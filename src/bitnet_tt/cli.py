@@ -154,7 +154,8 @@ def add_model_options(parser: argparse.ArgumentParser, slots: int | None = None,
 
 def add_engine_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefill-chunk", type=positive_int,
-                        help="prompt tokens prefilled per step, between the decode steps of running users; "
+                        help="prompt tokens prefilled per step at most (the cpu backend takes fewer while users "
+                             "decode, as measured step times allow), between the decode steps of running users; "
                              "a prompt up to this length is prefilled whole (default: the backend's, chosen by "
                              "measurement: see README, Serving many users)")
 

@@ -55,6 +55,10 @@ class Backend(ABC):
     # (benchmarks/serving.py; README, "Serving many users"): small enough that a step with a chunk keeps the
     # running users' inter-token latency near a decode step's, large enough to keep the prefill rate.
     default_prefill_chunk: int = 64
+    # Whether the engine sizes prompt chunks by measured step times (engine/pacing.py) while users decode: for a
+    # backend whose step time grows with a chunk's rows and attention pairs (chunk_work), by amounts that vary
+    # from machine to machine; default_prefill_chunk is then the most a step takes.
+    paces_prefill: bool = False
     # Whether copy_slot works: requests with the same prompt then share one prefill.
     copies_slots: bool = False
 
@@ -109,6 +113,11 @@ class Backend(ABC):
         if draws is not None:
             return StepResult(prefilled, _attempt(self.decode_sampled, slots, token_ids, draws))
         return StepResult(prefilled, _attempt(self.decode_greedy if greedy else self.decode, slots, token_ids))
+
+    def chunk_work(self, start: int, count: int) -> tuple[float, float]:
+        """What prefilling positions start .. start + count - 1 adds to a step, in the two units the engine's
+        cost fit is linear in (paces_prefill): rows through the projections, and query-key pairs of attention."""
+        return count, count * start + count * (count + 1) / 2
 
     def copy_slot(self, source: int, target: int, length: int) -> None:
         """Make the empty `target` slot's context the first `length` positions of `source`'s (only when

@@ -29,6 +29,7 @@ from ..sampling import (
     sample_token,
 )
 from ..tokenizer import ChatMessage, StreamDecoder, Tokenizer
+from .pacing import MIXED_STEP_LIMIT, Pacer
 from .request import Request, RequestOutput, RequestStatus
 from .scheduler import PrefillChunk, Scheduler, StepPlan
 from .slots import SlotPool
@@ -74,8 +75,10 @@ class BackendBroken(Exception):
 
 class Engine:
     def __init__(self, backend: Backend, tokenizer: Tokenizer, prompt_overflow: str = "error",
-                 prefill_chunk: int | None = None):
-        """prefill_chunk: prompt tokens prefilled per step (None: the backend's default_prefill_chunk)."""
+                 prefill_chunk: int | None = None, mixed_step_limit: float | None = MIXED_STEP_LIMIT):
+        """prefill_chunk: prompt tokens prefilled per step at most (None: the backend's default_prefill_chunk);
+        mixed_step_limit: on a backend that paces prefill, a step with prompt tokens costs at most this many
+        decode-only steps by measurement (pacing.py; None: fixed chunks of prefill_chunk)."""
         if prompt_overflow not in PROMPT_OVERFLOW:
             raise RequestError(f"prompt_overflow must be one of {PROMPT_OVERFLOW}")
         prefill_chunk = backend.default_prefill_chunk if prefill_chunk is None else prefill_chunk
@@ -92,8 +95,12 @@ class Engine:
         self._cancelled: set[str] = set()
         self._ids = itertools.count()
         self.slots = SlotPool(backend.max_slots)
+        if mixed_step_limit is not None and not mixed_step_limit > 1:
+            raise RequestError(f"mixed_step_limit must be above 1 (decode steps), got {mixed_step_limit!r}")
+        paced = backend.paces_prefill and mixed_step_limit is not None
+        self.pacer = Pacer(backend.chunk_work, mixed_step_limit) if paced else None
         self.scheduler = Scheduler(self.slots, prefill_chunk, prefix_prefill=backend.supports_prefix_prefill,
-                                   copies_slots=backend.copies_slots)
+                                   copies_slots=backend.copies_slots, pacer=self.pacer)
         self.last_plan = StepPlan()  # what the latest step ran (tests and benchmarks read it)
         self._backend_failures: Counter = Counter()  # per backend method: failures since its last success
         self._grammar: GrammarCompiler | None = None  # built on first use (it converts the tokenizer)
@@ -187,6 +194,9 @@ class Engine:
         greedy = all(r.params.plain_greedy for r in plan.decode)  # no logits needed: the backend picks the tokens
         draws = None if greedy else self._device_draws(plan.decode)  # the backend samples on its device
         result = self._backend_step(plan, greedy, draws, outputs)  # None: it failed, and so have its requests
+        if self.pacer and result is not None:
+            self.pacer.observe(len(plan.decode), [(c.start, c.stop - c.start) for c in plan.prefill],
+                               time.perf_counter() - called)
         completed = [] if result is None else [(c.request, logits) for c, part in zip(plan.prefill, result.prefill)
                                                if (logits := self._prefilled(c, part, outputs)) is not None]
         completed += self._copy_prefills(plan.copies, completed, outputs)

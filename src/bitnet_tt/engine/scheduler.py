@@ -1,10 +1,12 @@
 """One step's plan: every decoding slot decodes once, and at most `prefill_chunk` prompt tokens are prefilled.
 
 Long prompts thus advance chunk by chunk between decode steps instead of stalling every running user for
-a whole prefill. Prompt tokens go first come, first served: to requests already prefilling, in the order
-they were admitted, then to waiting requests, which are admitted (given a slot) only when the budget
-reaches them. So the head of the queue is admitted once the prompts ahead of it are prefilled and a slot
-is free: within (their remaining prompt tokens) / prefill_chunk + 1 steps.
+a whole prefill. With a pacer (pacing.py), a step's prompt tokens are further limited by their measured cost
+while users decode, at least one token a step. Prompt tokens go first come, first served: to requests already
+prefilling, in the order they were admitted, then to waiting requests, which are admitted (given a slot) only
+when the budget reaches them. So the head of the queue is admitted once the prompts ahead of it are prefilled
+and a slot is free: within (their remaining prompt tokens) / prefill_chunk + 1 steps, and paced, within
+(their remaining prompt tokens) + 1 steps.
 
 A backend that cannot prefill into a slot that already holds context (`supports_prefix_prefill` false)
 gets whole prompts, as many as fit the budget and always at least one, and no prefix reuse. A backend that
@@ -15,9 +17,9 @@ request) a copy of that slot instead of a prefill, outside the budget.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from .pacing import Pacer, TokenBudget
 from .request import Request, RequestStatus
 from .slots import SlotPool
 
@@ -49,24 +51,29 @@ class StepPlan:
 
 
 class Scheduler:
-    def __init__(self, slots: SlotPool, prefill_chunk: int, prefix_prefill: bool, copies_slots: bool):
+    def __init__(self, slots: SlotPool, prefill_chunk: int, prefix_prefill: bool, copies_slots: bool,
+                 pacer: Pacer | None = None):
         """prefix_prefill: the backend prefills into a slot that holds context (chunks, prefix reuse);
-        copies_slots: it copies one slot's context into another."""
+        copies_slots: it copies one slot's context into another; pacer: sizes chunks by measured cost (only
+        with prefix_prefill)."""
         self.slots, self.prefill_chunk = slots, prefill_chunk
         self.prefix_prefill, self.copies_slots = prefix_prefill, copies_slots
+        self.pacer = pacer if prefix_prefill else None
 
-    def plan(self, waiting: deque[Request], running: Iterable[Request]) -> StepPlan:
+    def plan(self, waiting: deque[Request], running: list[Request]) -> StepPlan:
         """Plan one step; admitted requests leave `waiting` (running: in admission order)."""
         plan = StepPlan()
-        budget = self.prefill_chunk
+        decode_rows = sum(not request.prefilling for request in running)
+        budget = self.pacer.budget(decode_rows, self.prefill_chunk) if self.pacer else None
+        budget = budget or TokenBudget(self.prefill_chunk)
         for request in running:
             if request.prefilling:
-                budget = self._take_chunk(plan, request, budget)
+                self._take_chunk(plan, request, budget)
             else:
                 plan.decode.append(request)
         while waiting and self.slots.has_free:
             source = self._completed_twin(plan, waiting[0])
-            if source is None and budget <= 0:
+            if source is None and budget.exhausted:
                 break
             request = waiting.popleft()
             reuse = source is None and self.prefix_prefill and request.params.cache_prompt
@@ -75,7 +82,7 @@ class Scheduler:
             request.status = RequestStatus.RUNNING
             plan.admitted.append(request)
             if source is None:
-                budget = self._take_chunk(plan, request, budget)
+                self._take_chunk(plan, request, budget)
             else:
                 plan.copies.append((source, request))
         return plan
@@ -87,11 +94,15 @@ class Scheduler:
         return next((c.request for c in plan.prefill
                      if c.completes_prompt and c.request.prompt_ids == request.prompt_ids), None)
 
-    def _take_chunk(self, plan: StepPlan, request: Request, budget: int) -> int:
-        """Plan the request's next prompt tokens within `budget`; return the budget left."""
-        if budget <= 0:
-            return budget
+    def _take_chunk(self, plan: StepPlan, request: Request, budget) -> None:
+        """Plan the request's next prompt tokens within `budget` (a TokenBudget or pacing.CostBudget), which
+        they use up."""
+        if budget.exhausted:
+            return
         remaining = len(request.prompt_ids) - request.prefilled
-        count = min(remaining, budget) if self.prefix_prefill else remaining
-        plan.prefill.append(PrefillChunk(request, request.prefilled, request.prefilled + count))
-        return budget - count
+        if self.prefix_prefill:
+            count = budget.take(request.prefilled, remaining)
+        else:  # whole prompts
+            count, budget.tokens = remaining, budget.tokens - remaining
+        if count:
+            plan.prefill.append(PrefillChunk(request, request.prefilled, request.prefilled + count))

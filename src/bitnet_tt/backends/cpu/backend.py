@@ -34,6 +34,7 @@ class CPUOptions:
 
 class CPUBackend(Backend):
     copies_slots = True
+    paces_prefill = True
     # benchmarks/serving.py on a quiet 2-core EPYC (load 1.7-1.9), a step as one pass: chunks of 16 keep running
     # streams at 1.85-1.94x a decode step (p99) while a 2,048-token prompt arrives, at 0.87-0.98x whole-prompt
     # prefill's throughput; chunks of 32: 4.64x at 0.93x. README, "Serving many users"
