@@ -566,14 +566,6 @@ INLINE vector_f32 table_vector(const void *table, int dtype, size_t at) {
     return load_vector((const float *)table + at);
 }
 
-INLINE float table_scalar(const void *table, int dtype, size_t at) {
-    if (dtype == WEIGHT_F32) return ((const float *)table)[at];
-    uint32_t bits = (uint32_t)((const uint16_t *)table)[at] << 16;
-    float value;
-    memcpy(&value, &bits, sizeof value);
-    return value;
-}
-
 /* Rounds value / scale to a code (|value / scale| <= 127 + rounding: no clamp needed). */
 INLINE vector_i32 head_code(vector_f32 value, float scale) {
     return __builtin_convertvector(((value / scale) + ROUNDING_SHIFT) - ROUNDING_SHIFT, vector_i32);
@@ -610,14 +602,14 @@ void NAME(quantize_head_rows)(const void *table, int dtype, int k, int v_begin, 
         }
         float top = 0.0f;
         for (int l = 0; l < WIDTH; l++) top = fmaxf(top, tops[l]);
-        for (int j = i; j < k; j++) top = fmaxf(top, fabsf(table_scalar(table, dtype, row + j)));
+        for (int j = i; j < k; j++) top = fmaxf(top, fabsf(table_value(table, dtype, row + j)));
         const float scale = top > 0.0f ? top / 127.0f : 1.0f;
         for (i = 0; i + 4 * WIDTH <= k; i += 4 * WIDTH) {
             vector_i32 codes[4];
             for (int j = 0; j < 4; j++) codes[j] = head_code(table_vector(table, dtype, row + i + j * WIDTH), scale);
             store_codes(q + row + i, codes);
         }
-        for (; i < k; i++) q[row + i] = (int8_t)nearbyintf(table_scalar(table, dtype, row + i) / scale);
+        for (; i < k; i++) q[row + i] = (int8_t)nearbyintf(table_value(table, dtype, row + i) / scale);
         scales[v] = scale;
     }
 }

@@ -4,6 +4,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 
 enum weight_dtype { WEIGHT_BF16 = 0, WEIGHT_F32 = 1, WEIGHT_INT8 = 2 };
 
@@ -13,6 +14,15 @@ enum weight_dtype { WEIGHT_BF16 = 0, WEIGHT_F32 = 1, WEIGHT_INT8 = 2 };
  * zero-padded to HEAD_INT8_BLOCK, then the tokens' fp32 scales, then room for one token's codes in order. */
 #define HEAD_FLOAT_BLOCK 32
 #define HEAD_INT8_BLOCK 64
+
+/* Element i of a bf16 (as uint16 bits) or fp32 table, as fp32 (exact). */
+static inline float table_value(const void *table, int dtype, size_t i) {
+    if (dtype == WEIGHT_F32) return ((const float *)table)[i];
+    uint32_t bits = (uint32_t)((const uint16_t *)table)[i] << 16;
+    float value;
+    memcpy(&value, &bits, sizeof value);
+    return value;
+}
 
 static inline int head_padded_k(int dtype, int k) {
     int block = dtype == WEIGHT_INT8 ? HEAD_INT8_BLOCK : HEAD_FLOAT_BLOCK;

@@ -284,14 +284,6 @@ static PyObject *py_norm(PyObject *self, PyObject *args) { return py_prepare_row
 /* ---------------------------------------------------------------------------------------------
  * Embedding rows */
 
-static float table_value(const void *table, int dtype, size_t i) {
-    if (dtype == WEIGHT_F32) return ((const float *)table)[i];
-    uint32_t bits = (uint32_t)((const uint16_t *)table)[i] << 16;
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
-
 static int dtype_size(int dtype) { return dtype == WEIGHT_F32 ? 4 : dtype == WEIGHT_BF16 ? 2 : 1; }
 
 /* embed(table, dtype, vocab, k, ids, m, out): rows of a bf16 or fp32 table as fp32; ids int64 [m]. */
