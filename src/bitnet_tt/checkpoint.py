@@ -128,7 +128,8 @@ def _read_master(files: TensorFiles, name: str, shape, config: ModelConfig) -> T
 
 
 def _read_packed(files: TensorFiles, name: str, shape, config: ModelConfig) -> TernaryWeight:
-    packed, scale = packed_projection(files, name, shape, config.linear_class)  # see notes on checkpoints
+    buffer = torch.empty(files.nbytes(name + ".weight"), dtype=torch.uint8)  # torch's memory: see torch_tensor
+    packed, scale = packed_projection(files, name, shape, config.linear_class, into=buffer.numpy())
     return TernaryWeight(unpack_hf(torch.from_numpy(packed)), torch.from_numpy(np.asarray(scale, np.float32)))
 
 
