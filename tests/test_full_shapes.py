@@ -17,9 +17,10 @@ from bitnet_tt.checkpoint import convert_checkpoint
 from bitnet_tt.synthetic import config_2b4t, write_random_model
 
 # torch (golden) backend, context 256: peak RSS (VmHWM) measured on Linux x86-64 (glibc 2.36), torch 2.14 CPU,
-# 2 threads: 3.40-4.10 GB. Steady state after loading is 3.24 GB = ~0.5 GB Python + torch + 2.08 GB int8 codes
+# 2 threads: 3.39 GB (Zen 5; 3.40-5.36 GB on other CPUs before loading gave glibc its freed temporaries back
+# after each projection). Steady state after loading is 3.24 GB = ~0.5 GB Python + torch + 2.08 GB int8 codes
 # of the 210 projections (1 byte per ternary weight) + 0.66 GB bf16 embedding / tied LM head; the peak adds
-# ~0.6 GB of loading temporaries (freed; glibc returns them at the end of loading) and decode activations.
+# one projection's loading temporaries and decode activations.
 # The bound is the measurement plus ~12%: it catches a second copy of the codes (+2 GB) or dense bf16 weights.
 # It is above the project's 2.5 GB goal, which int8 codes cannot meet (codes + embedding alone are 2.74 GB).
 # cpu backend, a converted model, one slot filled to the full 4,096-token context: issue #13's situation.

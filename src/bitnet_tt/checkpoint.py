@@ -8,6 +8,7 @@ Formats (see README):
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import shutil
@@ -112,7 +113,19 @@ def load_weights(folder: Path, progress: bool = True) -> BitNetWeights:
 
 def _checked_scale(files: TensorFiles, name: str, weight: TernaryWeight) -> TernaryWeight:
     check_scale(files, name, float(weight.scale))
+    release_freed_memory()
     return weight
+
+
+def release_freed_memory() -> None:
+    """Give the heap's freed temporaries back to the system. A projection's unpacking temporaries lie between
+    the codes kept from earlier ones, so glibc cannot shrink its heap past them and keeps them otherwise:
+    without this per projection the torch backend's peak RSS at 2B-4T shapes varied from 3.8 to 5.3 GB
+    between machines (1.1-1.7 GB of freed temporaries); with it, 3.4 GB."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 def _read_lm_head(files: TensorFiles, config: ModelConfig) -> torch.Tensor | None:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import ctypes
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from ...checkpoint import BitNetWeights, load_weights
+from ...checkpoint import BitNetWeights, load_weights, release_freed_memory
 from ...errors import BitNetError, CapacityError
 from ..base import Backend
 from .kv_cache import KVCache
@@ -73,14 +72,6 @@ class TorchBackend(Backend):
         for s in slots:
             self._advance(s, 1)
         return logits.cpu()
-
-
-def release_freed_memory() -> None:
-    """Give the heap's freed loading temporaries back to the system (glibc keeps them otherwise)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        pass
 
 
 def load_torch_backend(

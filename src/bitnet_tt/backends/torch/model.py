@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...checkpoint import BitNetWeights, LayerWeights
+from ...checkpoint import BitNetWeights, LayerWeights, release_freed_memory
 from ...config import ModelConfig
 from ...ternary import TernaryWeight
 from .kv_cache import KVCache
@@ -151,10 +151,12 @@ class BitNetModel(nn.Module):
         self.register_buffer("embed", weights.embed.to(**cast))
         lm_head = weights.lm_head
         self.register_buffer("lm_head", self.embed if lm_head is None else lm_head.to(**cast))
-        # Consume the loaded layers one by one so that only one copy of the codes is alive at a time.
+        # Consume the loaded layers one by one so that only one copy of the codes is alive at a time, and give
+        # each layer's freed codes back at once (the fused copies land between them otherwise).
         self.layers = nn.ModuleList()
         while weights.layers:
             self.layers.append(DecoderLayer(cfg, weights.layers.pop(0), cast))
+            release_freed_memory()
         self.norm = RMSNorm(weights.final_norm.to(**cast), cfg.rms_norm_eps)
         cos, sin = rope_tables(cfg, cache.max_context, dtype, device)
         self.register_buffer("rope_cos", cos)
