@@ -258,7 +258,8 @@ INLINE void float_span(const void *w, int dtype, const float *scales, int K, con
 /* dots[r * M + m] = exact int32 sum over inputs [0, K) of rows v .. v + R (R, M constants after inlining)
  * times each token's codes q (a pass of M tokens): the vector loop covers whole HEAD_INT8_BLOCKs, the rest
  * is added in C. */
-INLINE void int8_tile(const int8_t *w, int K, int v, int R, const int8_t *q, int M, int32_t *dots) {
+INLINE void int8_tile(const int8_t *w, int K, int v, int R, const int8_t *q, int M, int32_t *dots,
+                      const int8_t *ahead) {
 #if defined(__AVX512VNNI__) || defined(__AVX2__)
     const int vector_k = K / HEAD_INT8_BLOCK * HEAD_INT8_BLOCK;
 #else
@@ -280,6 +281,7 @@ INLINE void int8_tile(const int8_t *w, int K, int v, int R, const int8_t *q, int
         for (int c = 0; c < chains && k + 64 * c < vector_k; c++) {
             __m512i codes[HEAD_MAX_TILE_ROWS];
             for (int r = 0; r < R; r++) {
+                if (ahead) __builtin_prefetch(ahead + (size_t)r * K + k + 64 * c, 0, 3);
                 codes[r] = _mm512_loadu_si512(w + (size_t)(v + r) * K + k + 64 * c);
                 offsets[r][c] = _mm512_dpbusd_epi32(offsets[r][c], bias, codes[r]);  /* 128 x the codes' sum */
             }
@@ -306,6 +308,7 @@ INLINE void int8_tile(const int8_t *w, int K, int v, int R, const int8_t *q, int
             const int8_t *xk = q + (size_t)kb * M + (k - kb);  /* token 0's codes from k */
             __m256i codes[HEAD_MAX_TILE_ROWS], magnitudes[HEAD_MAX_TILE_ROWS];
             for (int r = 0; r < R; r++) {
+                if (ahead && k % 64 == 0) __builtin_prefetch(ahead + (size_t)r * K + k, 0, 3);
                 codes[r] = _mm256_loadu_si256((const void *)(w + (size_t)(v + r) * K + k));
                 magnitudes[r] = _mm256_abs_epi8(codes[r]);
             }
@@ -335,14 +338,20 @@ INLINE void int8_tile(const int8_t *w, int K, int v, int R, const int8_t *q, int
         }
 }
 
+/* With more than 2 tokens a tile works on its rows long enough that the hardware prefetchers fell behind
+ * (AVX-512 Zen 5, 8 tokens, one thread: 10.4 GB/s from memory against 24.9 from L2): the tile asks for the
+ * rows INT8_PREFETCH_ROWS on as it reads its own. */
+#define INT8_PREFETCH_ROWS 4
+
 INLINE void int8_span(const int8_t *w, const float *scales, int K, const int8_t *q, const float *x_scales, int M,
                       int V, int v_begin, int v_end, float *out) {
     int32_t dots[HEAD_MAX_TILE_ROWS * HEAD_INT8_TOKENS];
     for (int v = v_begin; v < v_end; v += HEAD_TILE_ROWS(M)) {
         int rows = v_end - v < HEAD_TILE_ROWS(M) ? v_end - v : HEAD_TILE_ROWS(M);
-        if (rows == HEAD_TILE_ROWS(M)) int8_tile(w, K, v, HEAD_TILE_ROWS(M), q, M, dots);
+        const int8_t *ahead = M > 2 && v + INT8_PREFETCH_ROWS + rows <= v_end ? w + (size_t)(v + INT8_PREFETCH_ROWS) * K : NULL;
+        if (rows == HEAD_TILE_ROWS(M)) int8_tile(w, K, v, HEAD_TILE_ROWS(M), q, M, dots, ahead);
         else
-            for (int r = 0; r < rows; r++) int8_tile(w, K, v + r, 1, q, M, dots + r * M);
+            for (int r = 0; r < rows; r++) int8_tile(w, K, v + r, 1, q, M, dots + r * M, NULL);
         for (int r = 0; r < rows; r++)
             for (int m = 0; m < M; m++)
                 out[(size_t)m * V + v + r] = (float)dots[r * M + m] / x_scales[m] * scales[v + r];
