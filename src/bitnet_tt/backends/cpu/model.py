@@ -26,7 +26,7 @@ import numpy as np
 
 from ...config import ModelConfig
 from . import kernels
-from .kernels import Activations
+from .kernels import Activations, aligned_array
 from .weights import CPUWeights, Layer
 
 
@@ -58,11 +58,11 @@ class Workspace:
     def __init__(self, weights: CPUWeights, rows: int):
         cfg = weights.config
         qkv_width = cfg.q_size + 2 * cfg.kv_size
-        self.x = np.zeros((rows, cfg.hidden_size), np.float32)  # the residual stream
-        self.qkv = np.zeros((rows, qkv_width), np.float32)
-        self.attention = np.zeros((rows, cfg.q_size), np.float32)
-        self.gate_up = np.zeros((rows, 2 * cfg.intermediate_size), np.float32)
-        self.final = np.zeros((rows, cfg.hidden_size), np.float32)
+        self.x = aligned_array((rows, cfg.hidden_size), np.float32, zeros=True)  # the residual stream
+        self.qkv = aligned_array((rows, qkv_width), np.float32, zeros=True)
+        self.attention = aligned_array((rows, cfg.q_size), np.float32, zeros=True)
+        self.gate_up = aligned_array((rows, 2 * cfg.intermediate_size), np.float32, zeros=True)
+        self.final = aligned_array((rows, cfg.hidden_size), np.float32, zeros=True)
         self.hidden_acts = Activations(rows, cfg.hidden_size)
         self.attention_acts = Activations(rows, cfg.q_size)
         self.mlp_acts = Activations(rows, cfg.intermediate_size)
@@ -90,7 +90,8 @@ class CPUModel:
         self.weights = weights
         self.path, self.threads = path, threads
         # [layer, slot, key/value, kv head, position, head dim]; zero pages stay unmapped until written.
-        self.cache = np.zeros((cfg.num_layers, max_slots, 2, cfg.num_kv_heads, max_context, cfg.head_dim), np.float32)
+        self.cache = aligned_array((cfg.num_layers, max_slots, 2, cfg.num_kv_heads, max_context, cfg.head_dim), np.float32,
+                                   zeros=True)
         self.rope_cos, self.rope_sin = rope_tables(cfg, max_context)
         self.work = Workspace(weights, max_rows)
         self.layers = kernels.layer_stack(cfg, max_rows, self.work.layer_buffers(), self.rope_cos, self.rope_sin,

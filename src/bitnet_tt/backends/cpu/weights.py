@@ -22,7 +22,7 @@ from tqdm import tqdm
 from ...config import ModelConfig
 from ...errors import BitNetError, CheckpointError
 from ...tensorfiles import FLOAT_DTYPES, TensorFiles, check_scale, float32, open_model, packed_projection, read_header
-from .kernels import PackedTernary, quantize_head
+from .kernels import PackedTernary, aligned_array, quantize_head
 
 LM_HEAD_DTYPES = ("bf16", "int8")
 # Projections that share an input run as one matmul; their rows are concatenated in this order.
@@ -180,7 +180,7 @@ def mapped_table(files: TensorFiles, name: str, shape: tuple[int, int], check: C
 def int8_head(table: np.ndarray, threads: int = 1, chunk_rows: int = 4096) -> tuple[np.ndarray, np.ndarray]:
     """The LM head as int8 rows, quantised a chunk at a time; a mapped table's pages are dropped after each
     chunk (clean file pages, read again if a token's row is needed), so the bf16 head is never resident whole."""
-    codes, scales = np.empty(table.shape, np.int8), np.empty(table.shape[0], np.float32)
+    codes, scales = aligned_array(table.shape, np.int8), np.empty(table.shape[0], np.float32)
     mapping = mapping_of(table)
     for start in range(0, table.shape[0], chunk_rows):
         rows = slice(start, start + chunk_rows)
