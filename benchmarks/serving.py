@@ -10,8 +10,9 @@ What is measured, and how (greedy, ignore_eos, random token-id prompts; the engi
   puts on inter-token latency, the prompt tokens/s of those steps, and the prompt tokens/s of a 512-token
   prompt prefilled in chunks of C with nobody decoding. It picks the default --prefill-chunk.
 - interference: 8 users decode; a 2,048-token prompt arrives. Inter-token latency (ITL) p99 of the 8
-  streams from its arrival until its first token, over their p99 in as many steps just before it (goal
-  <= 2x), with chunked prefill (--prefill-chunk; on a backend that paces prefill, paced chunks of at most
+  streams from its arrival until its first token, over their p99 without it: the same users from the same
+  start for as many steps (their contexts grow alike; the 128 steps before the arrival, used until this
+  round, let a slow prefill's hundreds of steps of context growth count as interference) (goal <= 2x), with chunked prefill (--prefill-chunk; on a backend that paces prefill, paced chunks of at most
   that, engine/pacing.py, and fixed ones) and with whole-prompt prefill; and the arriving prompt's own time
   to first token (median).
 - prefix: a chat's second turn over a 1,500-token history (the first turn's prompt and reply, then a new
@@ -50,6 +51,7 @@ HISTORY = 1500
 NEW_MESSAGE = 30
 THROUGHPUT_PROMPT, THROUGHPUT_TOKENS, THROUGHPUT_REQUESTS = 128, 64, 3  # per request; requests per user
 SWEEP_ALONE = 512  # prompt tokens prefilled with nobody decoding, in chunks
+WARM_STEPS = 16  # decode steps of the users before the interference window
 FULL_LAYERS, FULL_VOCAB = 30, 128256
 
 
@@ -103,22 +105,32 @@ class Bench:
         return rows
 
     def interference(self, chunk: int, paced: bool) -> tuple[list[float], list[float], float]:
-        """ITL gaps (s) of the running users before and while a long prompt arrives, and its TTFT (s)."""
+        """ITL gaps (s) of the running users without and while a long prompt arrives, and its TTFT (s). Without:
+        the same users from the same start for as many steps, so that their own contexts grow alike (a prefill
+        in small chunks takes hundreds of steps, and their decode attention grows with every one)."""
         engine = self.engine(chunk, paced)
         users = self.start_users(engine)
-        steps = -(-ARRIVING_PROMPT // chunk)
-        marks = [len(u.stats.token_times) for u in users]
-        for _ in range(max(steps, 16)):
+        for _ in range(WARM_STEPS):  # the pacer measures decode steps
             engine.step()
-        before = gaps_since(users, marks)
         marks = [len(u.stats.token_times) for u in users]
         arriving = engine.submit(self.prompt(ARRIVING_PROMPT), greedy(1, cache_prompt=False))
+        steps = 0
         while not arriving.output_ids:
             engine.step()
+            steps += 1
         engine.step()  # the users' first token after the prefill ends closes their last gap
         during = gaps_since(users, marks)
         self.stop(engine, users)
-        return before, during, arriving.stats.first_token - arriving.stats.submitted
+        engine = self.engine(chunk, paced)
+        users = self.start_users(engine)
+        for _ in range(WARM_STEPS):
+            engine.step()
+        marks = [len(u.stats.token_times) for u in users]
+        for _ in range(steps + 1):
+            engine.step()
+        without = gaps_since(users, marks)
+        self.stop(engine, users)
+        return without, during, arriving.stats.first_token - arriving.stats.submitted
 
     def second_turn_ttft(self, engine: Engine, cache_prompt: bool) -> float:
         history = self.prompt(HISTORY - 16)
@@ -218,13 +230,13 @@ def main(argv=None) -> None:
             for c, pace, label in settings:
                 runs[label].append(bench.interference(c, pace))
         print(f"\ninterference: ITL of {USERS} streams while a {ARRIVING_PROMPT}-token prompt arrives ({args.rounds} rounds)")
-        print(f"{'prefill':>16} {'p99 before ms':>14} {'p99 during ms':>14} {'ratio':>7}  (goal <= 2x)"
+        print(f"{'prefill':>16} {'p99 without ms':>14} {'p99 during ms':>14} {'ratio':>7}  (goal <= 2x)"
               f" {'its TTFT s':>11}")
         for label, figures in runs.items():
-            before = percentile([g for b, _, _ in figures for g in b], 99)
+            without = percentile([g for b, _, _ in figures for g in b], 99)
             during = percentile([g for _, d, _ in figures for g in d], 99)
             ttft = statistics.median(t for _, _, t in figures)
-            print(f"{label:>16} {1000 * before:>14.1f} {1000 * during:>14.1f} {during / before:>6.2f}x"
+            print(f"{label:>16} {1000 * without:>14.1f} {1000 * during:>14.1f} {during / without:>6.2f}x"
                   f"               {ttft:>11.1f}")
 
     if "prefix" in sections:

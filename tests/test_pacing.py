@@ -4,13 +4,15 @@ machine's speed or load."""
 
 from __future__ import annotations
 
+import statistics
+
 import numpy as np
 import pytest
 import torch
 
 from bitnet_tt.backends.cpu.backend import CPUBackend
 from bitnet_tt.engine import Engine
-from bitnet_tt.engine.pacing import PROBE_TOKENS, ChunkCostFit, Pacer, non_negative_fit
+from bitnet_tt.engine.pacing import DECODE_REFRESH, DECODE_WINDOW, PROBE_TOKENS, ChunkCostFit, Pacer, non_negative_fit
 from bitnet_tt.errors import RequestError
 from bitnet_tt.sampling import SamplingParams
 
@@ -67,14 +69,27 @@ def test_a_budget_gives_one_token_when_none_fits_and_then_none():
     assert budget.take(0, 50) == 0 and budget.exhausted
 
 
-def test_where_the_fixed_cost_of_mixing_exceeds_the_budget_a_chunk_gets_as_much_again():
+def test_where_the_fixed_cost_of_mixing_exceeds_the_budget_a_chunk_gets_one_token():
     pacer = Pacer(chunk_work, limit=1.5)
     pacer.observe(8, [], DECODE)
     fixed = 0.6 * DECODE  # more than the 0.5 decode step the limit leaves
     for start, count in ((0, 8), (100, 4), (300, 6), (40, 12)):
         pacer.observe(8, [(start, count)], DECODE + fixed + PER_ROW * count)
     assert np.allclose(pacer.fit.coefficients, (fixed, PER_ROW, 0))
-    assert pacer.budget(8, max_tokens=64).take(1000, 1000) == int(fixed / PER_ROW)
+    assert pacer.budget(8, max_tokens=64).take(1000, 1000) == 1
+
+
+def test_after_a_run_of_mixed_steps_a_step_measures_a_decode_step_afresh():
+    pacer = measured_pacer()
+    for _ in range(DECODE_REFRESH - 3):  # measured_pacer observed 3 mixed steps
+        assert pacer.budget(8, 64).take(0, 1000) > 0
+        pacer.observe(8, [(0, 4)], synthetic_seconds(8, [(0, 4)]))
+    refresh = pacer.budget(8, 64)
+    assert refresh.take(0, 1000) == 0 and refresh.exhausted
+    slower = 2 * DECODE  # the users' contexts grew
+    for _ in range(DECODE_WINDOW):
+        pacer.observe(8, [], slower)
+    assert statistics.median(pacer.decode_seconds) == slower and pacer.budget(8, 64).take(0, 1000) > 0
 
 
 def test_without_decoding_users_or_a_measured_decode_step_there_is_no_cost_budget():
@@ -130,7 +145,9 @@ def test_paced_chunks_keep_every_mixed_step_within_the_limit_and_change_no_outpu
     assert outputs == fixed_outputs
     assert sum(p.prefill_tokens for p in plans) == 400 == sum(p.prefill_tokens for p in fixed_plans)
     paced = [(c.start, c.stop - c.start) for p in plans for c in p.prefill]
-    assert all(len(p.decode) == 4 and len(p.prefill) == 1 for p in plans)  # every user decodes every step
+    assert all(len(p.decode) == 4 and len(p.prefill) <= 1 for p in plans)  # every user decodes every step
+    mixed_runs = "".join("m" if p.prefill else "d" for p in plans).split("d")  # a decode-only step re-measures
+    assert max(map(len, mixed_runs)) <= DECODE_REFRESH and len(mixed_runs) > 1
     # after the probes, each mixed step's cost stays within 1.5 decode steps, and chunks shrink along the prompt
     measured = [c for c in paced if c[1] != PROBE_TOKENS][1:]
     assert all(synthetic_seconds(4, [c]) <= 1.5 * DECODE + 1e-12 for c in measured)

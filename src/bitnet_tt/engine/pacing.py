@@ -11,6 +11,12 @@ predicts a candidate chunk's, and each prefilling request gets the most tokens t
 extra within (limit - 1) decode steps. Every step still gives the first prefilling request at least one token
 (progress), and no step more than the engine's prefill_chunk; until the fit has data, chunks are at most
 PROBE_TOKENS.
+
+A decode step's cost grows as the running users' contexts do, and a long prompt in small chunks takes hundreds
+of steps: measured against decode steps from before it arrived, its chunks looked dearer step by step (on a
+Zen 5, 8 users from position ~100 to ~1,300 during a 2,048-token prompt: a step of theirs from 4 to 9 ms, all of
+it counted as the chunks' cost). So after DECODE_REFRESH mixed steps in a row a step decodes only, and measures
+a decode step afresh.
 """
 
 from __future__ import annotations
@@ -23,7 +29,8 @@ from collections.abc import Callable
 import numpy as np
 
 MIXED_STEP_LIMIT = 1.75  # a mixed step's target, in decode-only steps: a margin below the ITL goal's 2x for noise
-DECODE_WINDOW = 9  # decode-only steps whose median is "a decode step"
+DECODE_WINDOW = 5  # decode-only steps whose median is "a decode step"
+DECODE_REFRESH = 16  # mixed steps in a row, then a decode-only step
 FIT_WINDOW = 32  # mixed steps the fit uses: recent, so that it follows the machine's load
 PROBE_TOKENS = 8  # a chunk's size while the fit has too few mixed steps to predict one
 
@@ -32,8 +39,7 @@ ChunkWork = Callable[[int, int], tuple[float, float]]  # (start, count) -> (rows
 
 class ChunkCostFit:
     """extra seconds = fixed + per_row * rows + per_pair * pairs, fit (non-negative) over recent mixed steps: fixed
-    is what mixing any prompt tokens into a step costs (on the cpu backend, another pass of the tile kernel over
-    the weights once the rows outgrow its tile)."""
+    is what mixing any prompt tokens into a step costs (a backend that runs a chunk as a pass of its own)."""
 
     def __init__(self):
         self.samples: deque[tuple[float, float, float, float]] = deque(maxlen=FIT_WINDOW)
@@ -44,10 +50,6 @@ class ChunkCostFit:
         if len(self.samples) >= 2:
             data = np.array(self.samples)
             self.coefficients = non_negative_fit(data[:, :3], data[:, 3])
-
-    @property
-    def fixed(self) -> float:
-        return float(self.coefficients[0])
 
     def predict(self, rows: float, pairs: float) -> float:
         return float(self.coefficients @ (1.0, rows, pairs))
@@ -75,21 +77,26 @@ class Pacer:
     def __init__(self, chunk_work: ChunkWork, limit: float = MIXED_STEP_LIMIT):
         self.chunk_work, self.limit = chunk_work, limit
         self.decode_seconds: deque[float] = deque(maxlen=DECODE_WINDOW)
+        self.mixed_in_a_row = 0
         self.fit = ChunkCostFit()
 
     def observe(self, decode_rows: int, chunks: list[tuple[int, int]], seconds: float) -> None:
         """A step's backend time: decode_rows decoding slots and chunks (start, count) of prompts."""
         if decode_rows and not chunks:
             self.decode_seconds.append(seconds)
+            self.mixed_in_a_row = 0
         elif decode_rows and self.decode_seconds:
             rows, pairs = np.sum([self.chunk_work(start, count) for start, count in chunks], axis=0)
             self.fit.add(rows, pairs, seconds - statistics.median(self.decode_seconds))
+            self.mixed_in_a_row += 1
 
-    def budget(self, decode_rows: int, max_tokens: int) -> CostBudget | None:
+    def budget(self, decode_rows: int, max_tokens: int) -> CostBudget | TokenBudget | None:
         """The budget of a step with decode_rows decoding slots; None: no decoding user to hold back (then only
-        max_tokens bounds it) or no decode step measured yet."""
+        max_tokens bounds it) or no decode step measured yet; no tokens: a step that measures a decode step."""
         if not decode_rows or not self.decode_seconds:
             return None
+        if self.mixed_in_a_row >= DECODE_REFRESH:
+            return TokenBudget(0)
         extra = (self.limit - 1) * statistics.median(self.decode_seconds)
         probing = self.fit.coefficients is None
         return CostBudget(self, extra, min(max_tokens, PROBE_TOKENS) if probing else max_tokens)
@@ -120,16 +127,15 @@ class CostBudget:
 
     def _fitting(self, start: int, most: int) -> int:
         """The largest count <= most whose predicted cost fits (the cost grows with the count): binary search.
-        Where the fixed cost of mixing alone exceeds the budget (the limit cannot hold), a chunk may cost up to
-        twice that: prompt tokens then get at least as much of the step as the overhead of mixing them in."""
+        Where nothing fits, none (the first chunk still gets one token), even when the fit's fixed cost alone is
+        over the budget: the limit holds first."""
         fit = self.pacer.fit
         if fit.coefficients is None:
             return most
-        allowed = max(self.seconds, 2 * fit.fixed) if self.first else self.seconds
         low, high = 0, most
         while low < high:
             middle = (low + high + 1) // 2
-            if fit.predict(*self.pacer.chunk_work(start, middle)) <= allowed:
+            if fit.predict(*self.pacer.chunk_work(start, middle)) <= self.seconds:
                 low = middle
             else:
                 high = middle - 1

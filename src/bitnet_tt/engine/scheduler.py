@@ -6,7 +6,7 @@ while users decode, at least one token a step. Prompt tokens go first come, firs
 prefilling, in the order they were admitted, then to waiting requests, which are admitted (given a slot) only
 when the budget reaches them. So the head of the queue is admitted once the prompts ahead of it are prefilled
 and a slot is free: within (their remaining prompt tokens) / prefill_chunk + 1 steps, and paced, within
-(their remaining prompt tokens) + 1 steps.
+(their remaining prompt tokens) + 1 steps plus one decode-only step after every pacing.DECODE_REFRESH.
 
 A backend that cannot prefill into a slot that already holds context (`supports_prefix_prefill` false)
 gets whole prompts, as many as fit the budget and always at least one, and no prefix reuse. A backend that

@@ -171,7 +171,7 @@ int attention_step(const struct attention_step_job *a, int path, int threads) {
      * prefill kernel, whatever else the step holds (the same arithmetic as a step of that chunk alone). */
     struct attention_job job = {.fn = ISA_COPY(path, attention_tasks), .segments = segments, .first_task = first_task,
                                 .count = a->count, .positions = a->positions};
-    if (first_task[a->count]) parallel_for(attention_part, &job, first_task[a->count], threads);
+    if (first_task[a->count]) parallel_for_each(attention_part, &job, first_task[a->count], threads);
     for (int s = 0; s < a->count; s++) {
         int n = (int)a->segments[3 * s + 2];
         struct prefill_attention_job prefill = {.args = segments[s], .tokens = n, .positions = a->positions};

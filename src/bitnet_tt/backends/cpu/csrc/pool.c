@@ -106,13 +106,13 @@ static void ensure_workers(int count) {
     }
 }
 
-void parallel_for(part_fn fn, void *ctx, int tasks, int threads) {
+/* fn over [0, tasks) in `total` chunks (at most tasks, MAX_CHUNKS) that the threads claim. */
+static void run_chunks(part_fn fn, void *ctx, int tasks, int threads, int total) {
     if (threads > tasks) threads = tasks;
     if (threads <= 1) {
         if (tasks > 0) fn(ctx, 0, tasks);
         return;
     }
-    int total = threads * CHUNKS_PER_THREAD;
     total = total > tasks ? tasks : total > MAX_CHUNKS ? MAX_CHUNKS : total;
     pthread_mutex_lock(&pool.call_lock);
     ensure_workers(threads - 1);
@@ -133,3 +133,9 @@ void parallel_for(part_fn fn, void *ctx, int tasks, int threads) {
     }
     pthread_mutex_unlock(&pool.call_lock);
 }
+
+void parallel_for(part_fn fn, void *ctx, int tasks, int threads) {
+    run_chunks(fn, ctx, tasks, threads, threads * CHUNKS_PER_THREAD);
+}
+
+void parallel_for_each(part_fn fn, void *ctx, int tasks, int threads) { run_chunks(fn, ctx, tasks, threads, tasks); }
