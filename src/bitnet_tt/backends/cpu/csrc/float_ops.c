@@ -17,10 +17,13 @@
 
 #define LANES 16
 #if defined(__AVX512F__)
+#define ISA_PATH PATH_AVX512  /* the path this copy serves (the generic copy: every path but AVX-512's) */
 #define VECTOR_BYTES 64
 #elif defined(__AVX2__)
+#define ISA_PATH PATH_AVX2
 #define VECTOR_BYTES 32
 #else
+#define ISA_PATH PATH_SCALAR
 #define VECTOR_BYTES 16
 #endif
 #define WIDTH (VECTOR_BYTES / 4)  /* fp32 lanes per register */
@@ -420,21 +423,32 @@ INLINE void dots(const float *q, int H, const float *keys, int N, int dim, float
 }
 
 /* o_i = sum_j p_i[j] * values[j] in j order from zero, for H heads (p rows `stride` apart, o rows dim apart)
- * and V vectors of LANES (H, V constants after inlining): the sums stay in registers, each value load
- * serves every head. */
-INLINE void weigh(const float *values, const float *p, size_t stride, int length, int H, int V, float *o, int dim) {
+ * and vectors [c0, c0 + C) of LANES of each value row (V in all; H, V, C constants after inlining): the sums
+ * stay in registers, each value load serves every head. */
+INLINE void weigh_columns(const float *values, const float *p, size_t stride, int length, int H, int V, int c0,
+                          int C, float *o, int dim) {
     lanes acc[MAX_HEADS_PER_TASK][8];
     memset(acc, 0, sizeof acc);
     for (int j = 0; j < length; j++)
-        for (int c = 0; c < V; c++) {
-            lanes v = load_f32(values + ((size_t)j * V + c) * LANES);
+        for (int c = 0; c < C; c++) {
+            lanes v = load_f32(values + ((size_t)j * V + c0 + c) * LANES);
             for (int i = 0; i < H; i++) {
                 lanes pj;
                 for (int w = 0; w < PARTS; w++) pj.part[w] = (vector_f32){0} + p[i * stride + j];
                 multiply_add(&acc[i][c], &pj, &v);
             }
         }
-    for (int i = 0; i < H; i++) memcpy(o + (size_t)i * dim, acc[i], (size_t)V * sizeof acc[i][0]);
+    for (int i = 0; i < H; i++) memcpy(o + (size_t)i * dim + (size_t)c0 * LANES, acc[i], (size_t)C * sizeof acc[i][0]);
+}
+
+/* All V vectors of each value row; 4 heads' sums of a 128-wide row would take every register: two halves. */
+INLINE void weigh(const float *values, const float *p, size_t stride, int length, int H, int V, float *o, int dim) {
+    if (H * V > 16) {
+        weigh_columns(values, p, stride, length, H, V, 0, V / 2, o, dim);
+        weigh_columns(values, p, stride, length, H, V, V / 2, V - V / 2, o, dim);
+    } else {
+        weigh_columns(values, p, stride, length, H, V, 0, V, o, dim);
+    }
 }
 
 /* A row's softmax over its first `length` scores, in place: p = exp_nonpositive(s - max) * (1 / total). */
@@ -449,12 +463,12 @@ INLINE void softmax(float *scores, int length) {
 }
 
 #define HEADS_CASE(H, call) \
-    if (heads == 1) { const int H = 1; call; } else { const int H = 2; call; }
+    if (heads == 1) { const int H = 1; call; } else if (heads == 2) { const int H = 2; call; } else { const int H = 4; call; }
 
 /* Task = (token, heads_per_task heads of one kv head): their scores, softmax and weighted sum of values. */
 void NAME(attention_tasks)(const struct attention_args *a, int task_begin, int task_end, float *scores,
                            size_t stride) {
-    const int dim = a->head_dim, heads = attention_heads_per_task(a->group), tasks_per_token = a->heads / heads;
+    const int dim = a->head_dim, heads = attention_heads_per_task(a->group, ISA_PATH), tasks_per_token = a->heads / heads;
     for (int task = task_begin; task < task_end; task++) {
         int t = task / tasks_per_token, h = task % tasks_per_token * heads;
         int length = a->start + t + 1;  /* causal: token t sees positions 0 .. start + t */

@@ -6,6 +6,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "paths.h"
+
 enum weight_dtype { WEIGHT_BF16 = 0, WEIGHT_F32 = 1, WEIGHT_INT8 = 2 };
 
 /* The LM head's tokens as its kernels read them (head_prepare), in passes of up to 8 tokens, each pass's
@@ -46,9 +48,13 @@ struct attention_args {
 };
 
 /* A decode attention task: one token and this many heads of one kv head, which share each key and value
- * load (the task's scores take that many rows of `positions` floats). */
-#define MAX_HEADS_PER_TASK 2
-static inline int attention_heads_per_task(int group) { return group % 2 ? 1 : 2; }
+ * load (the task's scores take that many rows of `positions` floats). 4 where AVX-512's 32 registers hold
+ * their sums: a kv head's keys and values are then read once per token (2B-4T: a group of 4), where two
+ * tasks of 2 heads read them twice. */
+#define MAX_HEADS_PER_TASK 4
+static inline int attention_heads_per_task(int group, int path) {
+    return path == PATH_AVX512 && group % 4 == 0 ? 4 : group % 2 ? 1 : 2;
+}
 
 #define FLOAT_OPS(suffix) \
     void head_prepare##suffix(int dtype, const float *x, int K, int M, void *prepared); \

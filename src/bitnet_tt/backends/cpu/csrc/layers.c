@@ -164,7 +164,7 @@ int attention_step(const struct attention_step_job *a, int path, int threads) {
             .head_dim = dim, .start = start, .scale = a->scale,
         };
         int short_segment = n < PREFILL_ATTENTION_MIN_TOKENS;
-        first_task[s + 1] = first_task[s] + (short_segment ? n * heads / attention_heads_per_task(heads / kv_heads) : 0);
+        first_task[s + 1] = first_task[s] + (short_segment ? n * heads / attention_heads_per_task(heads / kv_heads, path) : 0);
         row += n;
     }
     /* Decode rows and short chunks share the per-token kernel; each prefill chunk of many tokens takes the
