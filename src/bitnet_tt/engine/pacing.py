@@ -28,7 +28,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-MIXED_STEP_LIMIT = 1.75  # a mixed step's target, in decode-only steps: a margin below the ITL goal's 2x for noise
+MIXED_STEP_LIMIT = 1.6  # a mixed step's target, in decode-only steps: a margin below the ITL goal's 2x for noise
 DECODE_WINDOW = 5  # decode-only steps whose median is "a decode step"
 DECODE_REFRESH = 16  # mixed steps in a row, then a decode-only step
 FIT_WINDOW = 32  # mixed steps the fit uses: recent, so that it follows the machine's load
