@@ -11,10 +11,9 @@ What is measured, and how (greedy, ignore_eos, random token-id prompts; the engi
   prompt prefilled in chunks of C with nobody decoding. It picks the default --prefill-chunk.
 - interference: 8 users decode; a 2,048-token prompt arrives. Inter-token latency (ITL) p99 of the 8
   streams from its arrival until its first token, over their p99 without it: the same users from the same
-  start for as many steps (their contexts grow alike; the 128 steps before the arrival, used until this
-  round, let a slow prefill's hundreds of steps of context growth count as interference) (goal <= 2x), with chunked prefill (--prefill-chunk; on a backend that paces prefill, paced chunks of at most
-  that, engine/pacing.py, and fixed ones) and with whole-prompt prefill; and the arriving prompt's own time
-  to first token (median).
+  start for as many steps, so that their contexts grow alike (goal <= 2x). Chunked prefill (--prefill-chunk;
+  on a backend that paces prefill, paced chunks of at most that, engine/pacing.py, and fixed ones) and
+  whole-prompt prefill; and the arriving prompt's own time to first token (median).
 - prefix: a chat's second turn over a 1,500-token history (the first turn's prompt and reply, then a new
   30-token message): time to first token without the prefix cache (cache_prompt false) over with it
   (goal >= 5x).
