@@ -194,7 +194,10 @@ INLINE void float_tile(const char *w, int dtype, size_t row_bytes, int v, int R,
     for (int b = b_begin; b < b_end; b++) {
         const float *xb = x + (size_t)b * M * HEAD_FLOAT_BLOCK;
         vector_f32 first[HEAD_MAX_TILE_ROWS][PARTS], second[HEAD_MAX_TILE_ROWS][PARTS];
-        if (ahead) __builtin_prefetch(ahead + (size_t)b * HEAD_FLOAT_BLOCK * (dtype == WEIGHT_BF16 ? 2 : 4), 0, 3);
+        if (ahead) {  /* the block's bytes in the row ahead: one line of bf16, two of fp32 */
+            const size_t block_bytes = (size_t)HEAD_FLOAT_BLOCK * (dtype == WEIGHT_BF16 ? 2 : 4);
+            for (size_t at = 0; at < block_bytes; at += 64) __builtin_prefetch(ahead + b * block_bytes + at, 0, 3);
+        }
         for (int r = 0; r < R; r++)
             for (int i = 0; i < P; i++)
                 load_head_part(w + (size_t)(v + r) * row_bytes, dtype, b, p + i, &first[r][i], &second[r][i]);
@@ -403,10 +406,10 @@ void NAME(head_rows)(const void *w, int dtype, const float *scales, int K, const
  * AVX-512 Zen 5: 11.4 GB/s against 28 from L3): each step asks for the rows this many ahead. */
 #define ATTENTION_PREFETCH_ROWS 16
 
-/* Prefetch `rows` rows of `dim` floats from `at` (none where fewer than that remain: `left`). */
-INLINE void prefetch_rows(const float *at, int rows, int dim, int left) {
-    for (int r = 0; r < rows && r < left; r++)
-        for (int d = 0; d < dim; d += 16) __builtin_prefetch(at + (size_t)r * dim + d, 0, 3);
+/* Prefetch rows [first, first + rows) of `dim` floats of `base`, those below `length`. */
+INLINE void prefetch_rows(const float *base, int first, int rows, int dim, int length) {
+    for (int r = first; r < first + rows && r < length; r++)
+        for (int d = 0; d < dim; d += 16) __builtin_prefetch(base + (size_t)r * dim + d, 0, 3);
 }
 
 /* scores[i * stride + n] = q_i . key_n for H heads' q (dim floats apart) and N keys (H, N constants after
@@ -490,7 +493,7 @@ void NAME(attention_tasks)(const struct attention_args *a, int task_begin, int t
         const float *values = a->values + (size_t)(h / a->group) * a->head_stride;
         int j = 0;
         for (; j + KEYS_PER_PASS <= length; j += KEYS_PER_PASS) {
-            prefetch_rows(keys + (size_t)(j + ATTENTION_PREFETCH_ROWS) * dim, KEYS_PER_PASS, dim, length - j - ATTENTION_PREFETCH_ROWS);
+            prefetch_rows(keys, j + ATTENTION_PREFETCH_ROWS, KEYS_PER_PASS, dim, length);
             HEADS_CASE(H, dots(q, H, keys + (size_t)j * dim, KEYS_PER_PASS, dim, scores + j, stride))
         }
         for (; j < length; j++) HEADS_CASE(H, dots(q, H, keys + (size_t)j * dim, 1, dim, scores + j, stride))
