@@ -40,6 +40,7 @@ from bitnet_tt.backends import create_backend
 from bitnet_tt.config import ModelConfig
 from bitnet_tt.engine import Engine
 from bitnet_tt.engine.request import percentile
+from bitnet_tt.engine.scheduler import IDLE_PREFILL_CHUNK
 from bitnet_tt.sampling import SamplingParams
 from bitnet_tt.synthetic import config_2b4t, write_random_model
 from bitnet_tt.tokenizer import Tokenizer
@@ -63,10 +64,12 @@ class Bench:
         self.backend, self.tokenizer = backend, tokenizer
         self.gen = torch.Generator().manual_seed(0)
 
-    def engine(self, chunk: int, paced: bool = True) -> Engine:
+    def engine(self, chunk: int, paced: bool = True, idle_chunk: int = IDLE_PREFILL_CHUNK) -> Engine:
         """A fresh engine on the shared backend (its slot pool starts empty: nothing cached); paced: chunks sized
-        by measured step times (if the backend paces prefill), else fixed."""
-        return Engine(self.backend, self.tokenizer, prefill_chunk=chunk, **({} if paced else {"mixed_step_limit": None}))
+        by measured step times (if the backend paces prefill), else fixed; idle_chunk: a step's prompt tokens
+        when nobody decodes (at least chunk)."""
+        return Engine(self.backend, self.tokenizer, prefill_chunk=chunk, idle_prefill_chunk=idle_chunk,
+                      **({} if paced else {"mixed_step_limit": None}))
 
     def prompt(self, length: int) -> list[int]:
         return torch.randint(0, self.backend.config.vocab_size - 3, (length,), generator=self.gen).tolist()
@@ -89,7 +92,7 @@ class Bench:
     def sweep(self, chunks: list[int], pairs: int) -> list[tuple[int, float, float, float]]:
         rows = []
         for chunk in chunks:
-            engine = self.engine(chunk, paced=False)
+            engine = self.engine(chunk, paced=False, idle_chunk=chunk)
             alone = timed(lambda: engine.generate([self.prompt(SWEEP_ALONE)], greedy(1, cache_prompt=False)))
             users = self.start_users(engine)
             mixed, plain = [], []

@@ -33,11 +33,13 @@ def random_prompt(length: int, seed: int) -> list[int]:
     return torch.randint(3, 290, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def make_engine(tiny, tokenizer, slots=2, chunk=WHOLE, dtype="float64", context=256, backend_type=TorchBackend):
+def make_engine(tiny, tokenizer, slots=2, chunk=WHOLE, dtype="float64", context=256, backend_type=TorchBackend,
+                idle_chunk=1):
+    """idle_chunk 1: chunks of `chunk` also in steps where nobody decodes (most tests here prefill alone)."""
     from bitnet_tt.checkpoint import load_weights
 
     backend = backend_type(load_weights(tiny, progress=False), max_slots=slots, max_context=context, dtype=dtype)
-    return Engine(backend, tokenizer, prefill_chunk=chunk)
+    return Engine(backend, tokenizer, prefill_chunk=chunk, idle_prefill_chunk=idle_chunk)
 
 
 def record_prefill_logits(engine: Engine) -> dict[int, list[torch.Tensor]]:
@@ -192,6 +194,21 @@ def test_a_short_prompt_shares_the_step_budget_with_a_long_one(tiny, tokenizer):
     engine.step()
     assert [(c.request, c.start, c.stop) for c in engine.last_plan.prefill] == [(first, 0, 10), (second, 0, 6)]
     assert first.output_ids and not second.output_ids
+
+
+def test_a_step_in_which_nobody_decodes_takes_up_to_the_idle_chunk(tiny, tokenizer):
+    engine = make_engine(tiny, tokenizer, slots=3, chunk=8, dtype="float32", idle_chunk=40)
+    first = engine.submit(random_prompt(30, 0), greedy(20))
+    second = engine.submit(random_prompt(30, 1), greedy(20))
+    engine.step()  # no stream to hold back
+    assert [(c.request, c.start, c.stop) for c in engine.last_plan.prefill] == [(first, 0, 30), (second, 0, 10)]
+    engine.step()  # the first user decodes: the chunk again
+    assert engine.last_plan.decode == [first]
+    assert [(c.request, c.start, c.stop) for c in engine.last_plan.prefill] == [(second, 10, 18)]
+    idle = make_engine(tiny, tokenizer, chunk=64, idle_chunk=16)  # never below the chunk
+    request = idle.submit(random_prompt(50, 2), greedy(1))
+    idle.step()
+    assert request.prefilled == 50
 
 
 def test_cancelling_midway_through_a_prompt_frees_the_slot_for_the_next_request(tiny, tokenizer):

@@ -402,7 +402,7 @@ def test_engine_reuses_cached_prefixes_on_the_ttnn_backend(folder):
     first = prompt(60, 8)
     replies, cached = [], []
     for backend in (tt, reference):
-        engine = Engine(backend, Tokenizer(folder, backend.config), prefill_chunk=16)
+        engine = Engine(backend, Tokenizer(folder, backend.config), prefill_chunk=16, idle_prefill_chunk=16)
         [one] = engine.generate([first], params)
         [two] = engine.generate([first + one.output_ids + prompt(9, 9)], params)
         replies.append((one.output_ids, two.output_ids))

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from . import __version__
 from .api import CHAT_SAMPLING, GENERATE_SAMPLING, LLM, SAMPLING_DEFAULTS, check_utf8
+from .engine.scheduler import IDLE_PREFILL_CHUNK
 from .errors import BitNetError
 
 DEMO_PROMPTS = ["BitNet b1.58 is", "User: Hello! How are you today?"]
@@ -154,9 +155,9 @@ def add_model_options(parser: argparse.ArgumentParser, slots: int | None = None,
 
 def add_engine_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefill-chunk", type=positive_int,
-                        help="prompt tokens prefilled per step at most (the cpu backend takes fewer while users "
-                             "decode, as measured step times allow), between the decode steps of running users; "
-                             "a prompt up to this length is prefilled whole (default: the backend's, chosen by "
+                        help="prompt tokens prefilled per step at most while users decode (the cpu backend takes "
+                             "fewer, as measured step times allow), between their decode steps; a step in which "
+                             f"nobody decodes takes up to {IDLE_PREFILL_CHUNK} (default: the backend's, chosen by "
                              "measurement: see README, Serving many users)")
 
 

@@ -31,7 +31,7 @@ from ..sampling import (
 from ..tokenizer import ChatMessage, StreamDecoder, Tokenizer
 from .pacing import MIXED_STEP_LIMIT, Pacer
 from .request import Request, RequestOutput, RequestStatus
-from .scheduler import PrefillChunk, Scheduler, StepPlan
+from .scheduler import IDLE_PREFILL_CHUNK, PrefillChunk, Scheduler, StepPlan
 from .slots import SlotPool
 from .stops import StopScanner
 
@@ -75,15 +75,18 @@ class BackendBroken(Exception):
 
 class Engine:
     def __init__(self, backend: Backend, tokenizer: Tokenizer, prompt_overflow: str = "error",
-                 prefill_chunk: int | None = None, mixed_step_limit: float | None = MIXED_STEP_LIMIT):
-        """prefill_chunk: prompt tokens prefilled per step at most (None: the backend's default_prefill_chunk);
-        mixed_step_limit: on a backend that paces prefill, a step with prompt tokens costs at most this many
-        decode-only steps by measurement (pacing.py; None: fixed chunks of prefill_chunk)."""
+                 prefill_chunk: int | None = None, mixed_step_limit: float | None = MIXED_STEP_LIMIT,
+                 idle_prefill_chunk: int = IDLE_PREFILL_CHUNK):
+        """prefill_chunk: prompt tokens prefilled per step at most while users decode (None: the backend's
+        default_prefill_chunk); mixed_step_limit: on a backend that paces prefill, a step with prompt tokens costs
+        at most this many decode-only steps by measurement (pacing.py; None: fixed chunks of prefill_chunk);
+        idle_prefill_chunk: prompt tokens of a step in which nobody decodes (at least prefill_chunk)."""
         if prompt_overflow not in PROMPT_OVERFLOW:
             raise RequestError(f"prompt_overflow must be one of {PROMPT_OVERFLOW}")
         prefill_chunk = backend.default_prefill_chunk if prefill_chunk is None else prefill_chunk
-        if not isinstance(prefill_chunk, int) or prefill_chunk < 1:
-            raise RequestError(f"prefill_chunk must be a positive number of tokens, got {prefill_chunk!r}")
+        for name, value in (("prefill_chunk", prefill_chunk), ("idle_prefill_chunk", idle_prefill_chunk)):
+            if not isinstance(value, int) or value < 1:
+                raise RequestError(f"{name} must be a positive number of tokens, got {value!r}")
         self.backend = backend
         self.tokenizer = tokenizer
         self.prompt_overflow = prompt_overflow
@@ -100,7 +103,7 @@ class Engine:
         paced = backend.paces_prefill and mixed_step_limit is not None
         self.pacer = Pacer(backend.chunk_work, mixed_step_limit) if paced else None
         self.scheduler = Scheduler(self.slots, prefill_chunk, prefix_prefill=backend.supports_prefix_prefill,
-                                   copies_slots=backend.copies_slots, pacer=self.pacer)
+                                   copies_slots=backend.copies_slots, pacer=self.pacer, idle_chunk=idle_prefill_chunk)
         self.last_plan = StepPlan()  # what the latest step ran (tests and benchmarks read it)
         self._backend_failures: Counter = Counter()  # per backend method: failures since its last success
         self._grammar: GrammarCompiler | None = None  # built on first use (it converts the tokenizer)
