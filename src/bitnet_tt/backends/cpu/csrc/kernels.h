@@ -28,7 +28,12 @@ typedef void (*tile_kernel)(const uint8_t *group, int blocks, const int8_t *x, s
                             int32_t *out);
 
 void tile_scalar(const uint8_t *group, int blocks, const int8_t *x, size_t x_stride, int tokens, int32_t *out);
+/* The AVX-512 tile for an even number of tokens, from the tokens in pairs (pair_activations in layers.c): pair
+ * p of the tile's tokens at pairs + p * pair_stride; for block b and field f, 64 bytes at b * 256 + 64 * f:
+ * token 2p's activations of inputs 128b + 32f .. + 31, then token 2p + 1's. */
 #if defined(__x86_64__) || defined(_M_X64)
+void tile_avx512_pairs(const uint8_t *group, int blocks, const int8_t *pairs, size_t pair_stride, int tokens,
+                       int32_t *out);
 void tile_avx2(const uint8_t *group, int blocks, const int8_t *x, size_t x_stride, int tokens, int32_t *out);
 void tile_avx512(const uint8_t *group, int blocks, const int8_t *x, size_t x_stride, int tokens, int32_t *out);
 #endif

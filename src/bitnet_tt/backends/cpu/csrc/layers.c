@@ -41,17 +41,26 @@ static tile_kernel tile_for(int path) {
 struct matmul_job {
     const struct gemm_job *args;
     tile_kernel tile;
+    const int8_t *pairs;  /* the tokens in pairs for tile_avx512_pairs (kernels.h), or NULL; odd tiles: `tile` */
+    size_t pair_stride;
 };
 
 static void matmul_part(void *ctx, int group_begin, int group_end) {
-    const struct gemm_job *job = ((const struct matmul_job *)ctx)->args;
-    tile_kernel tile = ((const struct matmul_job *)ctx)->tile;
+    const struct matmul_job *tiles = ctx;
+    const struct gemm_job *job = tiles->args;
     size_t group_bytes = (size_t)job->blocks * GROUP_BLOCK_BYTES;
     int32_t raw[MAX_TILE_TOKENS * ROWS_PER_GROUP];
     for (int g = group_begin; g < group_end; g++) {
         for (int m0 = 0; m0 < job->m; m0 += MAX_TILE_TOKENS) {
             int tokens = job->m - m0 < MAX_TILE_TOKENS ? job->m - m0 : MAX_TILE_TOKENS;
-            tile(job->packed + g * group_bytes, job->blocks, job->x + m0 * job->x_stride, job->x_stride, tokens, raw);
+            const uint8_t *group = job->packed + g * group_bytes;
+#if defined(__x86_64__)
+            if (tiles->pairs && tokens % 2 == 0)
+                tile_avx512_pairs(group, job->blocks, tiles->pairs + (size_t)m0 / 2 * tiles->pair_stride, tiles->pair_stride,
+                                  tokens, raw);
+            else
+#endif
+                tiles->tile(group, job->blocks, job->x + m0 * job->x_stride, job->x_stride, tokens, raw);
             for (int t = 0; t < tokens; t++)
                 for (int r = 0; r < ROWS_PER_GROUP; r++) {
                     int row = g * ROWS_PER_GROUP + r, token = m0 + t;
@@ -71,9 +80,23 @@ static void matmul_part(void *ctx, int group_begin, int group_end) {
     }
 }
 
+/* The first 2 * (m / 2) tokens of x in pairs (kernels.h, tile_avx512_pairs). */
+static void pair_activations(const int8_t *x, size_t x_stride, int m, int blocks, int8_t *pairs, size_t pair_stride) {
+    for (int t = 0; t < m / 2 * 2; t++)
+        for (int field = 0; field < blocks * (BLOCK_INPUTS / CHUNK_BYTES); field++)
+            memcpy(pairs + (size_t)(t / 2) * pair_stride + (size_t)(2 * field + t % 2) * CHUNK_BYTES,
+                   x + t * x_stride + (size_t)field * CHUNK_BYTES, CHUNK_BYTES);
+}
+
 void ternary_matmul(const struct gemm_job *job, int path, int threads) {
     gemm_part_fn gemm = gemm_for(path, job->m);
     struct matmul_job tiles = {.args = job, .tile = tile_for(path)};
+    if (!gemm && path == PATH_AVX512 && job->m > 1) {  /* this thread's scratch, read by all during the call */
+        tiles.pair_stride = (size_t)job->blocks * 2 * BLOCK_INPUTS;
+        int8_t *pairs = thread_scratch(SCRATCH_TOKEN_PAIRS, (size_t)(job->m / 2) * tiles.pair_stride);
+        pair_activations(job->x, job->x_stride, job->m, job->blocks, pairs, tiles.pair_stride);
+        tiles.pairs = pairs;
+    }
     if (gemm)
         parallel_for(gemm, (void *)job, (job->n + GEMM_ROWS - 1) / GEMM_ROWS, threads);
     else

@@ -5,7 +5,8 @@
 
 #include <stddef.h>
 
-enum scratch_slot { SCRATCH_GEMM_PANEL, SCRATCH_ATTENTION, SCRATCH_ROW, SCRATCH_HEAD_INPUTS, SCRATCH_SLOTS };
+enum scratch_slot { SCRATCH_GEMM_PANEL, SCRATCH_ATTENTION, SCRATCH_ROW, SCRATCH_HEAD_INPUTS, SCRATCH_TOKEN_PAIRS,
+                    SCRATCH_SLOTS };
 
 /* At least `bytes` bytes aligned to 64 for the calling thread's `slot`; aborts when memory runs out
  * (at most a few MB per thread: nothing sensible is left to do without them). */
