@@ -116,9 +116,10 @@ def occupy_whole_slot(backend, slot: int) -> None:
     """Write the slot's KV-cache positions past its context, so that the peak RSS is that of a full 4,096-token
     slot (the goal's situation) without prefilling one: the cpu backend's cache pages stay unmapped until
     written (the torch backend's are written when allocated)."""
-    cache = getattr(getattr(backend, "model", None), "cache", None)  # cpu: [layer, slot, k/v, kv head, position, dim]
-    if cache is not None:
-        cache[:, slot, :, :, backend.slot_length(slot):] = 0
+    from bitnet_tt.backends.cpu.backend import CPUBackend
+
+    if isinstance(backend, CPUBackend):  # its cache: [layer, slot, k/v, kv head, position, dim]
+        backend.model.cache[:, slot, :, :, backend.slot_length(slot):] = 0
 
 
 def work_batch8(args) -> dict:
