@@ -2,8 +2,9 @@
 
 Long prompts thus advance chunk by chunk between decode steps instead of stalling every running user for
 a whole prefill. A step in which nobody decodes has no stream to hold back: it takes up to `idle_chunk` prompt
-tokens (at least prefill_chunk), as a chunk pays the step's fixed cost (every weight read once) again. With a pacer (pacing.py), a step's prompt tokens are further limited by their measured cost
-while users decode, at least one token a step. Prompt tokens go first come, first served: to requests already
+tokens (at least prefill_chunk), as a chunk pays the step's fixed cost (every weight read once) again. With a
+pacer (pacing.py), a step's prompt tokens are further limited by their measured cost while users decode, at
+least one token a step. Prompt tokens go first come, first served: to requests already
 prefilling, in the order they were admitted, then to waiting requests, which are admitted (given a slot) only
 when the budget reaches them. So the head of the queue is admitted once the prompts ahead of it are prefilled
 and a slot is free: within (their remaining prompt tokens) / prefill_chunk + 1 steps, and paced, within
